@@ -1,0 +1,96 @@
+"""The central model, sharded over the world, and its masked reduce-scatter aggregation.
+
+Rank (g, r) — global rank g*R + r — owns piece g*R + r of every flattened full-width tensor.
+Aggregation streams one tensor at a time: group g contributes M_g ⊙ θ_g in full coordinates,
+dp rank r of the group sends only chunk r of it, and a reduce-scatter over the G ranks that share
+dp position r leaves each owner the sum over groups of its own piece. Holder counts need no
+communication: every rank knows every group's spec. Owners divide by the count and keep the old
+value where no group held a unit. Dispatch is the inverse: all-gather a tensor, slice it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+
+from twist_scale.models import AxisSlice, UnitGroup
+from twist_scale.subnet import SubnetSpec, scatter_tensor
+from twist_scale.topology import Topology
+
+
+def holder_counts(shape: torch.Size, unit: tuple[UnitGroup, AxisSlice] | None, specs: list[SubnetSpec]) -> torch.Tensor:
+    """How many groups hold each element: G for shared tensors, the per-unit holder count otherwise."""
+    if unit is None:
+        return torch.full(shape, float(len(specs)))
+    ug, axis = unit
+    per_unit = torch.zeros(ug.num_units)
+    for spec in specs:
+        per_unit[spec.units(ug)] += 1
+    along = torch.zeros(shape[axis.axis])
+    along[axis.index(torch.arange(ug.num_units))] = per_unit.repeat_interleave(axis.width).repeat(axis.segments)
+    view = [1] * len(shape)
+    view[axis.axis] = shape[axis.axis]
+    return along.view(view).expand(shape)
+
+
+class CentralModel:
+    """Full-width tensors (parameters, unit statistics, optimizer moments), sharded world-wide."""
+
+    def __init__(self, topo: Topology, shapes: dict[str, torch.Size]) -> None:
+        self.topo = topo
+        self.shapes = dict(shapes)
+        self.shards: dict[str, torch.Tensor] = {}
+        self.bytes_sent = 0  # reduce-scatter + all-gather payload this rank moved, for tracking
+
+    def _piece_len(self, name: str) -> int:
+        n = self.shapes[name.split("@")[0]].numel()
+        return -(-n // self.topo.world_size)
+
+    def _my_piece(self, full: torch.Tensor, name: str) -> torch.Tensor:
+        k = self._piece_len(name)
+        flat = torch.nn.functional.pad(full.detach().flatten().float(), (0, k * self.topo.world_size - full.numel()))
+        return flat[self.topo.rank * k : (self.topo.rank + 1) * k].clone()
+
+    def set_full(self, name: str, full: torch.Tensor) -> None:
+        """Keep this rank's piece of a full tensor every rank holds (initialisation, pretrained load)."""
+        self.shards[name] = self._my_piece(full, name)
+
+    def gather(self, name: str) -> torch.Tensor:
+        """The full tensor, reassembled from every rank's piece (one collective over the world)."""
+        shard = self.shards[name]
+        out = shard.new_empty(shard.numel() * self.topo.world_size)
+        dist.all_gather_into_tensor(out, shard)
+        self.bytes_sent += out.numel() * out.element_size()
+        shape = self.shapes[name.split("@")[0]]
+        return out[: shape.numel()].view(shape)
+
+    def aggregate(self, name: str, contribution: torch.Tensor, counts: torch.Tensor) -> None:
+        """Holder mean of the groups' contributions (already masked, full coordinates) into the shard."""
+        topo, k = self.topo, self._piece_len(name)
+        G, R = topo.groups, topo.ranks_per_group
+
+        def pieces(full: torch.Tensor) -> torch.Tensor:  # (G, k): this dp position's piece of each group
+            flat = torch.nn.functional.pad(full.flatten().float(), (0, k * topo.world_size - full.numel()))
+            return flat.view(G, R, k)[:, topo.dp_rank]
+
+        send = pieces(contribution).contiguous()
+        summed = send.new_empty(k)
+        dist.reduce_scatter_tensor(summed, send.flatten(), op=dist.ReduceOp.SUM, group=topo.cross_group)
+        self.bytes_sent += send.numel() * send.element_size()
+        count = pieces(counts)[topo.group]
+        old = self.shards.get(name, torch.zeros(k))
+        self.shards[name] = torch.where(count > 0, summed / count.clamp(min=1), old)
+
+    def names(self) -> Iterator[str]:
+        return iter(self.shards)
+
+
+def masked_contribution(sub: torch.Tensor, full_shape: torch.Size, unit: tuple[UnitGroup, AxisSlice] | None,
+                        spec: SubnetSpec) -> torch.Tensor:
+    """M ⊙ θ in full coordinates; shared tensors are contributed whole."""
+    if unit is None:
+        return sub.float()
+    ug, axis = unit
+    return scatter_tensor(sub.float(), full_shape, axis, spec.units(ug))

@@ -1,0 +1,104 @@
+"""Atomic, verified checkpoints at round boundaries.
+
+Every rank writes into a hidden temporary directory; after a barrier rank 0 checksums every file,
+writes manifest.json and renames the directory into place. A directory without a manifest, or
+whose files do not match it, is reported and skipped on resume — never loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+MANIFEST = "manifest.json"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def verify(directory: Path) -> str | None:
+    """None when the checkpoint is complete and intact, else what is wrong with it."""
+    manifest = directory / MANIFEST
+    if not manifest.exists():
+        return "no manifest (partial write)"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (json.JSONDecodeError, KeyError) as err:
+        return f"unreadable manifest ({err})"
+    for rel, digest in files.items():
+        path = directory / rel
+        if not path.exists():
+            return f"missing file {rel}"
+        if _sha256(path) != digest:
+            return f"checksum mismatch in {rel}"
+    return None
+
+
+class Checkpointer:
+    def __init__(self, root: Path, rank: int, keep_last: int) -> None:
+        self.root, self.rank, self.keep_last = root, rank, keep_last
+
+    def _name(self, round_: int) -> str:
+        return f"round_{round_:06d}"
+
+    def save(self, round_: int, write: Callable[[Path], None], meta: dict[str, Any]) -> Path:
+        """`write(tmp_dir)` runs on every rank (collectively); the result appears atomically."""
+        tmp = self.root / f".tmp-{self._name(round_)}"
+        final = self.root / self._name(round_)
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        write(tmp)
+        dist.barrier()
+        if self.rank == 0:
+            files = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+            (tmp / MANIFEST).write_text(json.dumps({"round": round_, "files": files, **meta}, indent=1))
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+            for old in self.complete()[: -self.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        dist.barrier()
+        return final
+
+    def complete(self) -> list[Path]:
+        return sorted(p for p in self.root.glob("round_*") if (p / MANIFEST).exists())
+
+    def latest_valid(self) -> Path | None:
+        """Rank 0 picks the newest intact checkpoint and tells the others."""
+        choice: list[str | None] = [None]
+        if self.rank == 0:
+            for candidate in reversed(sorted(self.root.glob("round_*"))):
+                problem = verify(candidate)
+                if problem is None:
+                    choice[0] = str(candidate)
+                    break
+                log.warning("skipping checkpoint %s: %s", candidate, problem)
+        dist.broadcast_object_list(choice, src=0)
+        return Path(choice[0]) if choice[0] else None

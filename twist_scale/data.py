@@ -1,0 +1,183 @@
+"""Tokenizer, corpus loading, packing, caching and deterministic (group, rank) sharding."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerBase
+
+from twist_scale.config import DataConfig
+
+log = logging.getLogger(__name__)
+
+SPM_FILE = "tokenizer.model"
+
+
+def train_tokenizer(files: list[str], directory: Path, vocab_size: int) -> None:
+    """Byte-fallback BPE with identity normalisation, so decode(encode(text)) == text."""
+    import sentencepiece as spm
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp_prefix = directory / "tokenizer.tmp"
+    spm.SentencePieceTrainer.train(
+        input=",".join(files), model_prefix=str(tmp_prefix), vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        input_sentence_size=200_000, shuffle_input_sentence=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        num_threads=2, minloglevel=2,
+    )
+    Path(f"{tmp_prefix}.model").replace(directory / SPM_FILE)  # atomic: readers never see half a model
+    Path(f"{tmp_prefix}.vocab").unlink(missing_ok=True)
+
+
+def load_tokenizer(directory: Path, sample_text: str) -> PreTrainedTokenizerBase:
+    """Load a tokenizer directory; a bare tokenizer.model goes through LlamaTokenizer (DESIGN.md §4)."""
+    if (directory / "tokenizer.json").exists() or (directory / "tokenizer_config.json").exists():
+        tok = AutoTokenizer.from_pretrained(directory)
+    elif (directory / SPM_FILE).exists():
+        tok = LlamaTokenizer.from_pretrained(directory, add_bos_token=False)
+    else:
+        raise FileNotFoundError(f"no tokenizer in {directory}: expected {SPM_FILE} or tokenizer.json")
+    ids = tok(sample_text, add_special_tokens=False)["input_ids"]
+    if not ids or tok.decode(ids) != sample_text:
+        raise RuntimeError(
+            f"tokenizer in {directory} fails an encode/decode round trip on the training text "
+            f"({len(ids)} ids); it would train on garbage. Retrain it (delete {directory}) or fix it."
+        )
+    return tok
+
+
+def prepare_tokenizer(cfg: DataConfig, default_dir: Path, train: bool) -> Path:
+    """The tokenizer directory; trains one there when `train` (rank 0 only) and none exists."""
+    directory = Path(cfg.tokenizer) if cfg.tokenizer else default_dir
+    if train and not any((directory / f).exists() for f in (SPM_FILE, "tokenizer.json")):
+        if not cfg.train_files:
+            raise ValueError("cannot train a tokenizer without --data.train_files; pass --data.tokenizer DIR")
+        log.info("training a %d-token BPE tokenizer on %s", cfg.vocab_size, cfg.train_files)
+        train_tokenizer(cfg.train_files, directory, cfg.vocab_size)
+    return directory
+
+
+def sample_line(files: list[str]) -> str:
+    with open(files[0], encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                return line.strip()
+    raise ValueError(f"{files[0]} holds no text")
+
+
+def _load_texts(files: list[str], hub_dataset: str, text_field: str, split: str = "train") -> list[str]:
+    import datasets
+
+    column = text_field
+    if hub_dataset and not files:
+        ds = datasets.load_dataset(hub_dataset, split=split)
+    else:
+        suffix = Path(files[0]).suffix
+        builder = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(suffix)
+        if builder is None:
+            raise ValueError(f"{files[0]}: unsupported data file type {suffix!r}; use .txt, .jsonl or .parquet")
+        ds = datasets.load_dataset(builder, data_files=files, split="train")
+        column = "text" if builder == "text" else text_field
+    if column not in ds.column_names:
+        raise ValueError(f"no column {text_field!r} in {files or hub_dataset}; set --data.text_field")
+    return [t for t in ds[column] if t and t.strip()]
+
+
+def _cache_key(files: list[str], hub: str, tokenizer_dir: Path, block_size: int) -> str:
+    h = hashlib.sha256()
+    for f in files:
+        st = Path(f).stat()
+        h.update(f"{Path(f).resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
+    h.update(hub.encode())
+    for name in sorted(p.name for p in tokenizer_dir.iterdir() if p.is_file()):
+        h.update((tokenizer_dir / name).read_bytes())
+    h.update(str(block_size).encode())
+    return h.hexdigest()[:20]
+
+
+def packed_blocks(files: list[str], tokenizer: PreTrainedTokenizerBase, tokenizer_dir: Path, block_size: int,
+                  cache_dir: Path, hub_dataset: str = "", text_field: str = "text",
+                  split: str = "train") -> np.ndarray:
+    """(N, block_size) int32 token blocks: documents joined by EOS, cut into fixed blocks, cached."""
+    cache = cache_dir / f"blocks-{_cache_key(files, hub_dataset, tokenizer_dir, block_size)}.npy"
+    if cache.exists():
+        return np.load(cache, mmap_mode="r")
+    texts = _load_texts(files, hub_dataset, text_field, split)
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for start in range(0, len(texts), 2000):
+        for doc in tokenizer(texts[start : start + 2000], add_special_tokens=False)["input_ids"]:
+            ids.extend(doc)
+            ids.append(eos)
+    n = len(ids) // block_size
+    if n == 0:
+        raise ValueError(f"{files or hub_dataset}: {len(ids)} tokens is less than one block of {block_size}")
+    blocks = np.asarray(ids[: n * block_size], dtype=np.int32).reshape(n, block_size)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(".tmp.npy")
+    np.save(tmp, blocks)
+    tmp.replace(cache)
+    return blocks
+
+
+class ShardedBatches:
+    """Endless shuffled batches from shard `index` of `count` (blocks index, index+count, ...).
+
+    Shards of different ranks are disjoint and together cover every block. The position
+    (epoch, batch) is all a resume needs to continue the exact same sequence.
+    """
+
+    def __init__(self, blocks: np.ndarray, index: int, count: int, batch_size: int, seed: int) -> None:
+        self.rows = np.arange(index, len(blocks), count)
+        if len(self.rows) < batch_size:
+            raise ValueError(
+                f"data shard {index}/{count} has {len(self.rows)} blocks, fewer than one batch of {batch_size}; "
+                "use more data, fewer ranks, or a smaller --data.micro_batch_size / --data.block_size"
+            )
+        self.blocks, self.batch_size, self.seed = blocks, batch_size, seed
+        self.epoch, self.batch = 0, 0
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return len(self.rows) // self.batch_size
+
+    def _order(self) -> np.ndarray:
+        return np.random.default_rng([self.seed, self.epoch]).permutation(self.rows)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        if self.batch >= self.batches_per_epoch:
+            self.epoch, self.batch = self.epoch + 1, 0
+        rows = self._order()[self.batch * self.batch_size : (self.batch + 1) * self.batch_size]
+        self.batch += 1
+        return torch.from_numpy(np.asarray(self.blocks[np.sort(rows)], dtype=np.int64))
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batch": self.batch}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+
+
+def eval_batches(blocks: np.ndarray, index: int, count: int, batch_size: int, max_batches: int) -> list[torch.Tensor]:
+    """A fixed list of validation batches for shard `index` of `count` (no shuffling)."""
+    rows = np.arange(index, len(blocks), count)
+    out = []
+    for start in range(0, len(rows) - batch_size + 1, batch_size):
+        if len(out) >= max_batches:
+            break
+        out.append(torch.from_numpy(np.asarray(blocks[rows[start : start + batch_size]], dtype=np.int64)))
+    return out
+
+
+def describe(blocks: np.ndarray) -> str:
+    return json.dumps({"blocks": int(blocks.shape[0]), "block_size": int(blocks.shape[1]),
+                       "tokens": int(blocks.size)})

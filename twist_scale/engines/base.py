@@ -1,0 +1,92 @@
+"""The engine interface and what every engine shares: optimizer, schedule, batch forward."""
+
+from __future__ import annotations
+
+import abc
+
+import torch
+from torch import nn
+from transformers import get_cosine_schedule_with_warmup
+
+from twist_scale.config import OptimConfig
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """No weight decay on vectors (norms, biases, unit statistics are buffers and never seen here)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.beta1)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):  # noqa: ANN201
+    return get_cosine_schedule_with_warmup(optimizer, min(cfg.warmup_steps, total_steps), total_steps)
+
+
+def moment_keys(cfg: OptimConfig) -> tuple[str, ...]:
+    """Optimizer state tensors that TwIST's 'aggregate' policy averages like the weights."""
+    if cfg.name == "sgd":
+        return ("momentum_buffer",) if cfg.beta1 > 0 else ()
+    return ("exp_avg", "exp_avg_sq")
+
+
+class Engine(abc.ABC):
+    """Trains one (sub-)model; reads and writes its full (group-gathered) tensors by name."""
+
+    module: nn.Module
+
+    @abc.abstractmethod
+    def train_step(self, input_ids: torch.Tensor) -> float:
+        """Forward, backward and optimizer step on one micro-batch; returns the loss."""
+
+    @torch.no_grad()
+    def eval_loss(self, input_ids: torch.Tensor) -> float:
+        self.module.eval()
+        try:
+            return self._loss(input_ids).item()
+        finally:
+            self.module.train()
+
+    @abc.abstractmethod
+    def _loss(self, input_ids: torch.Tensor) -> torch.Tensor: ...
+
+    @abc.abstractmethod
+    def read(self, name: str) -> torch.Tensor:
+        """The full fp32 value of parameter `name` (collective within the group)."""
+
+    @abc.abstractmethod
+    def write(self, name: str, value: torch.Tensor) -> None:
+        """Set parameter `name` everywhere the engine keeps a copy (master and working weights)."""
+
+    @abc.abstractmethod
+    def read_state(self, name: str, key: str) -> torch.Tensor:
+        """Optimizer moment `key` of parameter `name`, full shape (zeros before the first step)."""
+
+    @abc.abstractmethod
+    def write_state(self, name: str, key: str, value: torch.Tensor) -> None: ...
+
+    @abc.abstractmethod
+    def reset_optimizer_state(self) -> None:
+        """Fresh moments and step counts, as if the optimizer had just been built."""
+
+    @abc.abstractmethod
+    def lr(self) -> float: ...
+
+    @abc.abstractmethod
+    def save(self, directory: str) -> None: ...
+
+    @abc.abstractmethod
+    def load(self, directory: str) -> None: ...
+
+
+def zero_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    for state in optimizer.state.values():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                value.zero_()
+            elif key == "step":
+                state[key] = 0

@@ -1,0 +1,156 @@
+"""DeepSpeed ZeRO (stages 0-3) over one TwIST group's process group.
+
+Reads and writes go through DeepSpeed's safe_{get,set}_full_* API. Trap (DESIGN.md §4): under
+ZeRO the setter updates only the fp32 master partition, and the working weights keep their old
+value until the next step; writing only p.data is undone by the next step. `write` sets both.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import torch
+from deepspeed.utils import (
+    safe_get_full_fp32_param,
+    safe_get_full_optimizer_state,
+    safe_set_full_fp32_param,
+    safe_set_full_optimizer_state,
+)
+from torch import nn
+
+from twist_scale.config import ConfigError, RunConfig
+from twist_scale.engines.base import Engine, build_optimizer, build_scheduler, zero_optimizer_state
+from twist_scale.topology import Topology
+
+RUN_OWNED = ("optimizer", "scheduler")
+
+
+def render_ds_config(path: str, cfg: RunConfig, ranks_per_group: int) -> dict[str, Any]:
+    """Fill the run-owned "auto" values of an engine-only ds_config; refuse what the run owns."""
+    raw = json.loads(Path(path).read_text())
+    for key in RUN_OWNED:
+        if key in raw:
+            raise ConfigError(f"{path}: '{key}' is set by the run config (--optim.*), remove it from the JSON")
+    owned = {
+        "train_micro_batch_size_per_gpu": cfg.data.micro_batch_size,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": cfg.data.micro_batch_size * ranks_per_group,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "bf16.enabled": cfg.parallel.precision == "bf16",
+        "fp16.enabled": False,
+    }
+
+    def fill(node: dict[str, Any], prefix: str) -> None:
+        for key, value in node.items():
+            path_key = f"{prefix}{key}"
+            if isinstance(value, dict):
+                fill(value, f"{path_key}.")
+            elif value == "auto":
+                if path_key not in owned:
+                    raise ConfigError(f"{path}: '{path_key}' is 'auto' but the run config does not own it; set a value")
+                node[key] = owned[path_key]
+
+    fill(raw, "")
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"):
+        raw.setdefault(key, owned[key])
+    raw.setdefault("bf16", {})["enabled"] = owned["bf16.enabled"]
+    raw.setdefault("steps_per_print", 10**9)
+    return raw
+
+
+class DeepSpeedEngine(Engine):
+    def __init__(self, model: nn.Module, cfg: RunConfig, topo: Topology) -> None:
+        self.topo = topo
+        ds_config = render_ds_config(cfg.parallel.ds_config, cfg, topo.ranks_per_group)
+        optimizer = build_optimizer(model, cfg.optim)
+        scheduler = build_scheduler(optimizer, cfg.optim, cfg.total_steps)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, mpu=topo
+        )
+        self.module = self.engine.module
+        self.stage = self.engine.zero_optimization_stage()
+        self.params = dict(self.module.named_parameters())
+        self._moments_linked = False
+
+    def _loss(self, input_ids: torch.Tensor) -> torch.Tensor:
+        input_ids = input_ids.to(self.engine.device)
+        return self.engine(input_ids=input_ids, labels=input_ids).loss
+
+    def train_step(self, input_ids: torch.Tensor) -> float:
+        loss = self._loss(input_ids)
+        self.engine.backward(loss)
+        self.engine.step()
+        return loss.item()
+
+    def _plain(self, param: nn.Parameter) -> bool:
+        """Stage 0 in fp32: the torch optimizer works on the parameters themselves."""
+        return not hasattr(param, "ds_id") and not hasattr(param, "_hp_mapping")
+
+    def read(self, name: str) -> torch.Tensor:
+        p = self.params[name]
+        if self._plain(p):
+            return p.detach().float().cpu().clone()
+        return safe_get_full_fp32_param(p).float().cpu().view(p.ds_shape if hasattr(p, "ds_id") else p.shape)
+
+    @torch.no_grad()
+    def write(self, name: str, value: torch.Tensor) -> None:
+        p = self.params[name]
+        value = value.to(self.engine.device)
+        if self._plain(p):
+            p.copy_(value)
+            return
+        safe_set_full_fp32_param(p, value.float())
+        if hasattr(p, "ds_id"):  # ZeRO-3: the working weight is this rank's flat partition
+            part = p.ds_tensor
+            start = part.numel() * self.topo.dp_rank
+            chunk = value.flatten()[start : start + part.numel()]
+            part.data[: chunk.numel()].copy_(chunk)
+        else:
+            p.data.copy_(value)
+
+    def read_state(self, name: str, key: str) -> torch.Tensor:
+        p = self.params[name]
+        if self._plain(p):
+            value = self.optimizer.state[p].get(key)
+            return torch.zeros(p.shape) if value is None else value.float().cpu().clone()
+        self._link_optimizer_states()
+        shape = p.ds_shape if hasattr(p, "ds_id") else p.shape
+        return safe_get_full_optimizer_state(p, key).float().cpu().view(shape)
+
+    @torch.no_grad()
+    def write_state(self, name: str, key: str, value: torch.Tensor) -> None:
+        p = self.params[name]
+        value = value.to(self.engine.device)
+        if self._plain(p):
+            state = self.optimizer.state[p]
+            state.setdefault("step", torch.zeros((), dtype=torch.float32))
+            state.setdefault(key, torch.zeros_like(p)).copy_(value)
+            return
+        self._link_optimizer_states()
+        safe_set_full_optimizer_state(p, value.float(), key)
+
+    def _link_optimizer_states(self) -> None:
+        """Re-link ZeRO-1/2 moment views. DeepSpeed 0.19 links them once, after the first param
+        group's step, so every later group is left with no moments (safe_get_* raises)."""
+        if not self._moments_linked and hasattr(self.optimizer, "_lazy_init_hp_params_optimizer_state"):
+            self.optimizer._hp_optimizer_states_linked = False
+            self.optimizer._lazy_init_hp_params_optimizer_state()
+        self._moments_linked = True
+
+    def reset_optimizer_state(self) -> None:
+        zero_optimizer_state(getattr(self.optimizer, "optimizer", self.optimizer))
+
+    def lr(self) -> float:
+        return self.engine.get_lr()[0]
+
+    def save(self, directory: str) -> None:
+        self.engine.save_checkpoint(directory, tag="engine")
+
+    def load(self, directory: str) -> None:
+        path, _ = self.engine.load_checkpoint(directory, tag="engine")
+        self._moments_linked = False
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint under {directory}")

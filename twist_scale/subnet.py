@@ -1,0 +1,131 @@
+"""Subnets as plain data: which units each group keeps, how they are drawn, how tensors are sliced.
+
+Sampling is a pure function of (seed, round): every rank computes every group's spec, so holder
+counts are local knowledge and no mask is ever communicated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from twist_scale.models import AxisSlice, UnitGroup, architecture_of, units_to_keep
+
+
+@dataclass(frozen=True)
+class SubnetSpec:
+    """Kept unit ids per partitioned (layer, kind); layers not listed are kept whole."""
+
+    kept: Mapping[tuple[int, str], tuple[int, ...]]
+
+    def units(self, group: UnitGroup) -> torch.Tensor:
+        ids = self.kept.get(group.key)
+        return torch.arange(group.num_units) if ids is None else torch.tensor(ids, dtype=torch.long)
+
+    def fingerprint(self) -> bytes:
+        text = repr(sorted(self.kept.items()))
+        return hashlib.sha256(text.encode()).digest()
+
+
+def default_shared_layers(num_layers: int) -> list[int]:
+    """The paper keeps the first two and last two layers whole; tiny models partition everything."""
+    return [0, 1, num_layers - 2, num_layers - 1] if num_layers >= 6 else []
+
+
+def partitioned_groups(unit_groups: list[UnitGroup], shared_layers: Iterable[int]) -> list[UnitGroup]:
+    shared = set(shared_layers)
+    return [g for g in unit_groups if g.layer not in shared]
+
+
+def coverage_draw(rng: random.Random, num_units: int, groups: int, keep: int) -> list[tuple[int, ...]]:
+    """Deal shuffled units round-robin (each lands somewhere when keep*groups >= n), then top up."""
+    order = list(range(num_units))
+    rng.shuffle(order)
+    held: list[set[int]] = [set() for _ in range(groups)]
+    for i, unit in enumerate(order):
+        if len(held[i % groups]) < keep:
+            held[i % groups].add(unit)
+    for g in range(groups):
+        missing = [u for u in order if u not in held[g]]
+        rng.shuffle(missing)
+        held[g].update(missing[: keep - len(held[g])])
+    return [tuple(sorted(h)) for h in held]
+
+
+@dataclass(frozen=True)
+class SubnetSampler:
+    unit_groups: tuple[UnitGroup, ...]  # partitioned groups only
+    groups: int
+    kappa: float
+    seed: int
+
+    def specs(self, round_: int) -> list[SubnetSpec]:
+        """Every group's spec for this round; a pure function of (seed, round, layer, kind)."""
+        kept: list[dict[tuple[int, str], tuple[int, ...]]] = [{} for _ in range(self.groups)]
+        for ug in self.unit_groups:
+            rng = random.Random(f"twist:{self.seed}:{round_}:{ug.layer}:{ug.kind}")
+            draws = coverage_draw(rng, ug.num_units, self.groups, units_to_keep(ug.num_units, self.kappa))
+            for g, ids in enumerate(draws):
+                kept[g][ug.key] = ids
+        return [SubnetSpec(k) for k in kept]
+
+
+def keep_ratio(spec: SubnetSpec, group: UnitGroup) -> float:
+    return len(spec.units(group)) / group.num_units
+
+
+def slice_tensor(full: torch.Tensor, axis: AxisSlice, units: torch.Tensor) -> torch.Tensor:
+    return full.index_select(axis.axis, axis.index(units))
+
+
+def scatter_tensor(sub: torch.Tensor, full_shape: torch.Size, axis: AxisSlice, units: torch.Tensor) -> torch.Tensor:
+    """The sub tensor placed in full coordinates (zeros elsewhere): M ⊙ θ for aggregation."""
+    out = sub.new_zeros(full_shape)
+    return out.index_copy_(axis.axis, axis.index(units), sub)
+
+
+def unit_mask(full_shape: torch.Size, axis: AxisSlice, units: torch.Tensor) -> torch.Tensor:
+    shape = [1] * len(full_shape)
+    shape[axis.axis] = full_shape[axis.axis]
+    mask = torch.zeros(full_shape[axis.axis])
+    mask[axis.index(units)] = 1.0
+    return mask.view(shape).expand(full_shape)
+
+
+def axis_of(unit_groups: Iterable[UnitGroup]) -> dict[str, tuple[UnitGroup, AxisSlice]]:
+    """tensor name -> (its unit group, its unit axis) for every unit-owned tensor."""
+    return {ax.name: (ug, ax) for ug in unit_groups for ax in ug.axes}
+
+
+@torch.no_grad()
+def apply_subnet_shapes(model: nn.Module, unit_groups: list[UnitGroup], spec: SubnetSpec) -> None:
+    """Shrink the model in place to the spec's subnet: smaller dense tensors, not masks.
+
+    Values are sliced from the current (full) values, so this is also the reference export.
+    """
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    for name, (ug, axis) in axis_of(unit_groups).items():
+        if name not in tensors:
+            continue
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        sub = slice_tensor(tensors[name].data, axis, spec.units(ug))
+        if isinstance(tensors[name], nn.Parameter):
+            setattr(module, attr, nn.Parameter(sub, requires_grad=tensors[name].requires_grad))
+        else:
+            setattr(module, attr, sub)
+    architecture_of(model).fix_module_attrs(model, model.config)
+
+
+@torch.no_grad()
+def apply_unit_masks(model: nn.Module, unit_groups: list[UnitGroup], spec: SubnetSpec) -> None:
+    """Zero every unit the spec drops (full shapes kept): the test oracle for the sliced model."""
+    params = dict(model.named_parameters())
+    for name, (ug, axis) in axis_of(unit_groups).items():
+        if name in params:
+            params[name].mul_(unit_mask(params[name].shape, axis, spec.units(ug)))

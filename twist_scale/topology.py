@@ -1,0 +1,96 @@
+"""All rank arithmetic for TwIST's 2-D layout (group, dp).
+
+Global rank = group * R + dp_rank, so a group's ranks are neighbours (one node when R fits).
+`intra` joins the R ranks of one group (ZeRO shards over it); `cross` joins the G ranks that
+share a dp position (aggregation reduce-scatters over it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch.distributed as dist
+
+
+@dataclass
+class Topology:
+    world_size: int
+    rank: int
+    groups: int
+    intra_group: object | None = field(default=None, repr=False)
+    cross_group: object | None = field(default=None, repr=False)
+    model_parallel_group: object | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.groups < 1 or self.world_size % self.groups:
+            raise ValueError(
+                f"twist.groups={self.groups} does not divide the world size {self.world_size}; "
+                f"launch a multiple of {self.groups} processes or change --twist.groups"
+            )
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} outside world of size {self.world_size}")
+
+    @property
+    def ranks_per_group(self) -> int:
+        return self.world_size // self.groups
+
+    @property
+    def group(self) -> int:
+        return self.rank // self.ranks_per_group
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank % self.ranks_per_group
+
+    @property
+    def data_shard(self) -> tuple[int, int]:
+        """(index, count): every one of the G*R ranks reads distinct data."""
+        return self.rank, self.world_size
+
+    def intra_ranks(self, group: int) -> list[int]:
+        return [group * self.ranks_per_group + r for r in range(self.ranks_per_group)]
+
+    def cross_ranks(self, dp_rank: int) -> list[int]:
+        return [g * self.ranks_per_group + dp_rank for g in range(self.groups)]
+
+    @classmethod
+    def from_dist(cls, groups: int) -> Topology:
+        """Build from an initialised default process group, creating every subgroup collectively."""
+        topo = cls(dist.get_world_size(), dist.get_rank(), groups)
+        # new_group is collective over the world: every rank creates every group in the same order.
+        for g in range(groups):
+            pg = dist.new_group(topo.intra_ranks(g))
+            if g == topo.group:
+                topo.intra_group = pg
+        for r in range(topo.ranks_per_group):
+            pg = dist.new_group(topo.cross_ranks(r))
+            if r == topo.dp_rank:
+                topo.cross_group = pg
+        # DeepSpeed reduces overflow flags over a model-parallel group: here each rank alone.
+        for r in range(topo.world_size):
+            pg = dist.new_group([r])
+            if r == topo.rank:
+                topo.model_parallel_group = pg
+        return topo
+
+    # --- the `mpu` view DeepSpeed asks for: no model parallelism, data parallel = our group ---
+    def get_data_parallel_group(self):  # noqa: ANN201 - a torch ProcessGroup
+        return self.intra_group
+
+    def get_data_parallel_rank(self) -> int:
+        return self.dp_rank
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.ranks_per_group
+
+    def get_data_parallel_group_ranks(self) -> list[int]:
+        return self.intra_ranks(self.group)
+
+    def get_model_parallel_group(self):  # noqa: ANN201
+        return self.model_parallel_group
+
+    def get_model_parallel_rank(self) -> int:
+        return 0
+
+    def get_model_parallel_world_size(self) -> int:
+        return 1

@@ -1,0 +1,304 @@
+"""The TwIST round loop: dispatch subnets, train H local steps, aggregate, resample."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from twist_scale import config as config_mod
+from twist_scale.aggregate import CentralModel, holder_counts, masked_contribution
+from twist_scale.checkpoint import Checkpointer, rng_state, set_rng_state
+from twist_scale.config import RunConfig
+from twist_scale.correction import ACT_MEAN, dropped_contribution, install_correction, set_scale, set_shift, with_stat_axes
+from twist_scale.data import ShardedBatches, eval_batches, load_tokenizer, packed_blocks, prepare_tokenizer, sample_line
+from twist_scale.distributed import init_distributed, setup_logging
+from twist_scale.engines import build_engine
+from twist_scale.engines.base import moment_keys
+from twist_scale.models import architecture_of, build_model
+from twist_scale.subnet import (
+    SubnetSampler,
+    SubnetSpec,
+    apply_subnet_shapes,
+    axis_of,
+    default_shared_layers,
+    partitioned_groups,
+    slice_tensor,
+)
+from twist_scale.topology import Topology
+from twist_scale.tracking import build_tracker
+
+log = logging.getLogger(__name__)
+
+
+def verify_same_masks(specs: list[SubnetSpec], topo: Topology) -> None:
+    """Masks are never sent, so prove every rank computed the same ones (a cheap hash all-reduce)."""
+    digest = b"".join(s.fingerprint() for s in specs)
+    value = int.from_bytes(hashlib.sha256(digest).digest()[:7], "little")
+    lo, hi = torch.tensor([value]), torch.tensor([value])
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    if lo.item() != hi.item():
+        raise RuntimeError(
+            f"rank {topo.rank}: ranks disagree on the subnet masks (hash {value:x}); every rank must run the "
+            "same config and --seed"
+        )
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        init_distributed(cfg.parallel.backend)
+        config_mod.validate(cfg, dist.get_world_size())
+        self.topo = topo = Topology.from_dist(cfg.twist.groups)
+        setup_logging(topo.rank)
+        self.is_main = topo.rank == 0
+        self.out_dir = Path(cfg.out_dir)
+        if self.is_main:
+            config_mod.save_resolved(cfg, self.out_dir / "config.json")
+
+        tok_dir = prepare_tokenizer(cfg.data, self.out_dir / "tokenizer", train=self.is_main)
+        dist.barrier()
+        self.tokenizer = load_tokenizer(tok_dir, sample_line(cfg.data.train_files) if cfg.data.train_files else "a b")
+        self.tok_dir = tok_dir
+        cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else self.out_dir / "cache"
+
+        def blocks(files: list[str], split: str):  # rank 0 tokenizes, the others read its cache
+            if self.is_main:
+                packed_blocks(files, self.tokenizer, tok_dir, cfg.data.block_size, cache, cfg.data.hub_dataset,
+                              cfg.data.text_field, split)
+            dist.barrier()
+            return packed_blocks(files, self.tokenizer, tok_dir, cfg.data.block_size, cache, cfg.data.hub_dataset,
+                                 cfg.data.text_field, split)
+
+        self.batches = ShardedBatches(blocks(cfg.data.train_files, "train"), *topo.data_shard,
+                                      cfg.data.micro_batch_size, cfg.seed)
+        self.valid = (
+            eval_batches(blocks(cfg.data.valid_files, "validation"), topo.dp_rank, topo.ranks_per_group,
+                         cfg.data.micro_batch_size, cfg.eval.max_batches)
+            if cfg.data.valid_files else []
+        )
+
+        torch.manual_seed(cfg.seed)  # the same full-width initialisation on every rank
+        model = build_model(cfg.model.arch, cfg.model.size, len(self.tokenizer), cfg.model.pretrained)
+        self.model_config = model.config
+        arch = architecture_of(model)
+        layers = arch.num_layers(model.config)
+        shared = default_shared_layers(layers) if cfg.twist.shared_layers is None else cfg.twist.shared_layers
+        if any(not 0 <= i < layers for i in shared):
+            raise config_mod.ConfigError(f"--twist.shared_layers {shared}: the model has layers 0..{layers - 1}")
+        self.shared_layers = sorted(shared)
+        self.unit_groups = with_stat_axes(partitioned_groups(arch.unit_groups(model.config), shared),
+                                          cfg.twist.correction)
+        install_correction(model, self.unit_groups, cfg.twist.correction, cfg.twist.stat_momentum)
+        self.unit_axes = axis_of(self.unit_groups)
+        self.sampler = SubnetSampler(tuple(self.unit_groups), topo.groups, cfg.twist.kappa, cfg.seed)
+        self.moments = moment_keys(cfg.optim) if cfg.twist.optimizer_state == "aggregate" else ()
+
+        self.central: CentralModel | None = None
+        if not cfg.is_dense:
+            tensors = dict(model.named_parameters()) | {
+                n: b for n, b in model.named_buffers() if n.endswith(ACT_MEAN)
+            }
+            # act means first: dispatch needs them before the output weights they correct
+            self.tensor_names = sorted(tensors, key=lambda n: not n.endswith(ACT_MEAN))
+            self.central = CentralModel(topo, {n: t.shape for n, t in tensors.items()})
+            for name, t in tensors.items():
+                self.central.set_full(name, t.data)
+            apply_subnet_shapes(model, self.unit_groups, self.sampler.specs(0)[topo.group])
+        self.engine = build_engine(model, cfg, topo)
+        self.round = 0
+        self.checkpointer = Checkpointer(self.out_dir / "checkpoints", topo.rank, cfg.checkpoint.keep_last)
+        self.tracker = build_tracker(cfg.tracking, self.out_dir, self.is_main)
+        self.tracker.log_params(config_mod.flat_params(cfg))
+        self.tracker.log_artifact(self.out_dir / "config.json")
+        self.tracker.log_artifact(tok_dir, "tokenizer")
+        n_params = sum(p.numel() for p in model.parameters())
+        log.info("world %d = %d groups x %d ranks; subnet %.2fM params; %s", topo.world_size, topo.groups,
+                 topo.ranks_per_group, n_params / 1e6, "dense" if cfg.is_dense else f"kappa={cfg.twist.kappa}")
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> None:
+        self.resume()
+        H = self.cfg.twist.local_steps
+        bar = tqdm(total=self.cfg.total_steps, initial=self.round * H, disable=not self.is_main, desc="train")
+        while self.round < self.cfg.twist.rounds:
+            specs = self.sampler.specs(self.round)
+            dispatch_s = self.timed(self.dispatch, specs[self.topo.group])
+            if self.round and self.cfg.eval.every_rounds and self.round % self.cfg.eval.every_rounds == 0:
+                self.evaluate()
+            start = time.perf_counter()
+            losses = [self.train_step(bar) for _ in range(H)]
+            compute_s = time.perf_counter() - start
+            agg_s = self.timed(self.aggregate, specs)
+            self.round += 1
+            self.log_round(losses, compute_s, agg_s + dispatch_s)
+            every = self.cfg.checkpoint.every_rounds
+            if self.round == self.cfg.twist.rounds or (every and self.round % every == 0):
+                self.save()
+        bar.close()
+        self.dispatch(self.sampler.specs(self.round)[self.topo.group])
+        self.evaluate()
+        self.tracker.close()
+
+    def train_step(self, bar: tqdm) -> float:
+        loss = self.engine.train_step(next(self.batches))
+        if not math.isfinite(loss):
+            raise FloatingPointError(
+                f"rank {self.topo.rank}: non-finite loss {loss} at round {self.round}; lower --optim.lr or "
+                "raise --optim.warmup_steps. The last checkpoint is intact."
+            )
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{self.engine.lr():.2e}")
+        return loss
+
+    @staticmethod
+    def timed(fn, *args) -> float:  # noqa: ANN001
+        start = time.perf_counter()
+        fn(*args)
+        return time.perf_counter() - start
+
+    # ------------------------------------------------------------------ TwIST
+    def _buffer(self, name: str) -> torch.Tensor:
+        return self.engine.module.get_buffer(name)
+
+    def dispatch(self, spec: SubnetSpec) -> None:
+        """Slice the central model into this group's engine, one tensor at a time."""
+        if self.central is None:
+            return
+        means: dict[str, torch.Tensor] = {}
+        for name in self.tensor_names:
+            full = self.central.gather(name)
+            unit = self.unit_axes.get(name)
+            sub = full if unit is None else slice_tensor(full, unit[1], spec.units(unit[0]))
+            if name.endswith(ACT_MEAN):
+                means[name.rpartition(".")[0]] = full
+                self._buffer(name).copy_(sub)
+                continue
+            self.engine.write(name, sub)
+            for key in self.moments:
+                if f"{name}@{key}" not in self.central.shards:
+                    continue  # before the first aggregation the engine's fresh (zero) moments are right
+                moment = self.central.gather(f"{name}@{key}")
+                self.engine.write_state(name, key, moment if unit is None else slice_tensor(moment, unit[1], spec.units(unit[0])))
+            if unit is not None and unit[0].output_module in means and name == unit[0].output_axis.name:
+                ug = unit[0]
+                shift = dropped_contribution(full, means[ug.output_module], ug, spec.units(ug))
+                set_shift(self.engine.module, ug, shift)
+        if self.cfg.twist.optimizer_state == "reset":
+            self.engine.reset_optimizer_state()
+        set_scale(self.engine.module, self.unit_groups, spec, self.cfg.twist.correction)
+
+    def aggregate(self, specs: list[SubnetSpec]) -> None:
+        """Masked reduce-scatter of every group's subnet into the central model."""
+        if self.central is None:
+            return
+        spec = specs[self.topo.group]
+        for name in self.tensor_names:
+            unit = self.unit_axes.get(name)
+            shape = self.central.shapes[name]
+            counts = holder_counts(shape, unit, specs)
+            if name.endswith(ACT_MEAN):  # each dp rank saw different data: average inside the group first
+                sub = self._buffer(name).detach().clone()
+                dist.all_reduce(sub, group=self.topo.intra_group)
+                self.central.aggregate(name, masked_contribution(sub / self.topo.ranks_per_group, shape, unit, spec),
+                                       counts)
+                continue
+            self.central.aggregate(name, masked_contribution(self.engine.read(name), shape, unit, spec), counts)
+            for key in self.moments:
+                moment = self.engine.read_state(name, key)
+                self.central.aggregate(f"{name}@{key}", masked_contribution(moment, shape, unit, spec), counts)
+
+    def full_state(self):  # noqa: ANN201 - yields (name, full tensor); collective on every rank
+        """The full-width model, one tensor at a time (central model, or the dense engine's weights)."""
+        if self.central is None:
+            for name in self.engine.params:
+                yield name, self.engine.read(name)
+        else:
+            for name in self.tensor_names:
+                yield name, self.central.gather(name)
+
+    # ------------------------------------------------------------------ evaluation and logging
+    def evaluate(self) -> dict[str, float]:
+        """Validation perplexity of the central model seen through this round's G subnets."""
+        if not self.valid:
+            return {}
+        loss = torch.tensor(sum(self.engine.eval_loss(b) for b in self.valid) / len(self.valid))
+        dist.all_reduce(loss, group=self.topo.intra_group)
+        loss /= self.topo.ranks_per_group
+        per_rank = [torch.zeros(()) for _ in range(self.topo.world_size)]
+        dist.all_gather(per_rank, loss)
+        R = self.topo.ranks_per_group
+        group_losses = [per_rank[g * R].item() for g in range(self.topo.groups)]
+        mean_loss = sum(group_losses) / len(group_losses)
+        metrics = {f"eval/ppl_kappa_{self.cfg.twist.kappa:.2f}": math.exp(mean_loss), "eval/loss": mean_loss}
+        if self.topo.groups > 1:
+            metrics |= {f"eval/ppl_group{g}": math.exp(v) for g, v in enumerate(group_losses)}
+        step = self.round * self.cfg.twist.local_steps
+        self.tracker.log_metrics(metrics, step)
+        log.info("round %d eval: ppl %.2f (kappa %.2f)", self.round, math.exp(mean_loss), self.cfg.twist.kappa)
+        return metrics
+
+    def log_round(self, losses: list[float], compute_s: float, comm_s: float) -> None:
+        topo, H = self.topo, self.cfg.twist.local_steps
+        mine = torch.tensor(losses)
+        everyone = [torch.zeros(H) for _ in range(topo.world_size)]
+        dist.all_gather(everyone, mine)
+        table = torch.stack(everyone)  # (world, H)
+        first = (self.round - 1) * H
+        tokens = H * self.cfg.data.micro_batch_size * self.cfg.data.block_size * topo.world_size
+        for i in range(H):
+            self.tracker.log_metrics({"train/loss": table[:, i].mean().item()}, first + i + 1)
+        by_group = table.view(topo.groups, topo.ranks_per_group, H).mean(dim=(1, 2))
+        metrics = {
+            "twist/round": self.round,
+            "twist/compute_seconds": compute_s,
+            "twist/agg_seconds": comm_s,
+            "twist/agg_share": comm_s / (compute_s + comm_s),
+            "twist/agg_bytes": self.central.bytes_sent if self.central else 0,
+            "perf/tokens_per_s": tokens / (compute_s + comm_s),
+            "train/lr": self.engine.lr(),
+        }
+        metrics |= {f"train/loss_group{g}": v.item() for g, v in enumerate(by_group)}
+        if self.central:
+            self.central.bytes_sent = 0
+        self.tracker.log_metrics(metrics, self.round * H)
+        log.info("round %d/%d loss %.4f | %.0f tok/s | compute %.2fs agg %.2fs", self.round, self.cfg.twist.rounds,
+                 table[:, -1].mean().item(), metrics["perf/tokens_per_s"], compute_s, comm_s)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self) -> None:
+        topo = self.topo
+
+        def write(directory: Path) -> None:
+            state = {"round": self.round, "data": self.batches.state_dict(), "rng": rng_state(),
+                     "central": self.central.shards if self.central else {}}
+            torch.save(state, directory / f"rank_{topo.rank:05d}.pt")
+            group_dir = directory / f"group_{topo.group:04d}"
+            group_dir.mkdir(exist_ok=True)
+            self.engine.save(str(group_dir))
+
+        meta = {"world_size": topo.world_size, "groups": topo.groups, "config": dataclasses.asdict(self.cfg)}
+        path = self.checkpointer.save(self.round, write, meta)
+        log.info("checkpoint %s", path)
+
+    def resume(self) -> None:
+        if self.cfg.checkpoint.resume:
+            path = self.checkpointer.latest_valid()
+            if path is not None:
+                state = torch.load(path / f"rank_{self.topo.rank:05d}.pt", weights_only=False)
+                self.round = state["round"]
+                self.batches.load_state_dict(state["data"])
+                set_rng_state(state["rng"])
+                if self.central is not None:
+                    self.central.shards = state["central"]
+                self.engine.load(str(path / f"group_{self.topo.group:04d}"))
+                log.info("resumed from %s at round %d", path, self.round)
+        verify_same_masks(self.sampler.specs(self.round), self.topo)
