@@ -38,7 +38,7 @@ PRESETS: dict[str, dict[str, dict]] = {
 def build_model(arch: str, size: str, vocab_size: int, pretrained: str = "") -> nn.Module:
     """A full-width model from a preset (seeded by the caller) or a from_pretrained directory/hub id."""
     if pretrained:
-        model = AutoModelForCausalLM.from_pretrained(pretrained, torch_dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(pretrained, dtype=torch.float32)
         if model.config.vocab_size < vocab_size:
             raise ValueError(
                 f"tokenizer has {vocab_size} tokens but the pretrained model only {model.config.vocab_size}; "

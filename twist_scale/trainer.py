@@ -16,6 +16,7 @@ from tqdm import tqdm
 from twist_scale import config as config_mod
 from twist_scale.aggregate import CentralModel, holder_counts, masked_contribution
 from twist_scale.checkpoint import Checkpointer, rng_state, set_rng_state
+from twist_scale.central_io import TWIST_META, save_central
 from twist_scale.config import RunConfig
 from twist_scale.correction import ACT_MEAN, dropped_contribution, install_correction, set_scale, set_shift, with_stat_axes
 from twist_scale.data import ShardedBatches, eval_batches, load_tokenizer, packed_blocks, prepare_tokenizer, sample_line
@@ -146,7 +147,31 @@ class Trainer:
         bar.close()
         self.dispatch(self.sampler.specs(self.round)[self.topo.group])
         self.evaluate()
+        final = self.export_central(self.out_dir / "final")
+        self.tracker.log_artifact(final / TWIST_META, "final")
         self.tracker.close()
+
+    def export_central(self, directory: Path) -> Path:
+        """Save the full-width central model as a Hugging Face checkpoint, plus what pruning needs.
+
+        The only moment a rank holds the whole model: rank 0 assembles it tensor by tensor.
+        """
+        weights, stats = {}, {}
+        for name, full in self.full_state():
+            if self.is_main:
+                (stats if name.endswith(ACT_MEAN) else weights)[name] = full.clone()
+        if self.is_main:
+            model = build_model(self.cfg.model.arch, self.cfg.model.size, len(self.tokenizer), self.cfg.model.pretrained)
+            model.load_state_dict(weights)
+            save_central(directory, model, self.tokenizer, stats, {
+                "kappa": self.cfg.twist.kappa, "groups": self.topo.groups, "rounds": self.round,
+                "correction": self.cfg.twist.correction, "shared_layers": self.shared_layers,
+                "seed": self.cfg.seed, "tokens": self.round * self.cfg.twist.local_steps * self.cfg.data.micro_batch_size
+                * self.cfg.data.block_size * self.topo.world_size,
+            })
+            log.info("central model saved to %s", directory)
+        dist.barrier()
+        return directory
 
     def train_step(self, bar: tqdm) -> float:
         loss = self.engine.train_step(next(self.batches))
