@@ -25,9 +25,18 @@ def free_port() -> int:
 
 def tiny_args(out_dir: Path, **overrides: object) -> list[str]:
     """CLI args for a seconds-long run of the tiny Llama on Tiny Shakespeare."""
-    args = ["--config", str(REPO / "configs" / "tiny_test.toml"), "--out_dir", str(out_dir),
-            "--data.train_files", str(SHAKESPEARE), "--data.valid_files", str(BROWN_VALID),
-            "--data.cache_dir", str(out_dir.parent / "cache")]
+    args = [
+        "--config",
+        str(REPO / "configs" / "tiny_test.toml"),
+        "--out_dir",
+        str(out_dir),
+        "--data.train_files",
+        str(SHAKESPEARE),
+        "--data.valid_files",
+        str(BROWN_VALID),
+        "--data.cache_dir",
+        str(out_dir.parent / "cache"),
+    ]
     for key, value in overrides.items():
         args += [f"--{key.replace('__', '.')}", str(value)]
     return args
@@ -39,8 +48,9 @@ def launch_env() -> dict[str, str]:
     return env
 
 
-def run_deepspeed(nproc: int, script: str | Path, args: list[str], timeout: float = 300,
-                  check: bool = True) -> subprocess.CompletedProcess:
+def run_deepspeed(
+    nproc: int, script: str | Path, args: list[str], timeout: float = 300, check: bool = True
+) -> subprocess.CompletedProcess:
     """A real `deepspeed --num_gpus N` launch on 127.0.0.1 with gloo."""
     cmd = [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(free_port()), str(script), *args]
     proc = subprocess.run(cmd, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=timeout)
@@ -49,8 +59,9 @@ def run_deepspeed(nproc: int, script: str | Path, args: list[str], timeout: floa
     return proc
 
 
-def run_torchrun(nproc: int, script: str | Path, args: list[str], timeout: float = 300,
-                 check: bool = True) -> subprocess.CompletedProcess:
+def run_torchrun(
+    nproc: int, script: str | Path, args: list[str], timeout: float = 300, check: bool = True
+) -> subprocess.CompletedProcess:
     cmd = [str(BIN / "torchrun"), f"--nproc_per_node={nproc}", f"--master_port={free_port()}", str(script), *args]
     proc = subprocess.run(cmd, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:

@@ -87,8 +87,9 @@ class CentralModel:
         return iter(self.shards)
 
 
-def masked_contribution(sub: torch.Tensor, full_shape: torch.Size, unit: tuple[UnitGroup, AxisSlice] | None,
-                        spec: SubnetSpec) -> torch.Tensor:
+def masked_contribution(
+    sub: torch.Tensor, full_shape: torch.Size, unit: tuple[UnitGroup, AxisSlice] | None, spec: SubnetSpec
+) -> torch.Tensor:
     """M ⊙ θ in full coordinates; shared tensors are contributed whole."""
     if unit is None:
         return sub.float()

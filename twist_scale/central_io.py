@@ -21,8 +21,13 @@ TWIST_META = "twist.json"
 TWIST_STATS = "twist_stats.safetensors"
 
 
-def save_central(directory: Path, model: nn.Module, tokenizer: PreTrainedTokenizerBase,
-                 stats: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+def save_central(
+    directory: Path,
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    stats: dict[str, torch.Tensor],
+    meta: dict[str, Any],
+) -> None:
     """Written to a temporary directory and renamed, so a crash never leaves half a model."""
     tmp = directory.with_name(f".tmp-{directory.name}")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -9,13 +9,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import tomllib
 import yaml
 
 

@@ -49,8 +49,9 @@ def install_correction(model: nn.Module, unit_groups: list[UnitGroup], mode: str
         module.register_buffer("twist_input_scale", torch.ones(()), persistent=False)
         if mode == "mean":
             module.register_buffer(ACT_MEAN, torch.zeros(_in_features(module, ug.output_input_axis)))
-            module.register_buffer("twist_shift", torch.zeros(_out_features(module, ug.output_input_axis)),
-                                   persistent=False)
+            module.register_buffer(
+                "twist_shift", torch.zeros(_out_features(module, ug.output_input_axis)), persistent=False
+            )
             module.twist_momentum = momentum
         module.register_forward_pre_hook(_pre_hook)
         if mode == "mean":
@@ -71,8 +72,9 @@ def _post_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Te
     return output + module.twist_shift.to(output.dtype)
 
 
-def dropped_contribution(full_weight: torch.Tensor, full_mean: torch.Tensor, ug: UnitGroup,
-                         kept: torch.Tensor) -> torch.Tensor:
+def dropped_contribution(
+    full_weight: torch.Tensor, full_mean: torch.Tensor, ug: UnitGroup, kept: torch.Tensor
+) -> torch.Tensor:
     """W[:, dropped] @ E[a_dropped]: what the dropped units add to the residual on average."""
     keep = torch.ones(ug.num_units, dtype=torch.bool)
     keep[kept] = False

@@ -26,10 +26,21 @@ def train_tokenizer(files: list[str], directory: Path, vocab_size: int) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     tmp_prefix = directory / "tokenizer.tmp"
     spm.SentencePieceTrainer.train(
-        input=",".join(files), model_prefix=str(tmp_prefix), vocab_size=vocab_size, model_type="bpe",
-        byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
-        input_sentence_size=200_000, shuffle_input_sentence=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        num_threads=2, minloglevel=2,
+        input=",".join(files),
+        model_prefix=str(tmp_prefix),
+        vocab_size=vocab_size,
+        model_type="bpe",
+        byte_fallback=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        input_sentence_size=200_000,
+        shuffle_input_sentence=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        num_threads=2,
+        minloglevel=2,
     )
     Path(f"{tmp_prefix}.model").replace(directory / SPM_FILE)  # atomic: readers never see half a model
     Path(f"{tmp_prefix}.vocab").unlink(missing_ok=True)
@@ -101,9 +112,16 @@ def _cache_key(files: list[str], hub: str, tokenizer_dir: Path, block_size: int)
     return h.hexdigest()[:20]
 
 
-def packed_blocks(files: list[str], tokenizer: PreTrainedTokenizerBase, tokenizer_dir: Path, block_size: int,
-                  cache_dir: Path, hub_dataset: str = "", text_field: str = "text",
-                  split: str = "train") -> np.ndarray:
+def packed_blocks(
+    files: list[str],
+    tokenizer: PreTrainedTokenizerBase,
+    tokenizer_dir: Path,
+    block_size: int,
+    cache_dir: Path,
+    hub_dataset: str = "",
+    text_field: str = "text",
+    split: str = "train",
+) -> np.ndarray:
     """(N, block_size) int32 token blocks: documents joined by EOS, cut into fixed blocks, cached."""
     cache = cache_dir / f"blocks-{_cache_key(files, hub_dataset, tokenizer_dir, block_size)}.npy"
     if cache.exists():
@@ -179,5 +197,4 @@ def eval_batches(blocks: np.ndarray, index: int, count: int, batch_size: int, ma
 
 
 def describe(blocks: np.ndarray) -> str:
-    return json.dumps({"blocks": int(blocks.shape[0]), "block_size": int(blocks.shape[1]),
-                       "tokens": int(blocks.size)})
+    return json.dumps({"blocks": int(blocks.shape[0]), "block_size": int(blocks.shape[1]), "tokens": int(blocks.size)})

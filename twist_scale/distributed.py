@@ -28,8 +28,9 @@ def init_distributed(backend: str, timeout_s: float = 600.0) -> None:
         if slurm in os.environ and torch_name not in os.environ:
             os.environ[torch_name] = os.environ[slurm]
     if "RANK" not in os.environ:  # a plain `python launch/train.py`: a world of one
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+        os.environ.update(
+            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())
+        )
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":

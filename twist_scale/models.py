@@ -13,20 +13,51 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PretrainedConfig
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PretrainedConfig,
+)
 from transformers.pytorch_utils import Conv1D
 
 PRESETS: dict[str, dict[str, dict]] = {
     "llama": {
         # GQA (2 query heads per KV head) so tests cover grouped units; 6 layers exercise shared layers.
-        "tiny": dict(hidden_size=64, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
-                     intermediate_size=128, max_position_embeddings=512),
-        "tiny-mha": dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
-                         intermediate_size=128, max_position_embeddings=512),
-        "small": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=6,
-                      intermediate_size=1536, max_position_embeddings=1024),
-        "medium": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
-                       intermediate_size=2048, max_position_embeddings=1024),
+        "tiny": dict(
+            hidden_size=64,
+            num_hidden_layers=6,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=128,
+            max_position_embeddings=512,
+        ),
+        "tiny-mha": dict(
+            hidden_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            intermediate_size=128,
+            max_position_embeddings=512,
+        ),
+        "small": dict(
+            hidden_size=384,
+            num_hidden_layers=6,
+            num_attention_heads=6,
+            num_key_value_heads=6,
+            intermediate_size=1536,
+            max_position_embeddings=1024,
+        ),
+        "medium": dict(
+            hidden_size=512,
+            num_hidden_layers=8,
+            num_attention_heads=8,
+            num_key_value_heads=8,
+            intermediate_size=2048,
+            max_position_embeddings=1024,
+        ),
     },
     "gpt2": {
         "tiny": dict(n_embd=64, n_layer=4, n_head=4, n_positions=512),
@@ -50,8 +81,7 @@ def build_model(arch: str, size: str, vocab_size: int, pretrained: str = "") -> 
     if arch == "llama":
         config = LlamaConfig(vocab_size=vocab_size, tie_word_embeddings=False, **PRESETS[arch][size])
         return LlamaForCausalLM(config)
-    config = GPT2Config(vocab_size=vocab_size, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                        **PRESETS[arch][size])
+    config = GPT2Config(vocab_size=vocab_size, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **PRESETS[arch][size])
     return GPT2LMHeadModel(config)
 
 
@@ -103,16 +133,23 @@ def _llama_units(cfg: PretrainedConfig) -> list[UnitGroup]:
     groups = []
     for i in range(cfg.num_hidden_layers):
         a, m = f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
-        attn = [AxisSlice(f"{a}.q_proj.weight", 0, q_per_kv * head_dim),
-                AxisSlice(f"{a}.k_proj.weight", 0, head_dim),
-                AxisSlice(f"{a}.v_proj.weight", 0, head_dim),
-                AxisSlice(f"{a}.o_proj.weight", 1, q_per_kv * head_dim)]
+        attn = [
+            AxisSlice(f"{a}.q_proj.weight", 0, q_per_kv * head_dim),
+            AxisSlice(f"{a}.k_proj.weight", 0, head_dim),
+            AxisSlice(f"{a}.v_proj.weight", 0, head_dim),
+            AxisSlice(f"{a}.o_proj.weight", 1, q_per_kv * head_dim),
+        ]
         if getattr(cfg, "attention_bias", False):
-            attn += [AxisSlice(f"{a}.q_proj.bias", 0, q_per_kv * head_dim),
-                     AxisSlice(f"{a}.k_proj.bias", 0, head_dim),
-                     AxisSlice(f"{a}.v_proj.bias", 0, head_dim)]
-        mlp = [AxisSlice(f"{m}.gate_proj.weight", 0, 1), AxisSlice(f"{m}.up_proj.weight", 0, 1),
-               AxisSlice(f"{m}.down_proj.weight", 1, 1)]
+            attn += [
+                AxisSlice(f"{a}.q_proj.bias", 0, q_per_kv * head_dim),
+                AxisSlice(f"{a}.k_proj.bias", 0, head_dim),
+                AxisSlice(f"{a}.v_proj.bias", 0, head_dim),
+            ]
+        mlp = [
+            AxisSlice(f"{m}.gate_proj.weight", 0, 1),
+            AxisSlice(f"{m}.up_proj.weight", 0, 1),
+            AxisSlice(f"{m}.down_proj.weight", 1, 1),
+        ]
         if getattr(cfg, "mlp_bias", False):
             mlp += [AxisSlice(f"{m}.gate_proj.bias", 0, 1), AxisSlice(f"{m}.up_proj.bias", 0, 1)]
         groups.append(UnitGroup(i, "attn", cfg.num_key_value_heads, tuple(attn), f"{a}.o_proj", 1))
@@ -127,10 +164,16 @@ def _gpt2_units(cfg: PretrainedConfig) -> list[UnitGroup]:
     for i in range(cfg.n_layer):
         a, m = f"transformer.h.{i}.attn", f"transformer.h.{i}.mlp"
         # c_attn is a fused Conv1D (in, 3E): the q, k and v columns of head h sit in three segments.
-        attn = (AxisSlice(f"{a}.c_attn.weight", 1, head_dim, 3, e), AxisSlice(f"{a}.c_attn.bias", 0, head_dim, 3, e),
-                AxisSlice(f"{a}.c_proj.weight", 0, head_dim))
-        mlp = (AxisSlice(f"{m}.c_fc.weight", 1, 1), AxisSlice(f"{m}.c_fc.bias", 0, 1),
-               AxisSlice(f"{m}.c_proj.weight", 0, 1))
+        attn = (
+            AxisSlice(f"{a}.c_attn.weight", 1, head_dim, 3, e),
+            AxisSlice(f"{a}.c_attn.bias", 0, head_dim, 3, e),
+            AxisSlice(f"{a}.c_proj.weight", 0, head_dim),
+        )
+        mlp = (
+            AxisSlice(f"{m}.c_fc.weight", 1, 1),
+            AxisSlice(f"{m}.c_fc.bias", 0, 1),
+            AxisSlice(f"{m}.c_proj.weight", 0, 1),
+        )
         groups.append(UnitGroup(i, "attn", cfg.n_head, attn, f"{a}.c_proj", 0))
         groups.append(UnitGroup(i, "mlp", inner, mlp, f"{m}.c_proj", 0))
     return groups

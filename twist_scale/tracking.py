@@ -40,13 +40,15 @@ class MLflowTracker(NullTracker):
         mlflow.set_tracking_uri(uri)
         experiment = mlflow.get_experiment_by_name(cfg.experiment)
         experiment_id = (
-            experiment.experiment_id if experiment
+            experiment.experiment_id
+            if experiment
             else mlflow.create_experiment(cfg.experiment, artifact_location=artifact_root(uri))
         )
         id_file = out_dir / "mlflow_run_id"
         run_id = os.environ.get("MLFLOW_RUN_ID") or (id_file.read_text().strip() if id_file.exists() else None)
-        self.run = mlflow.start_run(run_id=run_id, experiment_id=experiment_id,
-                                    run_name=None if run_id else (cfg.run_name or out_dir.name))
+        self.run = mlflow.start_run(
+            run_id=run_id, experiment_id=experiment_id, run_name=None if run_id else (cfg.run_name or out_dir.name)
+        )
         id_file.write_text(self.run.info.run_id)
         self.resumed = run_id is not None
 

@@ -14,11 +14,11 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from twist_scale import config as config_mod
-from twist_scale.aggregate import CentralModel, holder_counts, masked_contribution
-from twist_scale.checkpoint import Checkpointer, rng_state, set_rng_state
+from twist_scale.aggregate import CentralModel
 from twist_scale.central_io import TWIST_META, save_central
+from twist_scale.checkpoint import Checkpointer, rng_state, set_rng_state
 from twist_scale.config import RunConfig
-from twist_scale.correction import ACT_MEAN, dropped_contribution, install_correction, set_scale, set_shift, with_stat_axes
+from twist_scale.correction import ACT_MEAN, install_correction, with_stat_axes
 from twist_scale.data import ShardedBatches, eval_batches, load_tokenizer, packed_blocks, prepare_tokenizer, sample_line
 from twist_scale.distributed import init_distributed, setup_logging
 from twist_scale.engines import build_engine
@@ -28,11 +28,10 @@ from twist_scale.subnet import (
     SubnetSampler,
     SubnetSpec,
     apply_subnet_shapes,
-    axis_of,
     default_shared_layers,
     partitioned_groups,
-    slice_tensor,
 )
+from twist_scale.sync import RoundSync, central_tensors
 from twist_scale.topology import Topology
 from twist_scale.tracking import build_tracker
 
@@ -73,18 +72,41 @@ class Trainer:
 
         def blocks(files: list[str], split: str):  # rank 0 tokenizes, the others read its cache
             if self.is_main:
-                packed_blocks(files, self.tokenizer, tok_dir, cfg.data.block_size, cache, cfg.data.hub_dataset,
-                              cfg.data.text_field, split)
+                packed_blocks(
+                    files,
+                    self.tokenizer,
+                    tok_dir,
+                    cfg.data.block_size,
+                    cache,
+                    cfg.data.hub_dataset,
+                    cfg.data.text_field,
+                    split,
+                )
             dist.barrier()
-            return packed_blocks(files, self.tokenizer, tok_dir, cfg.data.block_size, cache, cfg.data.hub_dataset,
-                                 cfg.data.text_field, split)
+            return packed_blocks(
+                files,
+                self.tokenizer,
+                tok_dir,
+                cfg.data.block_size,
+                cache,
+                cfg.data.hub_dataset,
+                cfg.data.text_field,
+                split,
+            )
 
-        self.batches = ShardedBatches(blocks(cfg.data.train_files, "train"), *topo.data_shard,
-                                      cfg.data.micro_batch_size, cfg.seed)
+        self.batches = ShardedBatches(
+            blocks(cfg.data.train_files, "train"), *topo.data_shard, cfg.data.micro_batch_size, cfg.seed
+        )
         self.valid = (
-            eval_batches(blocks(cfg.data.valid_files, "validation"), topo.dp_rank, topo.ranks_per_group,
-                         cfg.data.micro_batch_size, cfg.eval.max_batches)
-            if cfg.data.valid_files else []
+            eval_batches(
+                blocks(cfg.data.valid_files, "validation"),
+                topo.dp_rank,
+                topo.ranks_per_group,
+                cfg.data.micro_batch_size,
+                cfg.eval.max_batches,
+            )
+            if cfg.data.valid_files
+            else []
         )
 
         torch.manual_seed(cfg.seed)  # the same full-width initialisation on every rank
@@ -96,25 +118,33 @@ class Trainer:
         if any(not 0 <= i < layers for i in shared):
             raise config_mod.ConfigError(f"--twist.shared_layers {shared}: the model has layers 0..{layers - 1}")
         self.shared_layers = sorted(shared)
-        self.unit_groups = with_stat_axes(partitioned_groups(arch.unit_groups(model.config), shared),
-                                          cfg.twist.correction)
+        self.unit_groups = with_stat_axes(
+            partitioned_groups(arch.unit_groups(model.config), shared), cfg.twist.correction
+        )
         install_correction(model, self.unit_groups, cfg.twist.correction, cfg.twist.stat_momentum)
-        self.unit_axes = axis_of(self.unit_groups)
         self.sampler = SubnetSampler(tuple(self.unit_groups), topo.groups, cfg.twist.kappa, cfg.seed)
-        self.moments = moment_keys(cfg.optim) if cfg.twist.optimizer_state == "aggregate" else ()
 
         self.central: CentralModel | None = None
         if not cfg.is_dense:
-            tensors = dict(model.named_parameters()) | {
-                n: b for n, b in model.named_buffers() if n.endswith(ACT_MEAN)
-            }
-            # act means first: dispatch needs them before the output weights they correct
-            self.tensor_names = sorted(tensors, key=lambda n: not n.endswith(ACT_MEAN))
+            tensors = central_tensors(model)
             self.central = CentralModel(topo, {n: t.shape for n, t in tensors.items()})
             for name, t in tensors.items():
                 self.central.set_full(name, t.data)
             apply_subnet_shapes(model, self.unit_groups, self.sampler.specs(0)[topo.group])
         self.engine = build_engine(model, cfg, topo)
+        self.sync = (
+            None
+            if self.central is None
+            else RoundSync(
+                self.central,
+                self.engine,
+                self.unit_groups,
+                topo,
+                moment_keys(cfg.optim) if cfg.twist.optimizer_state == "aggregate" else (),
+                cfg.twist.correction,
+                reset_moments=cfg.twist.optimizer_state == "reset",
+            )
+        )
         self.round = 0
         self.checkpointer = Checkpointer(self.out_dir / "checkpoints", topo.rank, cfg.checkpoint.keep_last)
         self.tracker = build_tracker(cfg.tracking, self.out_dir, self.is_main)
@@ -122,8 +152,14 @@ class Trainer:
         self.tracker.log_artifact(self.out_dir / "config.json")
         self.tracker.log_artifact(tok_dir, "tokenizer")
         n_params = sum(p.numel() for p in model.parameters())
-        log.info("world %d = %d groups x %d ranks; subnet %.2fM params; %s", topo.world_size, topo.groups,
-                 topo.ranks_per_group, n_params / 1e6, "dense" if cfg.is_dense else f"kappa={cfg.twist.kappa}")
+        log.info(
+            "world %d = %d groups x %d ranks; subnet %.2fM params; %s",
+            topo.world_size,
+            topo.groups,
+            topo.ranks_per_group,
+            n_params / 1e6,
+            "dense" if cfg.is_dense else f"kappa={cfg.twist.kappa}",
+        )
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> None:
@@ -161,14 +197,29 @@ class Trainer:
             if self.is_main:
                 (stats if name.endswith(ACT_MEAN) else weights)[name] = full.clone()
         if self.is_main:
-            model = build_model(self.cfg.model.arch, self.cfg.model.size, len(self.tokenizer), self.cfg.model.pretrained)
+            model = build_model(
+                self.cfg.model.arch, self.cfg.model.size, len(self.tokenizer), self.cfg.model.pretrained
+            )
             model.load_state_dict(weights)
-            save_central(directory, model, self.tokenizer, stats, {
-                "kappa": self.cfg.twist.kappa, "groups": self.topo.groups, "rounds": self.round,
-                "correction": self.cfg.twist.correction, "shared_layers": self.shared_layers,
-                "seed": self.cfg.seed, "tokens": self.round * self.cfg.twist.local_steps * self.cfg.data.micro_batch_size
-                * self.cfg.data.block_size * self.topo.world_size,
-            })
+            save_central(
+                directory,
+                model,
+                self.tokenizer,
+                stats,
+                {
+                    "kappa": self.cfg.twist.kappa,
+                    "groups": self.topo.groups,
+                    "rounds": self.round,
+                    "correction": self.cfg.twist.correction,
+                    "shared_layers": self.shared_layers,
+                    "seed": self.cfg.seed,
+                    "tokens": self.round
+                    * self.cfg.twist.local_steps
+                    * self.cfg.data.micro_batch_size
+                    * self.cfg.data.block_size
+                    * self.topo.world_size,
+                },
+            )
             log.info("central model saved to %s", directory)
         dist.barrier()
         return directory
@@ -191,55 +242,13 @@ class Trainer:
         return time.perf_counter() - start
 
     # ------------------------------------------------------------------ TwIST
-    def _buffer(self, name: str) -> torch.Tensor:
-        return self.engine.module.get_buffer(name)
-
     def dispatch(self, spec: SubnetSpec) -> None:
-        """Slice the central model into this group's engine, one tensor at a time."""
-        if self.central is None:
-            return
-        means: dict[str, torch.Tensor] = {}
-        for name in self.tensor_names:
-            full = self.central.gather(name)
-            unit = self.unit_axes.get(name)
-            sub = full if unit is None else slice_tensor(full, unit[1], spec.units(unit[0]))
-            if name.endswith(ACT_MEAN):
-                means[name.rpartition(".")[0]] = full
-                self._buffer(name).copy_(sub)
-                continue
-            self.engine.write(name, sub)
-            for key in self.moments:
-                if f"{name}@{key}" not in self.central.shards:
-                    continue  # before the first aggregation the engine's fresh (zero) moments are right
-                moment = self.central.gather(f"{name}@{key}")
-                self.engine.write_state(name, key, moment if unit is None else slice_tensor(moment, unit[1], spec.units(unit[0])))
-            if unit is not None and unit[0].output_module in means and name == unit[0].output_axis.name:
-                ug = unit[0]
-                shift = dropped_contribution(full, means[ug.output_module], ug, spec.units(ug))
-                set_shift(self.engine.module, ug, shift)
-        if self.cfg.twist.optimizer_state == "reset":
-            self.engine.reset_optimizer_state()
-        set_scale(self.engine.module, self.unit_groups, spec, self.cfg.twist.correction)
+        if self.sync is not None:  # dense: the engine already holds the whole model
+            self.sync.dispatch(spec)
 
     def aggregate(self, specs: list[SubnetSpec]) -> None:
-        """Masked reduce-scatter of every group's subnet into the central model."""
-        if self.central is None:
-            return
-        spec = specs[self.topo.group]
-        for name in self.tensor_names:
-            unit = self.unit_axes.get(name)
-            shape = self.central.shapes[name]
-            counts = holder_counts(shape, unit, specs)
-            if name.endswith(ACT_MEAN):  # each dp rank saw different data: average inside the group first
-                sub = self._buffer(name).detach().clone()
-                dist.all_reduce(sub, group=self.topo.intra_group)
-                self.central.aggregate(name, masked_contribution(sub / self.topo.ranks_per_group, shape, unit, spec),
-                                       counts)
-                continue
-            self.central.aggregate(name, masked_contribution(self.engine.read(name), shape, unit, spec), counts)
-            for key in self.moments:
-                moment = self.engine.read_state(name, key)
-                self.central.aggregate(f"{name}@{key}", masked_contribution(moment, shape, unit, spec), counts)
+        if self.sync is not None:
+            self.sync.aggregate(specs)
 
     def full_state(self):  # noqa: ANN201 - yields (name, full tensor); collective on every rank
         """The full-width model, one tensor at a time (central model, or the dense engine's weights)."""
@@ -247,7 +256,7 @@ class Trainer:
             for name in self.engine.params:
                 yield name, self.engine.read(name)
         else:
-            for name in self.tensor_names:
+            for name in self.central.shapes:
                 yield name, self.central.gather(name)
 
     # ------------------------------------------------------------------ evaluation and logging
@@ -295,16 +304,27 @@ class Trainer:
         if self.central:
             self.central.bytes_sent = 0
         self.tracker.log_metrics(metrics, self.round * H)
-        log.info("round %d/%d loss %.4f | %.0f tok/s | compute %.2fs agg %.2fs", self.round, self.cfg.twist.rounds,
-                 table[:, -1].mean().item(), metrics["perf/tokens_per_s"], compute_s, comm_s)
+        log.info(
+            "round %d/%d loss %.4f | %.0f tok/s | compute %.2fs agg %.2fs",
+            self.round,
+            self.cfg.twist.rounds,
+            table[:, -1].mean().item(),
+            metrics["perf/tokens_per_s"],
+            compute_s,
+            comm_s,
+        )
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> None:
         topo = self.topo
 
         def write(directory: Path) -> None:
-            state = {"round": self.round, "data": self.batches.state_dict(), "rng": rng_state(),
-                     "central": self.central.shards if self.central else {}}
+            state = {
+                "round": self.round,
+                "data": self.batches.state_dict(),
+                "rng": rng_state(),
+                "central": self.central.shards if self.central else {},
+            }
             torch.save(state, directory / f"rank_{topo.rank:05d}.pt")
             group_dir = directory / f"group_{topo.group:04d}"
             group_dir.mkdir(exist_ok=True)

@@ -59,8 +59,11 @@ class LocalEngine(Engine):
         return self.scheduler.get_last_lr()[0]
 
     def save(self, directory: str) -> None:
-        state = {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "scheduler": self.scheduler.state_dict()}
+        state = {
+            "model": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+        }
         torch.save(state, Path(directory) / "engine.pt")
 
     def load(self, directory: str) -> None:
