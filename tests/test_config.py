@@ -1,0 +1,69 @@
+"""Config: files, overrides, precedence, and one clear error per kind of bad value."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import BROWN_VALID, REPO, SHAKESPEARE
+from twist_scale.config import ConfigError, load_config, validate
+
+BASE = ["--config", str(REPO / "configs" / "tiny_test.toml"), "--data.train_files", str(SHAKESPEARE),
+        "--data.valid_files", str(BROWN_VALID)]
+
+
+def test_overrides_apply_and_beat_the_file():
+    cfg = load_config([*BASE, "--optim.lr", "1e-3", "--twist.groups=2", "--twist.kappa", "0.5",
+                       "--twist.shared_layers", "0,5", "--tracking.enabled", "false"])
+    assert cfg.optim.lr == 1e-3 and cfg.twist.groups == 2 and cfg.twist.kappa == 0.5
+    assert cfg.twist.shared_layers == [0, 5] and cfg.tracking.enabled is False
+    assert cfg.data.block_size == 64  # from the file, not the default (128)
+    assert cfg.total_steps == cfg.twist.rounds * cfg.twist.local_steps
+
+
+def test_yaml_file_and_launcher_local_rank(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(f"data:\n  train_files: [{SHAKESPEARE}]\ntwist:\n  rounds: 7\n")
+    cfg = load_config(["--local_rank=1", "--config", str(path), "--parallel.engine", "local"])
+    assert cfg.twist.rounds == 7 and cfg.data.train_files == [str(SHAKESPEARE)]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--optim.lrr", "1"], "unknown config key 'optim.lrr'"),
+        (["--bogus", "1"], "unknown config key 'bogus'"),
+        (["--twist.kappa", "0"], "--twist.kappa 0.0 must be in (0, 1]"),
+        (["--twist.kappa", "1.5"], "--twist.kappa 1.5 must be in (0, 1]"),
+        (["--twist.kappa", "0.25", "--twist.groups", "2"], "leaves units that no group trains"),
+        (["--twist.correction", "magic"], "choose one of none, scale, mean"),
+        (["--twist.rounds", "x"], "twist.rounds: expected int, got 'x'"),
+        (["--twist.rounds", "0"], "--twist.rounds 0 must be >= 1"),
+        (["--data.train_files", "/nonexistent.txt"], "data file /nonexistent.txt does not exist"),
+        (["--parallel.ds_config", "nope.json"], "--parallel.ds_config nope.json does not exist"),
+        (["--optim", "1"], "'optim' is a section"),
+        (["--optim.lr"], "--optim.lr needs a value"),
+    ],
+)
+def test_bad_values_name_the_flag(args, message):
+    with pytest.raises(ConfigError) as err:
+        load_config([*BASE, *args])
+    assert message in str(err.value)
+
+
+def test_uncovered_units_allowed_explicitly():
+    cfg = load_config([*BASE, "--twist.kappa", "0.25", "--twist.groups", "2", "--twist.allow_uncovered", "true"])
+    assert cfg.twist.kappa * cfg.twist.groups < 1
+
+
+def test_empty_data_file(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.touch()
+    with pytest.raises(ConfigError, match="is empty"):
+        load_config([*BASE, "--data.train_files", str(empty)])
+
+
+def test_world_size_must_be_a_multiple_of_groups():
+    cfg = load_config([*BASE, "--twist.groups", "3", "--twist.kappa", "0.5"])
+    with pytest.raises(ConfigError, match="--twist.groups 3 does not divide the world size 4"):
+        validate(cfg, world_size=4)
+    validate(cfg, world_size=6)

@@ -1,0 +1,78 @@
+"""Tokenizer round trip, packing, caching and disjoint covering shards."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import BROWN_VALID, SHAKESPEARE
+from twist_scale.data import ShardedBatches, eval_batches, load_tokenizer, packed_blocks, sample_line, train_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tok")
+    train_tokenizer([str(SHAKESPEARE)], directory, vocab_size=384)
+    return directory
+
+
+def test_tokenizer_round_trips_real_text(tokenizer_dir):
+    tok = load_tokenizer(tokenizer_dir, sample_line([str(SHAKESPEARE)]))
+    assert len(tok) == 384
+    text = BROWN_VALID.read_text()[:3000]  # unseen text, odd punctuation: byte fallback keeps it exact
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) > 100 and tok.decode(ids) == text
+
+
+def test_broken_tokenizer_is_refused(tmp_path):
+    (tmp_path / "tokenizer.model").write_bytes(b"not a sentencepiece model")
+    with pytest.raises(Exception):  # noqa: B017 - sentencepiece raises its own parse error
+        load_tokenizer(tmp_path, "some text")
+
+
+def test_packing_and_cache(tokenizer_dir, tmp_path):
+    tok = load_tokenizer(tokenizer_dir, "hello")
+    blocks = packed_blocks([str(SHAKESPEARE)], tok, tokenizer_dir, 32, tmp_path)
+    assert blocks.shape[1] == 32 and blocks.shape[0] > 1000
+    assert (np.asarray(blocks) == tok.eos_token_id).sum() > 100  # documents separated by EOS
+    cached = list(tmp_path.glob("blocks-*.npy"))
+    assert len(cached) == 1
+    again = packed_blocks([str(SHAKESPEARE)], tok, tokenizer_dir, 32, tmp_path)
+    np.testing.assert_array_equal(again, blocks)
+    packed_blocks([str(SHAKESPEARE)], tok, tokenizer_dir, 16, tmp_path)  # the key includes the block size
+    assert len(list(tmp_path.glob("blocks-*.npy"))) == 2
+
+
+@pytest.mark.parametrize("count", [1, 2, 4, 6])
+def test_shards_are_disjoint_and_cover(count):
+    blocks = np.arange(103 * 4).reshape(103, 4)
+    seen = []
+    for index in range(count):
+        shard = ShardedBatches(blocks, index, count, batch_size=2, seed=0)
+        seen.extend(shard.rows.tolist())
+        rows_per_epoch = [next(shard)[:, 0].numpy() // 4 for _ in range(shard.batches_per_epoch)]
+        assert set(np.concatenate(rows_per_epoch)) <= set(shard.rows)
+    assert sorted(seen) == list(range(103))
+
+
+def test_position_restores_the_same_sequence():
+    blocks = np.arange(50 * 4).reshape(50, 4)
+    a = ShardedBatches(blocks, 1, 2, batch_size=3, seed=7)
+    for _ in range(11):  # crosses an epoch boundary (8 batches per epoch)
+        next(a)
+    b = ShardedBatches(blocks, 1, 2, batch_size=3, seed=7)
+    b.load_state_dict(a.state_dict())
+    for _ in range(10):
+        assert np.array_equal(next(a).numpy(), next(b).numpy())
+
+
+def test_shard_smaller_than_a_batch_is_an_error():
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        ShardedBatches(np.zeros((5, 4)), 1, 4, batch_size=2, seed=0)
+
+
+def test_eval_batches_are_fixed_and_sharded():
+    blocks = np.arange(40 * 2).reshape(40, 2)
+    a = eval_batches(blocks, 0, 2, 4, max_batches=3)
+    b = eval_batches(blocks, 1, 2, 4, max_batches=3)
+    assert len(a) == 3 and not set(a[0][:, 0].tolist()) & set(b[0][:, 0].tolist())

@@ -1,0 +1,119 @@
+"""Sampling (coverage, quotas, determinism), unit maps and the sliced-vs-masked oracle."""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import pytest
+import torch
+
+from twist_scale.correction import ACT_MEAN, dropped_contribution, install_correction, set_scale, set_shift, with_stat_axes
+from twist_scale.models import architecture_of, build_model, units_to_keep
+from twist_scale.subnet import (
+    SubnetSampler,
+    apply_subnet_shapes,
+    apply_unit_masks,
+    coverage_draw,
+    default_shared_layers,
+    partitioned_groups,
+)
+
+
+@pytest.mark.parametrize(("n", "groups", "kappa"), [(8, 2, 0.5), (8, 4, 0.25), (10, 3, 0.4), (12, 4, 0.5), (7, 2, 0.9)])
+def test_coverage_and_exact_quotas(n, groups, kappa):
+    keep = units_to_keep(n, kappa)
+    for seed in range(20):
+        draws = coverage_draw(random.Random(seed), n, groups, keep)
+        assert all(len(d) == keep == len(set(d)) for d in draws)
+        assert set().union(*map(set, draws)) == set(range(n))  # every unit trains somewhere
+
+
+def test_kappa_times_groups_one_is_a_partition():
+    draws = coverage_draw(random.Random(0), 12, 4, 3)
+    assert sorted(u for d in draws for u in d) == list(range(12))
+
+
+def test_keep_count_is_robust_to_float_noise():
+    assert units_to_keep(10, 0.3) == 3 and units_to_keep(4, 0.5) == 2 and units_to_keep(3, 0.5) == 2
+    assert units_to_keep(5, 0.01) == 1
+
+
+def test_sampling_is_a_pure_function_of_seed_and_round():
+    model = build_model("llama", "tiny", 64)
+    ugs = tuple(partitioned_groups(architecture_of(model).unit_groups(model.config), []))
+    a, b = SubnetSampler(ugs, 2, 0.5, seed=3), SubnetSampler(ugs, 2, 0.5, seed=3)
+    assert a.specs(5) == b.specs(5)
+    assert a.specs(5) != a.specs(6)
+    assert a.specs(5) != SubnetSampler(ugs, 2, 0.5, seed=4).specs(5)
+    assert a.specs(5)[0].fingerprint() != a.specs(5)[1].fingerprint()
+
+
+def test_default_shared_layers():
+    assert default_shared_layers(12) == [0, 1, 10, 11] and default_shared_layers(6) == [0, 1, 4, 5]
+    assert default_shared_layers(4) == []
+
+
+CASES = [("llama", "tiny"), ("llama", "tiny-mha"), ("gpt2", "tiny")]
+
+
+def _pair(arch, size, correction, kappa=0.5, shared=(0,)):
+    torch.manual_seed(0)
+    full = build_model(arch, size, 97).eval()
+    ugs = with_stat_axes(partitioned_groups(architecture_of(full).unit_groups(full.config), shared), correction)
+    install_correction(full, ugs, correction, momentum=0.9)
+    for name, buf in full.named_buffers():
+        if name.endswith(ACT_MEAN):
+            buf.copy_(torch.randn_like(buf))
+    spec = SubnetSampler(tuple(ugs), 2, kappa, seed=1).specs(0)[1]
+    sub = copy.deepcopy(full)
+    apply_subnet_shapes(sub, ugs, spec)
+    set_scale(sub, ugs, spec, correction)
+    set_scale(full, ugs, spec, correction)
+    if correction == "mean":
+        params = dict(full.named_parameters())
+        for ug in ugs:
+            mean = full.get_buffer(f"{ug.output_module}.{ACT_MEAN}")
+            shift = dropped_contribution(params[ug.output_axis.name].detach(), mean, ug, spec.units(ug))
+            set_shift(sub, ug, shift)
+            set_shift(full, ug, shift)
+    apply_unit_masks(full, ugs, spec)
+    return full, sub, ugs, spec
+
+
+@pytest.mark.parametrize(("arch", "size"), CASES)
+@pytest.mark.parametrize("correction", ["none", "scale", "mean"])
+def test_sliced_submodel_equals_masked_full_model(arch, size, correction):
+    masked, sub, ugs, spec = _pair(arch, size, correction)
+    ids = torch.randint(0, 97, (2, 16))
+    with torch.no_grad():
+        expected, got = masked(ids).logits, sub(ids).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    # physically smaller: fewer parameters, exactly the kept units' share
+    n_full = sum(p.numel() for p in masked.parameters())
+    n_sub = sum(p.numel() for p in sub.parameters())
+    params = dict(masked.named_parameters())
+    dropped = sum(
+        params[ax.name].numel() * (1 - len(spec.units(ug)) / ug.num_units)
+        for ug in ugs for ax in ug.axes if ax.name in params
+    )
+    assert n_sub == n_full - round(dropped)
+
+
+def test_correction_changes_the_forward():
+    """Guards the oracle test against vacuous hooks: each mode gives different logits."""
+    ids = torch.randint(0, 97, (1, 8))
+    with torch.no_grad():
+        outs = [_pair("llama", "tiny", mode)[1](ids).logits for mode in ("none", "scale", "mean")]
+    assert not torch.allclose(outs[0], outs[1]) and not torch.allclose(outs[0], outs[2])
+
+
+def test_mean_correction_tracks_activations_in_training_only():
+    _, sub, ugs, _ = _pair("llama", "tiny", "mean")
+    buf = sub.get_buffer(f"{ugs[0].output_module}.{ACT_MEAN}")
+    before = buf.clone()
+    with torch.no_grad():
+        sub.eval()(torch.randint(0, 97, (1, 8)))
+        assert torch.equal(buf, before)
+        sub.train()(torch.randint(0, 97, (1, 8)))
+    assert not torch.equal(buf, before)
