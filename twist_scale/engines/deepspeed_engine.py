@@ -58,6 +58,7 @@ def render_ds_config(path: str, cfg: RunConfig, ranks_per_group: int) -> dict[st
         raw.setdefault(key, owned[key])
     raw.setdefault("bf16", {})["enabled"] = owned["bf16.enabled"]
     raw.setdefault("steps_per_print", 10**9)
+    raw.setdefault("zero_allow_untested_optimizer", True)  # the run's torch optimizer (AdamW or SGD)
     return raw
 
 
