@@ -8,7 +8,14 @@ import random
 import pytest
 import torch
 
-from twist_scale.correction import ACT_MEAN, dropped_contribution, install_correction, set_scale, set_shift, with_stat_axes
+from twist_scale.correction import (
+    ACT_MEAN,
+    dropped_contribution,
+    install_correction,
+    set_scale,
+    set_shift,
+    with_stat_axes,
+)
 from twist_scale.models import architecture_of, build_model, units_to_keep
 from twist_scale.subnet import (
     SubnetSampler,
@@ -95,7 +102,9 @@ def test_sliced_submodel_equals_masked_full_model(arch, size, correction):
     params = dict(masked.named_parameters())
     dropped = sum(
         params[ax.name].numel() * (1 - len(spec.units(ug)) / ug.num_units)
-        for ug in ugs for ax in ug.axes if ax.name in params
+        for ug in ugs
+        for ax in ug.axes
+        if ax.name in params
     )
     assert n_sub == n_full - round(dropped)
 

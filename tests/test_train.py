@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import TRAIN, run_deepspeed, tiny_args
 
 
@@ -25,9 +24,18 @@ def history(client, run, key: str) -> list[float]:
 def test_kappa_one_sync_every_step_is_data_parallel(tmp_path):
     """G=2 groups holding every unit, averaging weights and momenta after each SGD step, equals
     2-rank data parallelism (mean of updates = update of the mean gradient): same losses."""
-    common = dict(optim__name="sgd", optim__beta1=0.9, optim__grad_clip=0, optim__lr=0.05, twist__local_steps=1,
-                  twist__rounds=8, twist__kappa=1.0, twist__optimizer_state="aggregate", eval__every_rounds=4,
-                  checkpoint__every_rounds=0)
+    common = dict(
+        optim__name="sgd",
+        optim__beta1=0.9,
+        optim__grad_clip=0,
+        optim__lr=0.05,
+        twist__local_steps=1,
+        twist__rounds=8,
+        twist__kappa=1.0,
+        twist__optimizer_state="aggregate",
+        eval__every_rounds=4,
+        checkpoint__every_rounds=0,
+    )
     dense_dir = tmp_path / "dense"
     run_deepspeed(2, TRAIN, tiny_args(dense_dir, twist__groups=1, **common))
     run_deepspeed(2, TRAIN, tiny_args(tmp_path / "twist", twist__groups=2, **common))
@@ -35,7 +43,7 @@ def test_kappa_one_sync_every_step_is_data_parallel(tmp_path):
     dp = history(client, run, "train/loss")
     twist = history(*mlflow_run(tmp_path / "twist"), "train/loss")
     assert len(dp) == len(twist) == 8
-    assert max(abs(a - b) for a, b in zip(dp, twist)) < 1e-4, (dp, twist)
+    assert max(abs(a - b) for a, b in zip(dp, twist, strict=True)) < 1e-4, (dp, twist)
     assert sum(dp[-3:]) / 3 < sum(dp[:3]) / 3 - 0.2, dp  # and it learns
 
     # the dense run is the issue-2 run too: MLflow holds its params, metrics and artifacts
@@ -50,12 +58,25 @@ def test_kappa_one_sync_every_step_is_data_parallel(tmp_path):
 @pytest.mark.slow
 def test_two_groups_of_two_ranks_train(tmp_path):
     out = tmp_path / "twist4"
-    run_deepspeed(4, TRAIN, tiny_args(out, twist__groups=2, twist__kappa=0.5, twist__rounds=4, twist__local_steps=3,
-                                      parallel__ds_config="ds_configs/zero2.json", twist__correction="scale"),
-                  timeout=600)
+    run_deepspeed(
+        4,
+        TRAIN,
+        tiny_args(
+            out,
+            twist__groups=2,
+            twist__kappa=0.5,
+            twist__rounds=4,
+            twist__local_steps=3,
+            parallel__ds_config="ds_configs/zero2.json",
+            twist__correction="scale",
+        ),
+        timeout=600,
+    )
     client, run = mlflow_run(out)
     losses = history(client, run, "train/loss")
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.1, losses
-    assert {"train/loss_group0", "train/loss_group1", "twist/agg_seconds", "eval/ppl_kappa_0.50"} <= set(run.data.metrics)
+    assert {"train/loss_group0", "train/loss_group1", "twist/agg_seconds", "eval/ppl_kappa_0.50"} <= set(
+        run.data.metrics
+    )
     assert run.data.metrics["twist/agg_bytes"] > 0
     assert (out / "checkpoints" / "round_000004" / "manifest.json").exists()

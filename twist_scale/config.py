@@ -63,9 +63,13 @@ class OptimConfig:
 
 @dataclass
 class ParallelConfig:
-    engine: str = _doc("'deepspeed' or 'local' (single process, for tests and debugging).", "deepspeed")
+    engine: str = _doc(
+        "'deepspeed' (ZeRO), 'fsdp' (PyTorch FSDP2) or 'local' (single process, for tests and debugging).",
+        "deepspeed",
+    )
     ds_config: str = _doc("DeepSpeed JSON in ds_configs/ with engine concerns only.", "ds_configs/zero1.json")
     backend: str = _doc("'auto' (nccl on GPU, gloo on CPU), 'gloo' or 'nccl'.", "auto")
+    timeout_s: float = _doc("A collective waiting longer than this ends the job (a crashed or stuck rank).", 300.0)
     precision: str = _doc("'fp32' or 'bf16'.", "fp32")
 
 
@@ -109,7 +113,9 @@ class CheckpointConfig:
 class RunConfig:
     out_dir: str = _doc("Run directory: resolved config, checkpoints, MLflow store, logs.", "runs/default")
     seed: int = _doc("Seed for init, data order and subnet sampling.", 0)
-    log_every: int = _doc("Log a line every N steps.", 5)
+    on_nonfinite: str = _doc(
+        "A non-finite loss: 'stop' (error; the last checkpoint stays intact) or 'skip' the step.", "stop"
+    )
     model: ModelConfig = _doc("Model.", factory=ModelConfig)
     data: DataConfig = _doc("Data.", factory=DataConfig)
     optim: OptimConfig = _doc("Optimizer and schedule.", factory=OptimConfig)
@@ -130,9 +136,10 @@ class RunConfig:
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
+    "on_nonfinite": ("stop", "skip"),
     "model.arch": ("llama", "gpt2"),
     "optim.name": ("adamw", "sgd"),
-    "parallel.engine": ("deepspeed", "local"),
+    "parallel.engine": ("deepspeed", "fsdp", "local"),
     "parallel.backend": ("auto", "gloo", "nccl"),
     "parallel.precision": ("fp32", "bf16"),
     "twist.correction": ("none", "scale", "mean"),
@@ -253,8 +260,10 @@ def load_config(argv: list[str] | None = None) -> RunConfig:
 def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     """Reject values that cannot run, naming the flag and what is allowed."""
     for path, allowed in CHOICES.items():
-        section, key = path.split(".")
-        value = getattr(getattr(cfg, section), key)
+        node = cfg
+        for part in path.split("."):
+            node = getattr(node, part)
+        value = node
         if value not in allowed:
             raise ConfigError(f"--{path} {value!r} is not allowed; choose one of {', '.join(allowed)}")
     t = cfg.twist
@@ -271,6 +280,8 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     for path, value in positive.items():
         if value < 1:
             raise ConfigError(f"--{path} {value} must be >= 1")
+    if cfg.parallel.timeout_s <= 0:
+        raise ConfigError(f"--parallel.timeout_s {cfg.parallel.timeout_s} must be > 0")
     if cfg.optim.lr <= 0:
         raise ConfigError(f"--optim.lr {cfg.optim.lr} must be > 0")
     if t.kappa * t.groups < 1 and not t.allow_uncovered:

@@ -112,6 +112,25 @@ def _cache_key(files: list[str], hub: str, tokenizer_dir: Path, block_size: int)
     return h.hexdigest()[:20]
 
 
+def _joined_ids(texts: list[str], tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Every document's ids followed by EOS, in order: the one stream both training and evaluation cut."""
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for start in range(0, len(texts), 2000):
+        for doc in tokenizer(texts[start : start + 2000], add_special_tokens=False)["input_ids"]:
+            ids.extend(doc)
+            ids.append(eos)
+    return ids
+
+
+def token_stream(files: list[str], tokenizer: PreTrainedTokenizerBase, text_field: str = "text") -> torch.Tensor:
+    """The files' non-empty documents (lines of .txt) as one 1-D id stream, each followed by EOS.
+
+    Packed exactly as training packs its blocks, so held-out perplexity sees the same format.
+    """
+    return torch.tensor(_joined_ids(_load_texts(files, "", text_field), tokenizer), dtype=torch.long)
+
+
 def packed_blocks(
     files: list[str],
     tokenizer: PreTrainedTokenizerBase,
@@ -126,13 +145,7 @@ def packed_blocks(
     cache = cache_dir / f"blocks-{_cache_key(files, hub_dataset, tokenizer_dir, block_size)}.npy"
     if cache.exists():
         return np.load(cache, mmap_mode="r")
-    texts = _load_texts(files, hub_dataset, text_field, split)
-    eos = tokenizer.eos_token_id
-    ids: list[int] = []
-    for start in range(0, len(texts), 2000):
-        for doc in tokenizer(texts[start : start + 2000], add_special_tokens=False)["input_ids"]:
-            ids.extend(doc)
-            ids.append(eos)
+    ids = _joined_ids(_load_texts(files, hub_dataset, text_field, split), tokenizer)
     n = len(ids) // block_size
     if n == 0:
         raise ValueError(f"{files or hub_dataset}: {len(ids)} tokens is less than one block of {block_size}")

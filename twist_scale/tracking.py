@@ -1,16 +1,43 @@
 """Experiment tracking behind four calls; MLflow on rank 0, nothing elsewhere.
 
 Default store: sqlite inside the run directory (no server). A requeued job continues the same
-MLflow run: the run id is kept in the run directory (or taken from MLFLOW_RUN_ID).
+MLflow run: the run id is kept in `<out_dir>/mlflow_run_id` (or taken from MLFLOW_RUN_ID).
+
+A tracking server can go away for a while (restart, network blip, maintenance) and training must not
+notice: no tracking call raises or blocks for more than a few seconds, and no record is lost. Every
+record joins an in-order backlog that is sent with `log_batch`; what the server does not take stays
+in memory and in the append-only spill file `<out_dir>/mlflow_backlog.jsonl` (so a crash during an
+outage loses nothing either), and is replayed in order by the next call that reaches the server and
+by close(). A server that is down at start only delays creating (or resuming) the run. What a crash
+or a server still down at close() leaves behind is replayed by the next attempt of the job, or by
+`python -m twist_scale.tracking replay <out_dir>`.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import logging
 import os
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from twist_scale.config import TrackingConfig
+
+log = logging.getLogger(__name__)
+
+RUN_ID_FILE = "mlflow_run_id"
+SPILL_FILE = "mlflow_backlog.jsonl"
+CLOSE_WAIT_S = 60.0  # close() keeps trying this long: enough to ride out a server restart
+MAX_BACKOFF_S = 30.0  # while the server is down it is tried at most this rarely (1 s, doubling, up to this)
+# MLflow's HTTP client retries a dead server with exponential backoff for ~4 minutes and waits 120 s for
+# an answer; the backlog makes retries unnecessary, so fail within seconds (explicit settings win).
+FAST_FAIL_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+
+Record = dict[str, Any]
 
 
 class NullTracker:
@@ -31,47 +58,290 @@ def artifact_root(uri: str) -> str | None:
     return None
 
 
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _refused(err: Exception) -> bool:
+    """The server (or the local file system) rejected the request itself: sending it again cannot help.
+
+    Everything else (connection refused or reset, timeouts, 5xx, rate limits, auth hiccups) is treated
+    as an outage and retried later.
+    """
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(err, requests.HTTPError) and err.response is not None:
+        status = err.response.status_code
+    elif isinstance(err, requests.RequestException):  # an OSError, but a network one
+        return False
+    elif isinstance(err, MlflowException):
+        status = err.get_http_status_code()
+    else:
+        return isinstance(err, (OSError, ValueError))
+    return 400 <= status < 500 and status not in (401, 403, 408, 429)
+
+
+def _brief(err: Exception) -> str:
+    return str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+
+
 class MLflowTracker(NullTracker):
+    """Rank 0's MLflow run. Once training is under way, no call raises or waits on a dead server.
+
+    A failed send leaves the server alone for a growing interval, so an unreachable host costs at most
+    one request timeout per interval, not one per call. Replays are safe to repeat: MLflow skips a
+    metric it already holds (same key, step, timestamp and value), params may be re-logged with the
+    same value, and an artifact upload overwrites itself. Artifacts are buffered by path: they are
+    read when sent, so they must stay in place until then (those the trainer logs do).
+    """
+
     def __init__(self, cfg: TrackingConfig, out_dir: Path) -> None:
-        import mlflow
+        from mlflow import MlflowClient
 
-        self.mlflow = mlflow
-        uri = cfg.uri or default_uri(out_dir)
-        mlflow.set_tracking_uri(uri)
-        experiment = mlflow.get_experiment_by_name(cfg.experiment)
-        experiment_id = (
-            experiment.experiment_id
-            if experiment
-            else mlflow.create_experiment(cfg.experiment, artifact_location=artifact_root(uri))
+        for name, value in FAST_FAIL_ENV.items():
+            os.environ.setdefault(name, value)
+        self.uri = cfg.uri or default_uri(out_dir)
+        self.experiment = cfg.experiment
+        self.run_name = cfg.run_name or out_dir.name
+        self.out_dir = out_dir
+        self.spill = out_dir / SPILL_FILE
+        self.client = MlflowClient(self.uri)
+        id_file = out_dir / RUN_ID_FILE
+        self.run_id: str | None = os.environ.get("MLFLOW_RUN_ID") or (
+            id_file.read_text().strip() if id_file.exists() else None
         )
-        id_file = out_dir / "mlflow_run_id"
-        run_id = os.environ.get("MLFLOW_RUN_ID") or (id_file.read_text().strip() if id_file.exists() else None)
-        self.run = mlflow.start_run(
-            run_id=run_id, experiment_id=experiment_id, run_name=None if run_id else (cfg.run_name or out_dir.name)
-        )
-        id_file.write_text(self.run.info.run_id)
-        self.resumed = run_id is not None
+        self.resumed = self.run_id is not None
+        self.opened = False
+        self.pending: list[Record] = _read_spill(self.spill)[1]
+        self.spilled = len(self.pending)  # how many of `pending` (a prefix) the spill file holds
+        self.stale = self.spill.exists()  # the spill file differs from `pending` beyond that prefix
+        self.retry_at = 0.0
+        self.backoff = 1.0
+        self.down_since: float | None = None
+        if self.pending:
+            log.info("%d MLflow record(s) left by an earlier attempt in %s: replaying them", self.spilled, self.spill)
+        try:
+            self._open()
+        except Exception as err:
+            if _refused(err):  # misconfigured (unknown run id, bad URI): say so before any compute is spent
+                raise
+            self._failed(err)
+        self._flush()
 
+    # ------------------------------------------------------------------ the four calls
     def log_params(self, params: dict[str, Any]) -> None:
         if self.resumed:  # params are immutable in MLflow; the first attempt logged them
             return
-        items = list(params.items())
-        for i in range(0, len(items), 90):
-            self.mlflow.log_params(dict(items[i : i + 90]))
+        from mlflow.utils.validation import MAX_PARAMS_TAGS_PER_BATCH
+
+        items = [(k, str(v)) for k, v in params.items()]
+        for i in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
+            self.pending.append({"kind": "params", "values": dict(items[i : i + MAX_PARAMS_TAGS_PER_BATCH])})
+        self._flush()
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        self.mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+        from mlflow.utils.validation import MAX_METRICS_PER_BATCH
+
+        items, now = [(k, float(v)) for k, v in metrics.items()], _now_ms()
+        for i in range(0, len(items), MAX_METRICS_PER_BATCH):
+            chunk = dict(items[i : i + MAX_METRICS_PER_BATCH])
+            self.pending.append({"kind": "metrics", "step": step, "time": now, "values": chunk})
+        self._flush()
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        path = Path(path)
-        if path.is_dir():
-            self.mlflow.log_artifacts(str(path), artifact_path)
-        else:
-            self.mlflow.log_artifact(str(path), artifact_path)
+        self.pending.append({"kind": "artifact", "path": str(Path(path).resolve()), "artifact_path": artifact_path})
+        self._flush()
 
     def close(self, status: str = "FINISHED") -> None:
-        self.mlflow.end_run(status=status)
+        self.pending.append({"kind": "end", "status": status, "time": _now_ms()})
+        if not self.drain(CLOSE_WAIT_S):
+            log.warning(
+                "MLflow at %s still unreachable after %.0f s: %d record(s) of run %s are kept in %s. Replay them "
+                "once it answers with `python -m twist_scale.tracking replay %s` (a requeued job replays them too).",
+                self.uri,
+                CLOSE_WAIT_S,
+                len(self.pending),
+                self.run_id or "(not created yet)",
+                self.spill,
+                self.out_dir,
+            )
+
+    def drain(self, wait_s: float) -> bool:
+        """Send the whole backlog, trying for up to wait_s seconds; True when nothing is left."""
+        deadline = time.monotonic() + wait_s
+        while not self._flush(force=True) and time.monotonic() < deadline:
+            time.sleep(max(0.0, min(2.0, deadline - time.monotonic())))
+        return not self.pending
+
+    # ------------------------------------------------------------------ delivery
+    def _open(self) -> None:
+        """Create the run (and its experiment), or mark a resumed one running again."""
+        if self.run_id is None:
+            from mlflow.tracking.context.registry import resolve_tags
+
+            experiment = self.client.get_experiment_by_name(self.experiment)
+            experiment_id = (
+                experiment.experiment_id
+                if experiment
+                else self.client.create_experiment(self.experiment, artifact_location=artifact_root(self.uri))
+            )
+            self.run_id = self.client.create_run(experiment_id, tags=resolve_tags(), run_name=self.run_name).info.run_id
+            (self.out_dir / RUN_ID_FILE).write_text(self.run_id)
+        else:
+            self.client.update_run(self.run_id, status="RUNNING")
+        self.opened = True
+
+    def _flush(self, force: bool = False) -> bool:
+        """Send the backlog unless the server is resting after a failure; True when nothing is left."""
+        if force or time.monotonic() >= self.retry_at:
+            try:
+                if not self.opened:
+                    self._open()
+                self._send()
+            except Exception as err:
+                self._failed(err)
+            else:
+                self._recovered()
+        self._spill()
+        return not self.pending
+
+    def _send(self) -> None:
+        """Deliver the backlog in order; stops at (raises) the first failure that looks like an outage."""
+        while self.pending:
+            n, send = self._next_call()
+            try:
+                send()
+            except Exception as err:
+                if not _refused(err):
+                    raise
+                log.warning("MLflow refused %d record(s), dropping them: %s", n, _brief(err))
+            del self.pending[:n]
+            if self.spilled:
+                self.stale = True
+            self.spilled = max(0, self.spilled - n)
+
+    def _next_call(self) -> tuple[int, Callable[[], object]]:
+        """The call for the head of the backlog: a run of metrics and params records goes in one log_batch."""
+        from mlflow.entities import Metric, Param
+        from mlflow.utils.validation import MAX_ENTITIES_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH
+
+        run_id, head = self.run_id, self.pending[0]
+        if head["kind"] == "artifact":
+            path, artifact_path = head["path"], head["artifact_path"]
+            upload = self.client.log_artifacts if Path(path).is_dir() else self.client.log_artifact
+            return 1, lambda: upload(run_id, path, artifact_path)
+        if head["kind"] == "end":
+            return 1, lambda: self.client.set_terminated(run_id, head["status"], head["time"])
+        metrics: list[Metric] = []
+        params: list[Param] = []
+        n = 0
+        for record in self.pending:
+            if record["kind"] not in ("metrics", "params"):
+                break
+            size = len(record["values"])
+            if n and (
+                len(metrics) + len(params) + size > MAX_ENTITIES_PER_BATCH
+                or (record["kind"] == "params" and len(params) + size > MAX_PARAMS_TAGS_PER_BATCH)
+            ):
+                break
+            if record["kind"] == "metrics":
+                metrics += [Metric(k, v, record["time"], record["step"]) for k, v in record["values"].items()]
+            else:
+                params += [Param(k, v) for k, v in record["values"].items()]
+            n += 1
+        return n, lambda: self.client.log_batch(run_id, metrics=metrics, params=params)
+
+    def _failed(self, err: Exception) -> None:
+        self.retry_at = time.monotonic() + self.backoff
+        self.backoff = min(2 * self.backoff, MAX_BACKOFF_S)
+        if self.down_since is None:
+            self.down_since = time.monotonic()
+            log.warning(
+                "MLflow at %s unreachable (%s); training goes on, records are kept in %s and replayed when it answers",
+                self.uri,
+                _brief(err),
+                self.spill,
+            )
+
+    def _recovered(self) -> None:
+        self.backoff = 1.0
+        if self.down_since is not None:
+            down_s = time.monotonic() - self.down_since
+            log.info("MLflow at %s answers again after %.0f s; backlog replayed", self.uri, down_s)
+            self.down_since = None
+
+    def _spill(self) -> None:
+        """Make the spill file hold exactly the backlog: append new records, rewrite once some were sent."""
+        if not self.pending:
+            if self.stale:
+                self.spill.unlink(missing_ok=True)
+        elif self.stale:
+            tmp = self.spill.with_name(self.spill.name + ".tmp")
+            _write(tmp, [self._header(), *self.pending], "w")
+            os.replace(tmp, self.spill)
+        elif self.spilled < len(self.pending):
+            _write(self.spill, ([] if self.spilled else [self._header()]) + self.pending[self.spilled :], "a")
+        self.spilled, self.stale = len(self.pending), False
+
+    def _header(self) -> Record:
+        """Where the records go: lets `replay` find the run without the training config."""
+        return {"kind": "run", "uri": self.uri, "experiment": self.experiment, "run_name": self.run_name}
+
+
+def _write(path: Path, records: list[Record], mode: str) -> None:
+    with open(path, mode) as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _read_spill(path: Path) -> tuple[Record | None, list[Record]]:
+    """(header, records) of a spill file; a line torn by a crash mid-write is skipped."""
+    header, records = None, []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                log.warning("skipping a torn line in %s", path)
+                continue
+            if record["kind"] == "run":
+                header = record
+            else:
+                records.append(record)
+    return header, records
 
 
 def build_tracker(cfg: TrackingConfig, out_dir: Path, is_main: bool) -> NullTracker:
     return MLflowTracker(cfg, out_dir) if cfg.enabled and is_main else NullTracker()
+
+
+def replay(out_dir: Path, uri: str | None = None) -> bool:
+    """Send the backlog a run left in out_dir to its MLflow run (created if it never reached the server).
+
+    True when nothing is left; the run's status changes only if the backlog ends it (close() was called).
+    """
+    header, _ = _read_spill(out_dir / SPILL_FILE)
+    if header is None:
+        log.info("no MLflow backlog in %s", out_dir)
+        return True
+    cfg = TrackingConfig(uri=uri or header["uri"], experiment=header["experiment"], run_name=header["run_name"])
+    return MLflowTracker(cfg, out_dir).drain(0)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m twist_scale.tracking", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    cmd = commands.add_parser("replay", help=f"send the records kept in <out_dir>/{SPILL_FILE} to MLflow")
+    cmd.add_argument("out_dir", type=Path)
+    cmd.add_argument("--uri", help="tracking URI, if not the one the run used (the server moved)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    if not replay(args.out_dir, args.uri):
+        sys.exit(f"MLflow backlog not (fully) sent; it is still in {args.out_dir / SPILL_FILE}")
+    log.info("MLflow backlog of %s replayed", args.out_dir)
+
+
+if __name__ == "__main__":
+    main()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -55,7 +56,7 @@ def verify_same_masks(specs: list[SubnetSpec], topo: Topology) -> None:
 class Trainer:
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
-        init_distributed(cfg.parallel.backend)
+        init_distributed(cfg.parallel.backend, cfg.parallel.timeout_s)
         config_mod.validate(cfg, dist.get_world_size())
         self.topo = topo = Topology.from_dist(cfg.twist.groups)
         setup_logging(topo.rank)
@@ -146,6 +147,7 @@ class Trainer:
             )
         )
         self.round = 0
+        self.skipped_steps = 0
         self.checkpointer = Checkpointer(self.out_dir / "checkpoints", topo.rank, cfg.checkpoint.keep_last)
         self.tracker = build_tracker(cfg.tracking, self.out_dir, self.is_main)
         self.tracker.log_params(config_mod.flat_params(cfg))
@@ -163,29 +165,55 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> None:
-        self.resume()
+        try:
+            self._train()
+        except BaseException:
+            self.tracker.close("FAILED")
+            raise
+        self.tracker.close()
+
+    def _train(self) -> None:
+        with self.phase("resume"):
+            self.resume()
         H = self.cfg.twist.local_steps
         bar = tqdm(total=self.cfg.total_steps, initial=self.round * H, disable=not self.is_main, desc="train")
         while self.round < self.cfg.twist.rounds:
             specs = self.sampler.specs(self.round)
-            dispatch_s = self.timed(self.dispatch, specs[self.topo.group])
+            with self.phase("dispatch"):
+                dispatch_s = self.timed(self.dispatch, specs[self.topo.group])
             if self.round and self.cfg.eval.every_rounds and self.round % self.cfg.eval.every_rounds == 0:
-                self.evaluate()
+                with self.phase("evaluation"):
+                    self.evaluate()
             start = time.perf_counter()
-            losses = [self.train_step(bar) for _ in range(H)]
+            with self.phase("local step"):
+                losses = [self.train_step(bar) for _ in range(H)]
             compute_s = time.perf_counter() - start
-            agg_s = self.timed(self.aggregate, specs)
+            with self.phase("aggregation"):
+                agg_s = self.timed(self.aggregate, specs)
             self.round += 1
-            self.log_round(losses, compute_s, agg_s + dispatch_s)
+            with self.phase("logging"):
+                self.log_round(losses, compute_s, agg_s + dispatch_s)
             every = self.cfg.checkpoint.every_rounds
             if self.round == self.cfg.twist.rounds or (every and self.round % every == 0):
-                self.save()
+                with self.phase("checkpoint"):
+                    self.save()
         bar.close()
-        self.dispatch(self.sampler.specs(self.round)[self.topo.group])
-        self.evaluate()
-        final = self.export_central(self.out_dir / "final")
-        self.tracker.log_artifact(final / TWIST_META, "final")
-        self.tracker.close()
+        with self.phase("final evaluation and export"):
+            self.dispatch(self.sampler.specs(self.round)[self.topo.group])
+            self.evaluate()
+            final = self.export_central(self.out_dir / "final")
+            self.tracker.log_artifact(final / TWIST_META, "final")
+
+    @contextlib.contextmanager
+    def phase(self, name: str):  # noqa: ANN201
+        """Name the rank, phase and round in any failure, e.g. a peer that crashed or a timeout."""
+        try:
+            yield
+        except Exception as err:
+            raise RuntimeError(
+                f"rank {self.topo.rank} (group {self.topo.group}) failed in phase '{name}' at round {self.round}: "
+                f"{type(err).__name__}: {err}"
+            ) from err
 
     def export_central(self, directory: Path) -> Path:
         """Save the full-width central model as a Hugging Face checkpoint, plus what pruning needs.
@@ -227,10 +255,13 @@ class Trainer:
     def train_step(self, bar: tqdm) -> float:
         loss = self.engine.train_step(next(self.batches))
         if not math.isfinite(loss):
-            raise FloatingPointError(
-                f"rank {self.topo.rank}: non-finite loss {loss} at round {self.round}; lower --optim.lr or "
-                "raise --optim.warmup_steps. The last checkpoint is intact."
-            )
+            if self.cfg.on_nonfinite == "stop":
+                raise FloatingPointError(
+                    f"non-finite loss in group {self.topo.group}; the step was not applied and the last "
+                    "checkpoint is intact. Lower --optim.lr, raise --optim.warmup_steps, or pass --on_nonfinite skip"
+                )
+            self.skipped_steps += 1
+            log.warning("rank %d: non-finite loss, step skipped (%d so far)", self.topo.rank, self.skipped_steps)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{self.engine.lr():.2e}")
         return loss
@@ -289,8 +320,8 @@ class Trainer:
         first = (self.round - 1) * H
         tokens = H * self.cfg.data.micro_batch_size * self.cfg.data.block_size * topo.world_size
         for i in range(H):
-            self.tracker.log_metrics({"train/loss": table[:, i].mean().item()}, first + i + 1)
-        by_group = table.view(topo.groups, topo.ranks_per_group, H).mean(dim=(1, 2))
+            self.tracker.log_metrics({"train/loss": table[:, i].nanmean().item()}, first + i + 1)
+        by_group = table.view(topo.groups, topo.ranks_per_group * H).nanmean(dim=1)
         metrics = {
             "twist/round": self.round,
             "twist/compute_seconds": compute_s,
@@ -299,6 +330,7 @@ class Trainer:
             "twist/agg_bytes": self.central.bytes_sent if self.central else 0,
             "perf/tokens_per_s": tokens / (compute_s + comm_s),
             "train/lr": self.engine.lr(),
+            "train/skipped_steps": self.skipped_steps,
         }
         metrics |= {f"train/loss_group{g}": v.item() for g, v in enumerate(by_group)}
         if self.central:
@@ -308,15 +340,30 @@ class Trainer:
             "round %d/%d loss %.4f | %.0f tok/s | compute %.2fs agg %.2fs",
             self.round,
             self.cfg.twist.rounds,
-            table[:, -1].mean().item(),
+            table[:, -1].nanmean().item(),
             metrics["perf/tokens_per_s"],
             compute_s,
             comm_s,
         )
 
     # ------------------------------------------------------------------ checkpoints
+    def weights_finite(self) -> bool:
+        """True on every rank when no rank holds a non-finite weight (a local check, one all-reduce)."""
+        if self.central is not None:
+            tensors = self.central.shards.values()
+        else:
+            tensors = [getattr(p, "ds_tensor", p.data) for p in self.engine.module.parameters()]
+        flag = torch.tensor([float(all(bool(torch.isfinite(t).all()) for t in tensors))])
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return flag.item() == 1.0
+
     def save(self) -> None:
         topo = self.topo
+        if not self.weights_finite():
+            raise FloatingPointError(
+                "the weights hold NaN or inf; refusing to overwrite good checkpoints with them (the newest "
+                "valid one is intact). Lower --optim.lr or set --optim.grad_clip, then resume."
+            )
 
         def write(directory: Path) -> None:
             state = {

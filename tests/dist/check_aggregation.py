@@ -1,7 +1,8 @@
 """Launched with `deepspeed --num_gpus W`: masked reduce-scatter vs the holder-mean formula.
 
-For each case (G, ZeRO stage, disjoint / overlapping / uncovered subnets): dispatch the central model, let each group's engine hold known new values, aggregate,
-and compare every central tensor with a single-process reference computed from masks.
+For each case (G, ZeRO stage, disjoint / overlapping / uncovered subnets): dispatch the central
+model, let each group's engine hold known new values, aggregate, and compare every central
+tensor with a single-process reference computed from masks.
 """
 
 from __future__ import annotations
@@ -65,7 +66,11 @@ def run_case(groups: int, stage: int, kappa: float) -> float:
     for name, full in initial.items():
         total, count = torch.zeros_like(full), torch.zeros_like(full)
         for g, s in enumerate(specs):
-            mask = torch.ones_like(full) if name not in axes else unit_mask(full.shape, axes[name][1], s.units(axes[name][0]))
+            mask = (
+                torch.ones_like(full)
+                if name not in axes
+                else unit_mask(full.shape, axes[name][1], s.units(axes[name][0]))
+            )
             total += mask * (full + delta(name, g, full.shape))
             count += mask
         expected = torch.where(count > 0, total / count.clamp(min=1), full)

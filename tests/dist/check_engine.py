@@ -94,7 +94,7 @@ def main() -> None:
     reference = trajectory(0, topo)
     for stage in (1, 2, 3):
         losses = trajectory(stage, topo)
-        diff = max(abs(a - b) for a, b in zip(losses, reference))
+        diff = max(abs(a - b) for a, b in zip(losses, reference, strict=True))
         assert diff < 1e-4, f"zero={stage} departs from stage 0 by {diff}: {losses} vs {reference}"
         if topo.rank == 0:
             print(f"TRAJECTORY OK zero={stage} max diff {diff:.2e}", flush=True)

@@ -39,9 +39,25 @@ class Engine(abc.ABC):
 
     module: nn.Module
 
-    @abc.abstractmethod
     def train_step(self, input_ids: torch.Tensor) -> float:
-        """Forward, backward and optimizer step on one micro-batch; returns the loss."""
+        """Forward, backward and optimizer step on one micro-batch; returns the loss.
+
+        Never steps on a non-finite loss anywhere in the group (the ranks must agree, or ZeRO's
+        collectives would diverge): returns NaN instead, and the trainer stops or skips by config.
+        """
+        loss = self._loss(input_ids)
+        finite = torch.tensor([float(torch.isfinite(loss.detach()).all())])
+        if self._group_min(finite).item() < 1:
+            return float("nan")
+        self._backward_and_step(loss)
+        return loss.item()
+
+    @abc.abstractmethod
+    def _backward_and_step(self, loss: torch.Tensor) -> None: ...
+
+    def _group_min(self, value: torch.Tensor) -> torch.Tensor:
+        """Minimum over the ranks that train this subnet together (one process: itself)."""
+        return value
 
     @torch.no_grad()
     def eval_loss(self, input_ids: torch.Tensor) -> float:

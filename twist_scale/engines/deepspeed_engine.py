@@ -13,6 +13,7 @@ from typing import Any
 
 import deepspeed
 import torch
+import torch.distributed as dist
 from deepspeed.utils import (
     safe_get_full_fp32_param,
     safe_get_full_optimizer_state,
@@ -80,11 +81,13 @@ class DeepSpeedEngine(Engine):
         input_ids = input_ids.to(self.engine.device)
         return self.engine(input_ids=input_ids, labels=input_ids).loss
 
-    def train_step(self, input_ids: torch.Tensor) -> float:
-        loss = self._loss(input_ids)
+    def _backward_and_step(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
         self.engine.step()
-        return loss.item()
+
+    def _group_min(self, value: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(value, op=dist.ReduceOp.MIN, group=self.topo.intra_group)
+        return value
 
     def _plain(self, param: nn.Parameter) -> bool:
         """Stage 0 in fp32: the torch optimizer works on the parameters themselves."""

@@ -22,15 +22,13 @@ class LocalEngine(Engine):
     def _loss(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.module(input_ids=input_ids, labels=input_ids).loss
 
-    def train_step(self, input_ids: torch.Tensor) -> float:
-        loss = self._loss(input_ids)
+    def _backward_and_step(self, loss: torch.Tensor) -> None:
         loss.backward()
         if self.cfg.optim.grad_clip > 0:
             nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.optim.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss.item()
 
     def read(self, name: str) -> torch.Tensor:
         return self.params[name].detach().float().clone()

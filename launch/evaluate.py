@@ -1,0 +1,11 @@
+"""`python launch/evaluate.py --help`: see docs/pruning.md (same as the `twist-evaluate` console script)."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without install
+
+from twist_scale.evaluate import main  # noqa: E402
+
+if __name__ == "__main__":
+    main()

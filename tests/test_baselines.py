@@ -1,0 +1,152 @@
+"""Pruning methods: one signature, the right units, and every one exports a loadable subnet."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from test_export import VOCAB, oracle_logits, random_model, word_tokenizer
+
+from twist_scale.export import Central, build_pruner, export_subnet, load_exported
+from twist_scale.models import architecture_of, units_to_keep
+from twist_scale.prune import (
+    METHODS,
+    ActivationStats,
+    PruneInputs,
+    calibration_batches,
+    collect_activation_stats,
+    method,
+)
+from twist_scale.subnet import partitioned_groups
+
+
+def calibration(seed: int = 0) -> list[torch.Tensor]:
+    stream = torch.randint(0, VOCAB, (400,), generator=torch.Generator().manual_seed(seed))
+    return calibration_batches(stream, samples=6, seqlen=16, batch_size=4, seed=seed)
+
+
+def central(model: torch.nn.Module, meta: dict | None = None) -> Central:
+    """A central model in memory, as Central.load would give for a dense run with no shared layers."""
+    return Central(Path("in-memory"), model, word_tokenizer(), {}, meta or {"shared_layers": [], "correction": "none"})
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_exports_a_loadable_subnet(tmp_path, arch, name):
+    model = random_model(arch)
+    pruner = build_pruner(central(model), name, calibration=calibration())
+    spec = pruner.spec(0.5, seed=1)
+    for ug in pruner.unit_groups:
+        kept = spec.kept[ug.key]
+        assert len(kept) == units_to_keep(ug.num_units, 0.5) == len(set(kept))
+        assert all(0 <= u < ug.num_units for u in kept)
+    path = export_subnet(pruner, tmp_path, 0.5, seed=1)
+    loaded = load_exported(path)
+    sub, _, _ = pruner.subnet(0.5, seed=1)
+    ids = torch.randint(0, VOCAB, (2, 10))
+    with torch.no_grad():
+        got = loaded(input_ids=ids).logits
+        torch.testing.assert_close(got, sub(input_ids=ids).logits, rtol=0, atol=1e-5)
+    assert torch.isfinite(got).all()
+    assert sum(p.numel() for p in loaded.parameters()) < sum(p.numel() for p in model.parameters())
+
+
+def test_random_is_seeded_and_magnitude_ignores_seed():
+    model = random_model("llama")
+    groups = architecture_of(model).unit_groups(model.config)
+    draw = lambda name, seed: METHODS[name].select(PruneInputs(model, groups, 0.5, seed))  # noqa: E731
+    assert draw("random", 0) == draw("random", 0)
+    assert draw("random", 0) != draw("random", 1)
+    assert draw("magnitude", 0) == draw("magnitude", 7)
+    assert METHODS["random"].seeded and not METHODS["magnitude"].seeded
+
+
+def test_magnitude_keeps_the_largest_units():
+    model = random_model("llama")
+    mlp = model.model.layers[2].mlp
+    strong = [3, 40, 77, 100]
+    with torch.no_grad():
+        for p in (mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight.T):
+            p.mul_(0.1)
+            p[strong] *= 100.0
+        model.model.layers[2].self_attn.o_proj.weight[:, 32:].mul_(10.0)  # KV group 1 owns o columns 32..63
+    groups = architecture_of(model).unit_groups(model.config)
+    spec = METHODS["magnitude"].select(PruneInputs(model, groups, 4 / 128, 0))
+    assert spec.kept[(2, "mlp")] == tuple(strong)
+    assert spec.kept[(2, "attn")] == (1,)
+
+
+def stats_for(model, groups, var: dict[str, torch.Tensor], mean: dict[str, torch.Tensor]) -> ActivationStats:
+    return ActivationStats(mean, {k: var[k] + mean[k] ** 2 for k in var}, tokens=1)
+
+
+def test_flap_and_wanda_sp_follow_activation_statistics():
+    """Equal weights: FLAP follows the channel variance, Wanda-sp the channel RMS."""
+    model = random_model("gpt2")
+    groups = architecture_of(model).unit_groups(model.config)
+    with torch.no_grad():
+        for ug in groups:
+            model.get_submodule(ug.output_module).weight.fill_(0.1)
+    var, mean = {}, {}
+    for ug in groups:
+        n = model.get_submodule(ug.output_module).weight.shape[0]  # Conv1D: (unit channels, out)
+        var[ug.output_module] = torch.full((n,), 0.01)
+        mean[ug.output_module] = torch.zeros(n)
+    mlp = "transformer.h.1.mlp.c_proj"
+    var[mlp][[9, 200]] = 5.0  # high fluctuation
+    mean[mlp][[50, 60]] = 30.0  # large but constant: Wanda-sp keeps these, FLAP compensates them with a bias
+    stats = stats_for(model, groups, var, mean)
+    flap = METHODS["flap"].select(PruneInputs(model, groups, 2 / 256, 0, stats))
+    wanda = METHODS["wanda_sp"].select(PruneInputs(model, groups, 2 / 256, 0, stats))
+    assert flap.kept[(1, "mlp")] == (9, 200)
+    assert wanda.kept[(1, "mlp")] == (50, 60)
+    with pytest.raises(ValueError, match="calibration"):
+        METHODS["flap"].select(PruneInputs(model, groups, 0.5, 0))
+
+
+def test_flap_folds_bias_compensation_from_calibration_means():
+    """FLAP's export = the masked model + W_dropped · E_calib[a_dropped], whatever the training correction."""
+    model = random_model("llama")
+    batches = calibration()
+    pruner = build_pruner(central(model, {"shared_layers": [0, 5], "correction": "scale"}), "flap", calibration=batches)
+    assert METHODS["flap"].correction == "mean" and pruner.correction == "mean"
+    groups = partitioned_groups(architecture_of(model).unit_groups(model.config), [0, 5])
+    stats = collect_activation_stats(model, groups, batches)
+    sub, plain, spec = pruner.subnet(0.5)
+    assert not plain  # layers 0 and 5 kept whole
+    ids = torch.randint(0, VOCAB, (2, 10))
+    with torch.no_grad():
+        got = sub(input_ids=ids).logits
+    torch.testing.assert_close(got, oracle_logits(model, groups, spec, "mean", stats.mean, ids), rtol=0, atol=1e-5)
+    other = {k: torch.zeros_like(v) for k, v in stats.mean.items()}
+    assert (got - oracle_logits(model, groups, spec, "mean", other, ids)).abs().max() > 1e-2
+    # the training correction is what other methods fold
+    assert build_pruner(central(model, {"correction": "scale"}), "magnitude").correction == "scale"
+
+
+def test_activation_stats_are_token_means_at_the_output_projection():
+    model = random_model("llama")
+    groups = architecture_of(model).unit_groups(model.config)
+    batches = calibration()
+    stats = collect_activation_stats(model, groups, batches)
+    assert not model.model.layers[3].mlp.down_proj._forward_pre_hooks  # its hooks are removed
+    seen = []
+    handle = model.model.layers[3].mlp.down_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
+    with torch.no_grad():
+        for b in batches:
+            model(input_ids=b)
+    handle.remove()
+    x = torch.cat([s.reshape(-1, s.shape[-1]) for s in seen])
+    assert stats.tokens == x.shape[0] == 6 * 16
+    torch.testing.assert_close(stats.mean["model.layers.3.mlp.down_proj"], x.mean(0))
+    torch.testing.assert_close(stats.sq_mean["model.layers.3.mlp.down_proj"], (x**2).mean(0))
+
+
+def test_unknown_method_and_missing_calibration_name_the_flag():
+    with pytest.raises(ValueError, match="--method"):
+        method("sparsegpt")
+    with pytest.raises(ValueError, match="--calibration"):
+        build_pruner(central(random_model("llama")), "flap")
+    with pytest.raises(ValueError, match="--kappa"):
+        build_pruner(central(random_model("llama")), "random").spec(0.0)

@@ -1,0 +1,193 @@
+"""Failures that never hang or lose work: SIGKILL + exact resume, a stuck rank, non-finite losses,
+corrupted checkpoints, bad inputs caught before work starts."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+from conftest import BIN, REPO, TRAIN, free_port, launch_env, run_deepspeed, tiny_args
+from test_train import history, mlflow_run
+
+from twist_scale.checkpoint import Checkpointer
+
+TWIST = dict(
+    twist__groups=2,
+    twist__kappa=0.5,
+    twist__correction="mean",
+    twist__optimizer_state="aggregate",
+    twist__local_steps=3,
+    twist__rounds=10,
+    eval__every_rounds=0,
+)
+
+
+def launch_background(out_dir, **overrides) -> subprocess.Popen:
+    cmd = [
+        str(BIN / "deepspeed"),
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        str(TRAIN),
+        *tiny_args(out_dir, **overrides),
+    ]
+    return subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=launch_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def rank_pid(launcher: subprocess.Popen, rank: int) -> int:
+    """The pid of one training rank among the launcher's descendants."""
+    rows = [
+        line.split(maxsplit=2)
+        for line in subprocess.run(
+            ["ps", "-ww", "-eo", "pid=,ppid=,args="], capture_output=True, text=True
+        ).stdout.splitlines()
+    ]
+    family = {launcher.pid}
+    for _ in range(4):  # launcher -> deepspeed.launcher.launch -> ranks
+        family |= {int(pid) for pid, ppid, _ in rows if int(ppid) in family}
+    for pid, _, args in rows:
+        if int(pid) in family and f"--local_rank={rank}" in args and "launch/train.py" in args:
+            return int(pid)
+    raise AssertionError(f"rank {rank} not among {sorted(family)}: {[r for r in rows if int(r[0]) in family]}")
+
+
+def wait_for(path, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"run ended early:\n{proc.stdout.read()[-3000:]}"
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def losses_by_step(out_dir) -> dict[int, float]:
+
+    client, run = mlflow_run(out_dir)
+    return {
+        m.step: m.value
+        for m in sorted(client.get_metric_history(run.info.run_id, "train/loss"), key=lambda m: m.timestamp)
+    }
+
+
+@pytest.mark.slow
+def test_sigkill_mid_round_then_resume_is_exact(tmp_path):
+    run_deepspeed(2, TRAIN, tiny_args(tmp_path / "reference", **TWIST))
+    reference = history(*mlflow_run(tmp_path / "reference"), "train/loss")
+
+    out = tmp_path / "killed"
+    proc = launch_background(out, **TWIST)
+    wait_for(out / "checkpoints" / "round_000002" / "manifest.json", proc)
+    os.kill(rank_pid(proc, 1), signal.SIGKILL)
+    proc.wait(timeout=120)
+    assert proc.returncode != 0  # killed mid-run, not finished
+    assert not (out / "final").exists()
+    run_deepspeed(2, TRAIN, tiny_args(out, **TWIST))  # resumes from the newest valid checkpoint
+    resumed = losses_by_step(out)
+    assert sorted(resumed) == list(range(1, 31))
+    assert [resumed[s] for s in range(1, 31)] == reference  # step for step, exactly
+
+
+@pytest.mark.slow
+def test_stuck_rank_ends_the_job_naming_rank_and_phase(tmp_path):
+    out = tmp_path / "stuck"
+    proc = launch_background(out, parallel__timeout_s=8, **{**TWIST, "twist__rounds": 200})
+    wait_for(out / "checkpoints" / "round_000001" / "manifest.json", proc)
+    os.kill(rank_pid(proc, 1), signal.SIGSTOP)  # alive but never answers
+    start = time.time()
+    try:
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0 and time.time() - start < 120
+    assert "rank 0 (group 0) failed in phase" in output, output[-3000:]
+
+
+def local_run(out_dir, *extra: str) -> subprocess.CompletedProcess:
+    args = [*tiny_args(out_dir), "--parallel.engine", "local", *extra]
+    return subprocess.run(
+        [sys.executable, str(TRAIN), *args], cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=300
+    )
+
+
+def test_nonfinite_loss_stops_without_a_nan_checkpoint(tmp_path):
+    proc = local_run(tmp_path / "stop", "--optim.lr", "1e30", "--optim.warmup_steps", "0")
+    assert proc.returncode != 0
+    assert "failed in phase 'local step'" in proc.stderr and "non-finite loss" in proc.stderr
+    assert not list((tmp_path / "stop" / "checkpoints").glob("round_*"))
+
+
+def test_skipped_step_leaves_the_model_untouched():
+    from twist_scale.config import RunConfig
+    from twist_scale.engines.local import LocalEngine
+    from twist_scale.models import build_model
+
+    torch.manual_seed(0)
+    engine = LocalEngine(build_model("llama", "tiny", 64), RunConfig())
+    batch = torch.randint(1, 64, (2, 16))
+    assert torch.isfinite(torch.tensor(engine.train_step(batch)))
+    with torch.no_grad():
+        engine.module.lm_head.weight[0] = float("inf")  # every position's log-softmax turns NaN
+    before = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+    state = {k: v.clone() for k, v in engine.optimizer.state[engine.params["lm_head.weight"]].items()}
+    assert engine.train_step(batch) != engine.train_step(batch)  # NaN, twice
+    for name, p in engine.module.named_parameters():
+        assert torch.equal(p, before[name]) or name == "lm_head.weight" and p.isinf().sum() == 64, name
+    assert all(torch.equal(v, state[k]) for k, v in engine.optimizer.state[engine.params["lm_head.weight"]].items())
+
+
+def test_nonfinite_weights_never_reach_a_checkpoint(tmp_path):
+    """--on_nonfinite skip survives NaN losses, but a finite loss with overflowing gradients can still
+    poison the weights: the checkpoint guard stops the run rather than write them."""
+    out = tmp_path / "skip"
+    proc = local_run(out, "--optim.lr", "1e30", "--optim.warmup_steps", "0", "--on_nonfinite", "skip")
+    assert proc.returncode != 0
+    assert "non-finite loss, step skipped" in proc.stderr
+    assert "failed in phase 'checkpoint'" in proc.stderr and "refusing to overwrite" in proc.stderr
+    assert not list((out / "checkpoints").glob("round_*"))
+
+
+def test_vocab_mismatch_is_refused_before_training(tmp_path):
+    from twist_scale.models import build_model
+
+    small = tmp_path / "small-vocab"
+    build_model("llama", "tiny", 64).save_pretrained(small)
+    proc = local_run(tmp_path / "mismatch", "--model.pretrained", str(small))
+    assert proc.returncode != 0
+    assert "tokenizer has 512 tokens but the pretrained model only 64" in proc.stderr
+    assert not (tmp_path / "mismatch" / "checkpoints").exists()
+
+
+def test_corrupted_or_partial_checkpoints_are_skipped(tmp_path, caplog):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ckpt = Checkpointer(tmp_path / "ckpt", rank=0, keep_last=5)
+        for r in (1, 2, 3):
+            ckpt.save(r, lambda d, r=r: torch.save({"round": r}, d / "state.pt"), {})
+        assert ckpt.latest_valid().name == "round_000003"
+        with open(tmp_path / "ckpt" / "round_000003" / "state.pt", "r+b") as fh:  # flip bytes on disk
+            fh.seek(40)
+            fh.write(b"\x00\xff\x00\xff")
+        (tmp_path / "ckpt" / "round_000004").mkdir()  # a partial write: no manifest
+        assert ckpt.latest_valid().name == "round_000002"
+        assert "checksum mismatch" in caplog.text and "no manifest" in caplog.text
+        ckpt.save(5, lambda d: torch.save({}, d / "state.pt"), {})
+        ckpt.keep_last = 2
+        ckpt.save(6, lambda d: torch.save({}, d / "state.pt"), {})
+        assert [p.name for p in ckpt.complete()] == ["round_000005", "round_000006"]
+    finally:
+        dist.destroy_process_group()

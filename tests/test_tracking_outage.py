@@ -1,0 +1,168 @@
+"""An MLflow outage never stops training nor loses a record: failed sends are kept (memory + spill file)
+and replayed in order. Real `mlflow server` processes and a real training process; no mocks."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import BIN, REPO, TRAIN, free_port, launch_env, tiny_args
+from mlflow.tracking import MlflowClient
+
+from twist_scale import tracking
+from twist_scale.config import TrackingConfig
+
+# 4k tokens a step (a round takes ~2 s here): the outage begins well before the last round.
+SLOW_STEPS = dict(
+    twist__rounds=6, twist__local_steps=2, parallel__engine="local", data__micro_batch_size=16, data__block_size=256
+)
+
+
+def start_server(store: Path, port: int) -> subprocess.Popen:
+    """`mlflow server` in a session of its own: it runs a tree of processes, stopped as one group."""
+    cmd = [
+        str(BIN / "mlflow"),
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{store / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(store / "artifacts"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")  # no job-runner processes
+    with open(store / "server.log", "a") as log:
+        return subprocess.Popen(cmd, cwd=store, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_healthy(server: subprocess.Popen, port: int, timeout: float = 90) -> None:
+    deadline = time.time() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1):
+                return
+        except OSError:
+            assert server.poll() is None, "mlflow server exited; see server.log"
+            assert time.time() < deadline, "mlflow server never answered /health"
+            time.sleep(0.2)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Kill a process group started with start_new_session (killing only the leader leaves workers)."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def rounds_logged(log: Path) -> int:
+    return len(re.findall(r"round \d+/\d+ loss", log.read_text()))
+
+
+@pytest.mark.slow
+def test_server_killed_mid_run_then_restarted_loses_nothing(tmp_path):
+    store, out, port = tmp_path / "server", tmp_path / "run", free_port()
+    store.mkdir()
+    uri = f"http://127.0.0.1:{port}"
+    train_log = tmp_path / "train.log"
+    server = start_server(store, port)
+    trainer = None
+    try:
+        wait_healthy(server, port)
+        with open(train_log, "w") as log:
+            trainer = subprocess.Popen(
+                [sys.executable, str(TRAIN), *tiny_args(out, tracking__uri=uri, **SLOW_STEPS)],
+                cwd=REPO,
+                env=launch_env(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        client = MlflowClient(uri)
+        deadline = time.time() + 90
+        while not (
+            (out / tracking.RUN_ID_FILE).exists()
+            and client.get_metric_history((out / tracking.RUN_ID_FILE).read_text().strip(), "train/loss")
+        ):
+            assert trainer.poll() is None, train_log.read_text()[-3000:]
+            assert time.time() < deadline, "no metric reached the server"
+            time.sleep(0.2)
+        stop(server)  # a crash: no goodbye to the client
+        killed_at = rounds_logged(train_log)
+        assert killed_at <= 4, "training outran the test; make its steps slower"
+
+        deadline = time.time() + 30  # MLflow's own retries would hold the first failed call for minutes
+        while rounds_logged(train_log) < killed_at + 2:
+            assert trainer.poll() is None, train_log.read_text()[-3000:]
+            assert time.time() < deadline, f"training stalled while MLflow was down:\n{train_log.read_text()[-2000:]}"
+            time.sleep(0.2)
+        spilled = [json.loads(line) for line in (out / tracking.SPILL_FILE).read_text().splitlines()]
+        last_step = 2 * (killed_at + 2)  # logged after the outage began
+        assert any(r["kind"] == "metrics" and r["step"] == last_step and "train/loss" in r["values"] for r in spilled)
+
+        server = start_server(store, port)  # same port and store; up in ~15 s, training goes on meanwhile
+        assert trainer.wait(timeout=120) == 0, train_log.read_text()[-3000:]
+        text = train_log.read_text()
+        assert "unreachable" in text and "answers again" in text
+        assert not (out / tracking.SPILL_FILE).exists()
+
+        run = client.get_run((out / tracking.RUN_ID_FILE).read_text().strip())
+        steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss"))
+        assert steps == list(range(1, 13))  # every step, once
+        rounds = sorted(m.step for m in client.get_metric_history(run.info.run_id, "twist/round"))
+        assert rounds == list(range(2, 13, 2))
+        assert run.info.status == "FINISHED"
+        assert run.data.params["twist.rounds"] == "6"
+        assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"config.json", "tokenizer", "final"}
+    finally:
+        if trainer is not None:
+            stop(trainer)
+        stop(server)
+
+
+def test_server_down_from_start_then_replay_cli(tmp_path, monkeypatch):
+    """No server ever answers: the run is created by the replay CLI, from the spill file alone."""
+    for name, value in tracking.FAST_FAIL_ENV.items():  # restored after the test
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(tracking, "CLOSE_WAIT_S", 0.0)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    cfg = TrackingConfig(uri=f"http://127.0.0.1:{free_port()}", experiment="outage")  # nothing listens
+    start = time.monotonic()
+    tracker = tracking.build_tracker(cfg, out, is_main=True)
+    tracker.log_params({"seed": 3})
+    for step in range(1, 6):
+        tracker.log_metrics({"train/loss": 10.0 - step}, step)
+    tracker.log_artifact(out / "config.json")
+    tracker.close()
+    assert time.monotonic() - start < 20
+    assert not (out / tracking.RUN_ID_FILE).exists()
+    kinds = [json.loads(line)["kind"] for line in (out / tracking.SPILL_FILE).read_text().splitlines()]
+    assert kinds == ["run", "params", *["metrics"] * 5, "artifact", "end"]
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    subprocess.run(
+        [sys.executable, "-m", "twist_scale.tracking", "replay", str(out), "--uri", store],
+        cwd=REPO,
+        check=True,
+        timeout=120,
+    )
+    assert not (out / tracking.SPILL_FILE).exists()
+    client = MlflowClient(store)
+    run = client.get_run((out / tracking.RUN_ID_FILE).read_text().strip())
+    history = sorted(client.get_metric_history(run.info.run_id, "train/loss"), key=lambda m: m.timestamp)
+    assert [(m.step, m.value) for m in history] == [(s, 10.0 - s) for s in range(1, 6)]
+    assert run.data.params == {"seed": "3"} and run.info.status == "FINISHED" and run.info.run_name == "run"
+    assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["config.json"]

@@ -1,0 +1,173 @@
+"""Perplexity vs sparsity across an MLflow experiment: TwIST runs and post-hoc baselines side by side.
+
+Reads the `test/<label>/ppl_kappa_<κ>` metrics that evaluate.py logs on each training run
+(nested per-κ runs and earlier comparisons are skipped), prints a runs × κ table and draws one
+chart (x: sparsity 1 − κ, y: perplexity, log scale): TwIST runs solid, dense-trained runs dashed.
+Both files are logged back as artifacts of a run named 'comparison' in the same experiment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+METRIC = re.compile(r"test/(?P<label>[\w.:-]+)/ppl_kappa_(?P<kappa>\d+\.\d+)(?:_(?P<stat>std|min|max))?")
+KIND_TAG = "twist.kind"
+COMPARISON = "comparison"
+
+
+@dataclass
+class Series:
+    """One method's perplexity over κ on one run."""
+
+    run_id: str
+    run_name: str
+    training: str  # 'twist κ=0.5 G=2 scale', 'dense' or 'external'
+    label: str
+    full: float | None
+    ppl: dict[float, float] = field(default_factory=dict)
+    std: dict[float, float] = field(default_factory=dict)
+
+    @property
+    def dense(self) -> bool:
+        return self.training == "dense"
+
+    @property
+    def name(self) -> str:
+        return f"{self.run_name} [{self.training}] {self.label}"
+
+
+def training_of(params: dict[str, str]) -> str:
+    """How the model was trained, from the params the trainer logged (twist.*)."""
+    if "twist.kappa" not in params:
+        return "external"
+    kappa, groups = float(params["twist.kappa"]), int(params.get("twist.groups", "1"))
+    if kappa == 1.0 and groups == 1:
+        return "dense"
+    return f"twist κ={kappa:g} G={groups} {params.get('twist.correction', 'none')}"
+
+
+def collect(tracking_uri: str, experiment: str) -> list[Series]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        names = ", ".join(e.name for e in client.search_experiments())
+        raise ValueError(f"no experiment {experiment!r} in {tracking_uri}; --experiment is one of: {names or 'none'}")
+    series: list[Series] = []
+    for run in client.search_runs([exp.experiment_id], max_results=50_000, order_by=["attributes.start_time ASC"]):
+        tags = run.data.tags
+        if "mlflow.parentRunId" in tags or tags.get(KIND_TAG) == COMPARISON:
+            continue
+        by_label: dict[str, Series] = {}
+        for key, value in run.data.metrics.items():
+            m = METRIC.fullmatch(key)
+            if m is None:
+                continue
+            s = by_label.setdefault(
+                m["label"],
+                Series(
+                    run.info.run_id,
+                    run.info.run_name or run.info.run_id[:8],
+                    training_of(run.data.params),
+                    m["label"],
+                    run.data.metrics.get("test/ppl_full"),
+                ),
+            )
+            kappa = float(m["kappa"])
+            if m["stat"] is None:
+                s.ppl[kappa] = value
+            elif m["stat"] == "std":
+                s.std[kappa] = value
+        series += [by_label[k] for k in sorted(by_label)]
+    return series
+
+
+def format_table(series: list[Series]) -> str:
+    """Markdown: one row per (run, method), one column per κ; '±' is the std over random draws."""
+    kappas = sorted({k for s in series for k in s.ppl}, reverse=True)
+    header = ["run", "training", "method", "full", *(f"κ={k:.2f} ({1 - k:.0%} sparse)" for k in kappas)]
+    rows = [header, ["---"] * len(header)]
+    for s in series:
+        cells = [f"{s.ppl[k]:.2f}" + (f" ± {s.std[k]:.2f}" if k in s.std else "") if k in s.ppl else "" for k in kappas]
+        rows.append([s.run_name, s.training, s.label, f"{s.full:.2f}" if s.full else "", *cells])
+    return "\n".join("| " + " | ".join(r) + " |" for r in rows)
+
+
+def plot(series: list[Series], path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for s in series:
+        kappas = sorted(s.ppl, reverse=True)
+        ax.errorbar(
+            [1 - k for k in kappas],
+            [s.ppl[k] for k in kappas],
+            yerr=[s.std.get(k, 0.0) for k in kappas],
+            label=s.name,
+            linestyle="--" if s.dense else "-",
+            marker="s" if s.dense else "o",
+            capsize=3,
+        )
+    ax.set_xlabel("sparsity (1 − κ)")
+    ax.set_ylabel("perplexity")
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.yaxis.set_minor_formatter(ScalarFormatter())
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def log_comparison(tracking_uri: str, experiment: str, files: list[Path]) -> str:
+    """Attach the files to the experiment's 'comparison' run (created once, reused after)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    found = client.search_runs([exp.experiment_id], f"tags.`{KIND_TAG}` = '{COMPARISON}'", max_results=1)
+    run_id = found[0].info.run_id if found else ""
+    if not run_id:
+        run_id = client.create_run(exp.experiment_id, run_name=COMPARISON, tags={KIND_TAG: COMPARISON}).info.run_id
+    for f in files:
+        client.log_artifact(run_id, str(f))
+    client.set_terminated(run_id)
+    return run_id
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`twist-compare --tracking-uri sqlite:///runs/mlflow.db`: table + PNG of perplexity vs sparsity."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--tracking-uri", required=True, help="the MLflow store the runs logged to")
+    parser.add_argument("--experiment", default="twist-scale")
+    parser.add_argument("--out", type=Path, default=Path("runs/compare"), help="directory for the table and PNG")
+    parser.add_argument("--no-log", action="store_true", help="do not log the files back to MLflow")
+    args = parser.parse_args(argv)
+    try:
+        series = collect(args.tracking_uri, args.experiment)
+    except ValueError as err:
+        parser.exit(2, f"error: {err}\n")
+    if not series:
+        parser.exit(2, f"error: no run in {args.experiment!r} has test/*/ppl_kappa_* metrics; run launch/evaluate.py\n")
+    table = format_table(series)
+    print(table)
+    table_file = args.out / "ppl_vs_sparsity.md"
+    table_file.parent.mkdir(parents=True, exist_ok=True)
+    table_file.write_text(table + "\n")
+    png = plot(series, args.out / "ppl_vs_sparsity.png", f"{args.experiment}: perplexity vs sparsity")
+    print(f"wrote {table_file} and {png}")
+    if not args.no_log:
+        run_id = log_comparison(args.tracking_uri, args.experiment, [table_file, png])
+        print(f"logged to run {run_id} ({COMPARISON})")

@@ -1,0 +1,260 @@
+"""Held-out perplexity of the full model and of its κ-subnets, with the pruning papers' protocol.
+
+Protocol (as in wanda / SparseGPT / FLAP, fixed so every method is measured the same way):
+the test split's documents (non-empty lines of a .txt) are tokenized without special tokens and
+joined into one stream, each followed by the tokenizer's EOS — exactly how training packs its
+blocks. The stream is cut into non-overlapping windows of `window` tokens (default 256, our
+models' training context); the tail shorter than a window is dropped. Each window is scored on
+its own (no carried-over context): every token but the first is predicted, and
+perplexity = exp(mean NLL over all predicted tokens), i.e. windows × (window − 1) of them.
+
+Subnets are built in memory by the same code that writes exports (`build_subnet`); tests prove a
+saved-and-loaded export gives the same logits. A seeded method (random) is measured over several
+draws: the spread (mean, std, min, max) is the "golden ticket" claim, measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import re
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from twist_scale.data import token_stream
+from twist_scale.export import Pruner, add_pruning_args, parameter_count, pruner_from_args
+from twist_scale.prune import check_kappa
+from twist_scale.tracking import artifact_root, default_uri
+
+log = logging.getLogger(__name__)
+
+DEFAULT_KAPPAS = (1.0, 0.75, 0.5, 0.25)
+LABEL = re.compile(r"[\w.:-]+")
+PROTOCOL = "documents joined by EOS; non-overlapping windows of {window} tokens, tail dropped; exp(mean token NLL)"
+
+
+@dataclass(frozen=True)
+class Perplexity:
+    ppl: float
+    nll: float  # mean NLL per predicted token, nats
+    tokens: int  # predicted tokens: windows * (window - 1)
+    windows: int
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, stream: torch.Tensor, window: int = 256, batch_size: int = 8) -> Perplexity:
+    """The protocol in the module docstring, on a 1-D stream of token ids."""
+    if window < 2:
+        raise ValueError(f"--window {window} must be >= 2 (a window predicts window - 1 tokens)")
+    n = stream.numel() // window
+    if n == 0:
+        raise ValueError(
+            f"the test text has {stream.numel()} tokens, fewer than one window of {window}; "
+            "use a smaller --window or more text"
+        )
+    windows = stream[: n * window].view(n, window)  # (windows, window)
+    total = torch.zeros((), dtype=torch.float64)
+    model.eval()
+    for batch in windows.split(batch_size):
+        logits = model(input_ids=batch).logits[:, :-1].float()  # (B, window - 1, vocab)
+        total += F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").double()
+    tokens = n * (window - 1)
+    nll = total.item() / tokens
+    return Perplexity(math.exp(nll), nll, tokens, n)
+
+
+@dataclass
+class KappaResult:
+    kappa: float
+    ppls: list[float]  # one per draw
+    parameters: int
+    plain: bool  # loads with plain from_pretrained once exported
+
+    def summary(self) -> dict[str, float]:
+        std = statistics.stdev(self.ppls) if len(self.ppls) > 1 else 0.0
+        return {"mean": statistics.fmean(self.ppls), "std": std, "min": min(self.ppls), "max": max(self.ppls)}
+
+
+@dataclass
+class Sweep:
+    label: str
+    full: Perplexity
+    full_parameters: int
+    results: list[KappaResult] = field(default_factory=list)
+    settings: dict = field(default_factory=dict)
+
+
+def sweep(
+    pruner: Pruner,
+    stream: torch.Tensor,
+    kappas: list[float],
+    draws: int = 1,
+    window: int = 256,
+    batch_size: int = 8,
+    label: str | None = None,
+) -> Sweep:
+    """Perplexity of the full model and of the method's subnet at every κ (over `draws` seeds if seeded)."""
+    for kappa in kappas:
+        check_kappa(kappa)
+    label = label or pruner.method_name
+    if not LABEL.fullmatch(label):
+        raise ValueError(f"--label {label!r}: use letters, digits, '_', '-', '.' or ':' (it becomes a metric name)")
+    if draws < 1:
+        raise ValueError(f"--draws {draws} must be >= 1")
+    model = pruner.central.model
+    out = Sweep(
+        label,
+        perplexity(model, stream, window, batch_size),
+        parameter_count(model),
+        settings={
+            "method": pruner.method_name,
+            "correction": pruner.correction,
+            "shared_layers": pruner.shared_layers,
+            "window": window,
+            "draws": draws if pruner.method.seeded else 1,
+            "protocol": PROTOCOL.format(window=window),
+        },
+    )
+    log.info("full model: ppl %.3f over %d windows", out.full.ppl, out.full.windows)
+    seeds = range(draws) if pruner.method.seeded else [0]
+    for kappa in kappas:
+        ppls = []
+        for seed in seeds:
+            sub, plain, _ = pruner.subnet(kappa, seed)
+            ppls.append(perplexity(sub, stream, window, batch_size).ppl)
+        result = KappaResult(kappa, ppls, parameter_count(sub), plain)
+        out.results.append(result)
+        s = result.summary()
+        log.info("%s kappa %.2f: ppl %.3f ± %.3f [%.3f, %.3f]", out.label, kappa, *s.values())
+    return out
+
+
+def metric_name(label: str, kappa: float, stat: str = "") -> str:
+    """`test/<method>/ppl_kappa_0.50` (+ `_std`, `_min`, `_max`); compare.py parses exactly this."""
+    return f"test/{label}/ppl_kappa_{kappa:.2f}" + (f"_{stat}" if stat else "")
+
+
+def sweep_metrics(result: Sweep) -> dict[str, float]:
+    metrics = {"test/ppl_full": result.full.ppl}
+    for r in result.results:
+        s = r.summary()
+        metrics[metric_name(result.label, r.kappa)] = s["mean"]
+        if len(r.ppls) > 1:
+            metrics |= {metric_name(result.label, r.kappa, k): s[k] for k in ("std", "min", "max")}
+    return metrics
+
+
+def resolve_run(central_dir: Path, uri: str, run_id: str, experiment: str) -> tuple[str, str]:
+    """The training run to log onto: given, or <run>/mlflow_run_id in <run>/mlflow.db; else a new run."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    out_dir = central_dir.resolve().parent
+    uri = uri or default_uri(out_dir)
+    client = MlflowClient(uri)
+    id_file = out_dir / "mlflow_run_id"
+    run_id = run_id or (id_file.read_text().strip() if id_file.is_file() else "")
+    if run_id:
+        try:
+            client.get_run(run_id)
+        except MlflowException as err:
+            raise ValueError(
+                f"MLflow run {run_id} is not in {uri}; pass the store training logged to (--tracking-uri, "
+                f"its --tracking.uri) or --run-id"
+            ) from err
+        return uri, run_id
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment, artifact_location=artifact_root(uri))
+    run = client.create_run(exp_id, run_name=out_dir.name, tags={"twist.kind": "evaluated-model"})
+    client.set_terminated(run.info.run_id)
+    return uri, run.info.run_id
+
+
+def log_sweep(result: Sweep, uri: str, run_id: str) -> list[str]:
+    """Summary metrics on the training run; one nested run per κ with every draw. Returns nested run ids."""
+    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    parent = client.get_run(run_id)
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in sweep_metrics(result).items()])
+    client.set_tag(run_id, f"test.protocol.{result.label}", result.settings["protocol"])
+    nested = []
+    for r in result.results:
+        child = client.create_run(
+            parent.info.experiment_id,
+            run_name=f"{result.label} kappa={r.kappa:.2f}",
+            tags={"mlflow.parentRunId": run_id, "twist.kind": "prune-eval"},
+        )
+        cid = child.info.run_id
+        params = {**result.settings, "kappa": r.kappa, "parameters": r.parameters, "loads_plain": r.plain}
+        metrics = [Metric(f"ppl_{k}", v, now, 0) for k, v in r.summary().items()]
+        metrics += [Metric("ppl", p, now, step) for step, p in enumerate(r.ppls)]
+        metrics += [Metric("parameters", r.parameters, now, 0), Metric("ppl_full", result.full.ppl, now, 0)]
+        client.log_batch(
+            cid,
+            metrics=metrics,
+            params=[Param(k, json.dumps(v) if isinstance(v, list) else str(v)) for k, v in params.items()],
+            tags=[RunTag("kappa", f"{r.kappa:.2f}")],
+        )
+        client.set_terminated(cid)
+        nested.append(cid)
+    return nested
+
+
+def format_sweep(result: Sweep) -> str:
+    full = result.full
+    lines = [f"full model: ppl {full.ppl:.3f} ({result.full_parameters:,} params, {full.windows} windows)"]
+    lines.append(f"{'kappa':>6} {'params':>12} {'ppl mean':>10} {'std':>8} {'min':>10} {'max':>10}  draws")
+    for r in result.results:
+        s = r.summary()
+        lines.append(
+            f"{r.kappa:>6.2f} {r.parameters:>12,} {s['mean']:>10.3f} {s['std']:>8.3f} {s['min']:>10.3f} "
+            f"{s['max']:>10.3f}  {len(r.ppls)}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`twist-evaluate RUN/final --data TEST.txt [--kappa ...] [--draws N]`: perplexity vs κ, logged to MLflow."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    add_pruning_args(parser)
+    parser.add_argument("--data", nargs="+", required=True, help="held-out text files (the test split)")
+    parser.add_argument("--kappa", type=float, nargs="+", default=list(DEFAULT_KAPPAS), help="keep ratios")
+    parser.add_argument("--draws", type=int, default=5, help="random draws per κ for a seeded method")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--label", default="", help="metric label (default: the method); use one per variant")
+    parser.add_argument("--tracking-uri", default="", help="MLflow store (default sqlite:///<run>/mlflow.db)")
+    parser.add_argument("--run-id", default="", help="run to log onto (default <run>/mlflow_run_id)")
+    parser.add_argument("--experiment", default="twist-scale", help="experiment for a new run when none is found")
+    parser.add_argument("--no-mlflow", action="store_true", help="print only")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        for kappa in args.kappa:
+            check_kappa(kappa)
+        for f in args.data:
+            if not Path(f).is_file():
+                raise FileNotFoundError(f"test file {f} does not exist; fix --data")
+        pruner = pruner_from_args(args)
+        run = None if args.no_mlflow else resolve_run(args.central, args.tracking_uri, args.run_id, args.experiment)
+        stream = token_stream(args.data, pruner.central.tokenizer)
+        result = sweep(pruner, stream, args.kappa, args.draws, args.window, args.batch_size, args.label or None)
+    except (ValueError, FileNotFoundError) as err:
+        parser.exit(2, f"error: {err}\n")
+    print(format_sweep(result))
+    if args.json:
+        args.json.write_text(json.dumps(asdict(result), indent=2))
+    if run is not None:
+        log_sweep(result, *run)
+        print(f"logged to run {run[1]} in {run[0]}")
