@@ -3,17 +3,35 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import BROWN_VALID, REPO, SHAKESPEARE
+
 from twist_scale.config import ConfigError, load_config, validate
 
-BASE = ["--config", str(REPO / "configs" / "tiny_test.toml"), "--data.train_files", str(SHAKESPEARE),
-        "--data.valid_files", str(BROWN_VALID)]
+BASE = [
+    "--config",
+    str(REPO / "configs" / "tiny_test.toml"),
+    "--data.train_files",
+    str(SHAKESPEARE),
+    "--data.valid_files",
+    str(BROWN_VALID),
+]
 
 
 def test_overrides_apply_and_beat_the_file():
-    cfg = load_config([*BASE, "--optim.lr", "1e-3", "--twist.groups=2", "--twist.kappa", "0.5",
-                       "--twist.shared_layers", "0,5", "--tracking.enabled", "false"])
+    cfg = load_config(
+        [
+            *BASE,
+            "--optim.lr",
+            "1e-3",
+            "--twist.groups=2",
+            "--twist.kappa",
+            "0.5",
+            "--twist.shared_layers",
+            "0,5",
+            "--tracking.enabled",
+            "false",
+        ]
+    )
     assert cfg.optim.lr == 1e-3 and cfg.twist.groups == 2 and cfg.twist.kappa == 0.5
     assert cfg.twist.shared_layers == [0, 5] and cfg.tracking.enabled is False
     assert cfg.data.block_size == 64  # from the file, not the default (128)

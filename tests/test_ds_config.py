@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import REPO, SHAKESPEARE
+
 from twist_scale.config import ConfigError, load_config
 from twist_scale.engines.deepspeed_engine import render_ds_config
 

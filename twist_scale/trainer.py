@@ -228,7 +228,11 @@ class Trainer:
             model = build_model(
                 self.cfg.model.arch, self.cfg.model.size, len(self.tokenizer), self.cfg.model.pretrained
             )
-            model.load_state_dict(weights)
+            missing, unexpected = model.load_state_dict(weights, strict=False)
+            tied = {k for k in model.state_dict() if k not in dict(model.named_parameters())}  # e.g. GPT-2 lm_head
+            if unexpected or set(missing) - tied:
+                raise RuntimeError(f"central model does not fit its architecture: {missing=} {unexpected=}")
+            model.tie_weights()
             save_central(
                 directory,
                 model,

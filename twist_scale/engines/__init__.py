@@ -14,6 +14,10 @@ def build_engine(model: nn.Module, cfg: RunConfig, topo: Topology) -> Engine:
         from twist_scale.engines.deepspeed_engine import DeepSpeedEngine
 
         return DeepSpeedEngine(model, cfg, topo)
+    if cfg.parallel.engine == "fsdp":
+        from twist_scale.engines.fsdp_engine import FSDPEngine
+
+        return FSDPEngine(model, cfg, topo)
     from twist_scale.engines.local import LocalEngine
 
     return LocalEngine(model, cfg)

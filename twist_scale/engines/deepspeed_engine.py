@@ -86,8 +86,9 @@ class DeepSpeedEngine(Engine):
         self.engine.step()
 
     def _group_min(self, value: torch.Tensor) -> torch.Tensor:
+        value = value.to(self.engine.device)  # nccl reduces device tensors only
         dist.all_reduce(value, op=dist.ReduceOp.MIN, group=self.topo.intra_group)
-        return value
+        return value.cpu()
 
     def _plain(self, param: nn.Parameter) -> bool:
         """Stage 0 in fp32: the torch optimizer works on the parameters themselves."""
