@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -23,8 +26,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@functools.cache
+def _empty_mlflow_store() -> Path:
+    """An MLflow sqlite store with its schema already migrated (a fresh one costs seconds per run)."""
+    import mlflow
+
+    path = Path(tempfile.mkdtemp(prefix="twist-mlflow-")) / "mlflow.db"
+    mlflow.MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
 def tiny_args(out_dir: Path, **overrides: object) -> list[str]:
     """CLI args for a seconds-long run of the tiny Llama on Tiny Shakespeare."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not (out_dir / "mlflow.db").exists():
+        shutil.copy(_empty_mlflow_store(), out_dir / "mlflow.db")
     args = [
         "--config",
         str(REPO / "configs" / "tiny_test.toml"),

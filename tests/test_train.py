@@ -44,7 +44,7 @@ def test_kappa_one_sync_every_step_is_data_parallel(tmp_path):
     twist = history(*mlflow_run(tmp_path / "twist"), "train/loss")
     assert len(dp) == len(twist) == 8
     assert max(abs(a - b) for a, b in zip(dp, twist, strict=True)) < 1e-4, (dp, twist)
-    assert sum(dp[-3:]) / 3 < sum(dp[:3]) / 3 - 0.2, dp  # and it learns
+    assert sum(dp[-3:]) / 3 < sum(dp[:3]) / 3 - 0.1, dp  # and it learns
 
     # the dense run is the issue-2 run too: MLflow holds its params, metrics and artifacts
     assert run.data.params["twist.groups"] == "1" and "perf/tokens_per_s" in run.data.metrics

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import logging
 import math
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
@@ -71,20 +73,9 @@ class Trainer:
         self.tok_dir = tok_dir
         cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else self.out_dir / "cache"
 
-        def blocks(files: list[str], split: str):  # rank 0 tokenizes, the others read its cache
-            if self.is_main:
-                packed_blocks(
-                    files,
-                    self.tokenizer,
-                    tok_dir,
-                    cfg.data.block_size,
-                    cache,
-                    cfg.data.hub_dataset,
-                    cfg.data.text_field,
-                    split,
-                )
-            dist.barrier()
-            return packed_blocks(
+        def blocks(files: list[str], split: str) -> np.ndarray:  # rank 0 tokenizes, the others read its cache
+            load = functools.partial(
+                packed_blocks,
                 files,
                 self.tokenizer,
                 tok_dir,
@@ -94,6 +85,10 @@ class Trainer:
                 cfg.data.text_field,
                 split,
             )
+            if self.is_main:
+                load()
+            dist.barrier()
+            return load()
 
         self.batches = ShardedBatches(
             blocks(cfg.data.train_files, "train"), *topo.data_shard, cfg.data.micro_batch_size, cfg.seed
