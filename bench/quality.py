@@ -5,7 +5,7 @@
 
 Trains, on the same 2 processes and the same tokens: (a) dense data parallel (1 group x 2 ranks),
 then pruned post hoc at each kappa with every baseline in twist_scale.prune; (b) TwIST with 2 groups
-x 1 rank at kappa 0.5 (and 0.25 with --also-quarter), exported zero-cost with random draws. Perplexity on
+x 1 rank at kappa 0.5, exported zero-cost with random draws. Perplexity on
 brown/test and wikitext-2/test with twist_scale.evaluate's protocol. Writes bench/results/quality.json
 and .md. Prints every command it runs.
 """
@@ -55,9 +55,10 @@ def train(out: Path, config: str, rounds: int, quick: bool, extra: dict[str, obj
     )
 
 
-def evaluate(central: Path, method: str, kappas: list[float], draws: int, window: int) -> dict:
+def evaluate(central: Path, method: str, kappas: list[float], draws: int, window: int, tests: list[str]) -> dict:
     out = {}
-    for name, path in TESTS.items():
+    for name in tests:
+        path = TESTS[name]
         target = central.parent / f"eval_{method}_{name}.json"
         sh(
             [
@@ -107,11 +108,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--rounds", type=int, default=40, help="rounds of 15 steps (both runs)")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench_quality")
-    parser.add_argument("--draws", type=int, default=3)
+    parser.add_argument("--draws", type=int, default=3, help="random draws per kappa (random method)")
+    parser.add_argument("--kappa", type=float, nargs="+", default=[1.0, 0.75, 0.5, 0.25])
+    parser.add_argument("--tests", nargs="+", default=list(TESTS), choices=list(TESTS), help="held-out sets")
     args = parser.parse_args()
     rounds = 4 if args.quick else args.rounds
     window = 64 if args.quick else 256
-    kappas = [1.0, 0.75, 0.5, 0.25]
+    kappas = args.kappa
     dense, twist = args.out / "dense", args.out / "twist_k0.5_g2"
     train(dense, "dense_brown.toml", rounds, args.quick, {"twist.groups": 1, "twist.kappa": 1.0})
     train(twist, "twist_brown.toml", rounds, args.quick, {"twist.groups": 2, "twist.kappa": 0.5})
@@ -119,25 +122,22 @@ def main() -> None:
     tokens = rounds * cfg["twist"]["local_steps"] * cfg["data"]["micro_batch_size"] * cfg["data"]["block_size"] * 2
     results: dict = {"token_budget": tokens, "quick": args.quick, "window": window, "methods": {}}
     for method in BASELINES:
-        sweeps = evaluate(dense / "final", method, kappas, args.draws, window)
+        sweeps = evaluate(dense / "final", method, kappas, args.draws, window, args.tests)
         results["methods"][f"dense + {method}"] = {k: summarise(v) for k, v in sweeps.items()}
-    sweeps = evaluate(twist / "final", "random", kappas, args.draws, window)
+    sweeps = evaluate(twist / "final", "random", kappas, args.draws, window, args.tests)
     results["methods"]["TwIST k=0.5 zero-cost (random)"] = {k: summarise(v) for k, v in sweeps.items()}
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     suffix = "_quick" if args.quick else ""
     (RESULTS / f"quality{suffix}.json").write_text(json.dumps(results, indent=2))
     lines = [
-        f"Token budget per run: {tokens:,} tokens; perplexity (mean over draws for random) on brown/test | "
-        "wikitext-2/test",
+        f"Token budget per run: {tokens:,} tokens. Perplexity (random: mean over draws) on " + " / ".join(args.tests),
         "",
         "| method | " + " | ".join(f"κ={k}" for k in kappas) + " |",
         "| --- |" + " ---: |" * len(kappas),
     ]
     for method, by_test in results["methods"].items():
-        cells = [
-            f"{by_test['brown'][f'{k:.2f}']['ppl']:.1f} / {by_test['wikitext2'][f'{k:.2f}']['ppl']:.1f}" for k in kappas
-        ]
+        cells = [" / ".join(f"{by_test[t][f'{k:.2f}']['ppl']:.1f}" for t in args.tests) for k in kappas]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     (RESULTS / f"quality{suffix}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
