@@ -38,6 +38,7 @@ def train(out: Path, config: str, rounds: int, quick: bool, extra: dict[str, obj
         "data.cache_dir": out.parent / "cache",
         "data.tokenizer": out.parent / "tokenizer",
         "checkpoint.every_rounds": 0,
+        "eval.every_rounds": 0,
         **extra,
     }
     if quick:

@@ -10,8 +10,6 @@ value where no group held a unit. Dispatch is the inverse: all-gather a tensor, 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
 import torch.distributed as dist
 
@@ -82,9 +80,6 @@ class CentralModel:
         count = pieces(counts)[topo.group]
         old = self.shards.get(name, torch.zeros(k))
         self.shards[name] = torch.where(count > 0, summed / count.clamp(min=1), old)
-
-    def names(self) -> Iterator[str]:
-        return iter(self.shards)
 
 
 def masked_contribution(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -207,7 +206,3 @@ def eval_batches(blocks: np.ndarray, index: int, count: int, batch_size: int, ma
             break
         out.append(torch.from_numpy(np.asarray(blocks[rows[start : start + batch_size]], dtype=np.int64)))
     return out
-
-
-def describe(blocks: np.ndarray) -> str:
-    return json.dumps({"blocks": int(blocks.shape[0]), "block_size": int(blocks.shape[1]), "tokens": int(blocks.size)})

@@ -38,6 +38,7 @@ class Engine(abc.ABC):
     """Trains one (sub-)model; reads and writes its full (group-gathered) tensors by name."""
 
     module: nn.Module
+    params: dict[str, nn.Parameter]  # the (sub-)model's parameters by name, as read/write address them
 
     def train_step(self, input_ids: torch.Tensor) -> float:
         """Forward, backward and optimizer step on one micro-batch; returns the loss.
