@@ -46,10 +46,14 @@ class CentralModel:
         n = self.shapes[name.split("@")[0]].numel()
         return -(-n // self.topo.world_size)
 
+    def _padded_flat(self, full: torch.Tensor, name: str) -> torch.Tensor:
+        """The tensor flattened and zero-padded to world_size equal pieces."""
+        pad = self._piece_len(name) * self.topo.world_size - full.numel()
+        return torch.nn.functional.pad(full.detach().flatten().float(), (0, pad))
+
     def _my_piece(self, full: torch.Tensor, name: str) -> torch.Tensor:
         k = self._piece_len(name)
-        flat = torch.nn.functional.pad(full.detach().flatten().float(), (0, k * self.topo.world_size - full.numel()))
-        return flat[self.topo.rank * k : (self.topo.rank + 1) * k].clone()
+        return self._padded_flat(full, name)[self.topo.rank * k : (self.topo.rank + 1) * k].clone()
 
     def set_full(self, name: str, full: torch.Tensor) -> None:
         """Keep this rank's piece of a full tensor every rank holds (initialisation, pretrained load)."""
@@ -70,8 +74,7 @@ class CentralModel:
         G, R = topo.groups, topo.ranks_per_group
 
         def pieces(full: torch.Tensor) -> torch.Tensor:  # (G, k): this dp position's piece of each group
-            flat = torch.nn.functional.pad(full.flatten().float(), (0, k * topo.world_size - full.numel()))
-            return flat.view(G, R, k)[:, topo.dp_rank]
+            return self._padded_flat(full, name).view(G, R, k)[:, topo.dp_rank]
 
         send = pieces(contribution).contiguous()
         summed = send.new_empty(k)

@@ -70,7 +70,6 @@ class Trainer:
         tok_dir = prepare_tokenizer(cfg.data, self.out_dir / "tokenizer", train=self.is_main)
         dist.barrier()
         self.tokenizer = load_tokenizer(tok_dir, sample_line(cfg.data.train_files) if cfg.data.train_files else "a b")
-        self.tok_dir = tok_dir
         cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else self.out_dir / "cache"
 
         def blocks(files: list[str], split: str) -> np.ndarray:  # rank 0 tokenizes, the others read its cache
@@ -107,7 +106,6 @@ class Trainer:
 
         torch.manual_seed(cfg.seed)  # the same full-width initialisation on every rank
         model = build_model(cfg.model.arch, cfg.model.size, len(self.tokenizer), cfg.model.pretrained)
-        self.model_config = model.config
         arch = architecture_of(model)
         layers = arch.num_layers(model.config)
         shared = default_shared_layers(layers) if cfg.twist.shared_layers is None else cfg.twist.shared_layers
