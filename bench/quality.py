@@ -1,13 +1,21 @@
 """Quality at an equal token budget: TwIST's zero-cost subnets against post-hoc pruning of a dense model.
 
-    python bench/quality.py --rounds 40     # small Llama (~17M, vocab 4096) on brown/train, 2 processes
-    python bench/quality.py --quick         # tiny Llama, a few rounds: checks the pipeline in minutes
+    python bench/quality.py            # small Llama (17.3M, vocab 4096) on brown/train: ~35 min on 2 cores
+    python bench/quality.py --quick    # tiny Llama, a few rounds: checks the whole pipeline in ~4 min
 
-Trains, on the same 2 processes and the same tokens: (a) dense data parallel (1 group x 2 ranks),
-then pruned post hoc at each kappa with every baseline in twist_scale.prune; (b) TwIST with 2 groups
-x 1 rank at kappa 0.5, exported zero-cost with random draws. Perplexity on
-brown/test and wikitext-2/test with twist_scale.evaluate's protocol. Writes bench/results/quality.json
-and .md. Prints every command it runs.
+Trains on brown/train, one run after another under the real `deepspeed` launcher, every run on the
+same number of tokens and optimizer steps:
+  (a) dense data parallel (1 group x 2 ranks), then pruned post hoc at each κ with every baseline in
+      twist_scale.prune (random, magnitude, wanda_sp, flap; no fine-tuning);
+  (b) TwIST: κ=0.5 with 2 groups, κ=0.5 with 4 groups, κ=0.25 with 4 groups (G x 1 rank), then
+      exported zero-cost at each κ, subnets chosen by a seeded random draw and by unit weight norms
+      (magnitude: computed from the trained weights, no calibration data).
+Every layer is partitioned (no shared layers) in training and pruning, so at a given κ every method's
+model has the same parameter count. Perplexity on brown/test and wikitext-2/test (out of domain)
+with twist_scale.evaluate's protocol on an evenly spaced subset of windows (--max-windows: the
+full wikitext-2 split takes ~100 s per model here). Every evaluation is also logged to the runs'
+shared MLflow store, and `twist-compare` draws the perplexity-vs-sparsity chart from it.
+Writes bench/results/quality{,_quick}.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -15,133 +23,196 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = (REPO / ".." / "shared" / "data").resolve()
 RESULTS = REPO / "bench" / "results"
+TRAIN = DATA / "brown" / "train.txt"
 TESTS = {"brown": DATA / "brown" / "test.txt", "wikitext2": DATA / "wikitext-2" / "test.txt"}
 BASELINES = ("random", "magnitude", "wanda_sp", "flap")
+TWIST_METHODS = ("random", "magnitude")
+EXPERIMENT = "bench-quality"
 
 
-def sh(cmd: list[str]) -> None:
+@dataclass(frozen=True)
+class Run:
+    name: str
+    config: str
+    groups: int
+    kappa: float
+    procs: int
+
+    @property
+    def dense(self) -> bool:
+        return self.groups == 1
+
+
+RUNS = (
+    Run("dense", "dense_brown.toml", 1, 1.0, 2),
+    Run("twist_k0.50_g2", "twist_brown.toml", 2, 0.5, 2),
+    Run("twist_k0.50_g4", "twist_brown.toml", 4, 0.5, 4),
+    Run("twist_k0.25_g4", "twist_brown.toml", 4, 0.25, 4),
+)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What every run shares: the same tokens in the same number of optimizer steps per process."""
+
+    size: str
+    block: int
+    tokens_per_step: int  # over all processes
+    local_steps: int
+    rounds: int
+    lr: float
+
+    @property
+    def tokens(self) -> int:
+        return self.rounds * self.local_steps * self.tokens_per_step
+
+
+def sh(cmd: list[object]) -> None:
     print("$", " ".join(map(str, cmd)), flush=True)
     subprocess.run(list(map(str, cmd)), cwd=REPO, check=True, env=dict(os.environ, DS_ACCELERATOR="cpu"))
 
 
-def train(out: Path, config: str, rounds: int, quick: bool, extra: dict[str, object]) -> None:
+def train(run: Run, out: Path, budget: Budget, uri: str) -> float:
+    """Train one run to out/<name>/final; returns its wall seconds (launch included)."""
+    micro = budget.tokens_per_step // (budget.block * run.procs)
     args = {
-        "out_dir": out,
-        "twist.rounds": rounds,
-        "data.cache_dir": out.parent / "cache",
-        "data.tokenizer": out.parent / "tokenizer",
+        "out_dir": out / run.name,
+        "model.size": budget.size,
+        "data.block_size": budget.block,
+        "data.micro_batch_size": micro,
+        "data.cache_dir": out / "cache",
+        "data.tokenizer": out / "tokenizer",
+        "optim.lr": budget.lr,
+        "twist.groups": run.groups,
+        "twist.kappa": run.kappa,
+        "twist.shared_layers": "",
+        "twist.local_steps": budget.local_steps,
+        "twist.rounds": budget.rounds,
         "checkpoint.every_rounds": 0,
         "eval.every_rounds": 0,
-        **extra,
+        "tracking.uri": uri,
+        "tracking.experiment": EXPERIMENT,
     }
-    if quick:
-        args |= {"model.size": "tiny", "data.block_size": 64, "data.micro_batch_size": 4, "twist.local_steps": 5}
-    sh(
-        [
-            Path(sys.executable).parent / "deepspeed",
-            "--num_gpus",
-            2,
-            REPO / "launch" / "train.py",
-            "--config",
-            REPO / "configs" / config,
-            *[f"--{k}={v}" for k, v in args.items()],
-        ]
-    )
+    launcher = Path(sys.executable).parent / "deepspeed"
+    start = time.perf_counter()
+    sh([launcher, "--num_gpus", run.procs, REPO / "launch" / "train.py", "--config", REPO / "configs" / run.config]
+       + [f"--{k}={v}" for k, v in args.items()])
+    return time.perf_counter() - start
 
 
-def evaluate(central: Path, method: str, kappas: list[float], draws: int, window: int, tests: list[str]) -> dict:
-    out = {}
-    for name in tests:
-        path = TESTS[name]
-        target = central.parent / f"eval_{method}_{name}.json"
-        sh(
-            [
-                sys.executable,
-                REPO / "launch" / "evaluate.py",
-                central,
-                "--data",
-                path,
-                "--method",
-                method,
-                "--kappa",
-                *kappas,
-                "--draws",
-                draws,
-                "--window",
-                window,
-                "--label",
-                f"{method}_{name}",
-                "--json",
-                target,
-            ]
-        )
-        out[name] = json.loads(target.read_text())
-    return out
+def evaluate_run(run: Run, out: Path, kappas: list[float], draws: int, window: int, max_windows: int, uri: str) -> dict:
+    """Every method at every κ on both test sets, in this process; logged onto the run's MLflow run."""
+    from twist_scale.data import token_stream
+    from twist_scale.evaluate import log_sweep, sweep
+    from twist_scale.export import Central, build_pruner, calibration_from_files
+
+    central = Central.load(out / run.name / "final")
+    streams = {name: token_stream([str(path)], central.tokenizer) for name, path in TESTS.items()}
+    run_id = (out / run.name / "mlflow_run_id").read_text().strip()
+    calibration = calibration_from_files([str(TRAIN)], central.tokenizer, samples=32, seqlen=window)
+    results: dict = {}
+    for method in BASELINES if run.dense else TWIST_METHODS:
+        pruner = build_pruner(central, method, shared_layers="none", calibration=calibration)
+        for test, stream in streams.items():
+            start = time.perf_counter()
+            result = sweep(pruner, stream, kappas, draws, window, label=f"{method}_{test}", max_windows=max_windows)
+            log_sweep(result, uri, run_id)
+            results.setdefault(method, {})[test] = {
+                "full": {"ppl": result.full.ppl, "params": result.full_parameters, "windows": result.full.windows},
+                **{f"{r.kappa:.2f}": {**r.summary(), "draws": len(r.ppls), "params": r.parameters} for r in result.results},
+            }
+            print(f"{run.name} {method} {test}: full {result.full.ppl:.1f}, "
+                  + ", ".join(f"κ={r.kappa:.2f} {r.summary()['mean']:.1f}" for r in result.results)
+                  + f" ({time.perf_counter() - start:.0f}s)", flush=True)
+    return results
 
 
-def summarise(sweep: dict) -> dict[str, dict]:
-    """kappa -> {"mean": ..., "std": ..., "params": ...} from one evaluate --json file."""
-    rows = {}
-    for r in sweep["results"]:
-        ppls = r["ppls"]
-        mean = sum(ppls) / len(ppls)
-        std = (sum((p - mean) ** 2 for p in ppls) / max(1, len(ppls) - 1)) ** 0.5
-        rows[f"{r['kappa']:.2f}"] = {
-            "ppl": mean,
-            "std": std,
-            "min": min(ppls),
-            "max": max(ppls),
-            "draws": len(ppls),
-            "params": r["parameters"],
-        }
-    return rows
+def markdown(report: dict, kappas: list[float]) -> str:
+    tests = list(TESTS)
+    budget = report["budget"]
+    lines = [
+        f"Token budget per run: {report['token_budget']:,} tokens ({budget['rounds']} rounds x {budget['local_steps']} "
+        f"steps x {budget['tokens_per_step']:,} tokens), model {budget['size']}, lr {budget['lr']}. "
+        f"Perplexity on {' / '.join(tests)} ({report['windows']} windows of {report['window']} tokens each, evenly "
+        f"spaced; random: mean of {report['draws']} draws). Every layer partitioned.",
+        "",
+        "| run | method | train s | full | " + " | ".join(f"κ={k:.2f}" for k in kappas) + " |",
+        "| --- | --- | ---: | ---: |" + " ---: |" * len(kappas),
+    ]
+    for name, run in report["runs"].items():
+        for method, by_test in run["eval"].items():
+            full = " / ".join(f"{by_test[t]['full']['ppl']:.1f}" for t in tests)
+            cells = [" / ".join(f"{by_test[t][f'{k:.2f}']['mean']:.1f}" for t in tests) for k in kappas]
+            lines.append(f"| {name} | {method} | {run['train_seconds']:.0f} | {full} | " + " | ".join(cells) + " |")
+    params = next(iter(next(iter(report["runs"].values()))["eval"].values()))[tests[0]]
+    lines += ["", "Parameters: full " + f"{params['full']['params']:,}; "
+              + ", ".join(f"κ={k:.2f} {params[f'{k:.2f}']['params']:,}" for k in kappas)]
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--rounds", type=int, default=40, help="rounds of 15 steps (both runs)")
+    parser.add_argument("--quick", action="store_true", help="tiny model, few rounds: minutes")
+    parser.add_argument("--rounds", type=int, default=16, help="rounds of --local-steps steps, every run")
+    parser.add_argument("--local-steps", type=int, default=15, help="H: steps between aggregations")
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--draws", type=int, default=2, help="random draws per κ")
+    parser.add_argument("--kappa", type=float, nargs="+", default=[0.75, 0.5, 0.25])
+    parser.add_argument("--max-windows", type=int, default=64, help="windows scored per test set (0: all)")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench_quality")
-    parser.add_argument("--draws", type=int, default=3, help="random draws per kappa (random method)")
-    parser.add_argument("--kappa", type=float, nargs="+", default=[1.0, 0.75, 0.5, 0.25])
-    parser.add_argument("--tests", nargs="+", default=list(TESTS), choices=list(TESTS), help="held-out sets")
+    parser.add_argument("--reuse-runs", action="store_true", help="skip training where <out>/<run>/final exists")
     args = parser.parse_args()
-    rounds = 4 if args.quick else args.rounds
-    window = 64 if args.quick else 256
-    kappas = args.kappa
-    dense, twist = args.out / "dense", args.out / "twist_k0.5_g2"
-    train(dense, "dense_brown.toml", rounds, args.quick, {"twist.groups": 1, "twist.kappa": 1.0})
-    train(twist, "twist_brown.toml", rounds, args.quick, {"twist.groups": 2, "twist.kappa": 0.5})
-    cfg = json.loads((dense / "config.json").read_text())
-    tokens = rounds * cfg["twist"]["local_steps"] * cfg["data"]["micro_batch_size"] * cfg["data"]["block_size"] * 2
-    results: dict = {"token_budget": tokens, "quick": args.quick, "window": window, "methods": {}}
-    for method in BASELINES:
-        sweeps = evaluate(dense / "final", method, kappas, args.draws, window, args.tests)
-        results["methods"][f"dense + {method}"] = {k: summarise(v) for k, v in sweeps.items()}
-    sweeps = evaluate(twist / "final", "random", kappas, args.draws, window, args.tests)
-    results["methods"]["TwIST k=0.5 zero-cost (random)"] = {k: summarise(v) for k, v in sweeps.items()}
+    if args.quick:
+        budget = Budget("tiny", 64, 64 * 8, 5, 3, args.lr)
+        window, max_windows = 64, 16
+    else:
+        budget = Budget("small", 256, 256 * 8, args.local_steps, args.rounds, args.lr)
+        window, max_windows = 256, args.max_windows
+    print(f"configuration: {budget}, tokens {budget.tokens:,}, window {window}, max_windows {max_windows}, "
+          f"draws {args.draws}, kappas {args.kappa}, runs {[r.name for r in RUNS]}, torch threads "
+          f"{torch.get_num_threads()}", flush=True)
+    if not args.reuse_runs and args.out.exists():
+        shutil.rmtree(args.out)
+    args.out.mkdir(parents=True, exist_ok=True)
+    uri = f"sqlite:///{(args.out / 'mlflow.db').resolve()}"
+    report: dict = {
+        "token_budget": budget.tokens, "budget": budget.__dict__, "quick": args.quick, "window": window,
+        "windows": max_windows, "draws": args.draws, "runs": {},
+    }
+    start = time.perf_counter()
+    for run in RUNS:
+        seconds = 0.0
+        if not (args.reuse_runs and (args.out / run.name / "final").is_dir()):
+            seconds = train(run, args.out, budget, uri)
+        report["runs"][run.name] = {"groups": run.groups, "kappa": run.kappa, "procs": run.procs,
+                                    "train_seconds": seconds}
+    for run in RUNS:
+        report["runs"][run.name]["eval"] = evaluate_run(run, args.out, args.kappa, args.draws, window, max_windows, uri)
+    report["total_seconds"] = time.perf_counter() - start
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
     suffix = "_quick" if args.quick else ""
-    (RESULTS / f"quality{suffix}.json").write_text(json.dumps(results, indent=2))
-    lines = [
-        f"Token budget per run: {tokens:,} tokens. Perplexity (random: mean over draws) on " + " / ".join(args.tests),
-        "",
-        "| method | " + " | ".join(f"κ={k}" for k in kappas) + " |",
-        "| --- |" + " ---: |" * len(kappas),
-    ]
-    for method, by_test in results["methods"].items():
-        cells = [" / ".join(f"{by_test[t][f'{k:.2f}']['ppl']:.1f}" for t in args.tests) for k in kappas]
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    (RESULTS / f"quality{suffix}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    from twist_scale.compare import main as compare
+
+    compare(["--tracking-uri", uri, "--experiment", EXPERIMENT, "--out", str(args.out / "compare")])
+    shutil.copy(args.out / "compare" / "ppl_vs_sparsity.png", RESULTS / f"quality{suffix}.png")
+    (RESULTS / f"quality{suffix}.json").write_text(json.dumps(report, indent=2))
+    table = markdown(report, args.kappa)
+    (RESULTS / f"quality{suffix}.md").write_text(table)
+    print(table)
+    print(f"total {report['total_seconds']:.0f}s")
 
 
 if __name__ == "__main__":

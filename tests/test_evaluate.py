@@ -46,12 +46,24 @@ def test_perplexity_matches_hand_computation(batch_size):
     assert result.ppl == pytest.approx(math.exp(sum(nll) / 4), rel=1e-6)
 
 
+def test_max_windows_scores_an_evenly_spaced_subset():
+    table = torch.tensor([[0.0, 1.0, 2.0], [1.0, 0.0, 0.0], [0.0, 0.0, 3.0]])
+    stream = torch.tensor([0, 1, 2, 2, 0, 0, 1, 2, 1, 1, 0, 2])  # windows of 3: [012] [200] [121] [102]
+    model = Bigram(table)
+    ends = perplexity(model, torch.tensor([0, 1, 2, 1, 0, 2]), window=3)  # first and last window only
+    sub = perplexity(model, stream, window=3, max_windows=2)
+    assert (sub.windows, sub.tokens) == (2, 4) and sub.nll == pytest.approx(ends.nll, abs=1e-12)
+    assert perplexity(model, stream, window=3, max_windows=9).windows == 4  # more than exist: all of them
+
+
 def test_perplexity_rejects_bad_windows():
     model = Bigram(torch.zeros(3, 3))
     with pytest.raises(ValueError, match="--window"):
         perplexity(model, torch.zeros(10, dtype=torch.long), window=1)
     with pytest.raises(ValueError, match="fewer than one window"):
         perplexity(model, torch.zeros(10, dtype=torch.long), window=11)
+    with pytest.raises(ValueError, match="--max-windows"):
+        perplexity(model, torch.zeros(10, dtype=torch.long), window=2, max_windows=-1)
 
 
 def test_spread_over_draws():

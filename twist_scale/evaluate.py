@@ -7,6 +7,8 @@ blocks. The stream is cut into non-overlapping windows of `window` tokens (defau
 models' training context); the tail shorter than a window is dropped. Each window is scored on
 its own (no carried-over context): every token but the first is predicted, and
 perplexity = exp(mean NLL over all predicted tokens), i.e. windows × (window − 1) of them.
+`max_windows` (0 = all) scores an evenly spaced subset of those windows instead, so a long split
+can be sampled across its whole length on a slow machine; the count scored is always reported.
 
 Subnets are built in memory by the same code that writes exports (`build_subnet`); tests prove a
 saved-and-loaded export gives the same logits. A seeded method (random) is measured over several
@@ -38,7 +40,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_KAPPAS = (1.0, 0.75, 0.5, 0.25)
 LABEL = re.compile(r"[\w.:-]+")
-PROTOCOL = "documents joined by EOS; non-overlapping windows of {window} tokens, tail dropped; exp(mean token NLL)"
+PROTOCOL = (
+    "documents joined by EOS; non-overlapping windows of {window} tokens, tail dropped; {windows}; exp(mean token NLL)"
+)
 
 
 @dataclass(frozen=True)
@@ -50,10 +54,14 @@ class Perplexity:
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, stream: torch.Tensor, window: int = 256, batch_size: int = 8) -> Perplexity:
+def perplexity(
+    model: nn.Module, stream: torch.Tensor, window: int = 256, batch_size: int = 8, max_windows: int = 0
+) -> Perplexity:
     """The protocol in the module docstring, on a 1-D stream of token ids."""
     if window < 2:
         raise ValueError(f"--window {window} must be >= 2 (a window predicts window - 1 tokens)")
+    if max_windows < 0:
+        raise ValueError(f"--max-windows {max_windows} must be >= 0 (0 scores every window)")
     n = stream.numel() // window
     if n == 0:
         raise ValueError(
@@ -61,6 +69,9 @@ def perplexity(model: nn.Module, stream: torch.Tensor, window: int = 256, batch_
             "use a smaller --window or more text"
         )
     windows = stream[: n * window].view(n, window)  # (windows, window)
+    if 0 < max_windows < n:
+        windows = windows[torch.linspace(0, n - 1, max_windows).round().long()]
+        n = max_windows
     total = torch.zeros((), dtype=torch.float64)
     model.eval()
     for batch in windows.split(batch_size):
@@ -100,6 +111,7 @@ def sweep(
     window: int = 256,
     batch_size: int = 8,
     label: str | None = None,
+    max_windows: int = 0,
 ) -> Sweep:
     """Perplexity of the full model and of the method's subnet at every κ (over `draws` seeds if seeded)."""
     for kappa in kappas:
@@ -110,17 +122,21 @@ def sweep(
     if draws < 1:
         raise ValueError(f"--draws {draws} must be >= 1")
     model = pruner.central.model
+    full = perplexity(model, stream, window, batch_size, max_windows)
     out = Sweep(
         label,
-        perplexity(model, stream, window, batch_size),
+        full,
         parameter_count(model),
         settings={
             "method": pruner.method_name,
             "correction": pruner.correction,
             "shared_layers": pruner.shared_layers,
             "window": window,
+            "windows": full.windows,
             "draws": draws if pruner.method.seeded else 1,
-            "protocol": PROTOCOL.format(window=window),
+            "protocol": PROTOCOL.format(
+                window=window, windows=f"{full.windows} evenly spaced windows" if max_windows else "every window"
+            ),
         },
     )
     log.info("full model: ppl %.3f over %d windows", out.full.ppl, out.full.windows)
@@ -129,7 +145,7 @@ def sweep(
         ppls = []
         for seed in seeds:
             sub, plain, _ = pruner.subnet(kappa, seed)
-            ppls.append(perplexity(sub, stream, window, batch_size).ppl)
+            ppls.append(perplexity(sub, stream, window, batch_size, max_windows).ppl)
         result = KappaResult(kappa, ppls, parameter_count(sub), plain)
         out.results.append(result)
         s = result.summary()
@@ -232,6 +248,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kappa", type=float, nargs="+", default=list(DEFAULT_KAPPAS), help="keep ratios")
     parser.add_argument("--draws", type=int, default=5, help="random draws per κ for a seeded method")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-windows", type=int, default=0, help="score an evenly spaced subset (0: every window)")
     parser.add_argument("--label", default="", help="metric label (default: the method); use one per variant")
     parser.add_argument("--tracking-uri", default="", help="MLflow store (default sqlite:///<run>/mlflow.db)")
     parser.add_argument("--run-id", default="", help="run to log onto (default <run>/mlflow_run_id)")
@@ -249,7 +266,9 @@ def main(argv: list[str] | None = None) -> None:
         pruner = pruner_from_args(args)
         run = None if args.no_mlflow else resolve_run(args.central, args.tracking_uri, args.run_id, args.experiment)
         stream = token_stream(args.data, pruner.central.tokenizer)
-        result = sweep(pruner, stream, args.kappa, args.draws, args.window, args.batch_size, args.label or None)
+        result = sweep(
+            pruner, stream, args.kappa, args.draws, args.window, args.batch_size, args.label or None, args.max_windows
+        )
     except (ValueError, FileNotFoundError) as err:
         parser.exit(2, f"error: {err}\n")
     print(format_sweep(result))
