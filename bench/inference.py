@@ -113,10 +113,11 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the machine may be shared)")
     parser.add_argument("--quick", action="store_true", help="random tiny Llama, short sequences, few iterations")
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "inference.json")
+    parser.add_argument("--out", type=Path, help="JSON results (default bench/results/inference{,_quick}.json)")
     parser.add_argument("--measure", type=Path, help=argparse.SUPPRESS)  # child mode: one model
     args = parser.parse_args()
     batches = args.batch
+    args.out = args.out or REPO / "bench" / "results" / f"inference{'_quick' if args.quick else ''}.json"
     if args.measure:
         print(json.dumps(measure(args.measure, batches, args.seq, args.iters, args.threads)))
         return
@@ -148,9 +149,9 @@ def main() -> None:
     dense = results[0]
     for row in results:
         for b in batches:
-            row[f"batch_{b}"]["speedup_vs_dense"] = (
-                dense[f"batch_{b}"]["latency_ms_median"] / row[f"batch_{b}"]["latency_ms_median"]
-            )
+            mine, theirs = row[f"batch_{b}"], dense[f"batch_{b}"]
+            mine["speedup_vs_dense"] = theirs["latency_ms_median"] / mine["latency_ms_median"]
+            mine["memory_vs_dense"] = mine["peak_rss_delta_mb"] / theirs["peak_rss_delta_mb"]
     report = {
         "central": str(args.central) if args.central else "random tiny llama (--quick)",
         "method": args.method,
@@ -162,7 +163,27 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.out}")
+    table = markdown(results, batches)
+    args.out.with_suffix(".md").write_text(table)
+    print(table)
+    print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
+
+
+def markdown(results: list[dict], batches: list[int]) -> str:
+    head = "| model | params | weights MB | " + " | ".join(
+        f"b{b} ms | b{b} × dense speed | b{b} peak MB | b{b} × dense memory" for b in batches
+    )
+    lines = [head + " |", "| --- |" + " ---: |" * (2 + 4 * len(batches))]
+    for row in results:
+        cells = [
+            f"{r['latency_ms_median']:.1f} | {r['speedup_vs_dense']:.2f} | {r['peak_rss_delta_mb']:.0f} | "
+            f"{r['memory_vs_dense']:.2f}"
+            for r in (row[f"batch_{b}"] for b in batches)
+        ]
+        lines.append(
+            f"| {row['model']} | {row['parameters']:,} | {row['weights_mb']:.1f} | " + " | ".join(cells) + " |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ TESTS = {"brown": DATA / "brown" / "test.txt", "wikitext2": DATA / "wikitext-2" 
 BASELINES = ("random", "magnitude", "wanda_sp", "flap")
 TWIST_METHODS = ("random", "magnitude")
 EXPERIMENT = "bench-quality"
+TRAIN_SECONDS = "bench_train_seconds"
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,7 @@ def sh(cmd: list[object]) -> None:
 
 
 def train(run: Run, out: Path, budget: Budget, uri: str) -> float:
-    """Train one run to out/<name>/final; returns its wall seconds (launch included)."""
+    """Train one run to out/<name>/final; returns its wall seconds (launch included), also kept in the run."""
     micro = budget.tokens_per_step // (budget.block * run.procs)
     args = {
         "out_dir": out / run.name,
@@ -107,9 +108,13 @@ def train(run: Run, out: Path, budget: Budget, uri: str) -> float:
     }
     launcher = Path(sys.executable).parent / "deepspeed"
     start = time.perf_counter()
-    sh([launcher, "--num_gpus", run.procs, REPO / "launch" / "train.py", "--config", REPO / "configs" / run.config]
-       + [f"--{k}={v}" for k, v in args.items()])
-    return time.perf_counter() - start
+    sh(
+        [launcher, "--num_gpus", run.procs, REPO / "launch" / "train.py", "--config", REPO / "configs" / run.config]
+        + [f"--{k}={v}" for k, v in args.items()]
+    )
+    seconds = time.perf_counter() - start
+    (out / run.name / TRAIN_SECONDS).write_text(f"{seconds}\n")
+    return seconds
 
 
 def evaluate_run(run: Run, out: Path, kappas: list[float], draws: int, window: int, max_windows: int, uri: str) -> dict:
@@ -131,11 +136,17 @@ def evaluate_run(run: Run, out: Path, kappas: list[float], draws: int, window: i
             log_sweep(result, uri, run_id)
             results.setdefault(method, {})[test] = {
                 "full": {"ppl": result.full.ppl, "params": result.full_parameters, "windows": result.full.windows},
-                **{f"{r.kappa:.2f}": {**r.summary(), "draws": len(r.ppls), "params": r.parameters} for r in result.results},
+                **{
+                    f"{r.kappa:.2f}": {**r.summary(), "draws": len(r.ppls), "params": r.parameters}
+                    for r in result.results
+                },
             }
-            print(f"{run.name} {method} {test}: full {result.full.ppl:.1f}, "
-                  + ", ".join(f"κ={r.kappa:.2f} {r.summary()['mean']:.1f}" for r in result.results)
-                  + f" ({time.perf_counter() - start:.0f}s)", flush=True)
+            print(
+                f"{run.name} {method} {test}: full {result.full.ppl:.1f}, "
+                + ", ".join(f"κ={r.kappa:.2f} {r.summary()['mean']:.1f}" for r in result.results)
+                + f" ({time.perf_counter() - start:.0f}s)",
+                flush=True,
+            )
     return results
 
 
@@ -157,8 +168,12 @@ def markdown(report: dict, kappas: list[float]) -> str:
             cells = [" / ".join(f"{by_test[t][f'{k:.2f}']['mean']:.1f}" for t in tests) for k in kappas]
             lines.append(f"| {name} | {method} | {run['train_seconds']:.0f} | {full} | " + " | ".join(cells) + " |")
     params = next(iter(next(iter(report["runs"].values()))["eval"].values()))[tests[0]]
-    lines += ["", "Parameters: full " + f"{params['full']['params']:,}; "
-              + ", ".join(f"κ={k:.2f} {params[f'{k:.2f}']['params']:,}" for k in kappas)]
+    lines += [
+        "",
+        "Parameters: full "
+        + f"{params['full']['params']:,}; "
+        + ", ".join(f"κ={k:.2f} {params[f'{k:.2f}']['params']:,}" for k in kappas),
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -172,7 +187,7 @@ def main() -> None:
     parser.add_argument("--kappa", type=float, nargs="+", default=[0.75, 0.5, 0.25])
     parser.add_argument("--max-windows", type=int, default=64, help="windows scored per test set (0: all)")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench_quality")
-    parser.add_argument("--reuse-runs", action="store_true", help="skip training where <out>/<run>/final exists")
+    parser.add_argument("--reuse-runs", action="store_true", help="only evaluate runs this script already trained")
     args = parser.parse_args()
     if args.quick:
         budget = Budget("tiny", 64, 64 * 8, 5, 3, args.lr)
@@ -180,27 +195,39 @@ def main() -> None:
     else:
         budget = Budget("small", 256, 256 * 8, args.local_steps, args.rounds, args.lr)
         window, max_windows = 256, args.max_windows
-    print(f"configuration: {budget}, tokens {budget.tokens:,}, window {window}, max_windows {max_windows}, "
-          f"draws {args.draws}, kappas {args.kappa}, runs {[r.name for r in RUNS]}, torch threads "
-          f"{torch.get_num_threads()}", flush=True)
+    print(
+        f"configuration: {budget}, tokens {budget.tokens:,}, window {window}, max_windows {max_windows}, "
+        f"draws {args.draws}, kappas {args.kappa}, runs {[r.name for r in RUNS]}, torch threads "
+        f"{torch.get_num_threads()}",
+        flush=True,
+    )
     if not args.reuse_runs and args.out.exists():
         shutil.rmtree(args.out)
     args.out.mkdir(parents=True, exist_ok=True)
     uri = f"sqlite:///{(args.out / 'mlflow.db').resolve()}"
     report: dict = {
-        "token_budget": budget.tokens, "budget": budget.__dict__, "quick": args.quick, "window": window,
-        "windows": max_windows, "draws": args.draws, "runs": {},
+        "token_budget": budget.tokens,
+        "budget": budget.__dict__,
+        "quick": args.quick,
+        "window": window,
+        "windows": max_windows,
+        "draws": args.draws,
+        "runs": {},
     }
+    for run in RUNS:
+        done = args.out / run.name / TRAIN_SECONDS
+        seconds = float(done.read_text()) if args.reuse_runs and done.is_file() else train(run, args.out, budget, uri)
+        report["runs"][run.name] = {
+            "groups": run.groups,
+            "kappa": run.kappa,
+            "procs": run.procs,
+            "train_seconds": seconds,
+        }
     start = time.perf_counter()
     for run in RUNS:
-        seconds = 0.0
-        if not (args.reuse_runs and (args.out / run.name / "final").is_dir()):
-            seconds = train(run, args.out, budget, uri)
-        report["runs"][run.name] = {"groups": run.groups, "kappa": run.kappa, "procs": run.procs,
-                                    "train_seconds": seconds}
-    for run in RUNS:
         report["runs"][run.name]["eval"] = evaluate_run(run, args.out, args.kappa, args.draws, window, max_windows, uri)
-    report["total_seconds"] = time.perf_counter() - start
+    report["eval_seconds"] = time.perf_counter() - start
+    report["total_seconds"] = report["eval_seconds"] + sum(r["train_seconds"] for r in report["runs"].values())
 
     suffix = "_quick" if args.quick else ""
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -14,16 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = (REPO / ".." / "shared" / "data").resolve()
-RESULTS = REPO / "bench" / "results"
+from measure import RESULTS, launch, round_costs
 
 VARIANTS = {
     "dense DP (1x2)": {"twist.groups": 1, "twist.kappa": 1.0},
@@ -33,67 +27,20 @@ VARIANTS = {
 
 
 def run(out_dir: Path, overrides: dict[str, object], quick: bool) -> dict[str, float]:
-    base = {
-        "out_dir": out_dir,
-        "data.cache_dir": out_dir.parent / "cache",
-        "data.tokenizer": out_dir.parent / "tok",
-        "twist.rounds": 3,
-        "twist.local_steps": 15 if not quick else 4,
-        "eval.every_rounds": 0,
-        "checkpoint.every_rounds": 0,
-        "twist.optimizer_state": "aggregate",
-    }
-    config = REPO / "configs" / ("tiny_test.toml" if quick else "twist_brown.toml")
-    args = [f"--{k}={v}" for k, v in {**base, **overrides}.items()]
-    cmd = [
-        str(Path(sys.executable).parent / "deepspeed"),
-        "--num_gpus",
-        "2",
-        str(REPO / "launch" / "train.py"),
-        "--config",
-        str(config),
-        *args,
-    ]
-    print("$", " ".join(cmd), flush=True)
-    subprocess.run(cmd, cwd=REPO, env=dict(os.environ, DS_ACCELERATOR="cpu"), check=True, stdout=subprocess.DEVNULL)
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{out_dir / 'mlflow.db'}")
-    run_id = (out_dir / "mlflow_run_id").read_text().strip()
-    series = {
-        k: [m.value for m in sorted(client.get_metric_history(run_id, k), key=lambda m: m.step)][1:]
-        for k in ("perf/tokens_per_s", "twist/compute_seconds", "twist/agg_seconds", "twist/agg_bytes")
-    }
-    cfg = json.loads((out_dir / "config.json").read_text())
-    tokens_per_round = cfg["twist"]["local_steps"] * cfg["data"]["micro_batch_size"] * cfg["data"]["block_size"] * 2
-    compute, agg = statistics.mean(series["twist/compute_seconds"]), statistics.mean(series["twist/agg_seconds"])
-    params = sum(p.numel() for p in _model(cfg).parameters())
-    dense_bytes_per_step = 2 * params * 4 * (2 - 1) / 2  # ring all-reduce of fp32 gradients, 2 ranks, per rank
-    return {
-        "tokens_per_s": statistics.median(series["perf/tokens_per_s"]),
-        "compute_s_per_round": compute,
-        "agg_s_per_round": agg,
-        "agg_share": agg / (compute + agg),
-        "bytes_per_token_per_rank": (
-            statistics.mean(series["twist/agg_bytes"]) / (tokens_per_round / 2)
-            if cfg["twist"]["groups"] > 1
-            else dense_bytes_per_step / (cfg["data"]["micro_batch_size"] * cfg["data"]["block_size"])
-        ),
-        "full_model_params": params,
-    }
-
-
-def _model(cfg: dict):  # noqa: ANN202
-    from twist_scale.models import build_model
-
-    return build_model(cfg["model"]["arch"], cfg["model"]["size"], cfg["data"]["vocab_size"])
+    steps = {"twist.rounds": 3, "twist.local_steps": 4 if quick else 15}
+    launch(out_dir, "tiny_test.toml" if quick else "twist_brown.toml", {**steps, **overrides}, procs=2)
+    costs = round_costs(out_dir)
+    if json.loads((out_dir / "config.json").read_text())["twist"]["groups"] > 1:
+        per_token = costs["agg_bytes_per_rank_per_round"] / costs["tokens_per_rank_per_round"]
+    else:  # ring all-reduce of fp32 gradients on 2 ranks: each rank sends 2 * (2 - 1) / 2 of them per step
+        per_token = costs["full_model_params"] * 4 / (costs["tokens_per_rank_per_round"] / steps["twist.local_steps"])
+    return costs | {"bytes_per_token_per_rank": per_token}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny model, a few steps")
     args = parser.parse_args()
-    sys.path.insert(0, str(REPO))
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for i, (name, overrides) in enumerate(VARIANTS.items()):

@@ -122,7 +122,7 @@ def test_train_once_export_every_kappa_and_log_perplexity(trained_run, tmp_path,
     client = MlflowClient(f"sqlite:///{trained_run / 'mlflow.db'}")
     run_id = (trained_run / "mlflow_run_id").read_text().strip()
     metrics = client.get_run(run_id).data.metrics
-    assert metrics["test/random/ppl_kappa_1.00"] == pytest.approx(metrics["test/ppl_full"], rel=1e-5)
+    assert metrics["test/random/ppl_kappa_1.00"] == pytest.approx(metrics["test/random/ppl_full"], rel=1e-5)
     low, mean, high = (metrics[f"test/random/ppl_kappa_0.50{s}"] for s in ("_min", "", "_max"))
     assert low < mean < high  # two different random subnets
     assert {"test/random/ppl_kappa_0.50_std", "test/random/ppl_kappa_0.50_min", "test/random/ppl_kappa_0.50_max"} <= (

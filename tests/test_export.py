@@ -195,6 +195,19 @@ def test_uniform_llama_loads_plain_and_nonuniform_needs_load_exported(tmp_path, 
         torch.testing.assert_close(load_exported(path)(input_ids=ids).logits, sub(input_ids=ids).logits)
 
 
+def test_head_count_not_dividing_hidden_exports_through_load_exported(tmp_path, tokenizer):
+    model = random_model("llama", "tiny-mha")  # 4 heads of 16: κ = 0.75 keeps 3, and 64 % 3 != 0
+    groups = architecture_of(model).unit_groups(model.config)
+    spec = SubnetSampler(tuple(groups), 1, 0.75, seed=0).specs(0)[0]
+    sub, plain = build_subnet(model, spec, "scale")
+    assert not plain and sub.model.layers[0].self_attn.q_proj.weight.shape == (48, 64)
+    path = save_exported(tmp_path / "k75", sub, tokenizer, plain, {"kappa": 0.75, "widths": widths_of(model, spec)})
+    assert json.loads((path / SUBNET_FILE).read_text())["loader"] == TWIST_LOADER
+    ids = torch.randint(0, VOCAB, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(load_exported(path)(input_ids=ids).logits, sub(input_ids=ids).logits)
+
+
 def test_bad_input_names_the_fix(tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="no config.json"):
         Central.load(tmp_path / "missing")

@@ -63,7 +63,7 @@ class CentralModel:
         """The full tensor, reassembled from every rank's piece (one collective over the world)."""
         shard = self.shards[name]
         out = shard.new_empty(shard.numel() * self.topo.world_size)
-        dist.all_gather_into_tensor(out, shard)
+        dist.all_gather_single(out, shard)
         self.bytes_sent += out.numel() * out.element_size()
         shape = self.shapes[name.split("@")[0]]
         return out[: shape.numel()].view(shape)
@@ -78,7 +78,7 @@ class CentralModel:
 
         send = pieces(contribution).contiguous()
         summed = send.new_empty(k)
-        dist.reduce_scatter_tensor(summed, send.flatten(), op=dist.ReduceOp.SUM, group=topo.cross_group)
+        dist.reduce_scatter_single(summed, send.flatten(), op=dist.ReduceOp.SUM, group=topo.cross_group)
         self.bytes_sent += send.numel() * send.element_size()
         count = pieces(counts)[topo.group]
         old = self.shards.get(name, torch.zeros(k))

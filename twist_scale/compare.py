@@ -1,8 +1,9 @@
 """Perplexity vs sparsity across an MLflow experiment: TwIST runs and post-hoc baselines side by side.
 
-Reads the `test/<label>/ppl_kappa_<κ>` metrics that evaluate.py logs on each training run
-(nested per-κ runs and earlier comparisons are skipped), prints a runs × κ table and draws one
-chart (x: sparsity 1 − κ, y: perplexity, log scale): TwIST runs solid, dense-trained runs dashed.
+Reads the `test/<label>/ppl_kappa_<κ>` and `test/<label>/ppl_full` metrics that evaluate.py logs on
+each training run (nested per-κ runs and earlier comparisons are skipped), prints a runs × κ table
+and draws one chart (x: sparsity 1 − κ, the full model at 0; y: perplexity, log scale): TwIST runs
+solid, dense-trained runs dashed.
 Both files are logged back as artifacts of a run named 'comparison' in the same experiment.
 """
 
@@ -13,7 +14,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-METRIC = re.compile(r"test/(?P<label>[\w.:-]+)/ppl_kappa_(?P<kappa>\d+\.\d+)(?:_(?P<stat>std|min|max))?")
+METRIC = re.compile(
+    r"test/(?P<label>[\w.:-]+)/ppl_(?:(?P<full>full)|kappa_(?P<kappa>\d+\.\d+)(?:_(?P<stat>std|min|max))?)"
+)
 KIND_TAG = "twist.kind"
 COMPARISON = "comparison"
 
@@ -74,9 +77,12 @@ def collect(tracking_uri: str, experiment: str) -> list[Series]:
                     run.info.run_name or run.info.run_id[:8],
                     training_of(run.data.params),
                     m["label"],
-                    run.data.metrics.get("test/ppl_full"),
+                    None,
                 ),
             )
+            if m["full"]:
+                s.full = value
+                continue
             kappa = float(m["kappa"])
             if m["stat"] is None:
                 s.ppl[kappa] = value
@@ -104,14 +110,18 @@ def plot(series: list[Series], path: Path, title: str) -> Path:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import ScalarFormatter
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for s in series:
-        kappas = sorted(s.ppl, reverse=True)
+    fig, ax = plt.subplots(figsize=(11, 5))
+    colors = plt.get_cmap("tab20").colors
+    for i, s in enumerate(series):
+        points = {1.0: s.full} if s.full is not None else {}
+        points |= s.ppl
+        kappas = sorted(points, reverse=True)
         ax.errorbar(
             [1 - k for k in kappas],
-            [s.ppl[k] for k in kappas],
+            [points[k] for k in kappas],
             yerr=[s.std.get(k, 0.0) for k in kappas],
             label=s.name,
+            color=colors[i % len(colors)],
             linestyle="--" if s.dense else "-",
             marker="s" if s.dense else "o",
             capsize=3,
@@ -123,7 +133,7 @@ def plot(series: list[Series], path: Path, title: str) -> Path:
     ax.yaxis.set_minor_formatter(ScalarFormatter())
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

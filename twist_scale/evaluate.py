@@ -158,8 +158,13 @@ def metric_name(label: str, kappa: float, stat: str = "") -> str:
     return f"test/{label}/ppl_kappa_{kappa:.2f}" + (f"_{stat}" if stat else "")
 
 
+def full_metric_name(label: str) -> str:
+    """`test/<method>/ppl_full`: per label, since one run is often evaluated on several test sets."""
+    return f"test/{label}/ppl_full"
+
+
 def sweep_metrics(result: Sweep) -> dict[str, float]:
-    metrics = {"test/ppl_full": result.full.ppl}
+    metrics = {full_metric_name(result.label): result.full.ppl}
     for r in result.results:
         s = r.summary()
         metrics[metric_name(result.label, r.kappa)] = s["mean"]

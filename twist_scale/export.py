@@ -114,6 +114,8 @@ def _llama_config(cfg: PretrainedConfig, widths: Widths) -> PretrainedConfig | N
     new.num_key_value_heads = attn.pop()
     new.num_attention_heads = new.num_key_value_heads * q_per_kv
     new.intermediate_size = mlp.pop()
+    if new.hidden_size % new.num_attention_heads:
+        return None  # transformers refuses to save such a config, even with head_dim explicit
     return new
 
 
