@@ -14,6 +14,9 @@ $(BIN)/python:
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[test]'
+	# DeepSpeed's CPU accelerator JIT-compiles its shared-memory collective op at the first launch
+	# (~1 min on 2 cores, then cached in ~/.cache/torch_extensions): build it here, not inside a run.
+	$(BIN)/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
 	touch $@
 
 setup: $(VENV)/.installed

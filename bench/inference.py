@@ -126,6 +126,12 @@ def main() -> None:
     elif args.central is None:
         parser.error("pass --central RUN/final (or --quick for a smoke run on a random tiny model)")
 
+    print(
+        f"configuration: central {args.central or 'random tiny llama (--quick)'}, method {args.method}, "
+        f"shared layers {args.shared_layers}, kappas {args.kappa}, batches {batches}, seq {args.seq}, "
+        f"iters {args.iters}, threads {args.threads}",
+        flush=True,
+    )
     from twist_scale.export import Central, build_pruner, export_subnet
 
     with tempfile.TemporaryDirectory() as tmp:

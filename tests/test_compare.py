@@ -53,7 +53,7 @@ def test_compare_prints_table_and_logs_png(tmp_path, capsys):
     png = out / "ppl_vs_sparsity.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     pixels = image.imread(png)
-    assert has_color(pixels, "#1f77b4") and has_color(pixels, "#ff7f0e")  # both series drawn
+    assert has_color(pixels, "#1f77b4") and has_color(pixels, "#aec7e8")  # both series drawn (tab20)
     assert (out / "ppl_vs_sparsity.md").read_text().strip() == "\n".join(printed.splitlines()[: len(rows) + 1])
 
     comparison = client.search_runs([exp_id], "tags.`twist.kind` = 'comparison'")
