@@ -1,7 +1,7 @@
 """Quality at an equal token budget: TwIST's zero-cost subnets against post-hoc pruning of a dense model.
 
-    python bench/quality.py            # small Llama (17.3M, vocab 4096) on brown/train: ~35 min on 2 cores
-    python bench/quality.py --quick    # tiny Llama, a few rounds: checks the whole pipeline in ~4 min
+    python bench/quality.py            # small Llama (17.3M, vocab 4096) on brown/train: 38.5 min on 2 cores
+    python bench/quality.py --quick    # tiny Llama, a few rounds: the whole pipeline in 4.5 min
 
 Trains on brown/train, one run after another under the real `deepspeed` launcher, every run on the
 same number of tokens and optimizer steps:

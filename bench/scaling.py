@@ -1,7 +1,7 @@
 """How a TwIST round's cost grows with the number of groups G and with the model size.
 
-    python bench/scaling.py            # G in {2, 4, 8} on the small Llama; tiny/small/medium at G=2: ~15 min
-    python bench/scaling.py --quick    # tiny Llama only: ~4 min
+    python bench/scaling.py            # G in {2, 4, 8} on the small Llama; tiny/small/medium at G=2: 10 min here
+    python bench/scaling.py --quick    # tiny Llama only: 4.5 min
 
 Every point is one real run under the `deepspeed` launcher with κ = 0.5, 1 rank per group (world =
 G processes), every layer partitioned, 4 rounds of H steps; the first round (warm-up) is dropped.
