@@ -18,7 +18,8 @@ RESULTS = REPO / "bench" / "results"
 ROUND_METRICS = ("perf/tokens_per_s", "twist/compute_seconds", "twist/agg_seconds", "twist/agg_bytes")
 
 
-def launch(out_dir: Path, config: str, overrides: dict[str, object], procs: int) -> None:
+def launch(out_dir: Path, config: str, overrides: dict[str, object], procs: int, quiet: bool = True) -> None:
+    """One run under `deepspeed --num_gpus procs`; tokenizer and block cache shared beside out_dir."""
     base = {
         "out_dir": out_dir,
         "data.cache_dir": out_dir.parent / "cache",
@@ -37,7 +38,8 @@ def launch(out_dir: Path, config: str, overrides: dict[str, object], procs: int)
         *[f"--{k}={v}" for k, v in {**base, **overrides}.items()],
     ]
     print("$", " ".join(cmd), flush=True)
-    subprocess.run(cmd, cwd=REPO, env=dict(os.environ, DS_ACCELERATOR="cpu"), check=True, stdout=subprocess.DEVNULL)
+    stdout = subprocess.DEVNULL if quiet else None
+    subprocess.run(cmd, cwd=REPO, env=dict(os.environ, DS_ACCELERATOR="cpu"), check=True, stdout=stdout)
 
 
 def round_costs(out_dir: Path) -> dict[str, float]:

@@ -22,19 +22,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from measure import REPO, RESULTS, launch
 
-REPO = Path(__file__).resolve().parents[1]
 DATA = (REPO / ".." / "shared" / "data").resolve()
-RESULTS = REPO / "bench" / "results"
 TRAIN = DATA / "brown" / "train.txt"
 TESTS = {"brown": DATA / "brown" / "test.txt", "wikitext2": DATA / "wikitext-2" / "test.txt"}
 BASELINES = ("random", "magnitude", "wanda_sp", "flap")
@@ -80,38 +76,23 @@ class Budget:
         return self.rounds * self.local_steps * self.tokens_per_step
 
 
-def sh(cmd: list[object]) -> None:
-    print("$", " ".join(map(str, cmd)), flush=True)
-    subprocess.run(list(map(str, cmd)), cwd=REPO, check=True, env=dict(os.environ, DS_ACCELERATOR="cpu"))
-
-
 def train(run: Run, out: Path, budget: Budget, uri: str) -> float:
     """Train one run to out/<name>/final; returns its wall seconds (launch included), also kept in the run."""
-    micro = budget.tokens_per_step // (budget.block * run.procs)
-    args = {
-        "out_dir": out / run.name,
+    overrides = {
         "model.size": budget.size,
         "data.block_size": budget.block,
-        "data.micro_batch_size": micro,
-        "data.cache_dir": out / "cache",
-        "data.tokenizer": out / "tokenizer",
+        "data.micro_batch_size": budget.tokens_per_step // (budget.block * run.procs),
         "optim.lr": budget.lr,
         "twist.groups": run.groups,
         "twist.kappa": run.kappa,
         "twist.shared_layers": "",
         "twist.local_steps": budget.local_steps,
         "twist.rounds": budget.rounds,
-        "checkpoint.every_rounds": 0,
-        "eval.every_rounds": 0,
         "tracking.uri": uri,
         "tracking.experiment": EXPERIMENT,
     }
-    launcher = Path(sys.executable).parent / "deepspeed"
     start = time.perf_counter()
-    sh(
-        [launcher, "--num_gpus", run.procs, REPO / "launch" / "train.py", "--config", REPO / "configs" / run.config]
-        + [f"--{k}={v}" for k, v in args.items()]
-    )
+    launch(out / run.name, run.config, overrides, run.procs, quiet=False)
     seconds = time.perf_counter() - start
     (out / run.name / TRAIN_SECONDS).write_text(f"{seconds}\n")
     return seconds
@@ -122,13 +103,17 @@ def evaluate_run(run: Run, out: Path, kappas: list[float], draws: int, window: i
     from twist_scale.data import token_stream
     from twist_scale.evaluate import log_sweep, sweep
     from twist_scale.export import Central, build_pruner, calibration_from_files
+    from twist_scale.prune import method as prune_method
 
     central = Central.load(out / run.name / "final")
     streams = {name: token_stream([str(path)], central.tokenizer) for name, path in TESTS.items()}
     run_id = (out / run.name / "mlflow_run_id").read_text().strip()
-    calibration = calibration_from_files([str(TRAIN)], central.tokenizer, samples=32, seqlen=window)
+    methods = BASELINES if run.dense else TWIST_METHODS
+    calibration = None
+    if any(prune_method(m).calibrated for m in methods):  # wanda_sp / flap only
+        calibration = calibration_from_files([str(TRAIN)], central.tokenizer, samples=32, seqlen=window)
     results: dict = {}
-    for method in BASELINES if run.dense else TWIST_METHODS:
+    for method in methods:
         pruner = build_pruner(central, method, shared_layers="none", calibration=calibration)
         for test, stream in streams.items():
             start = time.perf_counter()
