@@ -3,9 +3,10 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 NPROC ?= 2
-export DS_ACCELERATOR ?= cpu
+# DeepSpeed's accelerator: CUDA where a GPU driver is installed, the CPU elsewhere.
+export DS_ACCELERATOR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu)
 
-.PHONY: setup train dense test lint
+.PHONY: setup train dense test test-fast lint gpu-smoke
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -29,6 +30,20 @@ dense: setup
 
 test: setup
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -q tests
+
+# One GPU, every collective through NCCL in bf16 (world 1, G = 1, kappa 0.5), under both engines.
+SMOKE := --config configs/tiny_test.toml --parallel.backend nccl --parallel.precision bf16 \
+	--twist.kappa 0.5 --twist.allow_uncovered true --twist.correction mean --twist.optimizer_state aggregate \
+	--twist.rounds 2 --twist.local_steps 3 --checkpoint.resume false
+gpu-smoke: setup
+	DS_ACCELERATOR=cuda $(BIN)/deepspeed --num_gpus 1 launch/train.py $(SMOKE) --out_dir runs/gpu-smoke/deepspeed
+	DS_ACCELERATOR=cuda $(BIN)/torchrun --nproc_per_node 1 launch/train.py $(SMOKE) --parallel.engine fsdp \
+		--out_dir runs/gpu-smoke/fsdp
+	@echo "GPU SMOKE OK"
+
+# Unit tests and single-process checks, no launcher runs (about 1 minute): while editing.
+test-fast: setup
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -q -m "not slow" tests
 
 lint: setup
 	$(BIN)/ruff check twist_scale launch tests bench

@@ -85,3 +85,22 @@ def test_world_size_must_be_a_multiple_of_groups():
     with pytest.raises(ConfigError, match="--twist.groups 3 does not divide the world size 4"):
         validate(cfg, world_size=4)
     validate(cfg, world_size=6)
+
+
+def test_help_lists_every_flag_with_its_documentation():
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "launch" / "train.py"), "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "--twist.kappa (default: 1.0)" in proc.stdout and "Keep ratio in (0, 1]" in proc.stdout
+    assert "--parallel.precision {fp32, bf16}" in proc.stdout and "cpu:gloo,cuda:nccl" in proc.stdout
+
+
+@pytest.mark.parametrize("preset", sorted(p.name for p in (REPO / "configs").glob("*.toml")))
+def test_every_preset_loads(preset, monkeypatch):
+    monkeypatch.chdir(REPO)  # presets name the sample data relative to the checkout
+    cfg = load_config(["--config", f"configs/{preset}"])
+    assert cfg.data.train_files

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 
 def launch_node(node_rank: int, hostfile: Path, port: int, args: list[str], log: IO[str]) -> subprocess.Popen:
-    """What each node runs on a cluster without ssh between nodes (DESIGN.md §4)."""
+    """What each node runs on a cluster without ssh between nodes."""
     cmd = [
         str(BIN / "deepspeed"),
         "--hostfile",

@@ -150,6 +150,25 @@ def test_skipped_step_leaves_the_model_untouched():
     assert all(torch.equal(v, state[k]) for k, v in engine.optimizer.state[engine.params["lm_head.weight"]].items())
 
 
+def test_skipped_steps_keep_the_lr_schedule_in_step():
+    """A group that skips a step must stay on the schedule of groups that did not (same LR at step 3)."""
+    from twist_scale.config import RunConfig
+    from twist_scale.engines.local import LocalEngine
+    from twist_scale.models import build_model
+
+    cfg = RunConfig()
+    cfg.optim.warmup_steps = 4  # the LR still changes every step
+    torch.manual_seed(0)
+    skipping, steady = (LocalEngine(build_model("llama", "tiny", 64), cfg) for _ in range(2))
+    batch = torch.randint(1, 64, (2, 16))
+    with torch.no_grad():
+        skipping.module.lm_head.weight[0] = float("inf")
+    for _ in range(3):
+        assert not torch.isfinite(torch.tensor(skipping.train_step(batch)))
+        steady.train_step(batch)
+    assert skipping.lr() == steady.lr() == cfg.optim.lr * 3 / 4
+
+
 def test_nonfinite_weights_never_reach_a_checkpoint(tmp_path):
     """--on_nonfinite skip survives NaN losses, but a finite loss with overflowing gradients can still
     poison the weights: the checkpoint guard stops the run rather than write them."""
@@ -175,7 +194,7 @@ def test_vocab_mismatch_is_refused_before_training(tmp_path):
 def test_corrupted_or_partial_checkpoints_are_skipped(tmp_path, caplog):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
-        ckpt = Checkpointer(tmp_path / "ckpt", rank=0, keep_last=5)
+        ckpt = Checkpointer(tmp_path / "ckpt", rank=0, keep_last=5, device=torch.device("cpu"))
         for r in (1, 2, 3):
             ckpt.save(r, lambda d, r=r: torch.save({"round": r}, d / "state.pt"), {})
         assert ckpt.latest_valid().name == "round_000003"

@@ -2,7 +2,7 @@
 
 Debian's slurm-wlm is installed with apt when missing (CI runs as root). A machine that can
 neither find nor install it fails this test; TWIST_SKIP_SLURM=1 opts out explicitly. The cluster
-(DESIGN.md §4: no munge, no cgroups) lives in a tmp dir on free ports; its daemons run in the
+(no munge, no cgroups) lives in a tmp dir on free ports; its daemons run in the
 foreground as children of the test and are stopped by PID.
 """
 

@@ -126,3 +126,33 @@ def test_mean_correction_tracks_activations_in_training_only():
         assert torch.equal(buf, before)
         sub.train()(torch.randint(0, 97, (1, 8)))
     assert not torch.equal(buf, before)
+
+
+def test_scale_correction_keeps_its_fp32_factor_in_a_bf16_model():
+    """A bf16 engine casts the module; 1/kappa must still be the exact factor export folds (4/3, not 1.3359)."""
+    model = build_model("llama", "tiny", 97)
+    ugs = partitioned_groups(architecture_of(model).unit_groups(model.config), [])
+    install_correction(model, ugs, "scale", 0.99)
+    spec = SubnetSampler(tuple(ugs), 1, 0.75, seed=0).specs(0)[0]
+    set_scale(model, ugs, spec, "scale")
+    model.bfloat16()  # what DeepSpeed's bf16 engine does to the module and its buffers
+    ug = ugs[-1]  # an MLP group: 1/kappa is a non-dyadic 4/3
+    module = model.get_submodule(ug.output_module)
+    factor = ug.num_units / len(spec.units(ug))
+    assert abs(factor - 4 / 3) < 1e-12
+    x = torch.randn(2, 5, module.in_features).bfloat16()
+    with torch.no_grad():
+        expected = torch.nn.functional.linear((x.float() * factor).bfloat16(), module.weight)
+        assert torch.equal(module(x), expected)
+
+
+def test_activation_means_stay_fp32_in_a_bf16_model():
+    from twist_scale.correction import keep_statistics_fp32
+
+    _, sub, ugs, _ = _pair("llama", "tiny", "mean")
+    sub.bfloat16()
+    keep_statistics_fp32(sub)
+    module = sub.get_submodule(ugs[0].output_module)
+    assert module.get_buffer(ACT_MEAN).dtype == torch.float32 and module.twist_shift.dtype == torch.float32
+    sub.train()(torch.randint(0, 97, (1, 8)))  # the running mean accumulates in fp32 beside bf16 activations
+    assert module.get_buffer(ACT_MEAN).dtype == torch.float32

@@ -6,6 +6,10 @@ dp rank r of the group sends only chunk r of it, and a reduce-scatter over the G
 dp position r leaves each owner the sum over groups of its own piece. Holder counts need no
 communication: every rank knows every group's spec. Owners divide by the count and keep the old
 value where no group held a unit. Dispatch is the inverse: all-gather a tensor, slice it.
+
+Shards live in host memory (pinned when collectives run on CUDA) and only the payload of each
+collective is staged on the communication device: the central model is fp32 weights plus moments,
+touched once per round, and accelerator memory is kept for the subnet being trained.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ class CentralModel:
         self.topo = topo
         self.shapes = dict(shapes)
         self.shards: dict[str, torch.Tensor] = {}
+        self.pin = topo.device.type == "cuda"  # page-locked host memory: asynchronous DMA to the GPU
         self.bytes_sent = 0  # reduce-scatter + all-gather payload this rank moved, for tracking
 
     def _piece_len(self, name: str) -> int:
@@ -53,7 +58,12 @@ class CentralModel:
 
     def _my_piece(self, full: torch.Tensor, name: str) -> torch.Tensor:
         k = self._piece_len(name)
-        return self._padded_flat(full, name)[self.topo.rank * k : (self.topo.rank + 1) * k].clone()
+        return self._host(self._padded_flat(full, name)[self.topo.rank * k : (self.topo.rank + 1) * k])
+
+    def _host(self, t: torch.Tensor) -> torch.Tensor:
+        """An fp32 host copy of `t`, the form every shard is kept in."""
+        t = t.to("cpu", torch.float32, copy=True)
+        return t.pin_memory() if self.pin else t
 
     def set_full(self, name: str, full: torch.Tensor) -> None:
         """Keep this rank's piece of a full tensor every rank holds (initialisation, pretrained load)."""
@@ -62,11 +72,12 @@ class CentralModel:
     def gather(self, name: str) -> torch.Tensor:
         """The full tensor, reassembled from every rank's piece (one collective over the world)."""
         shard = self.shards[name]
-        out = shard.new_empty(shard.numel() * self.topo.world_size)
-        dist.all_gather_single(out, shard)
+        device = self.topo.device
+        out = torch.empty(shard.numel() * self.topo.world_size, device=device)
+        dist.all_gather_single(out, shard.to(device, non_blocking=True))
         self.bytes_sent += out.numel() * out.element_size()
         shape = self.shapes[name.split("@")[0]]
-        return out[: shape.numel()].view(shape)
+        return out[: shape.numel()].view(shape).cpu()
 
     def aggregate(self, name: str, contribution: torch.Tensor, counts: torch.Tensor) -> None:
         """Holder mean of the groups' contributions (already masked, full coordinates) into the shard."""
@@ -76,20 +87,21 @@ class CentralModel:
         def pieces(full: torch.Tensor) -> torch.Tensor:  # (G, k): this dp position's piece of each group
             return self._padded_flat(full, name).view(G, R, k)[:, topo.dp_rank]
 
-        send = pieces(contribution).contiguous()
-        summed = send.new_empty(k)
-        dist.reduce_scatter_single(summed, send.flatten(), op=dist.ReduceOp.SUM, group=topo.cross_group)
+        send = pieces(contribution).flatten().to(topo.device)
+        summed = torch.empty(k, device=topo.device)
+        dist.reduce_scatter_single(summed, send, op=dist.ReduceOp.SUM, group=topo.cross_group)
         self.bytes_sent += send.numel() * send.element_size()
         count = pieces(counts)[topo.group]
         old = self.shards.get(name, torch.zeros(k))
-        self.shards[name] = torch.where(count > 0, summed / count.clamp(min=1), old)
+        self.shards[name] = self._host(torch.where(count > 0, summed.cpu() / count.clamp(min=1), old))
 
 
 def masked_contribution(
     sub: torch.Tensor, full_shape: torch.Size, unit: tuple[UnitGroup, AxisSlice] | None, spec: SubnetSpec
 ) -> torch.Tensor:
-    """M ⊙ θ in full coordinates; shared tensors are contributed whole."""
+    """M ⊙ θ in full coordinates, fp32 on the host; shared tensors are contributed whole."""
+    sub = sub.detach().to("cpu", torch.float32)
     if unit is None:
-        return sub.float()
+        return sub
     ug, axis = unit
-    return scatter_tensor(sub.float(), full_shape, axis, spec.units(ug))
+    return scatter_tensor(sub, full_shape, axis, spec.units(ug))

@@ -61,8 +61,8 @@ def verify(directory: Path) -> str | None:
 
 
 class Checkpointer:
-    def __init__(self, root: Path, rank: int, keep_last: int) -> None:
-        self.root, self.rank, self.keep_last = root, rank, keep_last
+    def __init__(self, root: Path, rank: int, keep_last: int, device: torch.device) -> None:
+        self.root, self.rank, self.keep_last, self.device = root, rank, keep_last, device
 
     def _name(self, round_: int) -> str:
         return f"round_{round_:06d}"
@@ -91,14 +91,15 @@ class Checkpointer:
         return sorted(p for p in self.root.glob("round_*") if (p / MANIFEST).exists())
 
     def latest_valid(self) -> Path | None:
-        """Rank 0 picks the newest intact checkpoint and tells the others."""
-        choice: list[str | None] = [None]
+        """Rank 0 picks the newest intact checkpoint and tells the others its round (-1: none)."""
+        choice = torch.tensor([-1], dtype=torch.int64, device=self.device)
         if self.rank == 0:
             for candidate in reversed(sorted(self.root.glob("round_*"))):
                 problem = verify(candidate)
                 if problem is None:
-                    choice[0] = str(candidate)
+                    choice.fill_(int(candidate.name.removeprefix("round_")))
                     break
                 log.warning("skipping checkpoint %s: %s", candidate, problem)
-        dist.broadcast_object_list(choice, src=0)
-        return Path(choice[0]) if choice[0] else None
+        dist.broadcast(choice, src=0)
+        round_ = int(choice.item())
+        return None if round_ < 0 else self.root / self._name(round_)

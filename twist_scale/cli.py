@@ -4,15 +4,23 @@ from __future__ import annotations
 
 import sys
 
-from twist_scale.config import ConfigError, load_config
+from twist_scale.config import ConfigError, help_text, load_config
 
 
 def train(argv: list[str] | None = None) -> None:
     """`twist-train --config FILE [--section.key V]`: one process per rank, under any launcher."""
+    argv = sys.argv[1:] if argv is None else argv
+    if {"-h", "--help"} & set(argv):
+        print(help_text("twist-train"))
+        return
     try:
         cfg = load_config(argv)
     except ConfigError as err:
         sys.exit(f"config error: {err}")
+    from twist_scale.distributed import close_distributed
     from twist_scale.trainer import Trainer
 
-    Trainer(cfg).train()
+    try:
+        Trainer(cfg).train()
+    finally:
+        close_distributed()

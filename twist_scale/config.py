@@ -64,11 +64,15 @@ class OptimConfig:
 @dataclass
 class ParallelConfig:
     engine: str = _doc(
-        "'deepspeed' (ZeRO), 'fsdp' (PyTorch FSDP2) or 'local' (single process, for tests and debugging).",
+        "'deepspeed' (ZeRO), 'fsdp' (PyTorch FSDP2) or 'local' (plain torch, one process per group).",
         "deepspeed",
     )
     ds_config: str = _doc("DeepSpeed JSON in ds_configs/ with engine concerns only.", "ds_configs/zero1.json")
-    backend: str = _doc("'auto' (nccl on GPU, gloo on CPU), 'gloo' or 'nccl'.", "auto")
+    backend: str = _doc(
+        "'auto' (nccl on GPU, gloo on CPU), a torch backend ('gloo', 'nccl', or one registered with "
+        "torch.distributed.Backend.register_backend), or torch's per-device form 'cpu:gloo,cuda:nccl'.",
+        "auto",
+    )
     timeout_s: float = _doc("A collective waiting longer than this ends the job (a crashed or stuck rank).", 300.0)
     precision: str = _doc("'fp32' or 'bf16'.", "fp32")
 
@@ -140,7 +144,6 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.arch": ("llama", "gpt2"),
     "optim.name": ("adamw", "sgd"),
     "parallel.engine": ("deepspeed", "fsdp", "local"),
-    "parallel.backend": ("auto", "gloo", "nccl"),
     "parallel.precision": ("fp32", "bf16"),
     "twist.correction": ("none", "scale", "mean"),
     "twist.optimizer_state": ("reset", "aggregate"),
@@ -246,6 +249,30 @@ def parse_overrides(argv: list[str]) -> tuple[list[Path], dict[str, Any]]:
     return files, nested
 
 
+def help_text(program: str) -> str:
+    """Every field as its --section.key flag, with its default, allowed values and documentation."""
+    lines = [
+        f"usage: {program} [--config FILE ...] [--section.key VALUE ...]",
+        "",
+        "Precedence: --section.key VALUE > --config files (.toml/.yaml/.json, in order) > defaults.",
+        "Lists are comma-separated (--data.train_files a.txt,b.txt); booleans are true/false.",
+    ]
+
+    def walk(obj: Any, prefix: str) -> None:
+        for name, (f, _) in _fields(type(obj)).items():
+            value, path = getattr(obj, name), f"{prefix}{name}"
+            if dataclasses.is_dataclass(value):
+                lines.extend(["", f"{path}: {f.metadata.get('doc', '')}"])
+                walk(value, f"{path}.")
+                continue
+            choices = f" {{{', '.join(CHOICES[path])}}}" if path in CHOICES else ""
+            lines.append(f"  --{path}{choices} (default: {json.dumps(value)})")
+            lines.append(f"      {f.metadata.get('doc', '')}")
+
+    walk(RunConfig(), "")
+    return "\n".join(lines)
+
+
 def load_config(argv: list[str] | None = None) -> RunConfig:
     """Defaults, then each --config file in order, then dotted overrides; then validate."""
     files, overrides = parse_overrides(sys.argv[1:] if argv is None else argv)
@@ -257,6 +284,27 @@ def load_config(argv: list[str] | None = None) -> RunConfig:
     return cfg
 
 
+def _check_backend(backend: str) -> None:
+    """'auto', one torch backend name, or torch's 'device:backend,...' form of known backends."""
+    if backend == "auto":
+        return
+    import torch.distributed as dist
+
+    pairs = [p.strip() for p in backend.split(",")]
+    per_device = ":" in backend
+    if per_device and any(p.count(":") != 1 or not all(p.split(":")) for p in pairs):
+        raise ConfigError(f"--parallel.backend {backend!r}: write the per-device form as 'cpu:gloo,cuda:nccl'")
+    if not per_device and len(pairs) > 1:
+        raise ConfigError(f"--parallel.backend {backend!r}: name one backend, or use 'cpu:gloo,cuda:nccl'")
+    for name in (p.split(":")[-1] for p in pairs):
+        if name.lower() not in dist.Backend.backend_list:
+            raise ConfigError(
+                f"--parallel.backend {backend!r}: unknown backend {name!r}; choose auto, gloo, nccl, a "
+                "per-device form such as 'cpu:gloo,cuda:nccl', or register it with "
+                "torch.distributed.Backend.register_backend"
+            )
+
+
 def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     """Reject values that cannot run, naming the flag and what is allowed."""
     for path, allowed in CHOICES.items():
@@ -266,6 +314,7 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
         value = node
         if value not in allowed:
             raise ConfigError(f"--{path} {value!r} is not allowed; choose one of {', '.join(allowed)}")
+    _check_backend(cfg.parallel.backend)
     t = cfg.twist
     if not 0.0 < t.kappa <= 1.0:
         raise ConfigError(f"--twist.kappa {t.kappa} must be in (0, 1]")
@@ -308,8 +357,11 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
                 f"--twist.groups {t.groups} does not divide the world size {world_size}; "
                 f"use a divisor of {world_size} or launch a multiple of {t.groups} processes"
             )
-        if cfg.parallel.engine == "local" and world_size != 1:
-            raise ConfigError(f"--parallel.engine local runs one process, but the world size is {world_size}")
+        if cfg.parallel.engine == "local" and world_size != t.groups:
+            raise ConfigError(
+                f"--parallel.engine local runs one process per group, but the world size is {world_size} for "
+                f"{t.groups} group(s); launch {t.groups} process(es) or use --parallel.engine deepspeed|fsdp"
+            )
 
 
 def to_dict(cfg: RunConfig) -> dict[str, Any]:

@@ -3,6 +3,8 @@
 Hooks sit on each partitioned block's output projection (o_proj / down_proj / c_proj):
 - 'scale': the projection's input is multiplied by 1/kappa (inverted-dropout style), so the
   block's contribution to the residual keeps its full-width scale; export folds it into the weight.
+  The factor is a Python float, not a buffer: a bf16 engine casts buffers, which would round 4/3 to
+  1.3359, while a float multiplies at the op's fp32 precision — the factor export folds.
 - 'mean': running means of each unit channel's activation are kept while training (no
   calibration pass), and the dropped units' expected contribution W_dropped @ E[a_dropped] is
   added as a bias; export folds it into the projection's bias.
@@ -46,7 +48,7 @@ def install_correction(model: nn.Module, unit_groups: list[UnitGroup], mode: str
         return
     for ug in unit_groups:
         module = model.get_submodule(ug.output_module)
-        module.register_buffer("twist_input_scale", torch.ones(()), persistent=False)
+        module.twist_input_scale = 1.0
         if mode == "mean":
             module.register_buffer(ACT_MEAN, torch.zeros(_in_features(module, ug.output_input_axis)))
             module.register_buffer(
@@ -65,7 +67,7 @@ def _pre_hook(module: nn.Module, args: tuple) -> tuple:
             mean = getattr(module, ACT_MEAN)
             batch_mean = x.detach().float().reshape(-1, x.shape[-1]).mean(0)
             mean.mul_(module.twist_momentum).add_(batch_mean, alpha=1 - module.twist_momentum)
-    return (x * module.twist_input_scale.to(x.dtype), *args[1:])
+    return (x * module.twist_input_scale, *args[1:])
 
 
 def _post_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
@@ -92,9 +94,21 @@ def set_scale(model: nn.Module, unit_groups: list[UnitGroup], spec: SubnetSpec, 
     if mode != "scale":
         return
     for ug in unit_groups:
-        model.get_submodule(ug.output_module).twist_input_scale.fill_(1.0 / keep_ratio(spec, ug))
+        model.get_submodule(ug.output_module).twist_input_scale = 1.0 / keep_ratio(spec, ug)
 
 
 @torch.no_grad()
 def set_shift(model: nn.Module, ug: UnitGroup, shift: torch.Tensor) -> None:
     model.get_submodule(ug.output_module).twist_shift.copy_(shift)
+
+
+def keep_statistics_fp32(model: nn.Module) -> None:
+    """Undo a bf16 engine's cast of the correction buffers: running means accumulate in fp32.
+
+    A 0.99-momentum mean in bf16 (8 mantissa bits) stalls once updates fall below its rounding step.
+    """
+    for module in model.modules():
+        for name in (ACT_MEAN, "twist_shift"):
+            buf = module._buffers.get(name)
+            if buf is not None and buf.dtype != torch.float32:
+                module._buffers[name] = buf.float()

@@ -46,7 +46,10 @@ def train_tokenizer(files: list[str], directory: Path, vocab_size: int) -> None:
 
 
 def load_tokenizer(directory: Path, sample_text: str) -> PreTrainedTokenizerBase:
-    """Load a tokenizer directory; a bare tokenizer.model goes through LlamaTokenizer (DESIGN.md §4)."""
+    """Load a tokenizer directory; a bare tokenizer.model goes through LlamaTokenizer.
+
+    AutoTokenizer on a directory holding only the .model file gives different ids.
+    """
     if (directory / "tokenizer.json").exists() or (directory / "tokenizer_config.json").exists():
         tok = AutoTokenizer.from_pretrained(directory)
     elif (directory / SPM_FILE).exists():

@@ -1,4 +1,6 @@
-"""Process-group setup for every launcher: deepspeed, torchrun, srun, or a plain single process."""
+"""Process-group setup for every launcher (deepspeed, torchrun, srun, a plain process) and the one
+place that decides on which device collectives take their tensors.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +21,41 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def resolve_backend(backend: str) -> str:
+    """'auto' becomes nccl on a GPU node and gloo elsewhere; anything else is used as given."""
+    if backend == "auto":
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    return backend
+
+
+def served_device_types(backend: str) -> list[str]:
+    """Device types whose tensors `backend` accepts, as torch routes them.
+
+    gloo can take CUDA tensors but stages them through host memory, so it is treated as a host
+    backend; the per-device form 'cpu:gloo,cuda:nccl' serves each named device type.
+    """
+    if ":" in backend:
+        return [pair.split(":")[0].strip() for pair in backend.split(",")]
+    if backend == "gloo":
+        return ["cpu"]
+    return list(dist.Backend.backend_capability.get(backend.lower(), ["cpu"]))
+
+
+def comm_device(group: dist.ProcessGroup | None = None) -> torch.device:
+    """The device of every tensor this process hands to a collective on `group`.
+
+    NCCL serves CUDA tensors only, so a CPU tensor on an NCCL group raises. An accelerator the
+    backend serves wins over the host (engines keep their tensors there); a host-only backend gets CPU.
+    """
+    served = served_device_types(dist.get_backend(group))
+    accelerators = [t for t in served if t != "cpu" and (t != "cuda" or torch.cuda.is_available())]
+    if not accelerators:
+        return torch.device("cpu")
+    if accelerators[0] == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(accelerators[0])
+
+
 def init_distributed(backend: str, timeout_s: float = 600.0) -> None:
     """Initialise the default process group from the launcher's environment.
 
@@ -31,14 +68,27 @@ def init_distributed(backend: str, timeout_s: float = 600.0) -> None:
         os.environ.update(
             RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())
         )
-    if backend == "auto":
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
+    backend = resolve_backend(backend)
+    if "cuda" in served_device_types(backend):
+        if not torch.cuda.is_available():
+            raise RuntimeError(
+                f"--parallel.backend {backend} needs a CUDA GPU, and this process sees none; use gloo on CPU"
+            )
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
         import deepspeed
 
         deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def close_distributed() -> None:
+    """Destroy every process group before the interpreter exits.
+
+    Live groups at shutdown can abort the process ('terminate called without an active exception')
+    after all work is done, turning a finished run into a failed job, most often on a loaded node.
+    """
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def setup_logging(rank: int) -> None:

@@ -80,7 +80,7 @@ class RoundSync:
             shape = self.central.shapes[name]
             counts = holder_counts(shape, unit, specs)
             if name.endswith(ACT_MEAN):  # each dp rank saw different data: average inside the group first
-                sub = self.engine.module.get_buffer(name).detach().clone()
+                sub = self.engine.module.get_buffer(name).detach().to(self.topo.device, torch.float32, copy=True)
                 dist.all_reduce(sub, group=self.topo.intra_group)
                 sub /= self.topo.ranks_per_group
                 self.central.aggregate(name, masked_contribution(sub, shape, unit, spec), counts)

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 import torch.distributed as dist
+
+from twist_scale.distributed import comm_device
 
 
 @dataclass
@@ -17,6 +20,7 @@ class Topology:
     world_size: int
     rank: int
     groups: int
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # every collective's tensors
     intra_group: object | None = field(default=None, repr=False)
     cross_group: object | None = field(default=None, repr=False)
     model_parallel_group: object | None = field(default=None, repr=False)
@@ -56,7 +60,8 @@ class Topology:
     @classmethod
     def from_dist(cls, groups: int) -> Topology:
         """Build from an initialised default process group, creating every subgroup collectively."""
-        topo = cls(dist.get_world_size(), dist.get_rank(), groups)
+        # Every subgroup uses the default group's backend, so one device serves them all.
+        topo = cls(dist.get_world_size(), dist.get_rank(), groups, comm_device())
         # new_group is collective over the world: every rank creates every group in the same order.
         for g in range(groups):
             pg = dist.new_group(topo.intra_ranks(g))

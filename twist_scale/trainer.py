@@ -21,7 +21,7 @@ from twist_scale.aggregate import CentralModel
 from twist_scale.central_io import TWIST_META, save_central
 from twist_scale.checkpoint import Checkpointer, rng_state, set_rng_state
 from twist_scale.config import RunConfig
-from twist_scale.correction import ACT_MEAN, install_correction, with_stat_axes
+from twist_scale.correction import ACT_MEAN, install_correction, keep_statistics_fp32, with_stat_axes
 from twist_scale.data import ShardedBatches, eval_batches, load_tokenizer, packed_blocks, prepare_tokenizer, sample_line
 from twist_scale.distributed import init_distributed, setup_logging
 from twist_scale.engines import build_engine
@@ -45,7 +45,7 @@ def verify_same_masks(specs: list[SubnetSpec], topo: Topology) -> None:
     """Masks are never sent, so prove every rank computed the same ones (a cheap hash all-reduce)."""
     digest = b"".join(s.fingerprint() for s in specs)
     value = int.from_bytes(hashlib.sha256(digest).digest()[:7], "little")
-    lo, hi = torch.tensor([value]), torch.tensor([value])
+    lo, hi = (torch.tensor([value], device=topo.device) for _ in range(2))
     dist.all_reduce(lo, op=dist.ReduceOp.MIN)
     dist.all_reduce(hi, op=dist.ReduceOp.MAX)
     if lo.item() != hi.item():
@@ -126,6 +126,7 @@ class Trainer:
                 self.central.set_full(name, t.data)
             apply_subnet_shapes(model, self.unit_groups, self.sampler.specs(0)[topo.group])
         self.engine = build_engine(model, cfg, topo)
+        keep_statistics_fp32(self.engine.module)
         self.sync = (
             None
             if self.central is None
@@ -141,7 +142,7 @@ class Trainer:
         )
         self.round = 0
         self.skipped_steps = 0
-        self.checkpointer = Checkpointer(self.out_dir / "checkpoints", topo.rank, cfg.checkpoint.keep_last)
+        self.checkpointer = Checkpointer(self.out_dir / "checkpoints", topo.rank, cfg.checkpoint.keep_last, topo.device)
         self.tracker = build_tracker(cfg.tracking, self.out_dir, self.is_main)
         self.tracker.log_params(config_mod.flat_params(cfg))
         self.tracker.log_artifact(self.out_dir / "config.json")
@@ -289,16 +290,27 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation and logging
     def evaluate(self) -> dict[str, float]:
-        """Validation perplexity of the central model seen through this round's G subnets."""
-        if not self.valid:
+        """Validation perplexity of the central model seen through this round's G subnets.
+
+        Ranks may hold unequal batch counts (even none): they sum losses and counts, so every rank
+        joins the same collectives and gets the same value.
+        """
+        if not self.cfg.data.valid_files:  # the same answer on every rank, unlike len(self.valid)
             return {}
-        loss = torch.tensor(sum(self.engine.eval_loss(b) for b in self.valid) / len(self.valid))
-        dist.all_reduce(loss, group=self.topo.intra_group)
-        loss /= self.topo.ranks_per_group
-        per_rank = [torch.zeros(()) for _ in range(self.topo.world_size)]
-        dist.all_gather(per_rank, loss)
-        R = self.topo.ranks_per_group
-        group_losses = [per_rank[g * R].item() for g in range(self.topo.groups)]
+        topo = self.topo
+        local = [sum(self.engine.eval_loss(b) for b in self.valid), len(self.valid)]
+        totals = torch.tensor(local, dtype=torch.float64, device=topo.device)
+        dist.all_reduce(totals, group=topo.intra_group)
+        per_rank = [torch.zeros(2, dtype=torch.float64, device=topo.device) for _ in range(topo.world_size)]
+        dist.all_gather(per_rank, totals)
+        per_group = [per_rank[g * topo.ranks_per_group].tolist() for g in range(topo.groups)]
+        if any(count == 0 for _, count in per_group):
+            log.warning(
+                "evaluation skipped: a group has no full validation batch; add validation text or lower "
+                "--data.micro_batch_size"
+            )
+            return {}
+        group_losses = [total / count for total, count in per_group]
         mean_loss = sum(group_losses) / len(group_losses)
         metrics = {f"eval/ppl_kappa_{self.cfg.twist.kappa:.2f}": math.exp(mean_loss), "eval/loss": mean_loss}
         if self.topo.groups > 1:
@@ -310,10 +322,10 @@ class Trainer:
 
     def log_round(self, losses: list[float], compute_s: float, comm_s: float) -> None:
         topo, H = self.topo, self.cfg.twist.local_steps
-        mine = torch.tensor(losses)
-        everyone = [torch.zeros(H) for _ in range(topo.world_size)]
+        mine = torch.tensor(losses, device=topo.device)
+        everyone = [torch.zeros(H, device=topo.device) for _ in range(topo.world_size)]
         dist.all_gather(everyone, mine)
-        table = torch.stack(everyone)  # (world, H)
+        table = torch.stack(everyone).cpu()  # (world, H)
         first = (self.round - 1) * H
         tokens = H * self.cfg.data.micro_batch_size * self.cfg.data.block_size * topo.world_size
         for i in range(H):
@@ -350,7 +362,7 @@ class Trainer:
             tensors = self.central.shards.values()
         else:
             tensors = [getattr(p, "ds_tensor", p.data) for p in self.engine.module.parameters()]
-        flag = torch.tensor([float(all(bool(torch.isfinite(t).all()) for t in tensors))])
+        flag = torch.tensor([float(all(bool(torch.isfinite(t).all()) for t in tensors))], device=self.topo.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         return flag.item() == 1.0
 

@@ -17,7 +17,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from twist_scale.aggregate import CentralModel  # noqa: E402
 from twist_scale.config import RunConfig  # noqa: E402
-from twist_scale.distributed import init_distributed  # noqa: E402
+from twist_scale.distributed import close_distributed, init_distributed  # noqa: E402
 from twist_scale.engines.deepspeed_engine import DeepSpeedEngine  # noqa: E402
 from twist_scale.models import architecture_of, build_model  # noqa: E402
 from twist_scale.subnet import SubnetSampler, apply_subnet_shapes, axis_of, partitioned_groups, slice_tensor, unit_mask  # noqa: E402
@@ -93,6 +93,7 @@ def main(cases: list[str]) -> None:
         assert err <= 1e-6, f"G={groups} zero={stage} {label}: {err}"
     if dist.get_rank() == 0:
         print("AGGREGATION OK", flush=True)
+    close_distributed()
 
 
 if __name__ == "__main__":

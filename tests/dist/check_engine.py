@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from twist_scale.config import RunConfig  # noqa: E402
-from twist_scale.distributed import init_distributed  # noqa: E402
+from twist_scale.distributed import close_distributed, init_distributed  # noqa: E402
 from twist_scale.engines.deepspeed_engine import DeepSpeedEngine  # noqa: E402
 from twist_scale.models import architecture_of, build_model  # noqa: E402
 from twist_scale.subnet import SubnetSampler, partitioned_groups  # noqa: E402
@@ -100,6 +100,7 @@ def main() -> None:
             print(f"TRAJECTORY OK zero={stage} max diff {diff:.2e}", flush=True)
     check_mask_hash(Topology.from_dist(2))
     dist.barrier()
+    close_distributed()
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import warnings
 
 import torch
 from torch import nn
@@ -38,6 +39,7 @@ class Engine(abc.ABC):
     """Trains one (sub-)model; reads and writes its full (group-gathered) tensors by name."""
 
     module: nn.Module
+    scheduler: torch.optim.lr_scheduler.LRScheduler  # stepped once per train_step, skipped or not
     params: dict[str, nn.Parameter]  # the (sub-)model's parameters by name, as read/write address them
 
     def train_step(self, input_ids: torch.Tensor) -> float:
@@ -45,10 +47,14 @@ class Engine(abc.ABC):
 
         Never steps on a non-finite loss anywhere in the group (the ranks must agree, or ZeRO's
         collectives would diverge): returns NaN instead, and the trainer stops or skips by config.
+        A skipped step still advances the LR schedule, so every group stays on the same schedule.
         """
         loss = self._loss(input_ids)
         finite = torch.tensor([float(torch.isfinite(loss.detach()).all())])
         if self._group_min(finite).item() < 1:
+            with warnings.catch_warnings():  # torch warns when the schedule moves before any optimizer step
+                warnings.simplefilter("ignore", UserWarning)
+                self.scheduler.step()
             return float("nan")
         self._backward_and_step(loss)
         return loss.item()

@@ -1,6 +1,6 @@
 """DeepSpeed ZeRO (stages 0-3) over one TwIST group's process group.
 
-Reads and writes go through DeepSpeed's safe_{get,set}_full_* API. Trap (DESIGN.md §4): under
+Reads and writes go through DeepSpeed's safe_{get,set}_full_* API. Trap: under
 ZeRO the setter updates only the fp32 master partition, and the working weights keep their old
 value until the next step; writing only p.data is undone by the next step. `write` sets both.
 """
@@ -86,7 +86,7 @@ class DeepSpeedEngine(Engine):
         self.engine.step()
 
     def _group_min(self, value: torch.Tensor) -> torch.Tensor:
-        value = value.to(self.engine.device)  # nccl reduces device tensors only
+        value = value.to(self.topo.device)
         dist.all_reduce(value, op=dist.ReduceOp.MIN, group=self.topo.intra_group)
         return value.cpu()
 

@@ -72,11 +72,8 @@ def local_shard(value: torch.Tensor, like: DTensor) -> DTensor:
 class FSDPEngine(Engine):
     def __init__(self, model: nn.Module, cfg: RunConfig, topo: Topology) -> None:
         self.cfg, self.topo = cfg, topo
-        device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
-        self.device = (
-            torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
-        )
-        self.mesh = build_mesh(topo, device_type)
+        self.device = topo.device  # FSDP computes where its collectives run
+        self.mesh = build_mesh(topo, topo.device.type)
         apply_fsdp(model.to(self.device), self.mesh["dp"], cfg.parallel.precision == "bf16")
         self.module = model.train()
         self.optimizer = build_optimizer(model, cfg.optim)
@@ -96,9 +93,9 @@ class FSDPEngine(Engine):
         self.optimizer.zero_grad(set_to_none=True)
 
     def _group_min(self, value: torch.Tensor) -> torch.Tensor:
-        value = value.to(self.device)  # nccl reduces only device tensors
+        value = value.to(self.topo.device)
         dist.all_reduce(value, op=dist.ReduceOp.MIN, group=self.mesh["dp"].get_group())
-        return value
+        return value.cpu()
 
     def read(self, name: str) -> torch.Tensor:
         return full_value(self.params[name])

@@ -1,0 +1,121 @@
+"""Device-correct collectives: whole runs under a process group that, like NCCL, serves one device type.
+
+`tests/dist/strict_device.py` registers the 'strict' backend (lazy-device tensors only, NCCL's error
+for any other). A host tensor in any trainer collective — resume hash, dispatch, aggregation,
+evaluation, logging, checkpoint, export — fails these runs as it would fail a GPU job.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from conftest import BROWN_VALID, REPO, SHAKESPEARE, run_deepspeed, run_torchrun, tiny_args
+from test_train import history, mlflow_run
+
+from twist_scale.config import ConfigError, load_config
+from twist_scale.data import load_tokenizer, packed_blocks, train_tokenizer
+from twist_scale.distributed import comm_device
+
+STRICT = REPO / "tests" / "dist" / "strict_device.py"
+TWIST = dict(
+    parallel__backend="strict",
+    parallel__engine="local",  # one process per group: every collective in the run is the trainer's
+    twist__groups=2,
+    twist__kappa=0.5,
+    twist__correction="mean",
+    twist__optimizer_state="aggregate",
+    twist__local_steps=2,
+    eval__every_rounds=1,
+)
+
+
+def test_strict_backend_refuses_host_tensors(tmp_path):
+    """The harness can fail: a CPU tensor on the 'strict' group raises NCCL's error."""
+    sys.path.insert(0, str(STRICT.parent))
+    import strict_device
+
+    if "strict" not in dist.Backend.backend_list:
+        strict_device.install()
+    dist.init_process_group("strict", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert comm_device() == torch.device("lazy")
+        served = torch.ones(2, device="lazy")
+        dist.all_reduce(served)
+        assert served.cpu().tolist() == [1.0, 1.0]
+        with pytest.raises(RuntimeError, match="No backend type associated with device type cpu"):
+            dist.all_reduce(torch.ones(2))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_twist_run_resume_and_export_under_single_device_backend(tmp_path):
+    out = tmp_path / "twist"
+    run_torchrun(2, STRICT, tiny_args(out, twist__rounds=2, **TWIST))
+    assert json.loads((out / "final" / "twist.json").read_text())["rounds"] == 2
+    # a longer schedule in the same out_dir resumes from round 2: the resume hash check included
+    proc = run_torchrun(2, STRICT, tiny_args(out, twist__rounds=3, **TWIST))
+    assert "resumed from" in proc.stderr + proc.stdout
+    client, run = mlflow_run(out)
+    assert len(history(client, run, "train/loss")) == 6  # 3 rounds of 2 steps, in the one MLflow run
+    assert {"eval/ppl_kappa_0.50", "eval/ppl_group1", "twist/agg_bytes"} <= set(run.data.metrics)
+    assert json.loads((out / "final" / "twist.json").read_text())["rounds"] == 3
+    assert (out / "final" / "twist_stats.safetensors").exists()  # correction=mean statistics exported
+
+
+@pytest.mark.slow
+def test_dense_run_under_single_device_backend(tmp_path):
+    out = tmp_path / "dense"
+    run_torchrun(1, STRICT, tiny_args(out, parallel__backend="strict", parallel__engine="local", twist__rounds=2))
+    client, run = mlflow_run(out)
+    assert run.data.metrics["eval/ppl_kappa_1.00"] > 1
+    assert (out / "final" / "model.safetensors").exists()
+
+
+def test_backend_accepts_torch_forms_and_refuses_unknown_names():
+    data = ["--data.train_files", str(SHAKESPEARE)]
+    for backend in ("auto", "gloo", "nccl", "cpu:gloo,cuda:nccl"):
+        assert load_config([*data, "--parallel.backend", backend]).parallel.backend == backend
+    for bad in ("glooo", "cpu:gloo,cuda", "gloo,nccl"):
+        with pytest.raises(ConfigError, match="--parallel.backend"):
+            load_config([*data, "--parallel.backend", bad])
+
+
+def seven_block_valid_file(directory: Path, tokenizer_dir: Path, block_size: int) -> Path:
+    """Validation text that packs into exactly 7 blocks: 2 ranks with micro-batch 4 get [1, 0] batches."""
+    tok = load_tokenizer(tokenizer_dir, "hello")
+    words = BROWN_VALID.read_text().split()[:2000]
+
+    def blocks(n: int) -> int:
+        path = directory / f"valid-{n}.txt"
+        path.write_text(" ".join(words[:n]) + "\n")
+        return len(packed_blocks([str(path)], tok, tokenizer_dir, block_size, directory / "probe"))
+
+    lo, hi = 1, len(words)  # the fewest words that pack into 7 blocks (the count grows with the prefix)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (mid + 1, hi) if blocks(mid) < 7 else (lo, mid)
+    assert blocks(lo) == 7, blocks(lo)
+    return directory / f"valid-{lo}.txt"
+
+
+@pytest.mark.slow
+def test_evaluation_finishes_when_ranks_hold_unequal_batches(tmp_path):
+    tokenizer_dir = tmp_path / "tokenizer"
+    train_tokenizer([str(SHAKESPEARE)], tokenizer_dir, vocab_size=512)
+    valid = seven_block_valid_file(tmp_path, tokenizer_dir, block_size=64)
+    out = tmp_path / "run"
+    run_deepspeed(
+        2,
+        REPO / "launch" / "train.py",
+        tiny_args(out, data__tokenizer=tokenizer_dir, twist__rounds=1, parallel__timeout_s=60)
+        + ["--data.valid_files", str(valid)],
+        timeout=240,  # a rank stuck in all_reduce would wait out the 60 s collective timeout and fail
+    )
+    client, run = mlflow_run(out)
+    assert run.data.metrics["eval/ppl_kappa_1.00"] > 1
