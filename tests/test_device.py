@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from conftest import BROWN_VALID, REPO, SHAKESPEARE, run_deepspeed, run_torchrun, tiny_args
-from test_train import history, mlflow_run
+from test_train import assert_fp32_checkpoint, history, mlflow_run
 
 from twist_scale.config import ConfigError, load_config
 from twist_scale.data import load_tokenizer, packed_blocks, train_tokenizer
@@ -75,6 +75,20 @@ def test_dense_run_under_single_device_backend(tmp_path):
     client, run = mlflow_run(out)
     assert run.data.metrics["eval/ppl_kappa_1.00"] > 1
     assert (out / "final" / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_fsdp_trains_twist_in_bf16_with_an_fp32_central_model(tmp_path):
+    out = tmp_path / "fsdp-bf16"
+    overrides = dict(twist__groups=2, twist__kappa=0.75, twist__correction="scale", twist__rounds=2)
+    run_torchrun(
+        2,
+        REPO / "launch" / "train.py",
+        tiny_args(out, parallel__engine="fsdp", parallel__precision="bf16", **overrides),
+    )
+    client, run = mlflow_run(out)
+    assert 1 < run.data.metrics["eval/ppl_kappa_0.75"] < 512  # better than uniform over the vocabulary
+    assert_fp32_checkpoint(out / "final")
 
 
 def test_backend_accepts_torch_forms_and_refuses_unknown_names():

@@ -57,6 +57,7 @@ def test_kappa_one_sync_every_step_is_data_parallel(tmp_path):
 
 @pytest.mark.slow
 def test_two_groups_of_two_ranks_train(tmp_path):
+    """2 x 2 under ZeRO-2 in bf16: the engine trains in bf16, the central model stays fp32."""
     out = tmp_path / "twist4"
     run_deepspeed(
         4,
@@ -68,6 +69,7 @@ def test_two_groups_of_two_ranks_train(tmp_path):
             twist__rounds=4,
             twist__local_steps=3,
             parallel__ds_config="ds_configs/zero2.json",
+            parallel__precision="bf16",
             twist__correction="scale",
         ),
         timeout=600,
@@ -80,3 +82,11 @@ def test_two_groups_of_two_ranks_train(tmp_path):
     )
     assert run.data.metrics["twist/agg_bytes"] > 0
     assert (out / "checkpoints" / "round_000004" / "manifest.json").exists()
+    assert_fp32_checkpoint(out / "final")
+
+
+def assert_fp32_checkpoint(directory) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(directory / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}
