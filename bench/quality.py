@@ -6,7 +6,7 @@
 Trains on brown/train, one run after another under the real `deepspeed` launcher, every run on the
 same number of tokens and optimizer steps:
   (a) dense data parallel (1 group x 2 ranks), then pruned post hoc at each κ with every baseline in
-      twist_scale.prune (random, magnitude, wanda_sp, flap; no fine-tuning);
+      twist_scale.prune (random, magnitude, wanda_sp, flap, flap_uniform; no fine-tuning);
   (b) TwIST: κ=0.5 with 2 groups, κ=0.5 with 4 groups, κ=0.25 with 4 groups (G x 1 rank), then
       exported zero-cost at each κ, subnets chosen by a seeded random draw and by unit weight norms
       (magnitude: computed from the trained weights, no calibration data).
@@ -33,7 +33,7 @@ from measure import REPO, RESULTS, launch
 DATA = (REPO / ".." / "shared" / "data").resolve()
 TRAIN = DATA / "brown" / "train.txt"
 TESTS = {"brown": DATA / "brown" / "test.txt", "wikitext2": DATA / "wikitext-2" / "test.txt"}
-BASELINES = ("random", "magnitude", "wanda_sp", "flap")
+BASELINES = ("random", "magnitude", "wanda_sp", "flap", "flap_uniform")
 TWIST_METHODS = ("random", "magnitude")
 EXPERIMENT = "bench-quality"
 TRAIN_SECONDS = "bench_train_seconds"

@@ -100,6 +100,18 @@ def test_backend_accepts_torch_forms_and_refuses_unknown_names():
             load_config([*data, "--parallel.backend", bad])
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
+@pytest.mark.parametrize("backend", ["nccl", "cpu:gloo,cuda:nccl"])
+def test_a_cuda_backend_without_a_gpu_is_refused_before_any_process_group(backend, monkeypatch):
+    from twist_scale.distributed import init_distributed
+
+    for name, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1").items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(RuntimeError, match="needs a CUDA GPU.*use gloo on CPU"):
+        init_distributed(backend)
+    assert not dist.is_initialized()
+
+
 def seven_block_valid_file(directory: Path, tokenizer_dir: Path, block_size: int) -> Path:
     """Validation text that packs into exactly 7 blocks: 2 ranks with micro-batch 4 get [1, 0] batches."""
     tok = load_tokenizer(tokenizer_dir, "hello")

@@ -34,7 +34,7 @@ def test_engine_matches_local_oracle(tmp_path):
 @pytest.mark.parametrize(
     ("layout", "resume"),
     [
-        # The case: two groups of one rank, aggregation across them.
+        # Two groups of one rank, aggregation across them.
         ({"twist__groups": 2, "twist__kappa": 0.5}, False),
         # One group sharded over two ranks, with uneven shards (ceil(0.3 * 128) = 39 MLP rows),
         # optimizer moments carried through dispatch/aggregation, and a resume.

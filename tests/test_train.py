@@ -46,7 +46,7 @@ def test_kappa_one_sync_every_step_is_data_parallel(tmp_path):
     assert max(abs(a - b) for a, b in zip(dp, twist, strict=True)) < 1e-4, (dp, twist)
     assert sum(dp[-3:]) / 3 < sum(dp[:3]) / 3 - 0.1, dp  # and it learns
 
-    # the dense run is the issue-2 run too: MLflow holds its params, metrics and artifacts
+    # the dense run also checks tracking: MLflow holds its params, metrics and artifacts
     assert run.data.params["twist.groups"] == "1" and "perf/tokens_per_s" in run.data.metrics
     assert run.data.metrics["eval/ppl_kappa_1.00"] > 1
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}

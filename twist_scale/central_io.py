@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from twist_scale.correction import ACT_MEAN
 
 TWIST_META = "twist.json"
 TWIST_STATS = "twist_stats.safetensors"
@@ -47,3 +50,31 @@ def load_central(directory: Path) -> tuple[nn.Module, PreTrainedTokenizerBase, d
     stats = load_file(str(stats_file)) if stats_file.exists() else {}
     meta = json.loads((directory / TWIST_META).read_text()) if (directory / TWIST_META).exists() else {}
     return model, tokenizer, stats, meta
+
+
+def export_central(
+    directory: Path,
+    full_state: Iterable[tuple[str, torch.Tensor]],
+    build: Callable[[], nn.Module],
+    tokenizer: PreTrainedTokenizerBase,
+    meta: dict[str, Any],
+    is_main: bool,
+) -> None:
+    """Assemble the full-width central model on rank 0 and save it with `save_central`.
+
+    `full_state` is collective (every rank iterates it); only rank 0 keeps the tensors and `build`s
+    an empty model of the architecture to load them into. The only moment a rank holds the whole model.
+    """
+    weights, stats = {}, {}
+    for name, full in full_state:
+        if is_main:
+            (stats if name.endswith(ACT_MEAN) else weights)[name] = full.clone()
+    if not is_main:
+        return
+    model = build()
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    tied = {k for k in model.state_dict() if k not in dict(model.named_parameters())}  # e.g. GPT-2 lm_head
+    if unexpected or set(missing) - tied:
+        raise RuntimeError(f"central model does not fit its architecture: {missing=} {unexpected=}")
+    model.tie_weights()
+    save_central(directory, model, tokenizer, stats, meta)

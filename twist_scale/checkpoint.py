@@ -61,14 +61,30 @@ def verify(directory: Path) -> str | None:
 
 
 class Checkpointer:
-    def __init__(self, root: Path, rank: int, keep_last: int, device: torch.device) -> None:
+    def __init__(
+        self, root: Path, rank: int, keep_last: int, device: torch.device, every_rounds: int = 0, last_round: int = 0
+    ) -> None:
         self.root, self.rank, self.keep_last, self.device = root, rank, keep_last, device
+        self.every_rounds, self.last_round = every_rounds, last_round
+
+    def due(self, round_: int) -> bool:
+        """Every `every_rounds` rounds (0: never) and always after the last one."""
+        return round_ == self.last_round or bool(self.every_rounds and round_ % self.every_rounds == 0)
 
     def _name(self, round_: int) -> str:
         return f"round_{round_:06d}"
 
-    def save(self, round_: int, write: Callable[[Path], None], meta: dict[str, Any]) -> Path:
-        """`write(tmp_dir)` runs on every rank (collectively); the result appears atomically."""
+    def save(self, round_: int, write: Callable[[Path], None], meta: dict[str, Any], finite: bool = True) -> Path:
+        """`write(tmp_dir)` runs on every rank (collectively); the result appears atomically.
+
+        `finite` is False when some rank holds a NaN or inf weight (the same answer on every rank):
+        nothing is written, so the newest checkpoint stays a good one.
+        """
+        if not finite:
+            raise FloatingPointError(
+                "the weights hold NaN or inf; refusing to overwrite good checkpoints with them (the newest "
+                "valid one is intact). Lower --optim.lr or set --optim.grad_clip, then resume."
+            )
         tmp = self.root / f".tmp-{self._name(round_)}"
         final = self.root / self._name(round_)
         if self.rank == 0:

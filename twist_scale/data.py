@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerBase
 
-from twist_scale.config import DataConfig
+from twist_scale.config import DataConfig, RunConfig
+from twist_scale.topology import Topology
 
 log = logging.getLogger(__name__)
 
@@ -209,3 +211,45 @@ def eval_batches(blocks: np.ndarray, index: int, count: int, batch_size: int, ma
             break
         out.append(torch.from_numpy(np.asarray(blocks[rows[start : start + batch_size]], dtype=np.int64)))
     return out
+
+
+@dataclass
+class RunData:
+    """What a rank trains and validates on: its tokenizer, its training shard and its validation batches."""
+
+    tokenizer: PreTrainedTokenizerBase
+    tokenizer_dir: Path
+    train: ShardedBatches
+    valid: list[torch.Tensor]
+
+
+def load_run_data(run: RunConfig, topo: Topology, barrier: Callable[[], None]) -> RunData:
+    """Rank 0 trains the tokenizer and tokenizes each split first; the others then read its cache.
+
+    Every rank trains on its own shard; a group's ranks split the validation set between them.
+    """
+    cfg, out_dir, is_main = run.data, Path(run.out_dir), topo.rank == 0
+    tokenizer_dir = prepare_tokenizer(cfg, out_dir / "tokenizer", train=is_main)
+    barrier()
+    tokenizer = load_tokenizer(tokenizer_dir, sample_line(cfg.train_files) if cfg.train_files else "a b")
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else out_dir / "cache"
+
+    def blocks(files: list[str], split: str) -> np.ndarray:
+        def load() -> np.ndarray:
+            return packed_blocks(
+                files, tokenizer, tokenizer_dir, cfg.block_size, cache, cfg.hub_dataset, cfg.text_field, split
+            )
+
+        if is_main:
+            load()
+        barrier()
+        return load()
+
+    train = ShardedBatches(blocks(cfg.train_files, "train"), *topo.data_shard, cfg.micro_batch_size, run.seed)
+    valid_shard = (topo.dp_rank, topo.ranks_per_group)
+    valid = (
+        eval_batches(blocks(cfg.valid_files, "validation"), *valid_shard, cfg.micro_batch_size, run.eval.max_batches)
+        if cfg.valid_files
+        else []
+    )
+    return RunData(tokenizer, tokenizer_dir, train, valid)

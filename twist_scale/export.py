@@ -36,6 +36,7 @@ from twist_scale.correction import ACT_MEAN, dropped_contribution
 from twist_scale.data import token_stream
 from twist_scale.models import UnitGroup, architecture_of
 from twist_scale.prune import (
+    METHODS,
     ActivationStats,
     PruneInputs,
     PruneMethod,
@@ -387,7 +388,7 @@ def calibration_from_files(
 def add_pruning_args(parser: argparse.ArgumentParser) -> None:
     """Flags shared by export and evaluate: which subnet, which correction, which calibration text."""
     parser.add_argument("central", type=Path, help="central model directory (a run's final/)")
-    parser.add_argument("--method", default="random", help="pruning method: random, magnitude, wanda_sp, flap")
+    parser.add_argument("--method", default="random", help=f"pruning method: {', '.join(METHODS)}")
     parser.add_argument("--shared-layers", default="auto", help="'auto' (as trained), 'none', or e.g. '0,1,4,5'")
     parser.add_argument("--correction", default="auto", help="'auto', 'none', 'scale' or 'mean'")
     parser.add_argument("--calibration", nargs="*", default=None, help="calibration text (default: training files)")

@@ -1,10 +1,11 @@
 """Which units a κ-subnet keeps: a registry of pruning methods with one signature (wanda's discipline).
 
 Every method maps a `PruneInputs` to a `SubnetSpec` over the partitioned unit groups, so TwIST's
-zero-cost export (`random`) and the post-hoc baselines (`magnitude`, `wanda_sp`, `flap`) go
-through the same exporter and the same perplexity protocol. Selection is per layer with the same
-keep count ⌈κ·n⌉ everywhere (FLAP's uniform variant), so every method yields the same widths and
-the exports are directly comparable.
+zero-cost export (`random`) and the post-hoc baselines (`magnitude`, `wanda_sp`, `flap`,
+`flap_uniform`) go through the same exporter and the same perplexity protocol. Most methods keep
+⌈κ·n⌉ units in every partitioned group, so their exports have the same widths. `flap` is FLAP's
+own default (AL-AM): one global ranking over all layers and both kinds, so widths differ per layer,
+at the same total weight count as the uniform methods; `flap_uniform` is FLAP's uniform variant.
 
 Activation-aware methods read `ActivationStats`, gathered on a small calibration set at the input
 of each output projection (o_proj / down_proj / c_proj) — the same place where TwIST's 'mean'
@@ -54,6 +55,7 @@ class PruneMethod:
     calibrated: bool = False  # needs ActivationStats from calibration text
     seeded: bool = False  # different seeds give different subnets (evaluation draws several)
     correction: str | None = None  # folded at export instead of the model's own; None = the trained one
+    adaptive: bool = False  # widths differ per group (same total weight); else every group keeps ⌈κ·n⌉ units
 
 
 def check_kappa(kappa: float) -> None:
@@ -70,11 +72,16 @@ def _top_units(inputs: PruneInputs, score: Callable[[UnitGroup], torch.Tensor]) 
     return SubnetSpec(kept)
 
 
-def per_unit(values: torch.Tensor, ug: UnitGroup, tensor_name: str) -> torch.Tensor:
-    """Sum a per-channel vector (one entry per index along a unit axis) into one value per unit."""
+def _unit_channels(values: torch.Tensor, ug: UnitGroup, tensor_name: str) -> torch.Tensor:
+    """A per-channel vector (one entry per index along a unit axis) as (segments, units, width)."""
     axis = next(a for a in ug.axes if a.name == tensor_name)
     channels = values.index_select(0, axis.index(torch.arange(ug.num_units)))
-    return channels.view(axis.segments, ug.num_units, axis.width).sum(dim=(0, 2))
+    return channels.view(axis.segments, ug.num_units, axis.width)
+
+
+def per_unit(values: torch.Tensor, ug: UnitGroup, tensor_name: str) -> torch.Tensor:
+    """Sum a per-channel vector (one entry per index along a unit axis) into one value per unit."""
+    return _unit_channels(values, ug, tensor_name).sum(dim=(0, 2))
 
 
 def _output_weight_columns(model: nn.Module, ug: UnitGroup) -> torch.Tensor:
@@ -124,17 +131,75 @@ def select_wanda_sp(inputs: PruneInputs) -> SubnetSpec:
     return _top_units(inputs, score)
 
 
+def _fluctuation(inputs: PruneInputs, ug: UnitGroup) -> torch.Tensor:
+    """FLAP's WIFV per unit channel j of the output projection: Var(X_j) · ‖W_:,j‖² — how much the
+    output moves when channel j is removed and its mean is compensated by a bias (export, 'mean')."""
+    w = _output_weight_columns(inputs.model, ug)
+    return (w**2).sum(0).double() * _stats(inputs).variance(ug.output_module).double()
+
+
+def select_flap_uniform(inputs: PruneInputs) -> SubnetSpec:
+    """FLAP's uniform variant (UL-UM): Σ_j WIFV_j over a unit's channels, ⌈κ·n⌉ units per group."""
+    return _top_units(inputs, lambda ug: per_unit(_fluctuation(inputs, ug), ug, f"{ug.output_module}.weight"))
+
+
+def _standardized_unit_scores(inputs: PruneInputs, ug: UnitGroup) -> torch.Tensor:
+    """FLAP AL-AM's comparable score: WIFV (squared for attention, as the reference does), standardised
+    over the group's channels so layers and kinds share one scale, then averaged over each unit's
+    channels (FLAP: per head). A group whose channels all score alike has no spread: all zeros."""
+    channels = _unit_channels(_fluctuation(inputs, ug), ug, f"{ug.output_module}.weight")  # (segments, units, width)
+    if ug.kind == "attn":
+        channels = channels**2
+    std = channels.std()  # unbiased, as torch.std in the reference
+    z = (channels - channels.mean()) / std if std > 0 else torch.zeros_like(channels)
+    return z.mean(dim=(0, 2))
+
+
+def unit_weight(model: nn.Module, ug: UnitGroup) -> int:
+    """Parameters one unit of the group owns: its share of every sliced parameter tensor."""
+    params = dict(model.named_parameters())
+    return sum(
+        params[a.name].numel() // params[a.name].shape[a.axis] * a.width * a.segments
+        for a in ug.axes
+        if a.name in params
+    )
+
+
+def _nearest_prefix(weights: torch.Tensor, budget: float, at_least: int) -> int:
+    """How many leading entries to keep: the prefix (≥ at_least) whose total weight is nearest the budget."""
+    gap = (weights.cumsum(0) - budget).abs()
+    gap[: at_least - 1] = float("inf")
+    return int(torch.argmin(gap)) + 1  # argmin: the first of equal gaps, the smaller model
+
+
 def select_flap(inputs: PruneInputs) -> SubnetSpec:
-    """FLAP's fluctuation metric: Var(X_j) · ‖W_:,j‖² — how much a channel's removal moves the output
-    once its mean is compensated by a bias (done at export, see PruneMethod.correction)."""
-    stats = _stats(inputs)
+    """FLAP's default (AL-AM): one ranking of every partitioned unit, attention and MLP, across layers.
 
-    def score(ug: UnitGroup) -> torch.Tensor:
-        w = _output_weight_columns(inputs.model, ug)
-        channel = (w**2).sum(0).double() * stats.variance(ug.output_module).double()
-        return per_unit(channel, ug, f"{ug.output_module}.weight")
-
-    return _top_units(inputs, score)
+    Units are ranked by their standardised score and the prefix of the ranking whose parameter count
+    is nearest the budget B = Σ_groups ⌈κ·n⌉ · (unit weight) is kept — B is what a uniform method
+    keeps, so widths adapt per layer and kind at the same size. Ties: group order, then lower id.
+    Every group keeps at least one unit, as under `units_to_keep` (a GPT-2 block cannot run at zero
+    width): if the ranking leaves a group empty, each group's best unit is kept first and the rest
+    of the ranking fills the same budget.
+    """
+    groups = inputs.unit_groups
+    sizes = [unit_weight(inputs.model, ug) for ug in groups]
+    budget = float(sum(units_to_keep(ug.num_units, inputs.kappa) * w for ug, w in zip(groups, sizes, strict=True)))
+    weight = torch.cat(
+        [torch.full((ug.num_units,), w, dtype=torch.float64) for ug, w in zip(groups, sizes, strict=True)]
+    )
+    group_of = torch.cat([torch.full((ug.num_units,), g) for g, ug in enumerate(groups)])
+    unit_id = torch.cat([torch.arange(ug.num_units) for ug in groups])
+    scores = torch.cat([_standardized_unit_scores(inputs, ug) for ug in groups])
+    order = torch.sort(-scores, stable=True).indices
+    kept = order[: _nearest_prefix(weight[order], budget, 1)]
+    if group_of[kept].unique().numel() < len(groups):
+        best = torch.tensor([int(order[group_of[order] == g][0]) for g in range(len(groups))])
+        order = torch.cat([best, order[~torch.isin(order, best)]])
+        kept = order[: _nearest_prefix(weight[order], budget, len(groups))]
+    return SubnetSpec(
+        {ug.key: tuple(sorted(unit_id[kept[group_of[kept] == g]].tolist())) for g, ug in enumerate(groups)}
+    )
 
 
 METHODS: dict[str, PruneMethod] = {
@@ -142,7 +207,17 @@ METHODS: dict[str, PruneMethod] = {
     "magnitude": PruneMethod(select_magnitude, "unit weight norm, no data"),
     "wanda_sp": PruneMethod(select_wanda_sp, "|W|·‖X‖ on calibration text", calibrated=True),
     "flap": PruneMethod(
-        select_flap, "Var(X)·‖W‖² on calibration text, bias-compensated", calibrated=True, correction="mean"
+        select_flap,
+        "FLAP AL-AM: standardised Var(X)·‖W‖², one global ranking (adaptive widths), bias-compensated",
+        calibrated=True,
+        correction="mean",
+        adaptive=True,
+    ),
+    "flap_uniform": PruneMethod(
+        select_flap_uniform,
+        "FLAP UL-UM: Var(X)·‖W‖², ⌈κ·n⌉ per layer, bias-compensated",
+        calibrated=True,
+        correction="mean",
     ),
 }
 

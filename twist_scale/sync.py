@@ -1,20 +1,27 @@
-"""Dispatch (central model → one group's engine) and aggregation (engines → central model).
+"""Synchronisation between the groups' engines: TwIST's dispatch and aggregation, or nothing (dense).
 
-Both stream one tensor at a time, so a rank holds at most one full-width tensor beside its shard
-of the central model and its group's subnet.
+RoundSync dispatches (central model → one group's engine) and aggregates (engines → central model).
+Both stream one tensor at a time, so a rank holds at most one full-width tensor beside its shard of
+the central model and its group's subnet. DenseSync is the same interface for plain data
+parallelism, where the engine already holds the whole model, so the loop has no dense branches.
 """
 
 from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from twist_scale.aggregate import CentralModel, holder_counts, masked_contribution
-from twist_scale.correction import ACT_MEAN, dropped_contribution, set_scale, set_shift
-from twist_scale.engines.base import Engine
+from twist_scale.config import RunConfig
+from twist_scale.correction import ACT_MEAN, dropped_contribution, keep_statistics_fp32, set_scale, set_shift
+from twist_scale.engines import build_engine
+from twist_scale.engines.base import Engine, moment_keys
 from twist_scale.models import UnitGroup
-from twist_scale.subnet import SubnetSpec, axis_of, slice_tensor
+from twist_scale.subnet import SubnetSpec, apply_subnet_shapes, axis_of, slice_tensor
 from twist_scale.topology import Topology
 
 
@@ -26,6 +33,77 @@ def central_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """
     tensors = dict(model.named_parameters()) | {n: b for n, b in model.named_buffers() if n.endswith(ACT_MEAN)}
     return {n: tensors[n] for n in sorted(tensors, key=lambda n: not n.endswith(ACT_MEAN))}
+
+
+def verify_same_masks(specs: list[SubnetSpec], topo: Topology) -> None:
+    """Masks are never sent, so prove every rank computed the same ones (a cheap hash all-reduce)."""
+    digest = b"".join(s.fingerprint() for s in specs)
+    value = int.from_bytes(hashlib.sha256(digest).digest()[:7], "little")
+    lo, hi = (torch.tensor([value], device=topo.device) for _ in range(2))
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    if lo.item() != hi.item():
+        raise RuntimeError(
+            f"rank {topo.rank}: ranks disagree on the subnet masks (hash {value:x}); every rank must run the "
+            "same config and --seed"
+        )
+
+
+def central_from_model(model: nn.Module, topo: Topology) -> CentralModel:
+    """This rank's pieces of the full-width model, taken before the model is shrunk to a subnet."""
+    tensors = central_tensors(model)
+    central = CentralModel(topo, {n: t.shape for n, t in tensors.items()})
+    for name, t in tensors.items():
+        central.set_full(name, t.data)
+    return central
+
+
+def build_engine_and_sync(
+    model: nn.Module, cfg: RunConfig, topo: Topology, unit_groups: list[UnitGroup], first_specs: list[SubnetSpec]
+) -> tuple[Engine, DenseSync | RoundSync]:
+    """Wrap the full-width `model` in the run's engine, and the synchronisation its groups need.
+
+    TwIST keeps this rank's pieces of the full model as the central model, then shrinks the model to
+    the group's first subnet before the engine shards it; dense data parallelism keeps it whole.
+    """
+    central = None if cfg.is_dense else central_from_model(model, topo)
+    if central is not None:
+        apply_subnet_shapes(model, unit_groups, first_specs[topo.group])
+    engine = build_engine(model, cfg, topo)
+    keep_statistics_fp32(engine.module)
+    if central is None:
+        return engine, DenseSync(engine)
+    aggregate_moments = cfg.twist.optimizer_state == "aggregate"
+    moments = moment_keys(cfg.optim) if aggregate_moments else ()
+    sync = RoundSync(central, engine, unit_groups, topo, moments, cfg.twist.correction, not aggregate_moments)
+    return engine, sync
+
+
+class DenseSync:
+    """Data parallelism: one group holds the whole model, so there is nothing to dispatch or aggregate."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def dispatch(self, spec: SubnetSpec) -> None: ...
+
+    def aggregate(self, specs: list[SubnetSpec]) -> None: ...
+
+    def full_state(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The full model, one tensor at a time (collective within the group)."""
+        for name in self.engine.params:
+            yield name, self.engine.read(name)
+
+    def local_tensors(self) -> Iterable[torch.Tensor]:
+        return self.engine.local_tensors()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}  # the engine's own checkpoint holds the model
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
+
+    def take_bytes(self) -> int:
+        return 0
 
 
 class RoundSync:
@@ -44,6 +122,25 @@ class RoundSync:
         self.unit_axes = axis_of(unit_groups)
         self.moments, self.correction, self.reset_moments = moments, correction, reset_moments
         self.names = list(central.shapes)
+
+    def full_state(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The full-width central model, one tensor at a time (collective over the world)."""
+        for name in self.names:
+            yield name, self.central.gather(name)
+
+    def local_tensors(self) -> Iterable[torch.Tensor]:
+        return self.central.shards.values()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.central.shards
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.central.shards = state
+
+    def take_bytes(self) -> int:
+        """Bytes this rank moved since the last call (collective payloads, for tracking)."""
+        sent, self.central.bytes_sent = self.central.bytes_sent, 0
+        return sent
 
     def _sub(self, full: torch.Tensor, name: str, spec: SubnetSpec) -> torch.Tensor:
         unit = self.unit_axes.get(name)

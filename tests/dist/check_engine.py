@@ -22,7 +22,7 @@ from twist_scale.engines.deepspeed_engine import DeepSpeedEngine  # noqa: E402
 from twist_scale.models import architecture_of, build_model  # noqa: E402
 from twist_scale.subnet import SubnetSampler, partitioned_groups  # noqa: E402
 from twist_scale.topology import Topology  # noqa: E402
-from twist_scale.trainer import verify_same_masks  # noqa: E402
+from twist_scale.sync import verify_same_masks  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 VOCAB = 64

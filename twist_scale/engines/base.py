@@ -77,6 +77,10 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def _loss(self, input_ids: torch.Tensor) -> torch.Tensor: ...
 
+    def local_tensors(self) -> list[torch.Tensor]:
+        """The weights this rank stores (its shard where the engine shards them): a local check reads them."""
+        return [p.detach() for p in self.module.parameters()]
+
     @abc.abstractmethod
     def read(self, name: str) -> torch.Tensor:
         """The full fp32 value of parameter `name` (collective within the group)."""

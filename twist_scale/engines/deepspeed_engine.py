@@ -94,6 +94,9 @@ class DeepSpeedEngine(Engine):
         """Stage 0 in fp32: the torch optimizer works on the parameters themselves."""
         return not hasattr(param, "ds_id") and not hasattr(param, "_hp_mapping")
 
+    def local_tensors(self) -> list[torch.Tensor]:
+        return [getattr(p, "ds_tensor", p).detach() for p in self.module.parameters()]  # ZeRO-3: the partition
+
     def read(self, name: str) -> torch.Tensor:
         p = self.params[name]
         if self._plain(p):

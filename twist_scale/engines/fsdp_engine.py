@@ -97,6 +97,9 @@ class FSDPEngine(Engine):
         dist.all_reduce(value, op=dist.ReduceOp.MIN, group=self.mesh["dp"].get_group())
         return value.cpu()
 
+    def local_tensors(self) -> list[torch.Tensor]:
+        return [p.to_local().detach() for p in self.params.values()]
+
     def read(self, name: str) -> torch.Tensor:
         return full_value(self.params[name])
 

@@ -1,0 +1,147 @@
+"""`flap` against FLAP's own method (AL-AM), recomputed here from the formulas with plain torch.
+
+The reference below reads the model's weights and its own hooks' activations; it shares no code
+with twist_scale.prune, so a drift in the metric, the standardisation, the unit weights, the budget
+or the global cut shows up as a different kept set.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from test_export import random_model, word_tokenizer
+
+from twist_scale.export import Central, Pruner, build_pruner, build_subnet, parameter_count
+from twist_scale.models import build_model
+from twist_scale.prune import calibration_batches
+
+VOCAB = 97
+
+
+def tiny_llama() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model("llama", "tiny", VOCAB).eval()
+
+
+def calibration(vocab: int = VOCAB) -> list[torch.Tensor]:
+    stream = torch.randint(0, vocab, (2000,), generator=torch.Generator().manual_seed(1))
+    return calibration_batches(stream, samples=16, seqlen=32, batch_size=8, seed=0)
+
+
+def pruner(model: torch.nn.Module, name: str, shared: list[int], batches: list[torch.Tensor]) -> Pruner:
+    meta = {"shared_layers": shared, "correction": "none"}
+    return build_pruner(Central(Path("in-memory"), model, word_tokenizer(), {}, meta), name, calibration=batches)
+
+
+@torch.no_grad()
+def projection_inputs(model: torch.nn.Module, layers: list[int], batches: list[torch.Tensor]) -> dict:
+    """Every calibration token's input to o_proj and down_proj of the given layers, in float64."""
+    seen: dict[tuple[int, str], list[torch.Tensor]] = {}
+
+    def record(key: tuple[int, str]) -> Callable:
+        return lambda module, args: seen.setdefault(key, []).append(args[0].reshape(-1, args[0].shape[-1]))
+
+    handles = []
+    for i in layers:
+        block = model.model.layers[i]
+        handles.append(block.self_attn.o_proj.register_forward_pre_hook(record((i, "attn"))))
+        handles.append(block.mlp.down_proj.register_forward_pre_hook(record((i, "mlp"))))
+    for batch in batches:
+        model(input_ids=batch)
+    for h in handles:
+        h.remove()
+    return {key: torch.cat(xs).double() for key, xs in seen.items()}
+
+
+def flap_reference(
+    model: torch.nn.Module, layers: list[int], batches: list[torch.Tensor], kappa: float
+) -> tuple[dict, dict]:
+    """FLAP AL-AM on Llama (GQA: a unit is one KV group with its query heads), from the paper's formulas.
+
+    WIFV_j = Var(X_j) · Σ_i W_ij² at o_proj / down_proj (the reference code squares it for attention);
+    standardised per layer and kind; a unit's score is the mean over its channels; units are cut
+    globally where the kept parameter count is nearest Σ ⌈κ·n⌉ · (parameters of one unit), the unit
+    at that count included (the reference code's strict `>` drops it: see docs/pruning.md).
+    Returns the kept unit ids and the unit scores per (layer, kind).
+    """
+    cfg = model.config
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    q_per_kv = cfg.num_attention_heads // cfg.num_key_value_heads
+    params = {  # q and o: q_per_kv heads, k and v: one head, each head_dim × hidden; gate, up, down: hidden
+        "attn": cfg.hidden_size * head_dim * (2 * q_per_kv + 2),
+        "mlp": 3 * cfg.hidden_size,
+    }
+    inputs = projection_inputs(model, layers, batches)
+    scores, weights, owners, by_group = [], [], [], {}
+    for kind in ("attn", "mlp"):
+        for i in layers:
+            block = model.model.layers[i]
+            w = (block.self_attn.o_proj if kind == "attn" else block.mlp.down_proj).weight.double()
+            wifv = inputs[i, kind].var(0) * w.pow(2).sum(0)
+            metric = wifv**2 if kind == "attn" else wifv
+            z = (metric - metric.mean()) / metric.std()
+            unit = z.reshape(-1, q_per_kv * head_dim).mean(1) if kind == "attn" else z
+            scores.append(unit)
+            by_group[i, kind] = unit
+            weights.append(torch.full_like(unit, params[kind]))
+            owners += [(i, kind, u) for u in range(unit.numel())]
+    n_units = {"attn": cfg.num_key_value_heads, "mlp": cfg.intermediate_size}
+    budget = sum(math.ceil(kappa * n_units[kind]) * params[kind] for kind in n_units) * len(layers)
+    order = torch.argsort(torch.cat(scores), descending=True)
+    cut = int(torch.argmin((torch.cat(weights)[order].cumsum(0) - budget).abs()))
+    kept: dict[tuple[int, str], list[int]] = {(i, kind): [] for i in layers for kind in n_units}
+    for idx in order[: cut + 1].tolist():
+        i, kind, u = owners[idx]
+        kept[i, kind].append(u)
+    return {key: tuple(sorted(ids)) for key, ids in kept.items()}, by_group
+
+
+@pytest.mark.parametrize(("shared", "kappa"), [([], 0.5), ([0, 5], 0.5), ([0, 5], 0.75)])
+def test_flap_keeps_exactly_the_units_of_the_reference_formulas(shared, kappa):
+    model, batches = tiny_llama(), calibration()
+    layers = [i for i in range(model.config.num_hidden_layers) if i not in shared]
+    expected, _ = flap_reference(model, layers, batches, kappa)
+    assert all(expected.values()), "the reference leaves a group empty: pick a κ where the guard stays out"
+    assert dict(pruner(model, "flap", shared, batches).spec(kappa).kept) == expected
+
+
+UNIT_PARAMS = {  # the largest unit of the tiny presets: one Llama KV group (q, k, v rows, o columns); a GPT-2 head
+    "llama": 64 * 16 * (2 * 2 + 2),
+    "gpt2": 64 * 16 * 4 + 3 * 16,
+}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("kappa", [0.25, 0.5, 0.75])
+def test_flap_adapts_widths_at_the_uniform_methods_size(arch, kappa):
+    """Same parameter count as flap_uniform (to half a unit), but not its uniform widths."""
+    model = random_model(arch)
+    batches = calibration(model.config.vocab_size)
+    flap = pruner(model, "flap", [], batches)
+    spec, uniform = flap.spec(kappa), pruner(model, "flap_uniform", [], batches).spec(kappa)
+    sizes = [parameter_count(build_subnet(model, s)[0]) for s in (spec, uniform)]
+    assert abs(sizes[0] - sizes[1]) <= UNIT_PARAMS[arch] / 2
+    widths = {ug.key: len(spec.kept[ug.key]) for ug in flap.unit_groups}
+    assert any(widths[key] != len(uniform.kept[key]) for key in widths)
+    assert min(widths.values()) >= 1
+
+
+def test_flap_keeps_one_unit_of_every_group_where_the_ranking_would_keep_none():
+    """At a small κ FLAP's ranking empties whole groups; a zero-width layer cannot be exported, so
+    each group's best unit is kept and the rest still fill the same budget."""
+    model, batches, shared, kappa = tiny_llama(), calibration(), [0, 1, 4, 5], 0.05
+    expected, scores = flap_reference(model, [2, 3], batches, kappa)
+    assert not all(expected.values())
+    pr = pruner(model, "flap", shared, batches)
+    spec = pr.spec(kappa)
+    assert all(len(spec.kept[ug.key]) >= 1 for ug in pr.unit_groups)
+    for key, ids in expected.items():
+        if not ids:
+            assert int(scores[key].argmax()) in spec.kept[key]
+    uniform = pruner(model, "flap_uniform", shared, batches).spec(kappa)
+    sizes = [parameter_count(build_subnet(model, s)[0]) for s in (spec, uniform)]
+    assert abs(sizes[0] - sizes[1]) <= UNIT_PARAMS["llama"] / 2
