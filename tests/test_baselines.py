@@ -16,6 +16,7 @@ from twist_scale.prune import (
     PruneInputs,
     calibration_batches,
     collect_activation_stats,
+    collect_gradients,
     method,
 )
 from twist_scale.subnet import partitioned_groups
@@ -85,8 +86,8 @@ def stats_for(model, groups, var: dict[str, torch.Tensor], mean: dict[str, torch
     return ActivationStats(mean, {k: var[k] + mean[k] ** 2 for k in var}, tokens=1)
 
 
-def test_flap_and_wanda_sp_follow_activation_statistics():
-    """Equal weights: FLAP follows the channel variance, Wanda-sp the channel RMS."""
+def test_flap_follows_activation_variance():
+    """Equal weights: FLAP follows the channel variance; a large but constant channel it compensates with a bias."""
     model = random_model("gpt2")
     groups = architecture_of(model).unit_groups(model.config)
     with torch.no_grad():
@@ -99,15 +100,46 @@ def test_flap_and_wanda_sp_follow_activation_statistics():
         mean[ug.output_module] = torch.zeros(n)
     mlp = "transformer.h.1.mlp.c_proj"
     var[mlp][[9, 200]] = 5.0  # high fluctuation
-    mean[mlp][[50, 60]] = 30.0  # large but constant: Wanda-sp keeps these, FLAP compensates them with a bias
+    mean[mlp][[50, 60]] = 30.0  # large but constant
     stats = stats_for(model, groups, var, mean)
     flap = METHODS["flap"].select(PruneInputs(model, groups, 2 / 256, 0, stats))
-    wanda = METHODS["wanda_sp"].select(PruneInputs(model, groups, 2 / 256, 0, stats))
     assert flap.kept[(1, "mlp")] == (9, 200)
     assert METHODS["flap_uniform"].select(PruneInputs(model, groups, 2 / 256, 0, stats)).kept[(1, "mlp")] == (9, 200)
-    assert wanda.kept[(1, "mlp")] == (50, 60)
     with pytest.raises(ValueError, match="calibration"):
         METHODS["flap"].select(PruneInputs(model, groups, 0.5, 0))
+
+
+def test_wanda_sp_keeps_large_constant_channels_that_flap_drops():
+    """Two GPT-2 neurons whose input weights are zero and bias large: a large constant activation.
+    Wanda-sp (‖X‖) keeps them; FLAP (Var X = 0, here its uniform variant) drops them: its bias keeps their mean."""
+    model = random_model("gpt2")
+    fc = model.transformer.h[1].mlp.c_fc  # Conv1D: weight (hidden, neurons)
+    with torch.no_grad():
+        fc.weight[:, [50, 60]] = 0.0
+        fc.bias[[50, 60]] = 30.0
+    batches = calibration()
+    kept = lambda name: build_pruner(central(model), name, calibration=batches).spec(2 / 256).kept[(1, "mlp")]
+    assert kept("wanda_sp") == (50, 60)
+    assert not {50, 60} & set(kept("flap_uniform"))
+    with pytest.raises(ValueError, match="calibration"):
+        METHODS["wanda_sp"].select(PruneInputs(model, architecture_of(model).unit_groups(model.config), 0.5, 0))
+
+
+def test_gradients_leave_the_model_as_it_was():
+    """The gradient pass writes no .grad, restores requires_grad and train mode, changes no weight."""
+    model = random_model("llama").train()
+    groups = partitioned_groups(architecture_of(model).unit_groups(model.config), [0, 5])
+    frozen = "model.layers.2.mlp.up_proj.weight"
+    model.get_parameter(frozen).requires_grad_(False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    grads = collect_gradients(model, groups, calibration())
+    assert model.training and not model.get_parameter(frozen).requires_grad
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert set(grads) == {a.name for ug in groups for a in ug.axes}  # layers 0 and 5 are not scored
+    assert grads[frozen].abs().sum() > 0
+    with pytest.raises(ValueError, match="calibration"):
+        METHODS["taylor"].select(PruneInputs(model, groups, 0.5, 0))
 
 
 def test_flap_folds_bias_compensation_from_calibration_means():

@@ -43,6 +43,7 @@ from twist_scale.prune import (
     calibration_batches,
     check_kappa,
     collect_activation_stats,
+    collect_gradients,
     method,
 )
 from twist_scale.subnet import SubnetSpec, apply_subnet_shapes, default_shared_layers, partitioned_groups
@@ -318,10 +319,15 @@ class Pruner:
     correction: str
     means: dict[str, torch.Tensor]
     stats: ActivationStats | None = None
+    grads: dict[str, torch.Tensor] | None = None
+    calibration: list[torch.Tensor] | None = None
 
     def spec(self, kappa: float, seed: int = 0) -> SubnetSpec:
         check_kappa(kappa)
-        return self.method.select(PruneInputs(self.central.model, self.unit_groups, kappa, seed, self.stats))
+        inputs = PruneInputs(
+            self.central.model, self.unit_groups, kappa, seed, self.stats, self.grads, self.calibration
+        )
+        return self.method.select(inputs)
 
     def subnet(self, kappa: float, seed: int = 0) -> tuple[nn.Module, bool, SubnetSpec]:
         spec = self.spec(kappa, seed)
@@ -352,16 +358,16 @@ def build_pruner(
     chosen = method(method_name)
     shared = central.shared_layers(shared_layers)
     groups = partitioned_groups(architecture_of(central.model).unit_groups(central.model.config), shared)
-    stats = None
-    if chosen.calibrated:
-        if not calibration:
-            raise ValueError(f"method {method_name!r} needs calibration text: pass --calibration FILE")
-        stats = collect_activation_stats(central.model, groups, calibration)
+    if chosen.calibrated and not calibration:
+        raise ValueError(f"method {method_name!r} needs calibration text: pass --calibration FILE")
+    stats = collect_activation_stats(central.model, groups, calibration) if chosen.needs_stats else None
+    grads = collect_gradients(central.model, groups, calibration) if chosen.needs_grads else None
     own = chosen.correction is not None
     fix = correction if correction != "auto" else (chosen.correction if own else central.correction)
     fold_of(fix)
     means = stats.mean if own and stats is not None else central.means
-    return Pruner(central, chosen, method_name, groups, shared, fix, means, stats)
+    batches = calibration if chosen.needs_batches else None
+    return Pruner(central, chosen, method_name, groups, shared, fix, means, stats, grads, batches)
 
 
 def export_name(method_name: str, kappa: float, seed: int, seeded: bool) -> str:

@@ -1,28 +1,36 @@
 """Which units a κ-subnet keeps: a registry of pruning methods with one signature (wanda's discipline).
 
 Every method maps a `PruneInputs` to a `SubnetSpec` over the partitioned unit groups, so TwIST's
-zero-cost export (`random`) and the post-hoc baselines (`magnitude`, `wanda_sp`, `flap`,
+zero-cost export (`random`) and the post-hoc baselines (`magnitude`, `wanda_sp`, `taylor`, `flap`,
 `flap_uniform`) go through the same exporter and the same perplexity protocol. Most methods keep
 ⌈κ·n⌉ units in every partitioned group, so their exports have the same widths. `flap` is FLAP's
 own default (AL-AM): one global ranking over all layers and both kinds, so widths differ per layer,
 at the same total weight count as the uniform methods; `flap_uniform` is FLAP's uniform variant.
 
-Activation-aware methods read `ActivationStats`, gathered on a small calibration set at the input
-of each output projection (o_proj / down_proj / c_proj) — the same place where TwIST's 'mean'
-correction keeps its running means. FLAP's bias compensation is therefore exactly the 'mean'
-fold with calibration means, and the registry says so (`PruneMethod.correction`).
+Calibrated methods say in the registry what they read from the calibration batches; the exporter
+computes it once per pruner. `ActivationStats` are gathered at the input of each output projection
+(o_proj / down_proj / c_proj) — the same place where TwIST's 'mean' correction keeps its running
+means, so FLAP's bias compensation is exactly the 'mean' fold with calibration means
+(`PruneMethod.correction`). `taylor` reads loss gradients (`collect_gradients`). `wanda_sp` reads the
+batches themselves: FLAP's Wanda-sp measures each layer on the model whose earlier layers are
+already pruned, and which units those lose depends on κ.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from twist_scale.models import UnitGroup, units_to_keep
 from twist_scale.subnet import SubnetSampler, SubnetSpec
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -39,23 +47,32 @@ class ActivationStats:
 
 @dataclass(frozen=True)
 class PruneInputs:
-    """Everything a method may look at; a method that needs `stats` says so in the registry."""
+    """Everything a method may look at; what a method reads from calibration text, the registry says."""
 
     model: nn.Module  # full width, not modified
     unit_groups: list[UnitGroup]  # the partitioned groups: the ones a subnet shrinks
     kappa: float
     seed: int = 0
-    stats: ActivationStats | None = None
+    stats: ActivationStats | None = None  # PruneMethod.needs_stats
+    grads: dict[str, torch.Tensor] | None = None  # PruneMethod.needs_grads: full-width, by parameter name
+    calibration: list[torch.Tensor] | None = None  # PruneMethod.needs_batches: the batches of token ids
 
 
 @dataclass(frozen=True)
 class PruneMethod:
     select: Callable[[PruneInputs], SubnetSpec]
     doc: str
-    calibrated: bool = False  # needs ActivationStats from calibration text
+    needs_stats: bool = False  # ActivationStats of the full model on calibration text
+    needs_grads: bool = False  # loss gradients of the full model on calibration text
+    needs_batches: bool = False  # the calibration batches, for passes that depend on κ
     seeded: bool = False  # different seeds give different subnets (evaluation draws several)
     correction: str | None = None  # folded at export instead of the model's own; None = the trained one
     adaptive: bool = False  # widths differ per group (same total weight); else every group keeps ⌈κ·n⌉ units
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the method needs calibration text at all (export and evaluation then require it)."""
+        return self.needs_stats or self.needs_grads or self.needs_batches
 
 
 def check_kappa(kappa: float) -> None:
@@ -63,13 +80,15 @@ def check_kappa(kappa: float) -> None:
         raise ValueError(f"--kappa {kappa} must be in (0, 1] (the fraction of units kept; 0.5 = 50% sparsity)")
 
 
+def _top(scores: torch.Tensor, kappa: float) -> tuple[int, ...]:
+    """The ⌈κ·n⌉ highest-scoring unit ids of one group, ascending (ties: lower id first)."""
+    order = torch.sort(-scores.double(), stable=True).indices
+    return tuple(sorted(order[: units_to_keep(scores.numel(), kappa)].tolist()))
+
+
 def _top_units(inputs: PruneInputs, score: Callable[[UnitGroup], torch.Tensor]) -> SubnetSpec:
-    """Keep the ⌈κ·n⌉ highest-scoring units of every partitioned group (ties: lower id first)."""
-    kept = {}
-    for ug in inputs.unit_groups:
-        order = torch.sort(-score(ug).double(), stable=True).indices
-        kept[ug.key] = tuple(sorted(order[: units_to_keep(ug.num_units, inputs.kappa)].tolist()))
-    return SubnetSpec(kept)
+    """Keep the ⌈κ·n⌉ highest-scoring units of every partitioned group."""
+    return SubnetSpec({ug.key: _top(score(ug), inputs.kappa) for ug in inputs.unit_groups})
 
 
 def _unit_channels(values: torch.Tensor, ug: UnitGroup, tensor_name: str) -> torch.Tensor:
@@ -82,6 +101,20 @@ def _unit_channels(values: torch.Tensor, ug: UnitGroup, tensor_name: str) -> tor
 def per_unit(values: torch.Tensor, ug: UnitGroup, tensor_name: str) -> torch.Tensor:
     """Sum a per-channel vector (one entry per index along a unit axis) into one value per unit."""
     return _unit_channels(values, ug, tensor_name).sum(dim=(0, 2))
+
+
+def _owned_sum(ug: UnitGroup, elementwise: Callable[[str], torch.Tensor | None]) -> torch.Tensor:
+    """Σ of an element-wise score over every element a unit owns: its slice of each tensor in the unit
+    map (q/k/v rows and o columns, or a neuron's gate/up rows and down column). `elementwise` gives
+    the score of a whole tensor by name, or None for a tensor it does not score."""
+    total = torch.zeros(ug.num_units, dtype=torch.float64)
+    for axis in ug.axes:
+        values = elementwise(axis.name)
+        if values is None:
+            continue
+        other = [d for d in range(values.dim()) if d != axis.axis]
+        total += per_unit(values.sum(dim=other) if other else values, ug, axis.name)
+    return total
 
 
 def _output_weight_columns(model: nn.Module, ug: UnitGroup) -> torch.Tensor:
@@ -99,36 +132,74 @@ def select_magnitude(inputs: PruneInputs) -> SubnetSpec:
     """Data-free: the squared L2 norm of all weights a unit owns (q/k/v rows and o columns, or one neuron)."""
     params = dict(inputs.model.named_parameters())
 
-    def score(ug: UnitGroup) -> torch.Tensor:
-        total = torch.zeros(ug.num_units, dtype=torch.float64)
-        for axis in ug.axes:
-            if axis.name not in params:
-                continue
-            w = params[axis.name].detach().double()
-            other = [d for d in range(w.dim()) if d != axis.axis]
-            channel_sq = (w**2).sum(dim=other) if other else w**2
-            total += per_unit(channel_sq, ug, axis.name)
-        return total
+    def square(name: str) -> torch.Tensor | None:
+        return params[name].detach().double() ** 2 if name in params else None
 
-    return _top_units(inputs, score)
+    return _top_units(inputs, lambda ug: _owned_sum(ug, square))
+
+
+def _needs(value: T | None, what: str) -> T:
+    """The input a method reads, or an error that says where it comes from."""
+    if value is None:
+        raise ValueError(f"this pruning method needs {what} (pass calibration text)")
+    return value
 
 
 def _stats(inputs: PruneInputs) -> ActivationStats:
-    if inputs.stats is None:
-        raise ValueError("this pruning method needs calibration statistics (pass calibration text)")
-    return inputs.stats
+    return _needs(inputs.stats, "calibration statistics")
+
+
+@contextmanager
+def _without_dropped(model: nn.Module, unit_groups: list[UnitGroup], spec: SubnetSpec) -> Iterator[None]:
+    """Run the full-width model as if the spec's dropped units were removed, with no correction: their
+    channels at the output projection's input are zeroed, which is what slicing them away gives."""
+    handles = []
+    for ug in unit_groups:
+        module = model.get_submodule(ug.output_module)
+        keep = module.weight.new_zeros(module.weight.shape[ug.output_input_axis])
+        keep[ug.output_axis.index(spec.units(ug))] = 1.0
+        handles.append(module.register_forward_pre_hook(lambda m, args, keep=keep: (args[0] * keep, *args[1:])))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def select_wanda_sp(inputs: PruneInputs) -> SubnetSpec:
-    """Wanda-sp (structured Wanda, as in the FLAP paper): Σ_i |W_ij| · ‖X_j‖ over a unit's channels j."""
-    stats = _stats(inputs)
+    """Wanda-sp (structured Wanda, FLAP's `prune_wanda_sp`): Σ_j Σ_i |W_ij| · ‖X_j‖ over a unit's
+    input channels j of the output projection, ⌈κ·n⌉ units per group.
 
-    def score(ug: UnitGroup) -> torch.Tensor:
-        w = _output_weight_columns(inputs.model, ug)
-        channel = w.abs().sum(0).double() * stats.sq_mean[ug.output_module].double().sqrt()
-        return per_unit(channel, ug, f"{ug.output_module}.weight")
+    Layer by layer, as the reference: X is measured on the calibration batches with every earlier
+    partitioned layer already pruned to its kept units (removed, not compensated), attention and MLP
+    of one layer in the same pass. So a layer is scored on the inputs it sees once the earlier ones
+    have lost their units; those depend on κ, so the passes run per call, one per partitioned layer.
+    """
+    batches = _needs(inputs.calibration, "calibration batches")
+    kept: dict[tuple[int, str], tuple[int, ...]] = {}
+    for layer in sorted({ug.layer for ug in inputs.unit_groups}):
+        groups = [ug for ug in inputs.unit_groups if ug.layer == layer]
+        done = [ug for ug in inputs.unit_groups if ug.key in kept]
+        with _without_dropped(inputs.model, done, SubnetSpec(kept)):
+            stats = collect_activation_stats(inputs.model, groups, batches)
+        for ug in groups:
+            w = _output_weight_columns(inputs.model, ug)
+            channel = w.abs().sum(0).double() * stats.sq_mean[ug.output_module].double().sqrt()
+            kept[ug.key] = _top(per_unit(channel, ug, f"{ug.output_module}.weight"), inputs.kappa)
+    return SubnetSpec(kept)
 
-    return _top_units(inputs, score)
+
+def select_taylor(inputs: PruneInputs) -> SubnetSpec:
+    """LLM-Pruner's block-wise Taylor importance ('param_first', group reduction 'sum'): Σ |w · ∂L/∂w|
+    over every parameter a unit owns, ⌈κ·n⌉ units per group. |w · ∂L/∂w| is the first-order estimate
+    of how much the loss changes when w is set to zero, so a unit scores what removing it costs."""
+    grads = _needs(inputs.grads, "loss gradients on calibration text")
+    params = dict(inputs.model.named_parameters())
+
+    def saliency(name: str) -> torch.Tensor | None:
+        return (params[name].detach().double() * grads[name].double()).abs() if name in grads else None
+
+    return _top_units(inputs, lambda ug: _owned_sum(ug, saliency))
 
 
 def _fluctuation(inputs: PruneInputs, ug: UnitGroup) -> torch.Tensor:
@@ -205,18 +276,21 @@ def select_flap(inputs: PruneInputs) -> SubnetSpec:
 METHODS: dict[str, PruneMethod] = {
     "random": PruneMethod(select_random, "seeded uniform draw (TwIST zero-cost export)", seeded=True),
     "magnitude": PruneMethod(select_magnitude, "unit weight norm, no data"),
-    "wanda_sp": PruneMethod(select_wanda_sp, "|W|·‖X‖ on calibration text", calibrated=True),
+    "wanda_sp": PruneMethod(
+        select_wanda_sp, "|W|·‖X‖ on calibration text, layer by layer on the pruned prefix", needs_batches=True
+    ),
+    "taylor": PruneMethod(select_taylor, "LLM-Pruner block-wise Taylor: Σ|w·∂L/∂w| per unit", needs_grads=True),
     "flap": PruneMethod(
         select_flap,
         "FLAP AL-AM: standardised Var(X)·‖W‖², one global ranking (adaptive widths), bias-compensated",
-        calibrated=True,
+        needs_stats=True,
         correction="mean",
         adaptive=True,
     ),
     "flap_uniform": PruneMethod(
         select_flap_uniform,
         "FLAP UL-UM: Var(X)·‖W‖², ⌈κ·n⌉ per layer, bias-compensated",
-        calibrated=True,
+        needs_stats=True,
         correction="mean",
     ),
 }
@@ -262,6 +336,43 @@ def collect_activation_stats(
     return ActivationStats(
         {m: (sums[m] / n).float() for m in modules}, {m: (squares[m] / n).float() for m in modules}, n
     )
+
+
+def collect_gradients(
+    model: nn.Module, unit_groups: list[UnitGroup], batches: Iterable[torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """∂L/∂w for every parameter the unit groups slice, L = the mean next-token loss over all
+    calibration tokens — one backward of the mean loss over all examples, as LLM-Pruner takes it,
+    accumulated batch by batch (each batch's summed loss) so memory stays one batch's.
+
+    The model is left as it was: gradients come from `torch.autograd.grad`, so no `.grad` is written;
+    `requires_grad` and train mode are restored; eval mode meanwhile, so dropout does not add noise.
+    """
+    names = {a.name for ug in unit_groups for a in ug.axes}
+    params = {n: p for n, p in model.named_parameters() if n in names}
+    flags = {n: p.requires_grad for n, p in params.items()}
+    sums = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+    was_training = model.training
+    model.eval()
+    tokens = 0
+    try:
+        for p in params.values():
+            p.requires_grad_(True)
+        for batch in batches:
+            with torch.enable_grad():
+                logits = model(input_ids=batch).logits[:, :-1].float()
+                loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum")
+                grads = torch.autograd.grad(loss, list(params.values()))
+            for name, g in zip(params, grads, strict=True):
+                sums[name] += g.float()
+            tokens += batch[:, 1:].numel()
+    finally:
+        for n, p in params.items():
+            p.requires_grad_(flags[n])
+        model.train(was_training)
+    if tokens == 0:
+        raise ValueError("no calibration tokens: the calibration text is empty or shorter than one window")
+    return {n: (s / tokens).to(params[n].dtype) for n, s in sums.items()}
 
 
 def calibration_batches(
