@@ -58,11 +58,12 @@ class CentralModel:
 
     def _my_piece(self, full: torch.Tensor, name: str) -> torch.Tensor:
         k = self._piece_len(name)
-        return self._host(self._padded_flat(full, name)[self.topo.rank * k : (self.topo.rank + 1) * k])
+        piece = self._padded_flat(full, name)[self.topo.rank * k : (self.topo.rank + 1) * k]
+        return self._host(piece.clone())  # a view would keep the whole padded tensor alive
 
     def _host(self, t: torch.Tensor) -> torch.Tensor:
-        """An fp32 host copy of `t`, the form every shard is kept in."""
-        t = t.to("cpu", torch.float32, copy=True)
+        """`t` as an fp32 host tensor, the form every shard is kept in (copied only to convert or pin)."""
+        t = t.to("cpu", torch.float32)
         return t.pin_memory() if self.pin else t
 
     def set_full(self, name: str, full: torch.Tensor) -> None:
