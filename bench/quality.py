@@ -34,7 +34,12 @@ DATA = (REPO / ".." / "shared" / "data").resolve()
 TRAIN = DATA / "brown" / "train.txt"
 TESTS = {"brown": DATA / "brown" / "test.txt", "wikitext2": DATA / "wikitext-2" / "test.txt"}
 BASELINES = ("random", "magnitude", "wanda_sp", "flap", "flap_uniform")
-TWIST_METHODS = ("random", "magnitude")
+TWIST_METHODS = ("random", "magnitude", "adaptive_magnitude")  # zero-cost: no calibration text
+STATS_METHODS = ("adaptive_stats",)  # zero-cost from the statistics a correction 'mean' run keeps
+# Calibration windows (samples, tokens) from brown/train: FLAP's paper setting for FLAP (one pass);
+# fewer for Wanda-sp, whose layer-by-layer passes read them once per partitioned layer and κ.
+CALIBRATION = {"flap": (1024, 128), "flap_uniform": (1024, 128), "wanda_sp": (128, 128)}
+QUICK_WINDOW = 64
 EXPERIMENT = "bench-quality"
 TRAIN_SECONDS = "bench_train_seconds"
 
@@ -46,16 +51,24 @@ class Run:
     groups: int
     kappa: float
     procs: int
+    correction: str = "scale"
 
     @property
     def dense(self) -> bool:
         return self.groups == 1
 
+    @property
+    def methods(self) -> tuple[str, ...]:
+        if self.dense:
+            return BASELINES
+        return TWIST_METHODS + (STATS_METHODS if self.correction == "mean" else ())
+
 
 RUNS = (
-    Run("dense", "dense_brown.toml", 1, 1.0, 2),
+    Run("dense", "dense_brown.toml", 1, 1.0, 2, correction="none"),
     Run("twist_k0.50_g2", "twist_brown.toml", 2, 0.5, 2),
     Run("twist_k0.50_g4", "twist_brown.toml", 4, 0.5, 4),
+    Run("twist_k0.50_g4_mean", "twist_brown.toml", 4, 0.5, 4, correction="mean"),
     Run("twist_k0.25_g4", "twist_brown.toml", 4, 0.25, 4),
 )
 
@@ -85,6 +98,7 @@ def train(run: Run, out: Path, budget: Budget, uri: str) -> float:
         "optim.lr": budget.lr,
         "twist.groups": run.groups,
         "twist.kappa": run.kappa,
+        "twist.correction": run.correction,
         "twist.shared_layers": "",
         "twist.local_steps": budget.local_steps,
         "twist.rounds": budget.rounds,
@@ -108,12 +122,12 @@ def evaluate_run(run: Run, out: Path, kappas: list[float], draws: int, window: i
     central = Central.load(out / run.name / "final")
     streams = {name: token_stream([str(path)], central.tokenizer) for name, path in TESTS.items()}
     run_id = (out / run.name / "mlflow_run_id").read_text().strip()
-    methods = BASELINES if run.dense else TWIST_METHODS
-    calibration = None
-    if any(prune_method(m).calibrated for m in methods):  # wanda_sp / flap only
-        calibration = calibration_from_files([str(TRAIN)], central.tokenizer, samples=32, seqlen=window)
     results: dict = {}
-    for method in methods:
+    for method in run.methods:
+        calibration = None
+        if prune_method(method).calibrated:
+            samples, seqlen = CALIBRATION[method] if window > QUICK_WINDOW else (32, QUICK_WINDOW)
+            calibration = calibration_from_files([str(TRAIN)], central.tokenizer, samples=samples, seqlen=seqlen)
         pruner = build_pruner(central, method, shared_layers="none", calibration=calibration)
         for test, stream in streams.items():
             start = time.perf_counter()
@@ -135,6 +149,20 @@ def evaluate_run(run: Run, out: Path, kappas: list[float], draws: int, window: i
     return results
 
 
+def ratios_to_best_baseline(report: dict, kappas: list[float]) -> dict:
+    """run -> method -> test -> κ -> TwIST perplexity / the best baseline's (dense run, any method)."""
+    dense = next(r["eval"] for r in report["runs"].values() if r["groups"] == 1)
+    best = {t: {f"{k:.2f}": min(m[t][f"{k:.2f}"]["mean"] for m in dense.values()) for k in kappas} for t in TESTS}
+    return {
+        name: {
+            method: {t: {k: by_test[t][k]["mean"] / best[t][k] for k in best[t]} for t in TESTS}
+            for method, by_test in run["eval"].items()
+        }
+        for name, run in report["runs"].items()
+        if run["groups"] > 1
+    }
+
+
 def markdown(report: dict, kappas: list[float]) -> str:
     tests = list(TESTS)
     budget = report["budget"]
@@ -152,6 +180,22 @@ def markdown(report: dict, kappas: list[float]) -> str:
             full = " / ".join(f"{by_test[t]['full']['ppl']:.1f}" for t in tests)
             cells = [" / ".join(f"{by_test[t][f'{k:.2f}']['mean']:.1f}" for t in tests) for k in kappas]
             lines.append(f"| {name} | {method} | {run['train_seconds']:.0f} | {full} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Ratio to the best post-hoc baseline at the same κ (perplexity of the TwIST export / lowest perplexity "
+        "of any baseline on the dense run; below 1: TwIST wins):",
+        "",
+        "| run | method | " + " | ".join(f"κ={k:.2f}" for k in kappas) + " |",
+        "| --- | --- |" + " ---: |" * len(kappas),
+    ]
+    ratios = report["ratios"]
+    for name, by_method in ratios.items():
+        for method, cells in by_method.items():
+            lines.append(
+                f"| {name} | {method} | "
+                + " | ".join(" / ".join(f"{cells[t][f'{k:.2f}']:.2f}" for t in tests) for k in kappas)
+                + " |"
+            )
     params = next(iter(next(iter(report["runs"].values()))["eval"].values()))[tests[0]]
     lines += [
         "",
@@ -176,7 +220,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         budget = Budget("tiny", 64, 64 * 8, 5, 3, args.lr)
-        window, max_windows = 64, 16
+        window, max_windows = QUICK_WINDOW, 16
     else:
         budget = Budget("small", 256, 256 * 8, args.local_steps, args.rounds, args.lr)
         window, max_windows = 256, args.max_windows
@@ -213,6 +257,7 @@ def main() -> None:
         report["runs"][run.name]["eval"] = evaluate_run(run, args.out, args.kappa, args.draws, window, max_windows, uri)
     report["eval_seconds"] = time.perf_counter() - start
     report["total_seconds"] = report["eval_seconds"] + sum(r["train_seconds"] for r in report["runs"].values())
+    report["ratios"] = ratios_to_best_baseline(report, args.kappa)
 
     suffix = "_quick" if args.quick else ""
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -67,11 +67,15 @@ def launch_env() -> dict[str, str]:
 def run_deepspeed(
     nproc: int, script: str | Path, args: list[str], timeout: float = 300, check: bool = True
 ) -> subprocess.CompletedProcess:
-    """A real `deepspeed --num_gpus N` launch on 127.0.0.1 with gloo."""
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(free_port()), str(script), *args]
+    """A real `deepspeed --num_gpus N` launch on 127.0.0.1 with gloo; a clean run leaves no shared memory."""
+    port = free_port()
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(port), str(script), *args]
     proc = subprocess.run(cmd, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         pytest.fail(f"deepspeed exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    if check:
+        leaked = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_*"))
+        assert not leaked, f"the run left DeepSpeed's all-reduce workspaces in /dev/shm: {leaked}"
     return proc
 
 

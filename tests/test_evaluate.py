@@ -148,3 +148,17 @@ def test_train_once_export_every_kappa_and_log_perplexity(trained_run, tmp_path,
         + ["--correction", "none", "--label", "magnitude-none"]
     )
     assert "test/magnitude-none/ppl_kappa_0.50" in client.get_run(run_id).data.metrics
+
+
+def test_adaptive_stats_exports_from_the_statistics_training_kept(trained_run, tmp_path, capsys):
+    """Correction 'mean' leaves running E[x] and E[x²] in the central model: enough for AL-AM, no calibration."""
+    final = trained_run / "final"
+    central = export.Central.load(final)
+    stats = central.training_stats
+    assert stats is not None and stats.mean.keys() == stats.sq_mean.keys() == central.means.keys()
+    assert all((stats.variance(m) > 0).any() for m in stats.mean)
+    export.main([str(final), "--method", "adaptive_stats", "--kappa", "0.5", "--out", str(tmp_path)])
+    record = json.loads((Path(capsys.readouterr().out.split()[0]) / export.SUBNET_FILE).read_text())
+    assert record["method"] == "adaptive_stats" and record["correction"] == "mean"
+    partitioned = central.model.config.num_hidden_layers - len(central.shared_layers())
+    assert len(record["kept"]) == 2 * partitioned > 0

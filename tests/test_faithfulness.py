@@ -20,7 +20,7 @@ from test_export import random_model, word_tokenizer
 
 from twist_scale.export import Central, Pruner, build_pruner, build_subnet, parameter_count
 from twist_scale.models import build_model
-from twist_scale.prune import calibration_batches
+from twist_scale.prune import ActivationStats, calibration_batches
 
 VOCAB = 97
 
@@ -74,12 +74,9 @@ def flap_reference(
     cfg = model.config
     head_dim = cfg.hidden_size // cfg.num_attention_heads
     q_per_kv = cfg.num_attention_heads // cfg.num_key_value_heads
-    params = {  # q and o: q_per_kv heads, k and v: one head, each head_dim × hidden; gate, up, down: hidden
-        "attn": cfg.hidden_size * head_dim * (2 * q_per_kv + 2),
-        "mlp": 3 * cfg.hidden_size,
-    }
+    params = unit_params(model)
     inputs = projection_inputs(model, layers, batches)
-    scores, weights, owners, by_group = [], [], [], {}
+    by_group = {}
     for kind in ("attn", "mlp"):
         for i in layers:
             block = model.model.layers[i]
@@ -87,20 +84,36 @@ def flap_reference(
             wifv = inputs[i, kind].var(0) * w.pow(2).sum(0)
             metric = wifv**2 if kind == "attn" else wifv
             z = (metric - metric.mean()) / metric.std()
-            unit = z.reshape(-1, q_per_kv * head_dim).mean(1) if kind == "attn" else z
-            scores.append(unit)
-            by_group[i, kind] = unit
-            weights.append(torch.full_like(unit, params[kind]))
-            owners += [(i, kind, u) for u in range(unit.numel())]
-    n_units = {"attn": cfg.num_key_value_heads, "mlp": cfg.intermediate_size}
-    budget = sum(math.ceil(kappa * n_units[kind]) * params[kind] for kind in n_units) * len(layers)
+            by_group[i, kind] = z.reshape(-1, q_per_kv * head_dim).mean(1) if kind == "attn" else z
+    return global_cut(by_group, params, kappa), by_group
+
+
+def global_cut(by_group: dict[tuple[int, str], torch.Tensor], params: dict[str, int], kappa: float) -> dict:
+    """AL-AM's cut: all units ranked by score (attention groups first, then MLP, layer by layer), the
+    ranking's prefix kept whose parameter count is nearest Σ ⌈κ·n⌉ · (parameters of one unit)."""
+    scores, weights, owners = [], [], []
+    for kind in ("attn", "mlp"):
+        for (i, k), unit in by_group.items():
+            if k == kind:
+                scores.append(unit)
+                weights.append(torch.full_like(unit, params[kind]))
+                owners += [(i, kind, u) for u in range(unit.numel())]
+    budget = sum(math.ceil(kappa * unit.numel()) * params[kind] for (_, kind), unit in by_group.items())
     order = torch.argsort(torch.cat(scores), descending=True)
     cut = int(torch.argmin((torch.cat(weights)[order].cumsum(0) - budget).abs()))
-    kept: dict[tuple[int, str], list[int]] = {(i, kind): [] for i in layers for kind in n_units}
+    kept: dict[tuple[int, str], list[int]] = {key: [] for key in by_group}
     for idx in order[: cut + 1].tolist():
         i, kind, u = owners[idx]
         kept[i, kind].append(u)
-    return {key: tuple(sorted(ids)) for key, ids in kept.items()}, by_group
+    return {key: tuple(sorted(ids)) for key, ids in kept.items()}
+
+
+def unit_params(model: torch.nn.Module) -> dict[str, int]:
+    """Parameters of one Llama unit: a KV group (q and o: its query heads; k and v: one head) or a neuron."""
+    cfg = model.config
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    q_per_kv = cfg.num_attention_heads // cfg.num_key_value_heads
+    return {"attn": cfg.hidden_size * head_dim * (2 * q_per_kv + 2), "mlp": 3 * cfg.hidden_size}
 
 
 @pytest.mark.parametrize(("shared", "kappa"), [([], 0.5), ([0, 5], 0.5), ([0, 5], 0.75)])
@@ -110,6 +123,60 @@ def test_flap_keeps_exactly_the_units_of_the_reference_formulas(shared, kappa):
     expected, _ = flap_reference(model, layers, batches, kappa)
     assert all(expected.values()), "the reference leaves a group empty: pick a κ where the guard stays out"
     assert dict(pruner(model, "flap", shared, batches).spec(kappa).kept) == expected
+
+
+def test_adaptive_stats_is_flaps_ranking_on_the_statistics_training_kept():
+    """Zero-cost AL-AM: given the same E[x], E[x²] as a calibration pass, it keeps FLAP's units."""
+    model, batches, shared, kappa = tiny_llama(), calibration(), [0, 5], 0.5
+    layers = [i for i in range(model.config.num_hidden_layers) if i not in shared]
+    inputs = projection_inputs(model, layers, batches)
+    names = {"attn": "self_attn.o_proj", "mlp": "mlp.down_proj"}
+    modules = {f"model.layers.{i}.{names[kind]}": x for (i, kind), x in inputs.items()}
+    stats = ActivationStats(
+        {m: x.mean(0).float() for m, x in modules.items()}, {m: (x**2).mean(0).float() for m, x in modules.items()}, 0
+    )
+    meta = {"shared_layers": shared, "correction": "mean"}
+    central = Central(Path("in-memory"), model, word_tokenizer(), stats.mean, meta, training_stats=stats)
+    expected, _ = flap_reference(model, layers, batches, kappa)
+    assert dict(build_pruner(central, "adaptive_stats").spec(kappa).kept) == expected
+    with pytest.raises(ValueError, match="--twist.correction mean"):
+        build_pruner(Central(Path("in-memory"), model, word_tokenizer(), {}, meta), "adaptive_stats")
+
+
+def adaptive_magnitude_reference(model: torch.nn.Module, layers: list[int], kappa: float) -> dict:
+    """Each unit's Σ w² over every weight it owns (a KV group: its query heads' q rows and o columns,
+    its k and v rows; a neuron: gate and up rows, down column), standardised within its layer and
+    kind (unbiased std), then AL-AM's global cut."""
+    groups, q_per_kv, head_dim = kv_groups(model)
+    by_group = {}
+    for i in layers:
+        attn, mlp = model.model.layers[i].self_attn, model.model.layers[i].mlp
+
+        def sq(linear: torch.nn.Linear, dim: int) -> torch.Tensor:
+            return linear.weight.detach().double().pow(2).sum(dim)
+
+        scores = {
+            "attn": sq(attn.q_proj, 1).reshape(groups, q_per_kv * head_dim).sum(1)
+            + sq(attn.k_proj, 1).reshape(groups, head_dim).sum(1)
+            + sq(attn.v_proj, 1).reshape(groups, head_dim).sum(1)
+            + sq(attn.o_proj, 0).reshape(groups, q_per_kv * head_dim).sum(1),
+            "mlp": sq(mlp.gate_proj, 1) + sq(mlp.up_proj, 1) + sq(mlp.down_proj, 0),
+        }
+        for kind, score in scores.items():
+            by_group[i, kind] = (score - score.mean()) / score.std()
+    return global_cut(by_group, unit_params(model), kappa)
+
+
+@pytest.mark.parametrize(("shared", "kappa"), [([], 0.5), ([0, 5], 0.5), ([0, 5], 0.75)])
+def test_adaptive_magnitude_keeps_exactly_the_units_of_its_reference(shared, kappa):
+    model = tiny_llama()
+    layers = [i for i in range(model.config.num_hidden_layers) if i not in shared]
+    expected = adaptive_magnitude_reference(model, layers, kappa)
+    assert all(expected.values())
+    spec = pruner(model, "adaptive_magnitude", shared, []).spec(kappa)
+    assert dict(spec.kept) == expected
+    uniform = pruner(model, "magnitude", shared, []).spec(kappa)
+    assert any(len(spec.kept[key]) != len(uniform.kept[key]) for key in expected)  # widths adapt
 
 
 UNIT_PARAMS = {  # the largest unit of the tiny presets: one Llama KV group (q, k, v rows, o columns); a GPT-2 head

@@ -10,6 +10,7 @@ import torch
 
 from twist_scale.correction import (
     ACT_MEAN,
+    ACT_SQ_MEAN,
     dropped_contribution,
     install_correction,
     set_scale,
@@ -118,14 +119,21 @@ def test_correction_changes_the_forward():
 
 
 def test_mean_correction_tracks_activations_in_training_only():
+    """Running E[x] and E[x²] of the output projection's input: one momentum step per training forward."""
     _, sub, ugs, _ = _pair("llama", "tiny", "mean")
-    buf = sub.get_buffer(f"{ugs[0].output_module}.{ACT_MEAN}")
-    before = buf.clone()
+    module = sub.get_submodule(ugs[0].output_module)
+    mean, sq_mean = module.get_buffer(ACT_MEAN), module.get_buffer(ACT_SQ_MEAN)
+    before = mean.clone(), sq_mean.clone()
+    seen = []
+    module.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().reshape(-1, args[0].shape[-1])))
     with torch.no_grad():
         sub.eval()(torch.randint(0, 97, (1, 8)))
-        assert torch.equal(buf, before)
+        assert torch.equal(mean, before[0]) and torch.equal(sq_mean, before[1])
+        seen.clear()
         sub.train()(torch.randint(0, 97, (1, 8)))
-    assert not torch.equal(buf, before)
+    x = seen[0].float()
+    torch.testing.assert_close(mean, 0.9 * before[0] + 0.1 * x.mean(0))
+    torch.testing.assert_close(sq_mean, 0.9 * before[1] + 0.1 * (x**2).mean(0))
 
 
 def test_scale_correction_keeps_its_fp32_factor_in_a_bf16_model():

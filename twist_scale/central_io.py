@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from twist_scale.correction import ACT_MEAN
+from twist_scale.correction import is_statistic
 
 TWIST_META = "twist.json"
 TWIST_STATS = "twist_stats.safetensors"
@@ -68,7 +68,7 @@ def export_central(
     weights, stats = {}, {}
     for name, full in full_state:
         if is_main:
-            (stats if name.endswith(ACT_MEAN) else weights)[name] = full.clone()
+            (stats if is_statistic(name) else weights)[name] = full.clone()
     if not is_main:
         return
     model = build()

@@ -7,7 +7,9 @@ Hooks sit on each partitioned block's output projection (o_proj / down_proj / c_
   1.3359, while a float multiplies at the op's fp32 precision — the factor export folds.
 - 'mean': running means of each unit channel's activation are kept while training (no
   calibration pass), and the dropped units' expected contribution W_dropped @ E[a_dropped] is
-  added as a bias; export folds it into the projection's bias.
+  added as a bias; export folds it into the projection's bias. A running mean of the squares is
+  kept beside it, so the central model also knows each channel's variance: what an adaptive
+  zero-cost export ranks units by, again without a calibration pass.
 - 'none': no hooks.
 """
 
@@ -22,14 +24,23 @@ from twist_scale.models import AxisSlice, UnitGroup
 from twist_scale.subnet import SubnetSpec, keep_ratio
 
 ACT_MEAN = "twist_act_mean"
+ACT_SQ_MEAN = "twist_act_sq_mean"
+STATISTICS = (ACT_MEAN, ACT_SQ_MEAN)  # per unit channel: sliced, scattered and averaged like weights
+
+
+def is_statistic(name: str) -> bool:
+    return name.rpartition(".")[2] in STATISTICS
 
 
 def with_stat_axes(unit_groups: list[UnitGroup], mode: str) -> list[UnitGroup]:
-    """Under 'mean' the activation means are unit tensors too: sliced, scattered and averaged."""
+    """Under 'mean' the activation statistics are unit tensors too: sliced, scattered and averaged."""
     if mode != "mean":
         return unit_groups
     return [
-        dataclasses.replace(ug, axes=(*ug.axes, AxisSlice(f"{ug.output_module}.{ACT_MEAN}", 0, ug.output_axis.width)))
+        dataclasses.replace(
+            ug,
+            axes=(*ug.axes, *(AxisSlice(f"{ug.output_module}.{s}", 0, ug.output_axis.width) for s in STATISTICS)),
+        )
         for ug in unit_groups
     ]
 
@@ -50,7 +61,8 @@ def install_correction(model: nn.Module, unit_groups: list[UnitGroup], mode: str
         module = model.get_submodule(ug.output_module)
         module.twist_input_scale = 1.0
         if mode == "mean":
-            module.register_buffer(ACT_MEAN, torch.zeros(_in_features(module, ug.output_input_axis)))
+            for stat in STATISTICS:
+                module.register_buffer(stat, torch.zeros(_in_features(module, ug.output_input_axis)))
             module.register_buffer(
                 "twist_shift", torch.zeros(_out_features(module, ug.output_input_axis)), persistent=False
             )
@@ -64,9 +76,9 @@ def _pre_hook(module: nn.Module, args: tuple) -> tuple:
     x = args[0]  # (B, T, unit channels of the kept units)
     if module.training and hasattr(module, ACT_MEAN):
         with torch.no_grad():
-            mean = getattr(module, ACT_MEAN)
-            batch_mean = x.detach().float().reshape(-1, x.shape[-1]).mean(0)
-            mean.mul_(module.twist_momentum).add_(batch_mean, alpha=1 - module.twist_momentum)
+            flat = x.detach().float().reshape(-1, x.shape[-1])
+            for stat, batch in ((ACT_MEAN, flat.mean(0)), (ACT_SQ_MEAN, (flat**2).mean(0))):
+                getattr(module, stat).mul_(module.twist_momentum).add_(batch, alpha=1 - module.twist_momentum)
     return (x * module.twist_input_scale, *args[1:])
 
 
@@ -108,7 +120,7 @@ def keep_statistics_fp32(model: nn.Module) -> None:
     A 0.99-momentum mean in bf16 (8 mantissa bits) stalls once updates fall below its rounding step.
     """
     for module in model.modules():
-        for name in (ACT_MEAN, "twist_shift"):
+        for name in (*STATISTICS, "twist_shift"):
             buf = module._buffers.get(name)
             if buf is not None and buf.dtype != torch.float32:
                 module._buffers[name] = buf.float()

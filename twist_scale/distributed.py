@@ -8,6 +8,7 @@ import datetime
 import logging
 import os
 import socket
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -88,7 +89,25 @@ def close_distributed() -> None:
     after all work is done, turning a finished run into a failed job, most often on a loaded node.
     """
     if dist.is_initialized():
+        rank = dist.get_rank()
         dist.destroy_process_group()
+        release_shared_memory(rank)
+
+
+def deepspeed_shm_segment(rank: int) -> Path:
+    """Where DeepSpeed's CPU all-reduce keeps this rank's workspace (its shm.cpp `shm_initialize`)."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+
+
+def release_shared_memory(rank: int) -> None:
+    """Unlink this rank's DeepSpeed CPU all-reduce workspace (69 MB in /dev/shm).
+
+    DeepSpeed creates it at initialisation and never unlinks it, so every CPU launch would leave
+    69 MB per rank of RAM behind until reboot. Peers mapped it at initialisation, so unlinking the
+    name at exit takes nothing from a rank still running.
+    """
+    deepspeed_shm_segment(rank).unlink(missing_ok=True)
 
 
 def setup_logging(rank: int) -> None:

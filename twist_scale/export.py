@@ -32,7 +32,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 from transformers.initialization import no_init_weights
 
 from twist_scale.central_io import load_central
-from twist_scale.correction import ACT_MEAN, dropped_contribution
+from twist_scale.correction import ACT_MEAN, ACT_SQ_MEAN, dropped_contribution
 from twist_scale.data import token_stream
 from twist_scale.models import UnitGroup, architecture_of
 from twist_scale.prune import (
@@ -274,6 +274,7 @@ class Central:
     tokenizer: PreTrainedTokenizerBase
     means: dict[str, torch.Tensor]  # output module -> unit activation means (correction 'mean')
     meta: dict
+    training_stats: ActivationStats | None = None  # running E[x], E[x²] kept in training ('mean')
 
     @classmethod
     def load(cls, directory: str | Path) -> Central:
@@ -284,8 +285,13 @@ class Central:
                 "runs/twist_brown/final written at the end of training"
             )
         model, tokenizer, stats, meta = load_central(directory)
-        means = {name.removesuffix(f".{ACT_MEAN}"): t for name, t in stats.items()}
-        return cls(directory, model.eval(), tokenizer, means, meta)
+        by_stat = {
+            stat: {n.removesuffix(f".{stat}"): t for n, t in stats.items() if n.endswith(f".{stat}")}
+            for stat in (ACT_MEAN, ACT_SQ_MEAN)
+        }
+        means, squares = by_stat[ACT_MEAN], by_stat[ACT_SQ_MEAN]
+        training = ActivationStats(means, squares, tokens=0) if squares and squares.keys() == means.keys() else None
+        return cls(directory, model.eval(), tokenizer, means, meta, training)
 
     @property
     def correction(self) -> str:
@@ -361,6 +367,13 @@ def build_pruner(
     if chosen.calibrated and not calibration:
         raise ValueError(f"method {method_name!r} needs calibration text: pass --calibration FILE")
     stats = collect_activation_stats(central.model, groups, calibration) if chosen.needs_stats else None
+    if chosen.needs_training_stats:
+        if central.training_stats is None:
+            raise ValueError(
+                f"method {method_name!r} ranks units by the activation statistics kept in training: it needs a "
+                "central model trained with --twist.correction mean (use adaptive_magnitude for any other)"
+            )
+        stats = central.training_stats
     grads = collect_gradients(central.model, groups, calibration) if chosen.needs_grads else None
     own = chosen.correction is not None
     fix = correction if correction != "auto" else (chosen.correction if own else central.correction)

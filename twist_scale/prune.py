@@ -7,6 +7,11 @@ zero-cost export (`random`) and the post-hoc baselines (`magnitude`, `wanda_sp`,
 own default (AL-AM): one global ranking over all layers and both kinds, so widths differ per layer,
 at the same total weight count as the uniform methods; `flap_uniform` is FLAP's uniform variant.
 
+Two zero-cost methods choose adaptive widths from the central model alone, under the same budget:
+`adaptive_magnitude` ranks standardised weight norms; `adaptive_stats` is FLAP AL-AM's ranking with
+the activation statistics that training under correction 'mean' kept (running E[x] and E[x²]), so
+no calibration pass, and the dropped units' means are folded as in training.
+
 Calibrated methods say in the registry what they read from the calibration batches; the exporter
 computes it once per pruner. `ActivationStats` are gathered at the input of each output projection
 (o_proj / down_proj / c_proj) — the same place where TwIST's 'mean' correction keeps its running
@@ -53,7 +58,7 @@ class PruneInputs:
     unit_groups: list[UnitGroup]  # the partitioned groups: the ones a subnet shrinks
     kappa: float
     seed: int = 0
-    stats: ActivationStats | None = None  # PruneMethod.needs_stats
+    stats: ActivationStats | None = None  # PruneMethod.needs_stats (or needs_training_stats)
     grads: dict[str, torch.Tensor] | None = None  # PruneMethod.needs_grads: full-width, by parameter name
     calibration: list[torch.Tensor] | None = None  # PruneMethod.needs_batches: the batches of token ids
 
@@ -65,6 +70,7 @@ class PruneMethod:
     needs_stats: bool = False  # ActivationStats of the full model on calibration text
     needs_grads: bool = False  # loss gradients of the full model on calibration text
     needs_batches: bool = False  # the calibration batches, for passes that depend on κ
+    needs_training_stats: bool = False  # ActivationStats kept while training (correction 'mean'), not calibration
     seeded: bool = False  # different seeds give different subnets (evaluation draws several)
     correction: str | None = None  # folded at export instead of the model's own; None = the trained one
     adaptive: bool = False  # widths differ per group (same total weight); else every group keeps ⌈κ·n⌉ units
@@ -214,6 +220,12 @@ def select_flap_uniform(inputs: PruneInputs) -> SubnetSpec:
     return _top_units(inputs, lambda ug: per_unit(_fluctuation(inputs, ug), ug, f"{ug.output_module}.weight"))
 
 
+def _standardized(scores: torch.Tensor) -> torch.Tensor:
+    """z-scores over all entries (unbiased std, as torch.std in FLAP's code); no spread: all zeros."""
+    std = scores.std()
+    return (scores - scores.mean()) / std if std > 0 else torch.zeros_like(scores)
+
+
 def _standardized_unit_scores(inputs: PruneInputs, ug: UnitGroup) -> torch.Tensor:
     """FLAP AL-AM's comparable score: WIFV (squared for attention, as the reference does), standardised
     over the group's channels so layers and kinds share one scale, then averaged over each unit's
@@ -221,9 +233,7 @@ def _standardized_unit_scores(inputs: PruneInputs, ug: UnitGroup) -> torch.Tenso
     channels = _unit_channels(_fluctuation(inputs, ug), ug, f"{ug.output_module}.weight")  # (segments, units, width)
     if ug.kind == "attn":
         channels = channels**2
-    std = channels.std()  # unbiased, as torch.std in the reference
-    z = (channels - channels.mean()) / std if std > 0 else torch.zeros_like(channels)
-    return z.mean(dim=(0, 2))
+    return _standardized(channels).mean(dim=(0, 2))
 
 
 def unit_weight(model: nn.Module, ug: UnitGroup) -> int:
@@ -243,15 +253,15 @@ def _nearest_prefix(weights: torch.Tensor, budget: float, at_least: int) -> int:
     return int(torch.argmin(gap)) + 1  # argmin: the first of equal gaps, the smaller model
 
 
-def select_flap(inputs: PruneInputs) -> SubnetSpec:
-    """FLAP's default (AL-AM): one ranking of every partitioned unit, attention and MLP, across layers.
+def _global_ranking(inputs: PruneInputs, score: Callable[[UnitGroup], torch.Tensor]) -> SubnetSpec:
+    """One ranking of every partitioned unit, attention and MLP, across layers (FLAP's AL-AM).
 
-    Units are ranked by their standardised score and the prefix of the ranking whose parameter count
-    is nearest the budget B = Σ_groups ⌈κ·n⌉ · (unit weight) is kept — B is what a uniform method
-    keeps, so widths adapt per layer and kind at the same size. Ties: group order, then lower id.
-    Every group keeps at least one unit, as under `units_to_keep` (a GPT-2 block cannot run at zero
-    width): if the ranking leaves a group empty, each group's best unit is kept first and the rest
-    of the ranking fills the same budget.
+    Units are ranked by their (standardised) score and the prefix of the ranking whose parameter
+    count is nearest the budget B = Σ_groups ⌈κ·n⌉ · (unit weight) is kept — B is what a uniform
+    method keeps, so widths adapt per layer and kind at the same size. Ties: group order, then lower
+    id. Every group keeps at least one unit, as under `units_to_keep` (a GPT-2 block cannot run at
+    zero width): if the ranking leaves a group empty, each group's best unit is kept first and the
+    rest of the ranking fills the same budget.
     """
     groups = inputs.unit_groups
     sizes = [unit_weight(inputs.model, ug) for ug in groups]
@@ -261,7 +271,7 @@ def select_flap(inputs: PruneInputs) -> SubnetSpec:
     )
     group_of = torch.cat([torch.full((ug.num_units,), g) for g, ug in enumerate(groups)])
     unit_id = torch.cat([torch.arange(ug.num_units) for ug in groups])
-    scores = torch.cat([_standardized_unit_scores(inputs, ug) for ug in groups])
+    scores = torch.cat([score(ug) for ug in groups])
     order = torch.sort(-scores, stable=True).indices
     kept = order[: _nearest_prefix(weight[order], budget, 1)]
     if group_of[kept].unique().numel() < len(groups):
@@ -271,6 +281,23 @@ def select_flap(inputs: PruneInputs) -> SubnetSpec:
     return SubnetSpec(
         {ug.key: tuple(sorted(unit_id[kept[group_of[kept] == g]].tolist())) for g, ug in enumerate(groups)}
     )
+
+
+def select_flap(inputs: PruneInputs) -> SubnetSpec:
+    """FLAP's default (AL-AM): the global ranking of standardised WIFV scores (`_global_ranking`)."""
+    return _global_ranking(inputs, lambda ug: _standardized_unit_scores(inputs, ug))
+
+
+def select_adaptive_magnitude(inputs: PruneInputs) -> SubnetSpec:
+    """Zero-cost and data-free, with adaptive widths: each unit's owned squared weight norm (as
+    `magnitude`), standardised within its group so layers and kinds share one scale, then the same
+    global ranking under the same weight budget as FLAP AL-AM."""
+    params = dict(inputs.model.named_parameters())
+
+    def square(name: str) -> torch.Tensor | None:
+        return params[name].detach().double() ** 2 if name in params else None
+
+    return _global_ranking(inputs, lambda ug: _standardized(_owned_sum(ug, square)))
 
 
 METHODS: dict[str, PruneMethod] = {
@@ -285,6 +312,17 @@ METHODS: dict[str, PruneMethod] = {
         "FLAP AL-AM: standardised Var(X)·‖W‖², one global ranking (adaptive widths), bias-compensated",
         needs_stats=True,
         correction="mean",
+        adaptive=True,
+    ),
+    "adaptive_magnitude": PruneMethod(
+        select_adaptive_magnitude,
+        "standardised unit weight norm, one global ranking (adaptive widths), no data",
+        adaptive=True,
+    ),
+    "adaptive_stats": PruneMethod(
+        select_flap,
+        "FLAP AL-AM's ranking from the running Var(X) kept in training (correction 'mean'): no calibration",
+        needs_training_stats=True,
         adaptive=True,
     ),
     "flap_uniform": PruneMethod(

@@ -17,7 +17,14 @@ from torch import nn
 
 from twist_scale.aggregate import CentralModel, holder_counts, masked_contribution
 from twist_scale.config import RunConfig
-from twist_scale.correction import ACT_MEAN, dropped_contribution, keep_statistics_fp32, set_scale, set_shift
+from twist_scale.correction import (
+    ACT_MEAN,
+    dropped_contribution,
+    is_statistic,
+    keep_statistics_fp32,
+    set_scale,
+    set_shift,
+)
 from twist_scale.engines import build_engine
 from twist_scale.engines.base import Engine, moment_keys
 from twist_scale.models import UnitGroup
@@ -26,13 +33,13 @@ from twist_scale.topology import Topology
 
 
 def central_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """What the central model holds: every parameter and the unit activation means (if any).
+    """What the central model holds: every parameter and the unit activation statistics (if any).
 
-    Means come first: dispatch needs them before the output weights whose dropped units they
-    stand in for.
+    Statistics come first: dispatch needs the means before the output weights whose dropped units
+    they stand in for.
     """
-    tensors = dict(model.named_parameters()) | {n: b for n, b in model.named_buffers() if n.endswith(ACT_MEAN)}
-    return {n: tensors[n] for n in sorted(tensors, key=lambda n: not n.endswith(ACT_MEAN))}
+    tensors = dict(model.named_parameters()) | {n: b for n, b in model.named_buffers() if is_statistic(n)}
+    return {n: tensors[n] for n in sorted(tensors, key=lambda n: not is_statistic(n))}
 
 
 def verify_same_masks(specs: list[SubnetSpec], topo: Topology) -> None:
@@ -151,8 +158,9 @@ class RoundSync:
         means: dict[str, torch.Tensor] = {}
         for name in self.names:
             full = self.central.gather(name)
-            if name.endswith(ACT_MEAN):
-                means[name.rpartition(".")[0]] = full
+            if is_statistic(name):
+                if name.endswith(ACT_MEAN):
+                    means[name.rpartition(".")[0]] = full
                 self.engine.module.get_buffer(name).copy_(self._sub(full, name, spec))
                 continue
             self.engine.write(name, self._sub(full, name, spec))
@@ -176,7 +184,7 @@ class RoundSync:
             unit = self.unit_axes.get(name)
             shape = self.central.shapes[name]
             counts = holder_counts(shape, unit, specs)
-            if name.endswith(ACT_MEAN):  # each dp rank saw different data: average inside the group first
+            if is_statistic(name):  # each dp rank saw different data: average inside the group first
                 sub = self.engine.module.get_buffer(name).detach().to(self.topo.device, torch.float32, copy=True)
                 dist.all_reduce(sub, group=self.topo.intra_group)
                 sub /= self.topo.ranks_per_group
