@@ -1,8 +1,8 @@
 """Export equivalence: a saved κ-subnet gives the logits of the masked full model with the training correction.
 
-The oracle runs the training-time correction hooks (correction.install_correction / set_scale /
-set_shift) on the full-width model with the dropped units zeroed; the export folds the same
-correction into weights and biases of a smaller dense checkpoint.
+The oracle runs the training-time correction (a `Correction`'s install and dispatch) on the
+full-width model with the dropped units zeroed; the export folds the same correction into weights and
+biases of a smaller dense checkpoint.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from twist_scale.correction import dropped_contribution, install_correction, set_scale, set_shift
+from twist_scale.correction import correction_of
 from twist_scale.export import (
     SUBNET_FILE,
     TWIST_LOADER,
@@ -72,13 +72,12 @@ def widths_of(model, spec: SubnetSpec) -> dict:
 def oracle_logits(model, groups, spec: SubnetSpec, correction: str, means, ids: torch.Tensor) -> torch.Tensor:
     """Full width, dropped units zeroed, the correction applied by the training hooks."""
     ref = copy.deepcopy(model)
-    install_correction(ref, groups, correction, momentum=0.9)
-    if correction == "mean":
-        for ug in groups:
-            full = ref.get_submodule(ug.output_module).weight.detach()
-            set_shift(ref, ug, dropped_contribution(full, means[ug.output_module], ug, spec.units(ug)))
+    strategy = correction_of(correction)
+    strategy.install(ref, groups, momentum=0.9)
+    for ug in groups:
+        module = ref.get_submodule(ug.output_module)
+        strategy.dispatch(module, ug, spec.units(ug), module.weight.detach().clone(), means)
     apply_unit_masks(ref, architecture_of(ref).unit_groups(ref.config), spec)
-    set_scale(ref, groups, spec, correction)
     with torch.no_grad():
         return ref.eval()(input_ids=ids).logits
 

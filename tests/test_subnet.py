@@ -8,15 +8,7 @@ import random
 import pytest
 import torch
 
-from twist_scale.correction import (
-    ACT_MEAN,
-    ACT_SQ_MEAN,
-    dropped_contribution,
-    install_correction,
-    set_scale,
-    set_shift,
-    with_stat_axes,
-)
+from twist_scale.correction import ACT_MEAN, ACT_SQ_MEAN, correction_of, keep_statistics_fp32
 from twist_scale.models import architecture_of, build_model, units_to_keep
 from twist_scale.subnet import (
     SubnetSampler,
@@ -68,23 +60,21 @@ CASES = [("llama", "tiny"), ("llama", "tiny-mha"), ("gpt2", "tiny")]
 def _pair(arch, size, correction, kappa=0.5, shared=(0,)):
     torch.manual_seed(0)
     full = build_model(arch, size, 97).eval()
-    ugs = with_stat_axes(partitioned_groups(architecture_of(full).unit_groups(full.config), shared), correction)
-    install_correction(full, ugs, correction, momentum=0.9)
+    strategy = correction_of(correction)
+    ugs = strategy.unit_groups(partitioned_groups(architecture_of(full).unit_groups(full.config), shared))
+    strategy.install(full, ugs, momentum=0.9)
     for name, buf in full.named_buffers():
         if name.endswith(ACT_MEAN):
             buf.copy_(torch.randn_like(buf))
+    means = {ug.output_module: full.get_buffer(f"{ug.output_module}.{ACT_MEAN}") for ug in ugs if correction == "mean"}
     spec = SubnetSampler(tuple(ugs), 2, kappa, seed=1).specs(0)[1]
     sub = copy.deepcopy(full)
     apply_subnet_shapes(sub, ugs, spec)
-    set_scale(sub, ugs, spec, correction)
-    set_scale(full, ugs, spec, correction)
-    if correction == "mean":
-        params = dict(full.named_parameters())
-        for ug in ugs:
-            mean = full.get_buffer(f"{ug.output_module}.{ACT_MEAN}")
-            shift = dropped_contribution(params[ug.output_axis.name].detach(), mean, ug, spec.units(ug))
-            set_shift(sub, ug, shift)
-            set_shift(full, ug, shift)
+    params = dict(full.named_parameters())
+    for ug in ugs:  # what dispatch does, from the full-width weights
+        weight = params[ug.output_axis.name].detach()
+        for model in (sub, full):
+            strategy.dispatch(model.get_submodule(ug.output_module), ug, spec.units(ug), weight, means)
     apply_unit_masks(full, ugs, spec)
     return full, sub, ugs, spec
 
@@ -140,9 +130,12 @@ def test_scale_correction_keeps_its_fp32_factor_in_a_bf16_model():
     """A bf16 engine casts the module; 1/kappa must still be the exact factor export folds (4/3, not 1.3359)."""
     model = build_model("llama", "tiny", 97)
     ugs = partitioned_groups(architecture_of(model).unit_groups(model.config), [])
-    install_correction(model, ugs, "scale", 0.99)
+    scale = correction_of("scale")
+    scale.install(model, ugs, 0.99)
     spec = SubnetSampler(tuple(ugs), 1, 0.75, seed=0).specs(0)[0]
-    set_scale(model, ugs, spec, "scale")
+    for ug in ugs:
+        module = model.get_submodule(ug.output_module)
+        scale.dispatch(module, ug, spec.units(ug), module.weight, {})
     model.bfloat16()  # what DeepSpeed's bf16 engine does to the module and its buffers
     ug = ugs[-1]  # an MLP group: 1/kappa is a non-dyadic 4/3
     module = model.get_submodule(ug.output_module)
@@ -155,8 +148,6 @@ def test_scale_correction_keeps_its_fp32_factor_in_a_bf16_model():
 
 
 def test_activation_means_stay_fp32_in_a_bf16_model():
-    from twist_scale.correction import keep_statistics_fp32
-
     _, sub, ugs, _ = _pair("llama", "tiny", "mean")
     sub.bfloat16()
     keep_statistics_fp32(sub)

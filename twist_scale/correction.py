@@ -1,6 +1,10 @@
 """Activation-shift correction for blocks that run with a fraction kappa of their units.
 
-Hooks sit on each partitioned block's output projection (o_proj / down_proj / c_proj):
+One strategy per kind, each saying what it does in the three phases that see it: `install` on the
+full-width model before training, `dispatch` whenever a group receives its subnet, and `fold` when a
+subnet is exported as a smaller dense model. Hooks sit on each partitioned block's output projection
+(o_proj / down_proj / c_proj):
+
 - 'scale': the projection's input is multiplied by 1/kappa (inverted-dropout style), so the
   block's contribution to the residual keeps its full-width scale; export folds it into the weight.
   The factor is a Python float, not a buffer: a bf16 engine casts buffers, which would round 4/3 to
@@ -21,69 +25,141 @@ import torch
 from torch import nn
 
 from twist_scale.models import AxisSlice, UnitGroup
-from twist_scale.subnet import SubnetSpec, keep_ratio
 
 ACT_MEAN = "twist_act_mean"
 ACT_SQ_MEAN = "twist_act_sq_mean"
 STATISTICS = (ACT_MEAN, ACT_SQ_MEAN)  # per unit channel: sliced, scattered and averaged like weights
+SHIFT = "twist_shift"
 
 
 def is_statistic(name: str) -> bool:
     return name.rpartition(".")[2] in STATISTICS
 
 
-def with_stat_axes(unit_groups: list[UnitGroup], mode: str) -> list[UnitGroup]:
-    """Under 'mean' the activation statistics are unit tensors too: sliced, scattered and averaged."""
-    if mode != "mean":
+class Correction:
+    """'none': the subnet runs as it is. The base of the other strategies: every phase a no-op."""
+
+    name = "none"
+    folds_bias = False  # export adds a bias to the output projection (Llama then gains biases)
+
+    def unit_groups(self, unit_groups: list[UnitGroup]) -> list[UnitGroup]:
+        """The unit map training slices and averages: the partitioned groups plus any statistics."""
         return unit_groups
-    return [
-        dataclasses.replace(
-            ug,
-            axes=(*ug.axes, *(AxisSlice(f"{ug.output_module}.{s}", 0, ug.output_axis.width) for s in STATISTICS)),
-        )
-        for ug in unit_groups
-    ]
+
+    def install(self, model: nn.Module, unit_groups: list[UnitGroup], momentum: float) -> None:
+        """Register buffers and hooks on the full-width model, before it is shrunk or wrapped."""
+
+    def dispatch(
+        self,
+        module: nn.Module,
+        ug: UnitGroup,
+        kept: torch.Tensor,
+        full_weight: torch.Tensor,
+        means: dict[str, torch.Tensor],
+    ) -> None:
+        """Set the group's output projection `module` for a subnet that keeps units `kept`.
+
+        `full_weight` is the projection's full-width central weight, `means` the full-width
+        activation means by output module (correction 'mean').
+        """
+
+    def fold(self, module: nn.Module, ug: UnitGroup, kept: torch.Tensor, means: dict[str, torch.Tensor]) -> None:
+        """Bake what `dispatch` set into the full-width projection, before its dropped units are sliced away."""
 
 
-def _in_features(module: nn.Module, input_axis: int) -> int:
-    return module.weight.shape[input_axis]
+class ScaleCorrection(Correction):
+    name = "scale"
+
+    def install(self, model: nn.Module, unit_groups: list[UnitGroup], momentum: float) -> None:
+        for ug in unit_groups:
+            module = model.get_submodule(ug.output_module)
+            module.twist_input_scale = 1.0
+            module.register_forward_pre_hook(_scale_input)
+
+    def dispatch(
+        self,
+        module: nn.Module,
+        ug: UnitGroup,
+        kept: torch.Tensor,
+        full_weight: torch.Tensor,
+        means: dict[str, torch.Tensor],
+    ) -> None:
+        module.twist_input_scale = ug.num_units / len(kept)
+
+    @torch.no_grad()
+    def fold(self, module: nn.Module, ug: UnitGroup, kept: torch.Tensor, means: dict[str, torch.Tensor]) -> None:
+        module.weight.mul_(ug.num_units / len(kept))  # dropped channels are sliced away, so scaling all is the same
 
 
-def _out_features(module: nn.Module, input_axis: int) -> int:
-    return module.weight.shape[1 - input_axis]
+class MeanCorrection(Correction):
+    name = "mean"
+    folds_bias = True
 
-
-def install_correction(model: nn.Module, unit_groups: list[UnitGroup], mode: str, momentum: float) -> None:
-    """Register buffers and hooks on the full-width model, before it is shrunk or wrapped."""
-    if mode == "none":
-        return
-    for ug in unit_groups:
-        module = model.get_submodule(ug.output_module)
-        module.twist_input_scale = 1.0
-        if mode == "mean":
-            for stat in STATISTICS:
-                module.register_buffer(stat, torch.zeros(_in_features(module, ug.output_input_axis)))
-            module.register_buffer(
-                "twist_shift", torch.zeros(_out_features(module, ug.output_input_axis)), persistent=False
+    def unit_groups(self, unit_groups: list[UnitGroup]) -> list[UnitGroup]:
+        return [
+            dataclasses.replace(
+                ug,
+                axes=(*ug.axes, *(AxisSlice(f"{ug.output_module}.{s}", 0, ug.output_axis.width) for s in STATISTICS)),
             )
+            for ug in unit_groups
+        ]
+
+    def install(self, model: nn.Module, unit_groups: list[UnitGroup], momentum: float) -> None:
+        for ug in unit_groups:
+            module = model.get_submodule(ug.output_module)
+            for stat in STATISTICS:
+                module.register_buffer(stat, torch.zeros(module.weight.shape[ug.output_input_axis]))
+            module.register_buffer(SHIFT, torch.zeros(module.weight.shape[1 - ug.output_input_axis]), persistent=False)
             module.twist_momentum = momentum
-        module.register_forward_pre_hook(_pre_hook)
-        if mode == "mean":
-            module.register_forward_hook(_post_hook)
+            module.register_forward_pre_hook(_track_statistics)
+            module.register_forward_hook(_add_shift)
+
+    @torch.no_grad()
+    def dispatch(
+        self,
+        module: nn.Module,
+        ug: UnitGroup,
+        kept: torch.Tensor,
+        full_weight: torch.Tensor,
+        means: dict[str, torch.Tensor],
+    ) -> None:
+        module.get_buffer(SHIFT).copy_(dropped_contribution(full_weight, means[ug.output_module], ug, kept))
+
+    @torch.no_grad()
+    def fold(self, module: nn.Module, ug: UnitGroup, kept: torch.Tensor, means: dict[str, torch.Tensor]) -> None:
+        if ug.output_module not in means:
+            raise ValueError(
+                f"no activation means for {ug.output_module}: correction 'mean' needs them. The layer was probably "
+                "kept whole in training; export with the training's shared layers (--shared-layers auto) or "
+                "pass --correction none/scale"
+            )
+        shift = dropped_contribution(module.weight, means[ug.output_module], ug, kept)
+        module.bias.add_(shift.to(module.bias.dtype))
 
 
-def _pre_hook(module: nn.Module, args: tuple) -> tuple:
-    x = args[0]  # (B, T, unit channels of the kept units)
-    if module.training and hasattr(module, ACT_MEAN):
+CORRECTIONS: dict[str, Correction] = {c.name: c for c in (Correction(), ScaleCorrection(), MeanCorrection())}
+
+
+def correction_of(name: str) -> Correction:
+    if name not in CORRECTIONS:
+        raise ValueError(f"--correction {name!r} is not allowed; choose one of {', '.join(CORRECTIONS)}")
+    return CORRECTIONS[name]
+
+
+def _scale_input(module: nn.Module, args: tuple) -> tuple:
+    return (args[0] * module.twist_input_scale, *args[1:])
+
+
+def _track_statistics(module: nn.Module, args: tuple) -> None:
+    if module.training:
         with torch.no_grad():
-            flat = x.detach().float().reshape(-1, x.shape[-1])
+            flat = args[0].detach().float().reshape(-1, args[0].shape[-1])  # (tokens, channels of the kept units)
             for stat, batch in ((ACT_MEAN, flat.mean(0)), (ACT_SQ_MEAN, (flat**2).mean(0))):
                 getattr(module, stat).mul_(module.twist_momentum).add_(batch, alpha=1 - module.twist_momentum)
-    return (x * module.twist_input_scale, *args[1:])
 
 
-def _post_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-    return output + module.twist_shift.to(output.dtype)
+def _add_shift(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    return output + module.get_buffer(SHIFT).to(output.dtype)
 
 
 def dropped_contribution(
@@ -101,26 +177,13 @@ def dropped_contribution(
     return w @ mu if ug.output_input_axis == 1 else mu @ w
 
 
-@torch.no_grad()
-def set_scale(model: nn.Module, unit_groups: list[UnitGroup], spec: SubnetSpec, mode: str) -> None:
-    if mode != "scale":
-        return
-    for ug in unit_groups:
-        model.get_submodule(ug.output_module).twist_input_scale = 1.0 / keep_ratio(spec, ug)
-
-
-@torch.no_grad()
-def set_shift(model: nn.Module, ug: UnitGroup, shift: torch.Tensor) -> None:
-    model.get_submodule(ug.output_module).twist_shift.copy_(shift)
-
-
 def keep_statistics_fp32(model: nn.Module) -> None:
     """Undo a bf16 engine's cast of the correction buffers: running means accumulate in fp32.
 
     A 0.99-momentum mean in bf16 (8 mantissa bits) stalls once updates fall below its rounding step.
     """
     for module in model.modules():
-        for name in (*STATISTICS, "twist_shift"):
+        for name in (*STATISTICS, SHIFT):
             buf = module._buffers.get(name)
             if buf is not None and buf.dtype != torch.float32:
                 module._buffers[name] = buf.float()

@@ -32,7 +32,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 from transformers.initialization import no_init_weights
 
 from twist_scale.central_io import load_central
-from twist_scale.correction import ACT_MEAN, ACT_SQ_MEAN, dropped_contribution
+from twist_scale.correction import ACT_MEAN, ACT_SQ_MEAN, correction_of
 from twist_scale.data import token_stream
 from twist_scale.models import UnitGroup, architecture_of
 from twist_scale.prune import (
@@ -55,40 +55,6 @@ PLAIN_LOADER = "transformers.AutoModelForCausalLM.from_pretrained"
 TWIST_LOADER = "twist_scale.export.load_exported"
 
 Widths = dict[int, dict[str, int]]  # layer -> {"attn": units, "mlp": units}
-
-
-# ---------------------------------------------------------------- correction folds
-def _fold_scale(module: nn.Module, ug: UnitGroup, kept: torch.Tensor, means: dict[str, torch.Tensor]) -> None:
-    module.weight.mul_(ug.num_units / len(kept))  # dropped channels are sliced away, so scaling all is the same
-
-
-def _fold_mean(module: nn.Module, ug: UnitGroup, kept: torch.Tensor, means: dict[str, torch.Tensor]) -> None:
-    if ug.output_module not in means:
-        raise ValueError(
-            f"no activation means for {ug.output_module}: correction 'mean' needs them. The layer was probably "
-            "kept whole in training; export with the training's shared layers (--shared-layers auto) or "
-            "pass --correction none/scale"
-        )
-    module.bias.add_(dropped_contribution(module.weight, means[ug.output_module], ug, kept).to(module.bias.dtype))
-
-
-@dataclass(frozen=True)
-class Fold:
-    apply: Callable[[nn.Module, UnitGroup, torch.Tensor, dict[str, torch.Tensor]], None]
-    needs_bias: bool
-
-
-FOLDS: dict[str, Fold] = {
-    "none": Fold(lambda *_: None, False),
-    "scale": Fold(_fold_scale, False),
-    "mean": Fold(_fold_mean, True),
-}
-
-
-def fold_of(correction: str) -> Fold:
-    if correction not in FOLDS:
-        raise ValueError(f"--correction {correction!r} is not allowed; choose one of {', '.join(FOLDS)}")
-    return FOLDS[correction]
 
 
 # ---------------------------------------------------------------- per-architecture export hooks
@@ -159,17 +125,17 @@ def build_subnet(
     `means` maps output-module names to unit activation means (correction 'mean'). Returns the
     model and whether its config states its widths (True: plain from_pretrained can load it).
     """
-    fold = fold_of(correction)
+    fold = correction_of(correction)
     sub = copy.deepcopy(model).eval()
     arch = architecture_of(sub)
     groups = arch.unit_groups(sub.config)
     pruned = [ug for ug in groups if len(spec.units(ug)) < ug.num_units]
-    if fold.needs_bias and pruned:
+    if fold.folds_bias and pruned:
         EXPORT_ARCH[sub.config.model_type].enable_bias(sub)
         groups = arch.unit_groups(sub.config)  # the unit map now owns the new q/k/v/gate/up biases too
         pruned = [ug for ug in groups if len(spec.units(ug)) < ug.num_units]
     for ug in pruned:  # from full-width weights, before slicing
-        fold.apply(sub.get_submodule(ug.output_module), ug, spec.units(ug), means or {})
+        fold.fold(sub.get_submodule(ug.output_module), ug, spec.units(ug), means or {})
     apply_subnet_shapes(sub, groups, spec)
     config = EXPORT_ARCH[sub.config.model_type].shrunk_config(sub.config, layer_widths(groups, spec))
     if config is not None:
@@ -377,7 +343,7 @@ def build_pruner(
     grads = collect_gradients(central.model, groups, calibration) if chosen.needs_grads else None
     own = chosen.correction is not None
     fix = correction if correction != "auto" else (chosen.correction if own else central.correction)
-    fold_of(fix)
+    correction_of(fix)
     means = stats.mean if own and stats is not None else central.means
     batches = calibration if chosen.needs_batches else None
     return Pruner(central, chosen, method_name, groups, shared, fix, means, stats, grads, batches)

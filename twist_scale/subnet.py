@@ -75,10 +75,6 @@ class SubnetSampler:
         return [SubnetSpec(k) for k in kept]
 
 
-def keep_ratio(spec: SubnetSpec, group: UnitGroup) -> float:
-    return len(spec.units(group)) / group.num_units
-
-
 def slice_tensor(full: torch.Tensor, axis: AxisSlice, units: torch.Tensor) -> torch.Tensor:
     return full.index_select(axis.axis, axis.index(units))
 

@@ -17,14 +17,7 @@ from torch import nn
 
 from twist_scale.aggregate import CentralModel, holder_counts, masked_contribution
 from twist_scale.config import RunConfig
-from twist_scale.correction import (
-    ACT_MEAN,
-    dropped_contribution,
-    is_statistic,
-    keep_statistics_fp32,
-    set_scale,
-    set_shift,
-)
+from twist_scale.correction import ACT_MEAN, Correction, correction_of, is_statistic
 from twist_scale.engines import build_engine
 from twist_scale.engines.base import Engine, moment_keys
 from twist_scale.models import UnitGroup
@@ -77,12 +70,12 @@ def build_engine_and_sync(
     if central is not None:
         apply_subnet_shapes(model, unit_groups, first_specs[topo.group])
     engine = build_engine(model, cfg, topo)
-    keep_statistics_fp32(engine.module)
     if central is None:
         return engine, DenseSync(engine)
     aggregate_moments = cfg.twist.optimizer_state == "aggregate"
     moments = moment_keys(cfg.optim) if aggregate_moments else ()
-    sync = RoundSync(central, engine, unit_groups, topo, moments, cfg.twist.correction, not aggregate_moments)
+    correction = correction_of(cfg.twist.correction)
+    sync = RoundSync(central, engine, unit_groups, topo, moments, correction, not aggregate_moments)
     return engine, sync
 
 
@@ -121,7 +114,7 @@ class RoundSync:
         unit_groups: list[UnitGroup],
         topo: Topology,
         moments: tuple[str, ...],
-        correction: str,
+        correction: Correction,
         reset_moments: bool,
     ) -> None:
         self.central, self.engine, self.topo = central, engine, topo
@@ -161,21 +154,18 @@ class RoundSync:
             if is_statistic(name):
                 if name.endswith(ACT_MEAN):
                     means[name.rpartition(".")[0]] = full
-                self.engine.module.get_buffer(name).copy_(self._sub(full, name, spec))
+                self.engine.write_buffer(name, self._sub(full, name, spec))
                 continue
             self.engine.write(name, self._sub(full, name, spec))
             for key in self.moments:
                 if f"{name}@{key}" in self.central.shards:  # before the first aggregation: fresh zeros
                     self.engine.write_state(name, key, self._sub(self.central.gather(f"{name}@{key}"), name, spec))
             unit = self.unit_axes.get(name)
-            if unit is not None and name == unit[0].output_axis.name and unit[0].output_module in means:
+            if unit is not None and name == unit[0].output_axis.name:  # statistics came first: means are here
                 ug = unit[0]
-                set_shift(
-                    self.engine.module, ug, dropped_contribution(full, means[ug.output_module], ug, spec.units(ug))
-                )
+                self.correction.dispatch(self.engine.submodule(ug.output_module), ug, spec.units(ug), full, means)
         if self.reset_moments:
             self.engine.reset_optimizer_state()
-        set_scale(self.engine.module, self.unit_groups, spec, self.correction)
 
     def aggregate(self, specs: list[SubnetSpec]) -> None:
         """Masked reduce-scatter of every group's subnet (and moments) into the central model."""
@@ -185,7 +175,7 @@ class RoundSync:
             shape = self.central.shapes[name]
             counts = holder_counts(shape, unit, specs)
             if is_statistic(name):  # each dp rank saw different data: average inside the group first
-                sub = self.engine.module.get_buffer(name).detach().to(self.topo.device, torch.float32, copy=True)
+                sub = self.engine.read_buffer(name).to(self.topo.device, torch.float32, copy=True)
                 dist.all_reduce(sub, group=self.topo.intra_group)
                 sub /= self.topo.ranks_per_group
                 self.central.aggregate(name, masked_contribution(sub, shape, unit, spec), counts)

@@ -24,7 +24,7 @@ from twist_scale import config as config_mod
 from twist_scale.central_io import TWIST_META, export_central
 from twist_scale.checkpoint import Checkpointer, rng_state, set_rng_state
 from twist_scale.config import RunConfig
-from twist_scale.correction import install_correction, with_stat_axes
+from twist_scale.correction import correction_of
 from twist_scale.data import load_run_data
 from twist_scale.distributed import init_distributed, setup_logging
 from twist_scale.metrics import RunMetrics
@@ -57,8 +57,9 @@ class Trainer:
             raise config_mod.ConfigError(f"--twist.shared_layers {shared}: the model has layers 0..{layers - 1}")
         self.shared_layers = sorted(shared)
         unit_groups = partitioned_groups(architecture_of(model).unit_groups(model.config), shared)
-        unit_groups = with_stat_axes(unit_groups, cfg.twist.correction)
-        install_correction(model, unit_groups, cfg.twist.correction, cfg.twist.stat_momentum)
+        correction = correction_of(cfg.twist.correction)
+        unit_groups = correction.unit_groups(unit_groups)
+        correction.install(model, unit_groups, cfg.twist.stat_momentum)
         self.sampler = SubnetSampler(tuple(unit_groups), topo.groups, cfg.twist.kappa, cfg.seed)
         self.engine, self.sync = build_engine_and_sync(model, cfg, topo, unit_groups, self.sampler.specs(0))
         self.round = self.skipped_steps = 0

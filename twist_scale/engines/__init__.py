@@ -5,22 +5,27 @@ from __future__ import annotations
 from torch import nn
 
 from twist_scale.config import RunConfig
+from twist_scale.correction import keep_statistics_fp32
 from twist_scale.engines.base import Engine
 from twist_scale.topology import Topology
 
 
 def build_engine(model: nn.Module, cfg: RunConfig, topo: Topology) -> Engine:
+    """The run's engine around `model`; correction statistics stay fp32 whatever precision it trains in."""
     if cfg.parallel.engine == "deepspeed":
         from twist_scale.engines.deepspeed_engine import DeepSpeedEngine
 
-        return DeepSpeedEngine(model, cfg, topo)
-    if cfg.parallel.engine == "fsdp":
+        engine: Engine = DeepSpeedEngine(model, cfg, topo)
+    elif cfg.parallel.engine == "fsdp":
         from twist_scale.engines.fsdp_engine import FSDPEngine
 
-        return FSDPEngine(model, cfg, topo)
-    from twist_scale.engines.local import LocalEngine
+        engine = FSDPEngine(model, cfg, topo)
+    else:
+        from twist_scale.engines.local import LocalEngine
 
-    return LocalEngine(model, cfg)
+        engine = LocalEngine(model, cfg)
+    keep_statistics_fp32(engine.module)
+    return engine
 
 
 __all__ = ["Engine", "build_engine"]

@@ -81,6 +81,18 @@ class Engine(abc.ABC):
         """The weights this rank stores (its shard where the engine shards them): a local check reads them."""
         return [p.detach() for p in self.module.parameters()]
 
+    def submodule(self, name: str) -> nn.Module:
+        """A module of the trained (sub-)model: where a correction sets its factor or shift."""
+        return self.module.get_submodule(name)
+
+    def read_buffer(self, name: str) -> torch.Tensor:
+        """Buffers are never sharded: every rank holds its own full copy."""
+        return self.module.get_buffer(name).detach()
+
+    @torch.no_grad()
+    def write_buffer(self, name: str, value: torch.Tensor) -> None:
+        self.module.get_buffer(name).copy_(value)
+
     @abc.abstractmethod
     def read(self, name: str) -> torch.Tensor:
         """The full fp32 value of parameter `name` (collective within the group)."""
