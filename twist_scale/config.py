@@ -18,6 +18,8 @@ from typing import Any
 import tomllib
 import yaml
 
+from twist_scale.atomic import atomic_write_text
+
 
 class ConfigError(ValueError):
     """A config value that cannot run; the message names the field and what is allowed."""
@@ -381,7 +383,4 @@ def flat_params(cfg: RunConfig) -> dict[str, str]:
 
 
 def save_resolved(cfg: RunConfig, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(to_dict(cfg), indent=2))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(to_dict(cfg), indent=2))

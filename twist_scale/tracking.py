@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from twist_scale.atomic import atomic_write_text
 from twist_scale.config import TrackingConfig
 
 log = logging.getLogger(__name__)
@@ -277,11 +278,12 @@ class MLflowTracker(NullTracker):
             if self.stale:
                 self.spill.unlink(missing_ok=True)
         elif self.stale:
-            tmp = self.spill.with_name(self.spill.name + ".tmp")
-            _write(tmp, [self._header(), *self.pending], "w")
-            os.replace(tmp, self.spill)
+            atomic_write_text(self.spill, _lines([self._header(), *self.pending]))
         elif self.spilled < len(self.pending):
-            _write(self.spill, ([] if self.spilled else [self._header()]) + self.pending[self.spilled :], "a")
+            with open(self.spill, "a") as f:
+                f.write(_lines(([] if self.spilled else [self._header()]) + self.pending[self.spilled :]))
+                f.flush()
+                os.fsync(f.fileno())
         self.spilled, self.stale = len(self.pending), False
 
     def _header(self) -> Record:
@@ -289,11 +291,8 @@ class MLflowTracker(NullTracker):
         return {"kind": "run", "uri": self.uri, "experiment": self.experiment, "run_name": self.run_name}
 
 
-def _write(path: Path, records: list[Record], mode: str) -> None:
-    with open(path, mode) as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
-        f.flush()
-        os.fsync(f.fileno())
+def _lines(records: list[Record]) -> str:
+    return "".join(json.dumps(r) + "\n" for r in records)
 
 
 def _read_spill(path: Path) -> tuple[Record | None, list[Record]]:
