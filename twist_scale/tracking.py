@@ -23,10 +23,13 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twist_scale.atomic import atomic_write_text
 from twist_scale.config import TrackingConfig
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +60,14 @@ def artifact_root(uri: str) -> str | None:
     if uri.startswith("sqlite:///"):
         return (Path(uri[len("sqlite:///") :]).parent / "mlartifacts").resolve().as_uri()
     return None
+
+
+def experiment_id(client: MlflowClient, name: str, create: bool = True) -> str | None:
+    """The id of experiment `name`; a missing one is created (artifacts as `artifact_root` says) or None."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    return client.create_experiment(name, artifact_location=artifact_root(client.tracking_uri)) if create else None
 
 
 def _now_ms() -> int:
@@ -181,13 +192,8 @@ class MLflowTracker(NullTracker):
         if self.run_id is None:
             from mlflow.tracking.context.registry import resolve_tags
 
-            experiment = self.client.get_experiment_by_name(self.experiment)
-            experiment_id = (
-                experiment.experiment_id
-                if experiment
-                else self.client.create_experiment(self.experiment, artifact_location=artifact_root(self.uri))
-            )
-            self.run_id = self.client.create_run(experiment_id, tags=resolve_tags(), run_name=self.run_name).info.run_id
+            exp_id = experiment_id(self.client, self.experiment)
+            self.run_id = self.client.create_run(exp_id, tags=resolve_tags(), run_name=self.run_name).info.run_id
             (self.out_dir / RUN_ID_FILE).write_text(self.run_id)
         else:
             self.client.update_run(self.run_id, status="RUNNING")
