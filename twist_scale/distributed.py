@@ -5,7 +5,6 @@ place that decides on which device collectives take their tensors.
 from __future__ import annotations
 
 import datetime
-import logging
 import os
 import socket
 
@@ -89,12 +88,3 @@ def close_distributed() -> None:
     """
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def setup_logging(rank: int) -> None:
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
-        format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        force=True,
-    )

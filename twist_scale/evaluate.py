@@ -33,6 +33,7 @@ from torch import nn
 
 from twist_scale.data import token_stream
 from twist_scale.export import Pruner, add_pruning_args, parameter_count, pruner_from_args
+from twist_scale.logs import setup_logging
 from twist_scale.prune import check_kappa
 from twist_scale.tracking import default_uri, experiment_id
 
@@ -260,7 +261,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-mlflow", action="store_true", help="print only")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    setup_logging()
     try:
         for kappa in args.kappa:
             check_kappa(kappa)

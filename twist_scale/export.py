@@ -34,6 +34,7 @@ from twist_scale.atomic import atomic_directory
 from twist_scale.central_io import load_central
 from twist_scale.correction import ACT_MEAN, dropped_contribution
 from twist_scale.data import token_stream
+from twist_scale.logs import setup_logging
 from twist_scale.models import UnitGroup, architecture_of
 from twist_scale.prune import (
     METHODS,
@@ -416,7 +417,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, nargs="+", default=[0], help="draws of a seeded method (random)")
     parser.add_argument("--out", type=Path, required=True, help="parent directory of the exports")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    setup_logging()
     try:
         for kappa in args.kappa:
             check_kappa(kappa)

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from twist_scale.atomic import atomic_write_text
 from twist_scale.config import TrackingConfig
+from twist_scale.logs import setup_logging
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -342,7 +343,7 @@ def main(argv: list[str] | None = None) -> None:
     cmd.add_argument("out_dir", type=Path)
     cmd.add_argument("--uri", help="tracking URI, if not the one the run used (the server moved)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    setup_logging()
     if not replay(args.out_dir, args.uri):
         sys.exit(f"MLflow backlog not (fully) sent; it is still in {args.out_dir / SPILL_FILE}")
     log.info("MLflow backlog of %s replayed", args.out_dir)

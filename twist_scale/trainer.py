@@ -26,7 +26,8 @@ from twist_scale.checkpoint import Checkpointer, rng_state, set_rng_state
 from twist_scale.config import RunConfig
 from twist_scale.correction import install_correction, with_stat_axes
 from twist_scale.data import load_run_data
-from twist_scale.distributed import init_distributed, setup_logging
+from twist_scale.distributed import init_distributed
+from twist_scale.logs import setup_logging
 from twist_scale.metrics import RunMetrics
 from twist_scale.models import architecture_of, build_model
 from twist_scale.subnet import SubnetSampler, default_shared_layers, partitioned_groups
