@@ -24,6 +24,7 @@ from twist_scale import config as config_mod
 from twist_scale.central_io import TWIST_META, export_central
 from twist_scale.checkpoint import Checkpointer, rng_state, set_rng_state
 from twist_scale.config import RunConfig
+from twist_scale.config_load import validate
 from twist_scale.correction import install_correction, with_stat_axes
 from twist_scale.data import load_run_data
 from twist_scale.distributed import init_distributed
@@ -42,7 +43,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
         init_distributed(cfg.parallel.backend, cfg.parallel.timeout_s)
-        config_mod.validate(cfg, dist.get_world_size())
+        validate(cfg, dist.get_world_size())
         self.topo = topo = Topology.from_dist(cfg.twist.groups)
         setup_logging(topo.rank)
         self.is_main, self.out_dir = topo.rank == 0, Path(cfg.out_dir)
