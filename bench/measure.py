@@ -47,8 +47,9 @@ def round_costs(out_dir: Path) -> dict[str, float]:
     from mlflow.tracking import MlflowClient
 
     from twist_scale.models import build_model
+    from twist_scale.tracking import default_uri
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{out_dir / 'mlflow.db'}")
+    client = MlflowClient(tracking_uri=default_uri(out_dir))
     run_id = (out_dir / "mlflow_run_id").read_text().strip()
     series = {
         k: [m.value for m in sorted(client.get_metric_history(run_id, k), key=lambda m: m.step)][1:]

@@ -233,7 +233,9 @@ def main() -> None:
     if not args.reuse_runs and args.out.exists():
         shutil.rmtree(args.out)
     args.out.mkdir(parents=True, exist_ok=True)
-    uri = f"sqlite:///{(args.out / 'mlflow.db').resolve()}"
+    from twist_scale.tracking import default_uri
+
+    uri = default_uri(args.out)
     report: dict = {
         "token_budget": budget.tokens,
         "budget": budget.__dict__,

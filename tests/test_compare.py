@@ -9,7 +9,7 @@ from mlflow.tracking import MlflowClient
 
 from twist_scale import compare
 from twist_scale.evaluate import KappaResult, Perplexity, Sweep, log_sweep
-from twist_scale.tracking import artifact_root
+from twist_scale.tracking import default_uri, experiment_id
 
 
 def training_run(client: MlflowClient, exp_id: str, name: str, kappa: float, groups: int) -> str:
@@ -32,9 +32,9 @@ def has_color(pixels: np.ndarray, hex_color: str) -> bool:
 
 
 def test_compare_prints_table_and_logs_png(tmp_path, capsys):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = default_uri(tmp_path)
     client = MlflowClient(uri)
-    exp_id = client.create_experiment("exp", artifact_location=artifact_root(uri))
+    exp_id = experiment_id(client, "exp")
     twist = training_run(client, exp_id, "twist-run", 0.5, 2)
     dense = training_run(client, exp_id, "dense-run", 1.0, 1)
     log_sweep(sweep("random", 30.0, {1.0: [30.0], 0.5: [34.0, 36.0]}), uri, twist)

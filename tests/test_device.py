@@ -17,7 +17,8 @@ import torch.distributed as dist
 from conftest import BROWN_VALID, REPO, SHAKESPEARE, run_deepspeed, run_torchrun, tiny_args
 from test_train import assert_fp32_checkpoint, history, mlflow_run
 
-from twist_scale.config import ConfigError, load_config
+from twist_scale.config import ConfigError
+from twist_scale.config_load import load_config
 from twist_scale.data import load_tokenizer, packed_blocks, train_tokenizer
 from twist_scale.distributed import comm_device
 

@@ -7,7 +7,8 @@ import json
 import pytest
 from conftest import REPO, SHAKESPEARE
 
-from twist_scale.config import ConfigError, load_config
+from twist_scale.config import ConfigError
+from twist_scale.config_load import load_config
 from twist_scale.engines.deepspeed_engine import render_ds_config
 
 CONFIGS = sorted((REPO / "ds_configs").glob("*.json"))

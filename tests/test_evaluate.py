@@ -19,6 +19,7 @@ from torch import nn
 from twist_scale import evaluate, export
 from twist_scale.data import token_stream
 from twist_scale.evaluate import KappaResult, perplexity
+from twist_scale.tracking import default_uri
 
 
 class Bigram(nn.Module):
@@ -119,7 +120,7 @@ def test_train_once_export_every_kappa_and_log_perplexity(trained_run, tmp_path,
 
     evaluate.main([str(final), "--data", str(test_file), "--kappa", "1.0", "0.5", "--draws", "2", "--window", "32"])
     capsys.readouterr()
-    client = MlflowClient(f"sqlite:///{trained_run / 'mlflow.db'}")
+    client = MlflowClient(default_uri(trained_run))
     run_id = (trained_run / "mlflow_run_id").read_text().strip()
     metrics = client.get_run(run_id).data.metrics
     assert metrics["test/random/ppl_kappa_1.00"] == pytest.approx(metrics["test/random/ppl_full"], rel=1e-5)

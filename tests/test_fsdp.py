@@ -21,7 +21,9 @@ def loss_history(out_dir: Path) -> list[tuple[int, float]]:
     """(step, train/loss) pairs of the run's MLflow run, from the sqlite store in its out_dir."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(f"sqlite:///{out_dir / 'mlflow.db'}")
+    from twist_scale.tracking import default_uri
+
+    client = MlflowClient(default_uri(out_dir))
     run_id = (out_dir / "mlflow_run_id").read_text().strip()
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, "train/loss"))
 

@@ -72,7 +72,9 @@ def test_two_nodes_aggregate_across_nodes(tmp_path):
 
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(f"sqlite:///{out_dir / 'mlflow.db'}")
+    from twist_scale.tracking import default_uri
+
+    client = MlflowClient(default_uri(out_dir))
     run_id = (out_dir / "mlflow_run_id").read_text().strip()
     sent = client.get_metric_history(run_id, "twist/agg_bytes")
     assert [m.step for m in sent] == [3, 6] and all(m.value > 0 for m in sent)  # both aggregations moved data

@@ -22,6 +22,7 @@ import pytest
 from conftest import BIN, BROWN_VALID, REPO, SHAKESPEARE, free_port, launch_env
 
 from twist_scale.checkpoint import verify
+from twist_scale.tracking import default_uri
 
 pytestmark = pytest.mark.slow
 SBIN_PATH = f"/usr/sbin:/sbin:{os.environ.get('PATH', '')}"
@@ -204,7 +205,7 @@ def test_one_node_job_trains_logs_checkpoints_and_resumes_after_requeue(slurm_en
     assert "restart 1" in text and "resumed from" in text
     assert (out_dir / "mlflow_run_id").read_text().strip() == run_id
 
-    client = MlflowClient(f"sqlite:///{out_dir / 'mlflow.db'}")
+    client = MlflowClient(default_uri(out_dir))
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["twist.groups"] == "2"

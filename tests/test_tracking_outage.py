@@ -32,7 +32,7 @@ def start_server(store: Path, port: int) -> subprocess.Popen:
         str(BIN / "mlflow"),
         "server",
         "--backend-store-uri",
-        f"sqlite:///{store / 'mlflow.db'}",
+        tracking.default_uri(store),
         "--artifacts-destination",
         str(store / "artifacts"),
         "--host",
@@ -152,7 +152,7 @@ def test_server_down_from_start_then_replay_cli(tmp_path, monkeypatch):
     kinds = [json.loads(line)["kind"] for line in (out / tracking.SPILL_FILE).read_text().splitlines()]
     assert kinds == ["run", "params", *["metrics"] * 5, "artifact", "end"]
 
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    store = tracking.default_uri(tmp_path)
     subprocess.run(
         [sys.executable, "-m", "twist_scale.tracking", "replay", str(out), "--uri", store],
         cwd=REPO,

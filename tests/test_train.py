@@ -11,7 +11,9 @@ from conftest import TRAIN, run_deepspeed, tiny_args
 def mlflow_run(out_dir):
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{out_dir / 'mlflow.db'}")
+    from twist_scale.tracking import default_uri
+
+    client = MlflowClient(tracking_uri=default_uri(out_dir))
     run = client.get_run((out_dir / "mlflow_run_id").read_text().strip())
     return client, run
 

@@ -8,7 +8,6 @@ the unit activation means that correction='mean' folds into exported subnets.
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from twist_scale.atomic import atomic_directory
 from twist_scale.correction import is_statistic
 
 TWIST_META = "twist.json"
@@ -32,15 +32,12 @@ def save_central(
     meta: dict[str, Any],
 ) -> None:
     """Written to a temporary directory and renamed, so a crash never leaves half a model."""
-    tmp = directory.with_name(f".tmp-{directory.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if stats:
-        save_file({k: v.contiguous() for k, v in stats.items()}, str(tmp / TWIST_STATS))
-    (tmp / TWIST_META).write_text(json.dumps(meta, indent=2))
-    shutil.rmtree(directory, ignore_errors=True)
-    tmp.rename(directory)
+    with atomic_directory(directory) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if stats:
+            save_file({k: v.contiguous() for k, v in stats.items()}, str(tmp / TWIST_STATS))
+        (tmp / TWIST_META).write_text(json.dumps(meta, indent=2))
 
 
 def load_central(directory: Path) -> tuple[nn.Module, PreTrainedTokenizerBase, dict[str, torch.Tensor], dict]:

@@ -13,12 +13,15 @@ import logging
 import random
 import shutil
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from twist_scale.atomic import atomic_directory, temp_sibling
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -85,19 +88,16 @@ class Checkpointer:
                 "the weights hold NaN or inf; refusing to overwrite good checkpoints with them (the newest "
                 "valid one is intact). Lower --optim.lr or set --optim.grad_clip, then resume."
             )
-        tmp = self.root / f".tmp-{self._name(round_)}"
         final = self.root / self._name(round_)
+        # rank 0 creates the directory and renames it into place once its manifest is written
+        with atomic_directory(final) if self.rank == 0 else nullcontext(temp_sibling(final)) as tmp:
+            dist.barrier()
+            write(tmp)
+            dist.barrier()
+            if self.rank == 0:
+                files = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+                (tmp / MANIFEST).write_text(json.dumps({"round": round_, "files": files, **meta}, indent=1))
         if self.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        dist.barrier()
-        write(tmp)
-        dist.barrier()
-        if self.rank == 0:
-            files = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-            (tmp / MANIFEST).write_text(json.dumps({"round": round_, "files": files, **meta}, indent=1))
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
             for old in self.complete()[: -self.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
         dist.barrier()

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import sys
 
-from twist_scale.config import ConfigError, help_text, load_config
+from twist_scale.config import ConfigError
+from twist_scale.config_load import help_text, load_config
 
 
 def train(argv: list[str] | None = None) -> None:

@@ -14,6 +14,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from twist_scale.tracking import experiment_id
+
 METRIC = re.compile(
     r"test/(?P<label>[\w.:-]+)/ppl_(?:(?P<full>full)|kappa_(?P<kappa>\d+\.\d+)(?:_(?P<stat>std|min|max))?)"
 )
@@ -56,12 +58,12 @@ def collect(tracking_uri: str, experiment: str) -> list[Series]:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
+    exp_id = experiment_id(client, experiment, create=False)
+    if exp_id is None:
         names = ", ".join(e.name for e in client.search_experiments())
         raise ValueError(f"no experiment {experiment!r} in {tracking_uri}; --experiment is one of: {names or 'none'}")
     series: list[Series] = []
-    for run in client.search_runs([exp.experiment_id], max_results=50_000, order_by=["attributes.start_time ASC"]):
+    for run in client.search_runs([exp_id], max_results=50_000, order_by=["attributes.start_time ASC"]):
         tags = run.data.tags
         if "mlflow.parentRunId" in tags or tags.get(KIND_TAG) == COMPARISON:
             continue
@@ -146,11 +148,11 @@ def log_comparison(tracking_uri: str, experiment: str, files: list[Path]) -> str
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
-    exp = client.get_experiment_by_name(experiment)
-    found = client.search_runs([exp.experiment_id], f"tags.`{KIND_TAG}` = '{COMPARISON}'", max_results=1)
+    exp_id = experiment_id(client, experiment, create=False)
+    found = client.search_runs([exp_id], f"tags.`{KIND_TAG}` = '{COMPARISON}'", max_results=1)
     run_id = found[0].info.run_id if found else ""
     if not run_id:
-        run_id = client.create_run(exp.experiment_id, run_name=COMPARISON, tags={KIND_TAG: COMPARISON}).info.run_id
+        run_id = client.create_run(exp_id, run_name=COMPARISON, tags={KIND_TAG: COMPARISON}).info.run_id
     for f in files:
         client.log_artifact(run_id, str(f))
     client.set_terminated(run_id)

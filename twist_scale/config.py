@@ -1,22 +1,17 @@
-"""One typed config tree for a run: dataclasses + TOML/YAML presets + dotted CLI overrides.
+"""One typed config tree for a run: every field a dataclass field with its default and documentation.
 
-Precedence is CLI > file > defaults. Everything is validated before any process group, model
-or dataset is built, so a typo costs a second, not a queued job.
+`twist_scale.config_load` reads it from TOML/YAML presets and dotted CLI overrides and validates it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import sys
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import tomllib
-import yaml
+from twist_scale.atomic import atomic_write_text
 
 
 class ConfigError(ValueError):
@@ -150,220 +145,6 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
-def _fields(cls: type) -> dict[str, tuple[dataclasses.Field, Any]]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: (f, hints[f.name]) for f in dataclasses.fields(cls)}
-
-
-def _coerce(path: str, value: Any, hint: Any) -> Any:
-    """Convert a file or CLI value to the field's type, or say which type was expected."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            return None
-        return _coerce(path, value, args[0])
-    if origin is list:
-        (item,) = typing.get_args(hint)
-        if isinstance(value, str):
-            value = [v for v in value.split(",") if v.strip()] if value.strip() else []
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{path}: expected a list, got {value!r}")
-        return [_coerce(f"{path}[{i}]", v, item) for i, v in enumerate(value)]
-    try:
-        if hint is bool:
-            if isinstance(value, bool):
-                return value
-            if str(value).lower() in ("true", "1", "yes"):
-                return True
-            if str(value).lower() in ("false", "0", "no"):
-                return False
-            raise ValueError
-        if hint is int:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return int(value)
-        if hint is float:
-            return float(value)
-        if hint is str:
-            return str(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{path}: expected {hint.__name__}, got {value!r}") from None
-    raise ConfigError(f"{path}: unsupported type {hint}")
-
-
-def _apply(obj: Any, updates: dict[str, Any], prefix: str = "") -> None:
-    known = _fields(type(obj))
-    for key, value in updates.items():
-        path = f"{prefix}{key}"
-        if key not in known:
-            raise ConfigError(f"unknown config key '{path}'; known keys here: {', '.join(sorted(known))}")
-        _, hint = known[key]
-        current = getattr(obj, key)
-        if dataclasses.is_dataclass(current):
-            if not isinstance(value, dict):
-                raise ConfigError(f"'{path}' is a section; set its keys, e.g. --{path}.<key> VALUE")
-            _apply(current, value, f"{path}.")
-        else:
-            setattr(obj, key, _coerce(path, value, hint))
-
-
-def _read_file(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    text = path.read_text()
-    if path.suffix == ".toml":
-        return tomllib.loads(text)
-    if path.suffix in (".yaml", ".yml"):
-        return yaml.safe_load(text) or {}
-    if path.suffix == ".json":  # the resolved config a run saves
-        return json.loads(text)
-    raise ConfigError(f"config file {path}: use .toml, .yaml, .yml or .json")
-
-
-def parse_overrides(argv: list[str]) -> tuple[list[Path], dict[str, Any]]:
-    """Split `--config FILE` and `--section.key VALUE` (or `=VALUE`) pairs into a nested dict."""
-    files: list[Path] = []
-    nested: dict[str, Any] = {}
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if not arg.startswith("--"):
-            raise ConfigError(f"unexpected argument '{arg}'; use --section.key VALUE")
-        key, eq, value = arg[2:].partition("=")
-        if not eq:
-            if i + 1 >= len(argv):
-                raise ConfigError(f"--{key} needs a value")
-            value, i = argv[i + 1], i + 1
-        i += 1
-        if key == "local_rank":  # the deepspeed launcher appends it; LOCAL_RANK carries the same
-            continue
-        if key == "config":
-            files.append(Path(value))
-            continue
-        node = nested
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return files, nested
-
-
-def help_text(program: str) -> str:
-    """Every field as its --section.key flag, with its default, allowed values and documentation."""
-    lines = [
-        f"usage: {program} [--config FILE ...] [--section.key VALUE ...]",
-        "",
-        "Precedence: --section.key VALUE > --config files (.toml/.yaml/.json, in order) > defaults.",
-        "Lists are comma-separated (--data.train_files a.txt,b.txt); booleans are true/false.",
-    ]
-
-    def walk(obj: Any, prefix: str) -> None:
-        for name, (f, _) in _fields(type(obj)).items():
-            value, path = getattr(obj, name), f"{prefix}{name}"
-            if dataclasses.is_dataclass(value):
-                lines.extend(["", f"{path}: {f.metadata.get('doc', '')}"])
-                walk(value, f"{path}.")
-                continue
-            choices = f" {{{', '.join(CHOICES[path])}}}" if path in CHOICES else ""
-            lines.append(f"  --{path}{choices} (default: {json.dumps(value)})")
-            lines.append(f"      {f.metadata.get('doc', '')}")
-
-    walk(RunConfig(), "")
-    return "\n".join(lines)
-
-
-def load_config(argv: list[str] | None = None) -> RunConfig:
-    """Defaults, then each --config file in order, then dotted overrides; then validate."""
-    files, overrides = parse_overrides(sys.argv[1:] if argv is None else argv)
-    cfg = RunConfig()
-    for path in files:
-        _apply(cfg, _read_file(path))
-    _apply(cfg, overrides)
-    validate(cfg)
-    return cfg
-
-
-def _check_backend(backend: str) -> None:
-    """'auto', one torch backend name, or torch's 'device:backend,...' form of known backends."""
-    if backend == "auto":
-        return
-    import torch.distributed as dist
-
-    pairs = [p.strip() for p in backend.split(",")]
-    per_device = ":" in backend
-    if per_device and any(p.count(":") != 1 or not all(p.split(":")) for p in pairs):
-        raise ConfigError(f"--parallel.backend {backend!r}: write the per-device form as 'cpu:gloo,cuda:nccl'")
-    if not per_device and len(pairs) > 1:
-        raise ConfigError(f"--parallel.backend {backend!r}: name one backend, or use 'cpu:gloo,cuda:nccl'")
-    for name in (p.split(":")[-1] for p in pairs):
-        if name.lower() not in dist.Backend.backend_list:
-            raise ConfigError(
-                f"--parallel.backend {backend!r}: unknown backend {name!r}; choose auto, gloo, nccl, a "
-                "per-device form such as 'cpu:gloo,cuda:nccl', or register it with "
-                "torch.distributed.Backend.register_backend"
-            )
-
-
-def validate(cfg: RunConfig, world_size: int | None = None) -> None:
-    """Reject values that cannot run, naming the flag and what is allowed."""
-    for path, allowed in CHOICES.items():
-        node = cfg
-        for part in path.split("."):
-            node = getattr(node, part)
-        value = node
-        if value not in allowed:
-            raise ConfigError(f"--{path} {value!r} is not allowed; choose one of {', '.join(allowed)}")
-    _check_backend(cfg.parallel.backend)
-    t = cfg.twist
-    if not 0.0 < t.kappa <= 1.0:
-        raise ConfigError(f"--twist.kappa {t.kappa} must be in (0, 1]")
-    positive = {
-        "twist.groups": t.groups,
-        "twist.local_steps": t.local_steps,
-        "twist.rounds": t.rounds,
-        "data.block_size": cfg.data.block_size,
-        "data.micro_batch_size": cfg.data.micro_batch_size,
-        "data.vocab_size": cfg.data.vocab_size,
-    }
-    for path, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"--{path} {value} must be >= 1")
-    if cfg.parallel.timeout_s <= 0:
-        raise ConfigError(f"--parallel.timeout_s {cfg.parallel.timeout_s} must be > 0")
-    if cfg.optim.lr <= 0:
-        raise ConfigError(f"--optim.lr {cfg.optim.lr} must be > 0")
-    if t.kappa * t.groups < 1 and not t.allow_uncovered:
-        raise ConfigError(
-            f"--twist.kappa {t.kappa} with --twist.groups {t.groups} leaves units that no group trains "
-            f"(kappa*groups = {t.kappa * t.groups:.2f} < 1); raise kappa or groups, or set "
-            "--twist.allow_uncovered true"
-        )
-    if not 0.0 <= t.stat_momentum < 1.0:
-        raise ConfigError(f"--twist.stat_momentum {t.stat_momentum} must be in [0, 1)")
-    if not cfg.data.train_files and not cfg.data.hub_dataset:
-        raise ConfigError("no training data: set --data.train_files FILE[,FILE] or --data.hub_dataset NAME")
-    for path in [*cfg.data.train_files, *cfg.data.valid_files]:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"data file {path} does not exist; fix --data.train_files / --data.valid_files")
-        if p.stat().st_size == 0:
-            raise ConfigError(f"data file {path} is empty; point --data.train_files at real text")
-    if cfg.parallel.engine == "deepspeed" and not Path(cfg.parallel.ds_config).is_file():
-        raise ConfigError(f"--parallel.ds_config {cfg.parallel.ds_config} does not exist; see ds_configs/")
-    if world_size is not None:
-        if world_size % t.groups:
-            raise ConfigError(
-                f"--twist.groups {t.groups} does not divide the world size {world_size}; "
-                f"use a divisor of {world_size} or launch a multiple of {t.groups} processes"
-            )
-        if cfg.parallel.engine == "local" and world_size != t.groups:
-            raise ConfigError(
-                f"--parallel.engine local runs one process per group, but the world size is {world_size} for "
-                f"{t.groups} group(s); launch {t.groups} process(es) or use --parallel.engine deepspeed|fsdp"
-            )
-
-
 def to_dict(cfg: RunConfig) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
@@ -381,7 +162,4 @@ def flat_params(cfg: RunConfig) -> dict[str, str]:
 
 
 def save_resolved(cfg: RunConfig, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(to_dict(cfg), indent=2))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(to_dict(cfg), indent=2))

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerBase
 
+from twist_scale.atomic import atomic_file
 from twist_scale.config import DataConfig, RunConfig
 from twist_scale.topology import Topology
 
@@ -154,10 +155,8 @@ def packed_blocks(
     if n == 0:
         raise ValueError(f"{files or hub_dataset}: {len(ids)} tokens is less than one block of {block_size}")
     blocks = np.asarray(ids[: n * block_size], dtype=np.int32).reshape(n, block_size)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp.npy")
-    np.save(tmp, blocks)
-    tmp.replace(cache)
+    with atomic_file(cache) as fh:
+        np.save(fh, blocks)
     return blocks
 
 

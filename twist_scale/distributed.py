@@ -5,7 +5,6 @@ place that decides on which device collectives take their tensors.
 from __future__ import annotations
 
 import datetime
-import logging
 import os
 import socket
 from pathlib import Path
@@ -108,12 +107,3 @@ def release_shared_memory(rank: int) -> None:
     name at exit takes nothing from a rank still running.
     """
     deepspeed_shm_segment(rank).unlink(missing_ok=True)
-
-
-def setup_logging(rank: int) -> None:
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
-        format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        force=True,
-    )

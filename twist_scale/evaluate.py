@@ -33,8 +33,9 @@ from torch import nn
 
 from twist_scale.data import token_stream
 from twist_scale.export import Pruner, add_pruning_args, parameter_count, pruner_from_args
+from twist_scale.logs import setup_logging
 from twist_scale.prune import check_kappa
-from twist_scale.tracking import artifact_root, default_uri
+from twist_scale.tracking import default_uri, experiment_id
 
 log = logging.getLogger(__name__)
 
@@ -192,9 +193,8 @@ def resolve_run(central_dir: Path, uri: str, run_id: str, experiment: str) -> tu
                 f"its --tracking.uri) or --run-id"
             ) from err
         return uri, run_id
-    exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(experiment, artifact_location=artifact_root(uri))
-    run = client.create_run(exp_id, run_name=out_dir.name, tags={"twist.kind": "evaluated-model"})
+    tags = {"twist.kind": "evaluated-model"}
+    run = client.create_run(experiment_id(client, experiment), run_name=out_dir.name, tags=tags)
     client.set_terminated(run.info.run_id)
     return uri, run.info.run_id
 
@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-mlflow", action="store_true", help="print only")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    setup_logging()
     try:
         for kappa in args.kappa:
             check_kappa(kappa)

@@ -20,7 +20,6 @@ import argparse
 import copy
 import json
 import logging
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,9 +30,11 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerBase
 from transformers.initialization import no_init_weights
 
+from twist_scale.atomic import atomic_directory
 from twist_scale.central_io import load_central
 from twist_scale.correction import ACT_MEAN, ACT_SQ_MEAN, correction_of
 from twist_scale.data import token_stream
+from twist_scale.logs import setup_logging
 from twist_scale.models import UnitGroup, architecture_of
 from twist_scale.prune import (
     METHODS,
@@ -169,15 +170,10 @@ def save_exported(
 ) -> Path:
     """Checkpoint + tokenizer + twist_subnet.json + README.md, written aside and renamed (never half a model)."""
     directory = Path(directory)
-    tmp = directory.with_name(f".tmp-{directory.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
     loader = PLAIN_LOADER if plain else TWIST_LOADER
     if not plain:  # makes the full-width config.json say why plain loading reports size mismatches
         model.config.twist_subnet = f"per-layer widths in {SUBNET_FILE}: load with {TWIST_LOADER}(dir)"
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
     record = {"loader": loader, "parameters": parameter_count(model), **record}
-    (tmp / SUBNET_FILE).write_text(json.dumps(record, indent=2))
     load = (
         f'from transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained("{directory}")'
         if plain
@@ -190,9 +186,11 @@ def save_exported(
         "keeps the full-width shape and `AutoModelForCausalLM.from_pretrained` fails with size mismatches."
     )
     fields = {"source": "?", "method": "?", "seed": 0, "correction": "none"} | record
-    (tmp / "README.md").write_text(README.format(load=load, why=why, **fields))
-    shutil.rmtree(directory, ignore_errors=True)
-    tmp.rename(directory)
+    with atomic_directory(directory) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / SUBNET_FILE).write_text(json.dumps(record, indent=2))
+        (tmp / "README.md").write_text(README.format(load=load, why=why, **fields))
     return directory
 
 
@@ -398,7 +396,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, nargs="+", default=[0], help="draws of a seeded method (random)")
     parser.add_argument("--out", type=Path, required=True, help="parent directory of the exports")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    setup_logging()
     try:
         for kappa in args.kappa:
             check_kappa(kappa)

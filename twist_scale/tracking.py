@@ -16,28 +16,28 @@ or a server still down at close() leaves behind is replayed by the next attempt 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from twist_scale.backlog import SPILL_FILE, Record, SpillFile, brief, next_call, read_spill, refused
 from twist_scale.config import TrackingConfig
+from twist_scale.logs import setup_logging
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
 
 log = logging.getLogger(__name__)
 
 RUN_ID_FILE = "mlflow_run_id"
-SPILL_FILE = "mlflow_backlog.jsonl"
 CLOSE_WAIT_S = 60.0  # close() keeps trying this long: enough to ride out a server restart
 MAX_BACKOFF_S = 30.0  # while the server is down it is tried at most this rarely (1 s, doubling, up to this)
 # MLflow's HTTP client retries a dead server with exponential backoff for ~4 minutes and waits 120 s for
 # an answer; the backlog makes retries unnecessary, so fail within seconds (explicit settings win).
 FAST_FAIL_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
-
-Record = dict[str, Any]
 
 
 class NullTracker:
@@ -58,32 +58,16 @@ def artifact_root(uri: str) -> str | None:
     return None
 
 
+def experiment_id(client: MlflowClient, name: str, create: bool = True) -> str | None:
+    """The id of experiment `name`; a missing one is created (artifacts as `artifact_root` says) or None."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    return client.create_experiment(name, artifact_location=artifact_root(client.tracking_uri)) if create else None
+
+
 def _now_ms() -> int:
     return int(time.time() * 1000)
-
-
-def _refused(err: Exception) -> bool:
-    """The server (or the local file system) rejected the request itself: sending it again cannot help.
-
-    Everything else (connection refused or reset, timeouts, 5xx, rate limits, auth hiccups) is treated
-    as an outage and retried later.
-    """
-    import requests
-    from mlflow.exceptions import MlflowException
-
-    if isinstance(err, requests.HTTPError) and err.response is not None:
-        status = err.response.status_code
-    elif isinstance(err, requests.RequestException):  # an OSError, but a network one
-        return False
-    elif isinstance(err, MlflowException):
-        status = err.get_http_status_code()
-    else:
-        return isinstance(err, (OSError, ValueError))
-    return 400 <= status < 500 and status not in (401, 403, 408, 429)
-
-
-def _brief(err: Exception) -> str:
-    return str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
 
 
 class MLflowTracker(NullTracker):
@@ -105,7 +89,7 @@ class MLflowTracker(NullTracker):
         self.experiment = cfg.experiment
         self.run_name = cfg.run_name or out_dir.name
         self.out_dir = out_dir
-        self.spill = out_dir / SPILL_FILE
+        self.spill = SpillFile(out_dir / SPILL_FILE)
         self.client = MlflowClient(self.uri)
         id_file = out_dir / RUN_ID_FILE
         self.run_id: str | None = os.environ.get("MLFLOW_RUN_ID") or (
@@ -113,18 +97,18 @@ class MLflowTracker(NullTracker):
         )
         self.resumed = self.run_id is not None
         self.opened = False
-        self.pending: list[Record] = _read_spill(self.spill)[1]
-        self.spilled = len(self.pending)  # how many of `pending` (a prefix) the spill file holds
-        self.stale = self.spill.exists()  # the spill file differs from `pending` beyond that prefix
+        self.pending: list[Record] = self.spill.load()
         self.retry_at = 0.0
         self.backoff = 1.0
         self.down_since: float | None = None
         if self.pending:
-            log.info("%d MLflow record(s) left by an earlier attempt in %s: replaying them", self.spilled, self.spill)
+            log.info(
+                "%d MLflow record(s) left by an earlier attempt in %s: replaying them", self.spill.held, self.spill.path
+            )
         try:
             self._open()
         except Exception as err:
-            if _refused(err):  # misconfigured (unknown run id, bad URI): say so before any compute is spent
+            if refused(err):  # misconfigured (unknown run id, bad URI): say so before any compute is spent
                 raise
             self._failed(err)
         self._flush()
@@ -163,7 +147,7 @@ class MLflowTracker(NullTracker):
                 CLOSE_WAIT_S,
                 len(self.pending),
                 self.run_id or "(not created yet)",
-                self.spill,
+                self.spill.path,
                 self.out_dir,
             )
 
@@ -180,13 +164,8 @@ class MLflowTracker(NullTracker):
         if self.run_id is None:
             from mlflow.tracking.context.registry import resolve_tags
 
-            experiment = self.client.get_experiment_by_name(self.experiment)
-            experiment_id = (
-                experiment.experiment_id
-                if experiment
-                else self.client.create_experiment(self.experiment, artifact_location=artifact_root(self.uri))
-            )
-            self.run_id = self.client.create_run(experiment_id, tags=resolve_tags(), run_name=self.run_name).info.run_id
+            exp_id = experiment_id(self.client, self.experiment)
+            self.run_id = self.client.create_run(exp_id, tags=resolve_tags(), run_name=self.run_name).info.run_id
             (self.out_dir / RUN_ID_FILE).write_text(self.run_id)
         else:
             self.client.update_run(self.run_id, status="RUNNING")
@@ -203,54 +182,21 @@ class MLflowTracker(NullTracker):
                 self._failed(err)
             else:
                 self._recovered()
-        self._spill()
+        self.spill.sync(self.pending, self._header())
         return not self.pending
 
     def _send(self) -> None:
         """Deliver the backlog in order; stops at (raises) the first failure that looks like an outage."""
         while self.pending:
-            n, send = self._next_call()
+            n, send = next_call(self.client, self.run_id, self.pending)
             try:
                 send()
             except Exception as err:
-                if not _refused(err):
+                if not refused(err):
                     raise
-                log.warning("MLflow refused %d record(s), dropping them: %s", n, _brief(err))
+                log.warning("MLflow refused %d record(s), dropping them: %s", n, brief(err))
             del self.pending[:n]
-            if self.spilled:
-                self.stale = True
-            self.spilled = max(0, self.spilled - n)
-
-    def _next_call(self) -> tuple[int, Callable[[], object]]:
-        """The call for the head of the backlog: a run of metrics and params records goes in one log_batch."""
-        from mlflow.entities import Metric, Param
-        from mlflow.utils.validation import MAX_ENTITIES_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH
-
-        run_id, head = self.run_id, self.pending[0]
-        if head["kind"] == "artifact":
-            path, artifact_path = head["path"], head["artifact_path"]
-            upload = self.client.log_artifacts if Path(path).is_dir() else self.client.log_artifact
-            return 1, lambda: upload(run_id, path, artifact_path)
-        if head["kind"] == "end":
-            return 1, lambda: self.client.set_terminated(run_id, head["status"], head["time"])
-        metrics: list[Metric] = []
-        params: list[Param] = []
-        n = 0
-        for record in self.pending:
-            if record["kind"] not in ("metrics", "params"):
-                break
-            size = len(record["values"])
-            if n and (
-                len(metrics) + len(params) + size > MAX_ENTITIES_PER_BATCH
-                or (record["kind"] == "params" and len(params) + size > MAX_PARAMS_TAGS_PER_BATCH)
-            ):
-                break
-            if record["kind"] == "metrics":
-                metrics += [Metric(k, v, record["time"], record["step"]) for k, v in record["values"].items()]
-            else:
-                params += [Param(k, v) for k, v in record["values"].items()]
-            n += 1
-        return n, lambda: self.client.log_batch(run_id, metrics=metrics, params=params)
+            self.spill.sent(n)
 
     def _failed(self, err: Exception) -> None:
         self.retry_at = time.monotonic() + self.backoff
@@ -260,8 +206,8 @@ class MLflowTracker(NullTracker):
             log.warning(
                 "MLflow at %s unreachable (%s); training goes on, records are kept in %s and replayed when it answers",
                 self.uri,
-                _brief(err),
-                self.spill,
+                brief(err),
+                self.spill.path,
             )
 
     def _recovered(self) -> None:
@@ -271,46 +217,9 @@ class MLflowTracker(NullTracker):
             log.info("MLflow at %s answers again after %.0f s; backlog replayed", self.uri, down_s)
             self.down_since = None
 
-    def _spill(self) -> None:
-        """Make the spill file hold exactly the backlog: append new records, rewrite once some were sent."""
-        if not self.pending:
-            if self.stale:
-                self.spill.unlink(missing_ok=True)
-        elif self.stale:
-            tmp = self.spill.with_name(self.spill.name + ".tmp")
-            _write(tmp, [self._header(), *self.pending], "w")
-            os.replace(tmp, self.spill)
-        elif self.spilled < len(self.pending):
-            _write(self.spill, ([] if self.spilled else [self._header()]) + self.pending[self.spilled :], "a")
-        self.spilled, self.stale = len(self.pending), False
-
     def _header(self) -> Record:
         """Where the records go: lets `replay` find the run without the training config."""
         return {"kind": "run", "uri": self.uri, "experiment": self.experiment, "run_name": self.run_name}
-
-
-def _write(path: Path, records: list[Record], mode: str) -> None:
-    with open(path, mode) as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _read_spill(path: Path) -> tuple[Record | None, list[Record]]:
-    """(header, records) of a spill file; a line torn by a crash mid-write is skipped."""
-    header, records = None, []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                log.warning("skipping a torn line in %s", path)
-                continue
-            if record["kind"] == "run":
-                header = record
-            else:
-                records.append(record)
-    return header, records
 
 
 def build_tracker(cfg: TrackingConfig, out_dir: Path, is_main: bool) -> NullTracker:
@@ -322,7 +231,7 @@ def replay(out_dir: Path, uri: str | None = None) -> bool:
 
     True when nothing is left; the run's status changes only if the backlog ends it (close() was called).
     """
-    header, _ = _read_spill(out_dir / SPILL_FILE)
+    header, _ = read_spill(out_dir / SPILL_FILE)
     if header is None:
         log.info("no MLflow backlog in %s", out_dir)
         return True
@@ -337,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
     cmd.add_argument("out_dir", type=Path)
     cmd.add_argument("--uri", help="tracking URI, if not the one the run used (the server moved)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    setup_logging()
     if not replay(args.out_dir, args.uri):
         sys.exit(f"MLflow backlog not (fully) sent; it is still in {args.out_dir / SPILL_FILE}")
     log.info("MLflow backlog of %s replayed", args.out_dir)

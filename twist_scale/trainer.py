@@ -24,9 +24,11 @@ from twist_scale import config as config_mod
 from twist_scale.central_io import TWIST_META, export_central
 from twist_scale.checkpoint import Checkpointer, rng_state, set_rng_state
 from twist_scale.config import RunConfig
+from twist_scale.config_load import validate
 from twist_scale.correction import correction_of
 from twist_scale.data import load_run_data
-from twist_scale.distributed import init_distributed, setup_logging
+from twist_scale.distributed import init_distributed
+from twist_scale.logs import setup_logging
 from twist_scale.metrics import RunMetrics
 from twist_scale.models import architecture_of, build_model
 from twist_scale.subnet import SubnetSampler, default_shared_layers, partitioned_groups
@@ -41,7 +43,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
         init_distributed(cfg.parallel.backend, cfg.parallel.timeout_s)
-        config_mod.validate(cfg, dist.get_world_size())
+        validate(cfg, dist.get_world_size())
         self.topo = topo = Topology.from_dist(cfg.twist.groups)
         setup_logging(topo.rank)
         self.is_main, self.out_dir = topo.rank == 0, Path(cfg.out_dir)
