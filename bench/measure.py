@@ -15,7 +15,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
-ROUND_METRICS = ("perf/tokens_per_s", "twist/compute_seconds", "twist/agg_seconds", "twist/agg_bytes")
+ROUND_METRICS = ("perf/tokens_per_s", "twist/compute_seconds", "twist/sync_seconds", "twist/sync_bytes")
 
 
 def launch(out_dir: Path, config: str, overrides: dict[str, object], procs: int, quiet: bool = True) -> None:
@@ -57,7 +57,7 @@ def round_costs(out_dir: Path) -> dict[str, float]:
     }
     cfg = json.loads((out_dir / "config.json").read_text())
     model = build_model(cfg["model"]["arch"], cfg["model"]["size"], cfg["data"]["vocab_size"])
-    compute, agg = statistics.mean(series["twist/compute_seconds"]), statistics.mean(series["twist/agg_seconds"])
+    compute, agg = statistics.mean(series["twist/compute_seconds"]), statistics.mean(series["twist/sync_seconds"])
     return {
         "tokens_per_s": statistics.median(series["perf/tokens_per_s"]),
         "compute_s_per_round": compute,

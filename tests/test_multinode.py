@@ -67,7 +67,7 @@ def test_two_nodes_aggregate_across_nodes(tmp_path):
     head, second = logs
     assert "world 4 = 2 groups x 2 ranks" in head
     assert "node_rank=1" in second and "'node1': [2, 3]" in second  # node 1 runs ranks 2 and 3: group 1
-    rounds = [line for line in head.splitlines() if "round 2/2" in line and " agg " in line]
+    rounds = [line for line in head.splitlines() if "round 2/2" in line and " sync " in line]
     assert rounds, head[-4000:]
 
     from mlflow.tracking import MlflowClient

@@ -79,7 +79,7 @@ def test_two_groups_of_two_ranks_train(tmp_path):
     client, run = mlflow_run(out)
     losses = history(client, run, "train/loss")
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.1, losses
-    assert {"train/loss_group0", "train/loss_group1", "twist/agg_seconds", "eval/ppl_kappa_0.50"} <= set(
+    assert {"train/loss_group0", "train/loss_group1", "twist/sync_seconds", "eval/ppl_kappa_0.50"} <= set(
         run.data.metrics
     )
     assert run.data.metrics["twist/agg_bytes"] > 0

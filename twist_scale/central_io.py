@@ -18,10 +18,26 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from twist_scale.atomic import atomic_directory
+from twist_scale.config import RunConfig
 from twist_scale.correction import is_statistic
+from twist_scale.topology import Topology
 
 TWIST_META = "twist.json"
 TWIST_STATS = "twist_stats.safetensors"
+
+
+def training_record(cfg: RunConfig, topo: Topology, rounds: int, shared_layers: list[int]) -> dict[str, Any]:
+    """How the central model was trained: twist.json beside its weights, read by export and evaluation."""
+    tokens_per_step = cfg.data.micro_batch_size * cfg.data.block_size * topo.world_size
+    return {
+        "kappa": cfg.twist.kappa,
+        "groups": topo.groups,
+        "rounds": rounds,
+        "correction": cfg.twist.correction,
+        "shared_layers": shared_layers,
+        "seed": cfg.seed,
+        "tokens": rounds * cfg.twist.local_steps * tokens_per_step,
+    }
 
 
 def save_central(

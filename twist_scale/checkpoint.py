@@ -12,16 +12,18 @@ import json
 import logging
 import random
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from twist_scale.atomic import atomic_directory, temp_sibling
+from twist_scale.config import CheckpointConfig
+from twist_scale.topology import Topology
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -63,12 +65,76 @@ def verify(directory: Path) -> str | None:
     return None
 
 
+class Stateful(Protocol):
+    def state_dict(self) -> Any: ...
+
+    def load_state_dict(self, state: Any) -> None: ...
+
+
+class EngineFiles(Protocol):
+    """An engine checkpoints itself into a directory its group shares (ZeRO and FSDP shard the files)."""
+
+    def save(self, directory: str) -> None: ...
+
+    def load(self, directory: str) -> None: ...
+
+
+class RngState:
+    """The torch, numpy and Python generators, as one stateful component."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return rng_state()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        set_rng_state(state)
+
+
 class Checkpointer:
+    """Saves a run's stateful components per rank and its engine per group, at round boundaries."""
+
     def __init__(
-        self, root: Path, rank: int, keep_last: int, device: torch.device, every_rounds: int = 0, last_round: int = 0
+        self,
+        root: Path,
+        rank: int,
+        keep_last: int,
+        device: torch.device,
+        every_rounds: int = 0,
+        last_round: int = 0,
+        group: int = 0,
     ) -> None:
-        self.root, self.rank, self.keep_last, self.device = root, rank, keep_last, device
+        self.root, self.rank, self.group, self.keep_last, self.device = root, rank, group, keep_last, device
         self.every_rounds, self.last_round = every_rounds, last_round
+
+    @classmethod
+    def for_run(cls, root: Path, topo: Topology, cfg: CheckpointConfig, last_round: int) -> Checkpointer:
+        return cls(root, topo.rank, cfg.keep_last, topo.device, cfg.every_rounds, last_round, topo.group)
+
+    def save_run(
+        self,
+        round_: int,
+        components: Mapping[str, Stateful],
+        engine: EngineFiles,
+        meta: dict[str, Any],
+        finite: bool = True,
+    ) -> Path:
+        """Every component's state into rank_<rank>.pt, the engine into group_<group>/ (see `save`)."""
+
+        def write(directory: Path) -> None:
+            state = {"round": round_} | {name: c.state_dict() for name, c in components.items()}
+            torch.save(state, directory / f"rank_{self.rank:05d}.pt")
+            group_dir = directory / f"group_{self.group:04d}"
+            group_dir.mkdir(exist_ok=True)
+            engine.save(str(group_dir))
+
+        return self.save(round_, write, meta, finite)
+
+    def load_run(self, path: Path, components: Mapping[str, Stateful], engine: EngineFiles) -> int:
+        """Restore what `save_run` wrote; returns the round it was written at."""
+        state = torch.load(path / f"rank_{self.rank:05d}.pt", weights_only=False)
+        for name, component in components.items():
+            component.load_state_dict(state[name])
+        engine.load(str(path / f"group_{self.group:04d}"))
+        return state["round"]
 
     def due(self, round_: int) -> bool:
         """Every `every_rounds` rounds (0: never) and always after the last one."""

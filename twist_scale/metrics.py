@@ -61,14 +61,15 @@ class RunMetrics:
         round_: int,
         losses: list[float],
         compute_s: float,
-        comm_s: float,
-        comm_bytes: int,
+        dispatch_s: float,
+        aggregate_s: float,
+        sync_bytes: int,
         lr: float,
         skipped_steps: int,
     ) -> None:
-        """Per-step mean losses over the world, per-group losses, speed and communication of one round.
+        """Per-step mean losses over the world, per-group losses, speed and synchronisation of one round.
 
-        `comm_s` is dispatch plus aggregation: TwIST's whole synchronisation cost of the round.
+        Synchronisation is dispatch plus aggregation: TwIST's whole communication cost of the round.
         """
         topo, H = self.topo, self.cfg.twist.local_steps
         mine = torch.tensor(losses, device=topo.device)
@@ -80,26 +81,29 @@ class RunMetrics:
         for i in range(H):
             self.tracker.log_metrics({"train/loss": table[:, i].nanmean().item()}, first + i + 1)
         by_group = table.view(topo.groups, topo.ranks_per_group * H).nanmean(dim=1)
+        sync_s = dispatch_s + aggregate_s
         metrics = {
             "twist/round": round_,
             "twist/compute_seconds": compute_s,
-            "twist/agg_seconds": comm_s,
-            "twist/agg_share": comm_s / (compute_s + comm_s),
-            "twist/agg_bytes": comm_bytes,
-            "perf/tokens_per_s": tokens / (compute_s + comm_s),
+            "twist/dispatch_seconds": dispatch_s,
+            "twist/aggregate_seconds": aggregate_s,
+            "twist/sync_seconds": sync_s,
+            "twist/sync_share": sync_s / (compute_s + sync_s),
+            "twist/sync_bytes": sync_bytes,
+            "perf/tokens_per_s": tokens / (compute_s + sync_s),
             "train/lr": lr,
             "train/skipped_steps": skipped_steps,
         }
         metrics |= {f"train/loss_group{g}": v.item() for g, v in enumerate(by_group)}
         self.tracker.log_metrics(metrics, round_ * H)
         log.info(
-            "round %d/%d loss %.4f | %.0f tok/s | compute %.2fs agg %.2fs",
+            "round %d/%d loss %.4f | %.0f tok/s | compute %.2fs sync %.2fs",
             round_,
             self.cfg.twist.rounds,
             table[:, -1].nanmean().item(),
             metrics["perf/tokens_per_s"],
             compute_s,
-            comm_s,
+            sync_s,
         )
 
     def all_finite(self, tensors: Iterable[torch.Tensor]) -> bool:

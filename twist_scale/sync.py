@@ -1,6 +1,6 @@
 """Synchronisation between the groups' engines: TwIST's dispatch and aggregation, or nothing (dense).
 
-RoundSync dispatches (central model → one group's engine) and aggregates (engines → central model).
+SubnetSync dispatches (central model → one group's engine) and aggregates (engines → central model).
 Both stream one tensor at a time, so a rank holds at most one full-width tensor beside its shard of
 the central model and its group's subnet. DenseSync is the same interface for plain data
 parallelism, where the engine already holds the whole model, so the loop has no dense branches.
@@ -60,7 +60,7 @@ def central_from_model(model: nn.Module, topo: Topology) -> CentralModel:
 
 def build_engine_and_sync(
     model: nn.Module, cfg: RunConfig, topo: Topology, unit_groups: list[UnitGroup], first_specs: list[SubnetSpec]
-) -> tuple[Engine, DenseSync | RoundSync]:
+) -> tuple[Engine, DenseSync | SubnetSync]:
     """Wrap the full-width `model` in the run's engine, and the synchronisation its groups need.
 
     TwIST keeps this rank's pieces of the full model as the central model, then shrinks the model to
@@ -75,7 +75,7 @@ def build_engine_and_sync(
     aggregate_moments = cfg.twist.optimizer_state == "aggregate"
     moments = moment_keys(cfg.optim) if aggregate_moments else ()
     correction = correction_of(cfg.twist.correction)
-    sync = RoundSync(central, engine, unit_groups, topo, moments, correction, not aggregate_moments)
+    sync = SubnetSync(central, engine, unit_groups, topo, moments, correction, not aggregate_moments)
     return engine, sync
 
 
@@ -106,7 +106,10 @@ class DenseSync:
         return 0
 
 
-class RoundSync:
+class SubnetSync:
+    """TwIST's synchronisation: dispatch slices each group's subnet out of the sharded central model;
+    aggregation averages the groups' subnets back into it (masked reduce-scatter)."""
+
     def __init__(
         self,
         central: CentralModel,

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from twist_scale.backlog import SPILL_FILE, Record, SpillFile, brief, next_call, read_spill, refused
-from twist_scale.config import TrackingConfig
+from twist_scale.config import RunConfig, TrackingConfig, flat_params
 from twist_scale.logs import setup_logging
 
 if TYPE_CHECKING:
@@ -224,6 +224,15 @@ class MLflowTracker(NullTracker):
 
 def build_tracker(cfg: TrackingConfig, out_dir: Path, is_main: bool) -> NullTracker:
     return MLflowTracker(cfg, out_dir) if cfg.enabled and is_main else NullTracker()
+
+
+def start_run_tracking(cfg: RunConfig, out_dir: Path, is_main: bool, tokenizer_dir: Path) -> NullTracker:
+    """The run's tracker, with its flattened config as params and its config and tokenizer as artifacts."""
+    tracker = build_tracker(cfg.tracking, out_dir, is_main)
+    tracker.log_params(flat_params(cfg))
+    tracker.log_artifact(out_dir / "config.json")
+    tracker.log_artifact(tokenizer_dir, "tokenizer")
+    return tracker
 
 
 def replay(out_dir: Path, uri: str | None = None) -> bool:

@@ -21,7 +21,7 @@ from twist_scale.distributed import close_distributed, init_distributed  # noqa:
 from twist_scale.engines.deepspeed_engine import DeepSpeedEngine  # noqa: E402
 from twist_scale.models import architecture_of, build_model  # noqa: E402
 from twist_scale.subnet import SubnetSampler, apply_subnet_shapes, axis_of, partitioned_groups, slice_tensor, unit_mask  # noqa: E402
-from twist_scale.sync import RoundSync, central_tensors  # noqa: E402
+from twist_scale.sync import SubnetSync, central_tensors  # noqa: E402
 from twist_scale.topology import Topology  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -50,7 +50,7 @@ def run_case(groups: int, stage: int, kappa: float) -> float:
     cfg.parallel.ds_config = str(REPO / "ds_configs" / f"zero{stage}.json")
     cfg.optim.name, cfg.data.micro_batch_size = "sgd", 1
     engine = DeepSpeedEngine(model, cfg, topo)
-    sync = RoundSync(central, engine, ugs, topo, (), "none", reset_moments=False)
+    sync = SubnetSync(central, engine, ugs, topo, (), "none", reset_moments=False)
     sync.dispatch(spec)
     axes = axis_of(ugs)
 

@@ -1,0 +1,43 @@
+"""The full-width model a run trains, and the unit map its subnets are cut from."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+from twist_scale.config import ConfigError, RunConfig
+from twist_scale.correction import correction_of
+from twist_scale.models import UnitGroup, architecture_of, build_model
+from twist_scale.subnet import default_shared_layers, partitioned_groups
+
+
+@dataclass(frozen=True)
+class RunModel:
+    model: nn.Module  # full width, the correction installed
+    unit_groups: list[UnitGroup]  # what subnets slice: partitioned groups and the correction's statistics
+    shared_layers: list[int]  # kept whole in every subnet
+
+    @property
+    def parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+
+def full_model_builder(cfg: RunConfig, vocab_size: int) -> Callable[[], nn.Module]:
+    """Builds the run's full-width architecture (the same initialisation under the same torch seed)."""
+    return functools.partial(build_model, cfg.model.arch, cfg.model.size, vocab_size, cfg.model.pretrained)
+
+
+def build_run_model(cfg: RunConfig, vocab_size: int) -> RunModel:
+    model = full_model_builder(cfg, vocab_size)()
+    arch = architecture_of(model)
+    layers = arch.num_layers(model.config)
+    shared = default_shared_layers(layers) if cfg.twist.shared_layers is None else cfg.twist.shared_layers
+    if any(not 0 <= i < layers for i in shared):
+        raise ConfigError(f"--twist.shared_layers {shared}: the model has layers 0..{layers - 1}")
+    correction = correction_of(cfg.twist.correction)
+    unit_groups = correction.unit_groups(partitioned_groups(arch.unit_groups(model.config), shared))
+    correction.install(model, unit_groups, cfg.twist.stat_momentum)
+    return RunModel(model, unit_groups, sorted(shared))
