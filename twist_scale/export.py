@@ -20,14 +20,13 @@ import argparse
 import copy
 import json
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBase
 from transformers.initialization import no_init_weights
 
 from twist_scale.atomic import atomic_directory
@@ -35,7 +34,7 @@ from twist_scale.central_io import load_central
 from twist_scale.correction import ACT_MEAN, ACT_SQ_MEAN, correction_of
 from twist_scale.data import token_stream
 from twist_scale.logs import setup_logging
-from twist_scale.models import UnitGroup, architecture_of
+from twist_scale.models import UnitGroup, Widths, architecture_of
 from twist_scale.prune import (
     METHODS,
     ActivationStats,
@@ -54,59 +53,6 @@ log = logging.getLogger(__name__)
 SUBNET_FILE = "twist_subnet.json"
 PLAIN_LOADER = "transformers.AutoModelForCausalLM.from_pretrained"
 TWIST_LOADER = "twist_scale.export.load_exported"
-
-Widths = dict[int, dict[str, int]]  # layer -> {"attn": units, "mlp": units}
-
-
-# ---------------------------------------------------------------- per-architecture export hooks
-def _add_zero_biases(modules: list[nn.Module]) -> None:
-    for m in modules:
-        if m.bias is None:
-            m.bias = nn.Parameter(m.weight.new_zeros(m.out_features))
-
-
-def _llama_enable_bias(model: nn.Module) -> None:
-    model.config.attention_bias = model.config.mlp_bias = True  # HF Llama gives all 4 / all 3 projections a bias
-    for layer in model.model.layers:
-        a, m = layer.self_attn, layer.mlp
-        _add_zero_biases([a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj])
-
-
-def _llama_config(cfg: PretrainedConfig, widths: Widths) -> PretrainedConfig | None:
-    attn = {w["attn"] for w in widths.values()}
-    mlp = {w["mlp"] for w in widths.values()}
-    if len(attn) > 1 or len(mlp) > 1:
-        return None
-    new = copy.deepcopy(cfg)
-    new.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads  # no longer derivable
-    q_per_kv = cfg.num_attention_heads // cfg.num_key_value_heads
-    new.num_key_value_heads = attn.pop()
-    new.num_attention_heads = new.num_key_value_heads * q_per_kv
-    new.intermediate_size = mlp.pop()
-    if new.hidden_size % new.num_attention_heads:
-        return None  # transformers refuses to save such a config, even with head_dim explicit
-    return new
-
-
-def _gpt2_config(cfg: PretrainedConfig, widths: Widths) -> PretrainedConfig | None:
-    mlp = {w["mlp"] for w in widths.values()}
-    if any(w["attn"] != cfg.n_head for w in widths.values()) or len(mlp) > 1:
-        return None  # GPT-2's head size is n_embd // n_head: fewer heads cannot be written in its config
-    new = copy.deepcopy(cfg)
-    new.n_inner = mlp.pop()
-    return new
-
-
-@dataclass(frozen=True)
-class ExportArch:
-    enable_bias: Callable[[nn.Module], None]  # give every output projection a bias to fold a shift into
-    shrunk_config: Callable[[PretrainedConfig, Widths], PretrainedConfig | None]  # None: not expressible
-
-
-EXPORT_ARCH: dict[str, ExportArch] = {
-    "llama": ExportArch(_llama_enable_bias, _llama_config),
-    "gpt2": ExportArch(lambda model: None, _gpt2_config),  # Conv1D projections always carry a bias
-}
 
 
 # ---------------------------------------------------------------- building, saving, loading
@@ -132,13 +78,13 @@ def build_subnet(
     groups = arch.unit_groups(sub.config)
     pruned = [ug for ug in groups if len(spec.units(ug)) < ug.num_units]
     if fold.folds_bias and pruned:
-        EXPORT_ARCH[sub.config.model_type].enable_bias(sub)
+        arch.enable_bias(sub)
         groups = arch.unit_groups(sub.config)  # the unit map now owns the new q/k/v/gate/up biases too
         pruned = [ug for ug in groups if len(spec.units(ug)) < ug.num_units]
     for ug in pruned:  # from full-width weights, before slicing
         fold.fold(sub.get_submodule(ug.output_module), ug, spec.units(ug), means or {})
     apply_subnet_shapes(sub, groups, spec)
-    config = EXPORT_ARCH[sub.config.model_type].shrunk_config(sub.config, layer_widths(groups, spec))
+    config = arch.shrunk_config(sub.config, layer_widths(groups, spec))
     if config is not None:
         sub.config = config
     return sub, config is not None
