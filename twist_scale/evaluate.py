@@ -32,9 +32,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from twist_scale.data import token_stream
-from twist_scale.export import Pruner, add_pruning_args, parameter_count, pruner_from_args
 from twist_scale.logs import setup_logging
-from twist_scale.prune import check_kappa
+from twist_scale.pruning.build import parameter_count
+from twist_scale.pruning.cli import add_pruning_args, pruner_from_args
+from twist_scale.pruning.methods import check_kappa
+from twist_scale.pruning.pruner import Pruner
 from twist_scale.tracking import default_uri, experiment_id
 
 log = logging.getLogger(__name__)
