@@ -51,7 +51,7 @@ def measure(directory: Path, batches: list[int], seq: int, iters: int, threads: 
     import torch
     from transformers import AutoModelForCausalLM
 
-    from twist_scale.export import SUBNET_FILE, load_exported
+    from twist_scale.pruning.format import SUBNET_FILE, load_exported
 
     torch.set_num_threads(threads)
     base = rss_mb()
@@ -132,7 +132,7 @@ def main() -> None:
         f"iters {args.iters}, threads {args.threads}",
         flush=True,
     )
-    from twist_scale.export import Central, build_pruner, export_subnet
+    from twist_scale.pruning.pruner import Central, build_pruner, export_subnet
 
     with tempfile.TemporaryDirectory() as tmp:
         central_dir = quick_central(Path(tmp) / "central") if args.central is None else args.central

@@ -6,7 +6,7 @@
 Trains on brown/train, one run after another under the real `deepspeed` launcher, every run on the
 same number of tokens and optimizer steps:
   (a) dense data parallel (1 group x 2 ranks), then pruned post hoc at each κ with every baseline in
-      twist_scale.prune (random, magnitude, wanda_sp, flap, flap_uniform; no fine-tuning);
+      twist_scale.pruning (random, magnitude, wanda_sp, flap, flap_uniform; no fine-tuning);
   (b) TwIST: κ=0.5 with 2 groups, κ=0.5 with 4 groups, κ=0.25 with 4 groups (G x 1 rank), then
       exported zero-cost at each κ, subnets chosen by a seeded random draw and by unit weight norms
       (magnitude: computed from the trained weights, no calibration data).
@@ -116,8 +116,9 @@ def evaluate_run(run: Run, out: Path, kappas: list[float], draws: int, window: i
     """Every method at every κ on both test sets, in this process; logged onto the run's MLflow run."""
     from twist_scale.data import token_stream
     from twist_scale.evaluate import log_sweep, sweep
-    from twist_scale.export import Central, build_pruner, calibration_from_files
-    from twist_scale.prune import method as prune_method
+    from twist_scale.pruning.calibration import calibration_from_files
+    from twist_scale.pruning.methods import method as prune_method
+    from twist_scale.pruning.pruner import Central, build_pruner
 
     central = Central.load(out / run.name / "final")
     streams = {name: token_stream([str(path)], central.tokenizer) for name, path in TESTS.items()}

@@ -8,17 +8,16 @@ import pytest
 import torch
 from test_export import VOCAB, oracle_logits, random_model, word_tokenizer
 
-from twist_scale.export import Central, build_pruner, export_subnet, load_exported
 from twist_scale.models import architecture_of, units_to_keep
-from twist_scale.prune import (
-    METHODS,
+from twist_scale.pruning import load_exported
+from twist_scale.pruning.calibration import (
     ActivationStats,
-    PruneInputs,
     calibration_batches,
     collect_activation_stats,
     collect_gradients,
-    method,
 )
+from twist_scale.pruning.methods import METHODS, PruneInputs, method
+from twist_scale.pruning.pruner import Central, build_pruner, export_subnet
 from twist_scale.subnet import partitioned_groups
 
 

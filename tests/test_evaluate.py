@@ -16,9 +16,12 @@ from conftest import BROWN_VALID, REPO, SHAKESPEARE, launch_env
 from mlflow.tracking import MlflowClient
 from torch import nn
 
-from twist_scale import evaluate, export
+from twist_scale import evaluate
 from twist_scale.data import token_stream
 from twist_scale.evaluate import KappaResult, perplexity
+from twist_scale.pruning.cli import main as export_main
+from twist_scale.pruning.format import SUBNET_FILE, TWIST_LOADER, load_exported
+from twist_scale.pruning.pruner import Central
 from twist_scale.tracking import default_uri
 
 
@@ -112,11 +115,11 @@ def test_train_once_export_every_kappa_and_log_perplexity(trained_run, tmp_path,
     test_file = tmp_path / "test.txt"
     test_file.write_text(BROWN_VALID.read_text()[8_000:14_000])
 
-    export.main([str(final), "--kappa", "0.5", "0.25", "--seed", "0", "1", "--out", str(tmp_path / "exports")])
+    export_main([str(final), "--kappa", "0.5", "0.25", "--seed", "0", "1", "--out", str(tmp_path / "exports")])
     paths = [Path(p) for p in capsys.readouterr().out.split()]
     assert sorted(p.name for p in paths) == [f"random_kappa_{k}_seed{s}" for k in ("0.25", "0.50") for s in (0, 1)]
     for p in paths:  # shared layers 0, 1, 4, 5 stay whole: non-uniform widths, the one loader
-        assert json.loads((p / export.SUBNET_FILE).read_text())["loader"] == export.TWIST_LOADER
+        assert json.loads((p / SUBNET_FILE).read_text())["loader"] == TWIST_LOADER
 
     evaluate.main([str(final), "--data", str(test_file), "--kappa", "1.0", "0.5", "--draws", "2", "--window", "32"])
     capsys.readouterr()
@@ -139,8 +142,8 @@ def test_train_once_export_every_kappa_and_log_perplexity(trained_run, tmp_path,
     assert metrics["test/random/ppl_kappa_0.50_std"] == pytest.approx(statistics.stdev(draws), rel=1e-6)
 
     # the file on disk is the model that was measured: draw 0 at κ=0.5 through load_exported
-    stream = token_stream([str(test_file)], export.Central.load(final).tokenizer)
-    loaded = export.load_exported(tmp_path / "exports" / "random_kappa_0.50_seed0")
+    stream = token_stream([str(test_file)], Central.load(final).tokenizer)
+    loaded = load_exported(tmp_path / "exports" / "random_kappa_0.50_seed0")
     assert perplexity(loaded, stream, window=32).ppl == pytest.approx(draws[0], rel=1e-5)
 
     # a post-hoc baseline on the same model, same protocol, its own label
@@ -154,12 +157,12 @@ def test_train_once_export_every_kappa_and_log_perplexity(trained_run, tmp_path,
 def test_adaptive_stats_exports_from_the_statistics_training_kept(trained_run, tmp_path, capsys):
     """Correction 'mean' leaves running E[x] and E[x²] in the central model: enough for AL-AM, no calibration."""
     final = trained_run / "final"
-    central = export.Central.load(final)
+    central = Central.load(final)
     stats = central.training_stats
     assert stats is not None and stats.mean.keys() == stats.sq_mean.keys() == central.means.keys()
     assert all((stats.variance(m) > 0).any() for m in stats.mean)
-    export.main([str(final), "--method", "adaptive_stats", "--kappa", "0.5", "--out", str(tmp_path)])
-    record = json.loads((Path(capsys.readouterr().out.split()[0]) / export.SUBNET_FILE).read_text())
+    export_main([str(final), "--method", "adaptive_stats", "--kappa", "0.5", "--out", str(tmp_path)])
+    record = json.loads((Path(capsys.readouterr().out.split()[0]) / SUBNET_FILE).read_text())
     assert record["method"] == "adaptive_stats" and record["correction"] == "mean"
     partitioned = central.model.config.num_hidden_layers - len(central.shared_layers())
     assert len(record["kept"]) == 2 * partitioned > 0

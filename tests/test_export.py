@@ -17,17 +17,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from twist_scale.correction import correction_of
-from twist_scale.export import (
-    SUBNET_FILE,
-    TWIST_LOADER,
-    Central,
-    build_subnet,
-    layer_widths,
-    load_exported,
-    main,
-    save_exported,
-)
 from twist_scale.models import architecture_of, build_model
+from twist_scale.pruning.build import build_subnet, layer_widths
+from twist_scale.pruning.cli import main
+from twist_scale.pruning.format import SUBNET_FILE, TWIST_LOADER, load_exported, save_exported
+from twist_scale.pruning.pruner import Central
 from twist_scale.subnet import SubnetSampler, SubnetSpec, apply_unit_masks, partitioned_groups
 
 VOCAB = 61

@@ -1,7 +1,7 @@
 """`flap`, `wanda_sp` and `taylor` against their reference methods, recomputed here with plain torch.
 
 Each reference below reads the model's weights, its own hooks' activations or its own autograd
-gradients; it shares no code with twist_scale.prune, so a drift in the metric, the statistics, the
+gradients; it shares no code with twist_scale.pruning, so a drift in the metric, the statistics, the
 per-unit reduction, the order of the passes, the budget or the cut shows up as a different kept set.
 FLAP follows the paper's formulas (AL-AM); Wanda-sp follows FLAP's `prune_wanda_sp` and Taylor
 LLM-Pruner's block-wise `TaylorImportance` (docs/pruning.md quotes the lines).
@@ -18,9 +18,10 @@ import pytest
 import torch
 from test_export import random_model, word_tokenizer
 
-from twist_scale.export import Central, Pruner, build_pruner, build_subnet, parameter_count
 from twist_scale.models import build_model
-from twist_scale.prune import ActivationStats, calibration_batches
+from twist_scale.pruning.build import build_subnet, parameter_count
+from twist_scale.pruning.calibration import ActivationStats, calibration_batches
+from twist_scale.pruning.pruner import Central, Pruner, build_pruner
 
 VOCAB = 97
 

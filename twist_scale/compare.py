@@ -10,15 +10,12 @@ Both files are logged back as artifacts of a run named 'comparison' in the same 
 from __future__ import annotations
 
 import argparse
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from twist_scale.metric_names import MetricName
 from twist_scale.tracking import experiment_id
 
-METRIC = re.compile(
-    r"test/(?P<label>[\w.:-]+)/ppl_(?:(?P<full>full)|kappa_(?P<kappa>\d+\.\d+)(?:_(?P<stat>std|min|max))?)"
-)
 KIND_TAG = "twist.kind"
 COMPARISON = "comparison"
 
@@ -69,27 +66,25 @@ def collect(tracking_uri: str, experiment: str) -> list[Series]:
             continue
         by_label: dict[str, Series] = {}
         for key, value in run.data.metrics.items():
-            m = METRIC.fullmatch(key)
-            if m is None:
+            name = MetricName.parse(key)
+            if name is None:
                 continue
             s = by_label.setdefault(
-                m["label"],
+                name.label,
                 Series(
                     run.info.run_id,
                     run.info.run_name or run.info.run_id[:8],
                     training_of(run.data.params),
-                    m["label"],
+                    name.label,
                     None,
                 ),
             )
-            if m["full"]:
+            if name.kappa is None:
                 s.full = value
-                continue
-            kappa = float(m["kappa"])
-            if m["stat"] is None:
-                s.ppl[kappa] = value
-            elif m["stat"] == "std":
-                s.std[kappa] = value
+            elif not name.stat:
+                s.ppl[name.kappa] = value
+            elif name.stat == "std":
+                s.std[name.kappa] = value
         series += [by_label[k] for k in sorted(by_label)]
     return series
 

@@ -21,7 +21,6 @@ import argparse
 import json
 import logging
 import math
-import re
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,15 +31,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from twist_scale.data import token_stream
-from twist_scale.export import Pruner, add_pruning_args, parameter_count, pruner_from_args
 from twist_scale.logs import setup_logging
-from twist_scale.prune import check_kappa
+from twist_scale.metric_names import LABEL, STATS, MetricName
+from twist_scale.pruning.build import parameter_count
+from twist_scale.pruning.cli import add_pruning_args, pruner_from_args
+from twist_scale.pruning.methods import check_kappa
+from twist_scale.pruning.pruner import Pruner
 from twist_scale.tracking import default_uri, experiment_id
 
 log = logging.getLogger(__name__)
 
 DEFAULT_KAPPAS = (1.0, 0.75, 0.5, 0.25)
-LABEL = re.compile(r"[\w.:-]+")
 PROTOCOL = (
     "documents joined by EOS; non-overlapping windows of {window} tokens, tail dropped; {windows}; exp(mean token NLL)"
 )
@@ -154,23 +155,13 @@ def sweep(
     return out
 
 
-def metric_name(label: str, kappa: float, stat: str = "") -> str:
-    """`test/<method>/ppl_kappa_0.50` (+ `_std`, `_min`, `_max`); compare.py parses exactly this."""
-    return f"test/{label}/ppl_kappa_{kappa:.2f}" + (f"_{stat}" if stat else "")
-
-
-def full_metric_name(label: str) -> str:
-    """`test/<method>/ppl_full`: per label, since one run is often evaluated on several test sets."""
-    return f"test/{label}/ppl_full"
-
-
 def sweep_metrics(result: Sweep) -> dict[str, float]:
-    metrics = {full_metric_name(result.label): result.full.ppl}
+    metrics = {str(MetricName(result.label)): result.full.ppl}
     for r in result.results:
         s = r.summary()
-        metrics[metric_name(result.label, r.kappa)] = s["mean"]
+        metrics[str(MetricName(result.label, r.kappa))] = s["mean"]
         if len(r.ppls) > 1:
-            metrics |= {metric_name(result.label, r.kappa, k): s[k] for k in ("std", "min", "max")}
+            metrics |= {str(MetricName(result.label, r.kappa, k)): s[k] for k in STATS}
     return metrics
 
 

@@ -1,0 +1,59 @@
+"""A κ-subnet as a new, smaller dense model with the activation-shift correction folded into its weights.
+
+Train once, deploy many: the same central model gives every κ. The correction the model was trained
+with is folded, so the subnet needs no hooks at inference (`twist_scale.correction`, `fold`):
+- 'scale': the output projection's kept input channels are multiplied by 1/κ_layer (its weight);
+- 'mean': W[:, dropped] · E[a_dropped] is added to the output projection's bias. Llama has no
+  biases, so the architecture's `enable_bias` turns on `attention_bias` and `mlp_bias` with zero
+  q/k/v/gate/up biases (and zero o/down biases in layers that lose nothing).
+The architecture's `shrunk_config` states the subnet's widths when its config can (uniform widths).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from twist_scale.correction import correction_of
+from twist_scale.models import UnitGroup, Widths, architecture_of
+from twist_scale.subnet import SubnetSpec, apply_subnet_shapes
+
+
+def layer_widths(unit_groups: list[UnitGroup], spec: SubnetSpec) -> Widths:
+    widths: Widths = {}
+    for ug in unit_groups:
+        widths.setdefault(ug.layer, {})[ug.kind] = len(spec.units(ug))
+    return widths
+
+
+@torch.no_grad()
+def build_subnet(
+    model: nn.Module, spec: SubnetSpec, correction: str = "none", means: dict[str, torch.Tensor] | None = None
+) -> tuple[nn.Module, bool]:
+    """The spec's subnet as a new dense model with the correction folded; `model` is left untouched.
+
+    `means` maps output-module names to unit activation means (correction 'mean'). Returns the
+    model and whether its config states its widths (True: plain from_pretrained can load it).
+    """
+    fold = correction_of(correction)
+    sub = copy.deepcopy(model).eval()
+    arch = architecture_of(sub)
+    groups = arch.unit_groups(sub.config)
+    pruned = [ug for ug in groups if len(spec.units(ug)) < ug.num_units]
+    if fold.folds_bias and pruned:
+        arch.enable_bias(sub)
+        groups = arch.unit_groups(sub.config)  # the unit map now owns the new q/k/v/gate/up biases too
+        pruned = [ug for ug in groups if len(spec.units(ug)) < ug.num_units]
+    for ug in pruned:  # from full-width weights, before slicing
+        fold.fold(sub.get_submodule(ug.output_module), ug, spec.units(ug), means or {})
+    apply_subnet_shapes(sub, groups, spec)
+    config = arch.shrunk_config(sub.config, layer_widths(groups, spec))
+    if config is not None:
+        sub.config = config
+    return sub, config is not None
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

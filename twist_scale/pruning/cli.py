@@ -1,0 +1,56 @@
+"""The command line of pruning: flags shared by export and evaluation, and `twist-export`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from twist_scale.logs import setup_logging
+from twist_scale.pruning.calibration import calibration_from_files
+from twist_scale.pruning.methods import METHODS, check_kappa, method
+from twist_scale.pruning.pruner import Central, Pruner, build_pruner, export_subnet
+
+log = logging.getLogger(__name__)
+
+
+def add_pruning_args(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by export and evaluate: which subnet, which correction, which calibration text."""
+    parser.add_argument("central", type=Path, help="central model directory (a run's final/)")
+    parser.add_argument("--method", default="random", help=f"pruning method: {', '.join(METHODS)}")
+    parser.add_argument("--shared-layers", default="auto", help="'auto' (as trained), 'none', or e.g. '0,1,4,5'")
+    parser.add_argument("--correction", default="auto", help="'auto', 'none', 'scale' or 'mean'")
+    parser.add_argument("--calibration", nargs="*", default=None, help="calibration text (default: training files)")
+    parser.add_argument("--calibration-samples", type=int, default=32, help="calibration windows (of --window)")
+    parser.add_argument("--window", type=int, default=256, help="tokens per window")
+
+
+def pruner_from_args(args: argparse.Namespace) -> Pruner:
+    central = Central.load(args.central)
+    calibration = None
+    if method(args.method).calibrated:
+        files = args.calibration or central.calibration_text_files()
+        calibration = calibration_from_files(files, central.tokenizer, args.calibration_samples, args.window)
+    return build_pruner(central, args.method, args.shared_layers, args.correction, calibration)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`twist-export RUN/final --kappa 0.75 0.5 0.25 --out exports/`: one dense checkpoint per κ (and seed)."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    add_pruning_args(parser)
+    parser.add_argument("--kappa", type=float, nargs="+", required=True, help="keep ratios in (0, 1]")
+    parser.add_argument("--seed", type=int, nargs="+", default=[0], help="draws of a seeded method (random)")
+    parser.add_argument("--out", type=Path, required=True, help="parent directory of the exports")
+    args = parser.parse_args(argv)
+    setup_logging()
+    try:
+        for kappa in args.kappa:
+            check_kappa(kappa)
+        pruner = pruner_from_args(args)
+    except (ValueError, FileNotFoundError) as err:
+        parser.exit(2, f"error: {err}\n")
+    for kappa in args.kappa:
+        for seed in args.seed if pruner.method.seeded else [0]:
+            path = export_subnet(pruner, args.out, kappa, seed)
+            log.info("kappa %.2f seed %d -> %s", kappa, seed, path)
+            print(path)

@@ -1,0 +1,249 @@
+"""Which units a κ-subnet keeps: a registry of pruning methods with one signature (wanda's discipline).
+
+Every method maps a `PruneInputs` to a `SubnetSpec` over the partitioned unit groups, so TwIST's
+zero-cost export (`random`) and the post-hoc baselines (`magnitude`, `wanda_sp`, `taylor`, `flap`,
+`flap_uniform`) go through the same exporter and the same perplexity protocol. Most methods keep
+⌈κ·n⌉ units in every partitioned group, so their exports have the same widths. `flap` is FLAP's
+own default (AL-AM): one global ranking over all layers and both kinds, so widths differ per layer,
+at the same total weight count as the uniform methods; `flap_uniform` is FLAP's uniform variant.
+
+Two zero-cost methods choose adaptive widths from the central model alone, under the same budget:
+`adaptive_magnitude` ranks standardised weight norms; `adaptive_stats` is FLAP AL-AM's ranking with
+the activation statistics that training under correction 'mean' kept (running E[x] and E[x²]), so
+no calibration pass, and the dropped units' means are folded as in training.
+
+Calibrated methods say in the registry what they read from the calibration batches
+(`calibration.py`); the exporter computes it once per pruner. `taylor` reads loss gradients.
+`wanda_sp` reads the batches themselves: FLAP's Wanda-sp measures each layer on the model whose
+earlier layers are already pruned, and which units those lose depends on κ.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+from torch import nn
+
+from twist_scale.models import UnitGroup
+from twist_scale.pruning.calibration import ActivationStats, collect_activation_stats
+from twist_scale.pruning.scores import (
+    global_ranking,
+    output_weight_columns,
+    owned_sum,
+    per_unit,
+    standardized,
+    top,
+    top_units,
+    unit_channels,
+)
+from twist_scale.subnet import SubnetSampler, SubnetSpec
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class PruneInputs:
+    """Everything a method may look at; what a method reads from calibration text, the registry says."""
+
+    model: nn.Module  # full width, not modified
+    unit_groups: list[UnitGroup]  # the partitioned groups: the ones a subnet shrinks
+    kappa: float
+    seed: int = 0
+    stats: ActivationStats | None = None  # PruneMethod.needs_stats (or needs_training_stats)
+    grads: dict[str, torch.Tensor] | None = None  # PruneMethod.needs_grads: full-width, by parameter name
+    calibration: list[torch.Tensor] | None = None  # PruneMethod.needs_batches: the batches of token ids
+
+
+@dataclass(frozen=True)
+class PruneMethod:
+    select: Callable[[PruneInputs], SubnetSpec]
+    doc: str
+    needs_stats: bool = False  # ActivationStats of the full model on calibration text
+    needs_grads: bool = False  # loss gradients of the full model on calibration text
+    needs_batches: bool = False  # the calibration batches, for passes that depend on κ
+    needs_training_stats: bool = False  # ActivationStats kept while training (correction 'mean'), not calibration
+    seeded: bool = False  # different seeds give different subnets (evaluation draws several)
+    correction: str | None = None  # folded at export instead of the model's own; None = the trained one
+    adaptive: bool = False  # widths differ per group (same total weight); else every group keeps ⌈κ·n⌉ units
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the method needs calibration text at all (export and evaluation then require it)."""
+        return self.needs_stats or self.needs_grads or self.needs_batches
+
+
+def check_kappa(kappa: float) -> None:
+    if not 0.0 < kappa <= 1.0:
+        raise ValueError(f"--kappa {kappa} must be in (0, 1] (the fraction of units kept; 0.5 = 50% sparsity)")
+
+
+def _squared_weights(model: nn.Module) -> Callable[[str], torch.Tensor | None]:
+    """Element-wise w² of a parameter by name (None for a name that is not a parameter)."""
+    params = dict(model.named_parameters())
+
+    def square(name: str) -> torch.Tensor | None:
+        return params[name].detach().double() ** 2 if name in params else None
+
+    return square
+
+
+def select_random(inputs: PruneInputs) -> SubnetSpec:
+    """TwIST's zero-cost export: a seeded uniform draw, as in training (one group, round = seed)."""
+    return SubnetSampler(tuple(inputs.unit_groups), 1, inputs.kappa, inputs.seed).specs(inputs.seed)[0]
+
+
+def select_magnitude(inputs: PruneInputs) -> SubnetSpec:
+    """Data-free: the squared L2 norm of all weights a unit owns (q/k/v rows and o columns, or one neuron)."""
+    square = _squared_weights(inputs.model)
+    return top_units(inputs.unit_groups, inputs.kappa, lambda ug: owned_sum(ug, square))
+
+
+def _needs(value: T | None, what: str) -> T:
+    """The input a method reads, or an error that says where it comes from."""
+    if value is None:
+        raise ValueError(f"this pruning method needs {what} (pass calibration text)")
+    return value
+
+
+def _stats(inputs: PruneInputs) -> ActivationStats:
+    return _needs(inputs.stats, "calibration statistics")
+
+
+@contextmanager
+def _without_dropped(model: nn.Module, unit_groups: list[UnitGroup], spec: SubnetSpec) -> Iterator[None]:
+    """Run the full-width model as if the spec's dropped units were removed, with no correction: their
+    channels at the output projection's input are zeroed, which is what slicing them away gives."""
+    handles = []
+    for ug in unit_groups:
+        module = model.get_submodule(ug.output_module)
+        keep = module.weight.new_zeros(module.weight.shape[ug.output_input_axis])
+        keep[ug.output_axis.index(spec.units(ug))] = 1.0
+        handles.append(module.register_forward_pre_hook(lambda m, args, keep=keep: (args[0] * keep, *args[1:])))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def select_wanda_sp(inputs: PruneInputs) -> SubnetSpec:
+    """Wanda-sp (structured Wanda, FLAP's `prune_wanda_sp`): Σ_j Σ_i |W_ij| · ‖X_j‖ over a unit's
+    input channels j of the output projection, ⌈κ·n⌉ units per group.
+
+    Layer by layer, as the reference: X is measured on the calibration batches with every earlier
+    partitioned layer already pruned to its kept units (removed, not compensated), attention and MLP
+    of one layer in the same pass. So a layer is scored on the inputs it sees once the earlier ones
+    have lost their units; those depend on κ, so the passes run per call, one per partitioned layer.
+    """
+    batches = _needs(inputs.calibration, "calibration batches")
+    kept: dict[tuple[int, str], tuple[int, ...]] = {}
+    for layer in sorted({ug.layer for ug in inputs.unit_groups}):
+        groups = [ug for ug in inputs.unit_groups if ug.layer == layer]
+        done = [ug for ug in inputs.unit_groups if ug.key in kept]
+        with _without_dropped(inputs.model, done, SubnetSpec(kept)):
+            stats = collect_activation_stats(inputs.model, groups, batches)
+        for ug in groups:
+            w = output_weight_columns(inputs.model, ug)
+            channel = w.abs().sum(0).double() * stats.sq_mean[ug.output_module].double().sqrt()
+            kept[ug.key] = top(per_unit(channel, ug, f"{ug.output_module}.weight"), inputs.kappa)
+    return SubnetSpec(kept)
+
+
+def select_taylor(inputs: PruneInputs) -> SubnetSpec:
+    """LLM-Pruner's block-wise Taylor importance ('param_first', group reduction 'sum'): Σ |w · ∂L/∂w|
+    over every parameter a unit owns, ⌈κ·n⌉ units per group. |w · ∂L/∂w| is the first-order estimate
+    of how much the loss changes when w is set to zero, so a unit scores what removing it costs."""
+    grads = _needs(inputs.grads, "loss gradients on calibration text")
+    params = dict(inputs.model.named_parameters())
+
+    def saliency(name: str) -> torch.Tensor | None:
+        return (params[name].detach().double() * grads[name].double()).abs() if name in grads else None
+
+    return top_units(inputs.unit_groups, inputs.kappa, lambda ug: owned_sum(ug, saliency))
+
+
+def _fluctuation(inputs: PruneInputs, ug: UnitGroup) -> torch.Tensor:
+    """FLAP's WIFV per unit channel j of the output projection: Var(X_j) · ‖W_:,j‖² — how much the
+    output moves when channel j is removed and its mean is compensated by a bias (export, 'mean')."""
+    w = output_weight_columns(inputs.model, ug)
+    return (w**2).sum(0).double() * _stats(inputs).variance(ug.output_module).double()
+
+
+def select_flap_uniform(inputs: PruneInputs) -> SubnetSpec:
+    """FLAP's uniform variant (UL-UM): Σ_j WIFV_j over a unit's channels, ⌈κ·n⌉ units per group."""
+    return top_units(
+        inputs.unit_groups,
+        inputs.kappa,
+        lambda ug: per_unit(_fluctuation(inputs, ug), ug, f"{ug.output_module}.weight"),
+    )
+
+
+def _standardized_unit_scores(inputs: PruneInputs, ug: UnitGroup) -> torch.Tensor:
+    """FLAP AL-AM's comparable score: WIFV (squared for attention, as the reference does), standardised
+    over the group's channels so layers and kinds share one scale, then averaged over each unit's
+    channels (FLAP: per head). A group whose channels all score alike has no spread: all zeros."""
+    channels = unit_channels(_fluctuation(inputs, ug), ug, f"{ug.output_module}.weight")  # (segments, units, width)
+    if ug.kind == "attn":
+        channels = channels**2
+    return standardized(channels).mean(dim=(0, 2))
+
+
+def select_flap(inputs: PruneInputs) -> SubnetSpec:
+    """FLAP's default (AL-AM): the global ranking of standardised WIFV scores (`scores.global_ranking`)."""
+    return global_ranking(
+        inputs.model, inputs.unit_groups, inputs.kappa, lambda ug: _standardized_unit_scores(inputs, ug)
+    )
+
+
+def select_adaptive_magnitude(inputs: PruneInputs) -> SubnetSpec:
+    """Zero-cost and data-free, with adaptive widths: each unit's owned squared weight norm (as
+    `magnitude`), standardised within its group so layers and kinds share one scale, then the same
+    global ranking under the same weight budget as FLAP AL-AM."""
+    square = _squared_weights(inputs.model)
+    return global_ranking(
+        inputs.model, inputs.unit_groups, inputs.kappa, lambda ug: standardized(owned_sum(ug, square))
+    )
+
+
+METHODS: dict[str, PruneMethod] = {
+    "random": PruneMethod(select_random, "seeded uniform draw (TwIST zero-cost export)", seeded=True),
+    "magnitude": PruneMethod(select_magnitude, "unit weight norm, no data"),
+    "wanda_sp": PruneMethod(
+        select_wanda_sp, "|W|·‖X‖ on calibration text, layer by layer on the pruned prefix", needs_batches=True
+    ),
+    "taylor": PruneMethod(select_taylor, "LLM-Pruner block-wise Taylor: Σ|w·∂L/∂w| per unit", needs_grads=True),
+    "flap": PruneMethod(
+        select_flap,
+        "FLAP AL-AM: standardised Var(X)·‖W‖², one global ranking (adaptive widths), bias-compensated",
+        needs_stats=True,
+        correction="mean",
+        adaptive=True,
+    ),
+    "adaptive_magnitude": PruneMethod(
+        select_adaptive_magnitude,
+        "standardised unit weight norm, one global ranking (adaptive widths), no data",
+        adaptive=True,
+    ),
+    "adaptive_stats": PruneMethod(
+        select_flap,
+        "FLAP AL-AM's ranking from the running Var(X) kept in training (correction 'mean'): no calibration",
+        needs_training_stats=True,
+        adaptive=True,
+    ),
+    "flap_uniform": PruneMethod(
+        select_flap_uniform,
+        "FLAP UL-UM: Var(X)·‖W‖², ⌈κ·n⌉ per layer, bias-compensated",
+        needs_stats=True,
+        correction="mean",
+    ),
+}
+
+
+def method(name: str) -> PruneMethod:
+    if name not in METHODS:
+        raise ValueError(f"unknown pruning method {name!r}; choose one of {', '.join(METHODS)} (--method)")
+    return METHODS[name]

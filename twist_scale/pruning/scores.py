@@ -1,0 +1,114 @@
+"""Scoring helpers the pruning methods share: per-unit sums, standardisation, top-κ and the global ranking.
+
+A score is a per-unit tensor of one partitioned group. Uniform methods keep the ⌈κ·n⌉ best units of
+every group (`top_units`); adaptive ones rank all units of all groups at once under the uniform
+methods' weight budget (`global_ranking`, FLAP's AL-AM).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from twist_scale.models import UnitGroup, units_to_keep
+from twist_scale.subnet import SubnetSpec
+
+
+def top(scores: torch.Tensor, kappa: float) -> tuple[int, ...]:
+    """The ⌈κ·n⌉ highest-scoring unit ids of one group, ascending (ties: lower id first)."""
+    order = torch.sort(-scores.double(), stable=True).indices
+    return tuple(sorted(order[: units_to_keep(scores.numel(), kappa)].tolist()))
+
+
+def top_units(unit_groups: list[UnitGroup], kappa: float, score: Callable[[UnitGroup], torch.Tensor]) -> SubnetSpec:
+    """Keep the ⌈κ·n⌉ highest-scoring units of every partitioned group."""
+    return SubnetSpec({ug.key: top(score(ug), kappa) for ug in unit_groups})
+
+
+def unit_channels(values: torch.Tensor, ug: UnitGroup, tensor_name: str) -> torch.Tensor:
+    """A per-channel vector (one entry per index along a unit axis) as (segments, units, width)."""
+    axis = next(a for a in ug.axes if a.name == tensor_name)
+    channels = values.index_select(0, axis.index(torch.arange(ug.num_units)))
+    return channels.view(axis.segments, ug.num_units, axis.width)
+
+
+def per_unit(values: torch.Tensor, ug: UnitGroup, tensor_name: str) -> torch.Tensor:
+    """Sum a per-channel vector (one entry per index along a unit axis) into one value per unit."""
+    return unit_channels(values, ug, tensor_name).sum(dim=(0, 2))
+
+
+def owned_sum(ug: UnitGroup, elementwise: Callable[[str], torch.Tensor | None]) -> torch.Tensor:
+    """Σ of an element-wise score over every element a unit owns: its slice of each tensor in the unit
+    map (q/k/v rows and o columns, or a neuron's gate/up rows and down column). `elementwise` gives
+    the score of a whole tensor by name, or None for a tensor it does not score."""
+    total = torch.zeros(ug.num_units, dtype=torch.float64)
+    for axis in ug.axes:
+        values = elementwise(axis.name)
+        if values is None:
+            continue
+        other = [d for d in range(values.dim()) if d != axis.axis]
+        total += per_unit(values.sum(dim=other) if other else values, ug, axis.name)
+    return total
+
+
+def output_weight_columns(model: nn.Module, ug: UnitGroup) -> torch.Tensor:
+    """The output projection's weight as (out features, unit channels), whatever its layout."""
+    w = model.get_submodule(ug.output_module).weight.detach().float()
+    return w if ug.output_input_axis == 1 else w.T
+
+
+def standardized(scores: torch.Tensor) -> torch.Tensor:
+    """z-scores over all entries (unbiased std, as torch.std in FLAP's code); no spread: all zeros."""
+    std = scores.std()
+    return (scores - scores.mean()) / std if std > 0 else torch.zeros_like(scores)
+
+
+def unit_weight(model: nn.Module, ug: UnitGroup) -> int:
+    """Parameters one unit of the group owns: its share of every sliced parameter tensor."""
+    params = dict(model.named_parameters())
+    return sum(
+        params[a.name].numel() // params[a.name].shape[a.axis] * a.width * a.segments
+        for a in ug.axes
+        if a.name in params
+    )
+
+
+def _nearest_prefix(weights: torch.Tensor, budget: float, at_least: int) -> int:
+    """How many leading entries to keep: the prefix (≥ at_least) whose total weight is nearest the budget."""
+    gap = (weights.cumsum(0) - budget).abs()
+    gap[: at_least - 1] = float("inf")
+    return int(torch.argmin(gap)) + 1  # argmin: the first of equal gaps, the smaller model
+
+
+def global_ranking(
+    model: nn.Module, unit_groups: list[UnitGroup], kappa: float, score: Callable[[UnitGroup], torch.Tensor]
+) -> SubnetSpec:
+    """One ranking of every partitioned unit, attention and MLP, across layers (FLAP's AL-AM).
+
+    Units are ranked by their (standardised) score and the prefix of the ranking whose parameter
+    count is nearest the budget B = Σ_groups ⌈κ·n⌉ · (unit weight) is kept — B is what a uniform
+    method keeps, so widths adapt per layer and kind at the same size. Ties: group order, then lower
+    id. Every group keeps at least one unit, as under `units_to_keep` (a GPT-2 block cannot run at
+    zero width): if the ranking leaves a group empty, each group's best unit is kept first and the
+    rest of the ranking fills the same budget.
+    """
+    groups = unit_groups
+    sizes = [unit_weight(model, ug) for ug in groups]
+    budget = float(sum(units_to_keep(ug.num_units, kappa) * w for ug, w in zip(groups, sizes, strict=True)))
+    weight = torch.cat(
+        [torch.full((ug.num_units,), w, dtype=torch.float64) for ug, w in zip(groups, sizes, strict=True)]
+    )
+    group_of = torch.cat([torch.full((ug.num_units,), g) for g, ug in enumerate(groups)])
+    unit_id = torch.cat([torch.arange(ug.num_units) for ug in groups])
+    scores = torch.cat([score(ug) for ug in groups])
+    order = torch.sort(-scores, stable=True).indices
+    kept = order[: _nearest_prefix(weight[order], budget, 1)]
+    if group_of[kept].unique().numel() < len(groups):
+        best = torch.tensor([int(order[group_of[order] == g][0]) for g in range(len(groups))])
+        order = torch.cat([best, order[~torch.isin(order, best)]])
+        kept = order[: _nearest_prefix(weight[order], budget, len(groups))]
+    return SubnetSpec(
+        {ug.key: tuple(sorted(unit_id[kept[group_of[kept] == g]].tolist())) for g, ug in enumerate(groups)}
+    )
