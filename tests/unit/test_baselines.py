@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_export import VOCAB, oracle_logits, random_model, word_tokenizer
+from helpers.models import VOCAB, oracle_logits, random_model, word_tokenizer
 
 from twist_scale.export import Central, build_pruner, export_subnet, load_exported
 from twist_scale.models import architecture_of, units_to_keep
