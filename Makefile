@@ -41,7 +41,8 @@ gpu-smoke: setup
 		--out_dir runs/gpu-smoke/fsdp
 	@echo "GPU SMOKE OK"
 
-# Unit tests and single-process checks, no launcher runs (about 1 minute): while editing.
+# tests/unit and the quick tests/dist checks, no launcher runs (about 1 minute): while editing.
+# `make test` runs all three tiers: tests/unit, tests/dist, tests/e2e (launchers, all marked slow).
 test-fast: setup
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -q -m "not slow" tests
 

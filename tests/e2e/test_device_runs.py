@@ -1,28 +1,32 @@
 """Device-correct collectives: whole runs under a process group that, like NCCL, serves one device type.
 
-`tests/dist/strict_device.py` registers the 'strict' backend (lazy-device tensors only, NCCL's error
-for any other). A host tensor in any trainer collective — resume hash, dispatch, aggregation,
-evaluation, logging, checkpoint, export — fails these runs as it would fail a GPU job.
+`tests/helpers/strict_device.py` registers the 'strict' backend (lazy-device tensors only, NCCL's error
+for any other; dist/test_strict_device.py checks that it refuses). A host tensor in any trainer
+collective — resume hash, dispatch, aggregation, evaluation, logging, checkpoint, export — fails these
+runs as it would fail a GPU job. The fsdp bf16 run and uneven evaluation batches run here too.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
-import torch
-import torch.distributed as dist
-from conftest import BROWN_VALID, REPO, SHAKESPEARE, run_deepspeed, run_torchrun, tiny_args
-from test_train import assert_fp32_checkpoint, history, mlflow_run
+from helpers import (
+    BROWN_VALID,
+    REPO,
+    SHAKESPEARE,
+    STRICT_DEVICE,
+    assert_fp32_checkpoint,
+    history,
+    mlflow_run,
+    run_deepspeed,
+    run_torchrun,
+    tiny_args,
+)
 
-from twist_scale.config import ConfigError
-from twist_scale.config_load import load_config
 from twist_scale.data import load_tokenizer, packed_blocks, train_tokenizer
-from twist_scale.distributed import comm_device
 
-STRICT = REPO / "tests" / "dist" / "strict_device.py"
 TWIST = dict(
     parallel__backend="strict",
     parallel__engine="local",  # one process per group: every collective in the run is the trainer's
@@ -35,32 +39,13 @@ TWIST = dict(
 )
 
 
-def test_strict_backend_refuses_host_tensors(tmp_path):
-    """The harness can fail: a CPU tensor on the 'strict' group raises NCCL's error."""
-    sys.path.insert(0, str(STRICT.parent))
-    import strict_device
-
-    if "strict" not in dist.Backend.backend_list:
-        strict_device.install()
-    dist.init_process_group("strict", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        assert comm_device() == torch.device("lazy")
-        served = torch.ones(2, device="lazy")
-        dist.all_reduce(served)
-        assert served.cpu().tolist() == [1.0, 1.0]
-        with pytest.raises(RuntimeError, match="No backend type associated with device type cpu"):
-            dist.all_reduce(torch.ones(2))
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.slow
 def test_twist_run_resume_and_export_under_single_device_backend(tmp_path):
     out = tmp_path / "twist"
-    run_torchrun(2, STRICT, tiny_args(out, twist__rounds=2, **TWIST))
+    run_torchrun(2, STRICT_DEVICE, tiny_args(out, twist__rounds=2, **TWIST))
     assert json.loads((out / "final" / "twist.json").read_text())["rounds"] == 2
     # a longer schedule in the same out_dir resumes from round 2: the resume hash check included
-    proc = run_torchrun(2, STRICT, tiny_args(out, twist__rounds=3, **TWIST))
+    proc = run_torchrun(2, STRICT_DEVICE, tiny_args(out, twist__rounds=3, **TWIST))
     assert "resumed from" in proc.stderr + proc.stdout
     client, run = mlflow_run(out)
     assert len(history(client, run, "train/loss")) == 6  # 3 rounds of 2 steps, in the one MLflow run
@@ -72,7 +57,9 @@ def test_twist_run_resume_and_export_under_single_device_backend(tmp_path):
 @pytest.mark.slow
 def test_dense_run_under_single_device_backend(tmp_path):
     out = tmp_path / "dense"
-    run_torchrun(1, STRICT, tiny_args(out, parallel__backend="strict", parallel__engine="local", twist__rounds=2))
+    run_torchrun(
+        1, STRICT_DEVICE, tiny_args(out, parallel__backend="strict", parallel__engine="local", twist__rounds=2)
+    )
     client, run = mlflow_run(out)
     assert run.data.metrics["eval/ppl_kappa_1.00"] > 1
     assert (out / "final" / "model.safetensors").exists()
@@ -90,27 +77,6 @@ def test_fsdp_trains_twist_in_bf16_with_an_fp32_central_model(tmp_path):
     client, run = mlflow_run(out)
     assert 1 < run.data.metrics["eval/ppl_kappa_0.75"] < 512  # better than uniform over the vocabulary
     assert_fp32_checkpoint(out / "final")
-
-
-def test_backend_accepts_torch_forms_and_refuses_unknown_names():
-    data = ["--data.train_files", str(SHAKESPEARE)]
-    for backend in ("auto", "gloo", "nccl", "cpu:gloo,cuda:nccl"):
-        assert load_config([*data, "--parallel.backend", backend]).parallel.backend == backend
-    for bad in ("glooo", "cpu:gloo,cuda", "gloo,nccl"):
-        with pytest.raises(ConfigError, match="--parallel.backend"):
-            load_config([*data, "--parallel.backend", bad])
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
-@pytest.mark.parametrize("backend", ["nccl", "cpu:gloo,cuda:nccl"])
-def test_a_cuda_backend_without_a_gpu_is_refused_before_any_process_group(backend, monkeypatch):
-    from twist_scale.distributed import init_distributed
-
-    for name, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1").items():
-        monkeypatch.setenv(name, value)
-    with pytest.raises(RuntimeError, match="needs a CUDA GPU.*use gloo on CPU"):
-        init_distributed(backend)
-    assert not dist.is_initialized()
 
 
 def seven_block_valid_file(directory: Path, tokenizer_dir: Path, block_size: int) -> Path:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import IO
 
 import pytest
-from conftest import BIN, REPO, TRAIN, free_port, launch_env, tiny_args
+from helpers import BIN, REPO, TRAIN, free_port, launch_env, tiny_args
 
 pytestmark = pytest.mark.slow
 

@@ -5,21 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import TRAIN, run_deepspeed, tiny_args
-
-
-def mlflow_run(out_dir):
-    from mlflow.tracking import MlflowClient
-
-    from twist_scale.tracking import default_uri
-
-    client = MlflowClient(tracking_uri=default_uri(out_dir))
-    run = client.get_run((out_dir / "mlflow_run_id").read_text().strip())
-    return client, run
-
-
-def history(client, run, key: str) -> list[float]:
-    return [m.value for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)]
+from helpers import TRAIN, assert_fp32_checkpoint, history, mlflow_run, run_deepspeed, tiny_args
 
 
 @pytest.mark.slow
@@ -85,10 +71,3 @@ def test_two_groups_of_two_ranks_train(tmp_path):
     assert run.data.metrics["twist/agg_bytes"] > 0
     assert (out / "checkpoints" / "round_000004" / "manifest.json").exists()
     assert_fp32_checkpoint(out / "final")
-
-
-def assert_fp32_checkpoint(directory) -> None:
-    from safetensors import safe_open
-
-    with safe_open(str(directory / "model.safetensors"), "pt") as f:
-        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}

@@ -7,50 +7,25 @@ biases of a smaller dense checkpoint.
 
 from __future__ import annotations
 
-import copy
-import functools
 import json
 import math
 
 import pytest
 import torch
+from helpers.models import VOCAB, oracle_logits, random_model, word_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from twist_scale.correction import correction_of
-from twist_scale.models import architecture_of, build_model
+from twist_scale.models import architecture_of
 from twist_scale.pruning.build import build_subnet, layer_widths
 from twist_scale.pruning.cli import main
 from twist_scale.pruning.format import SUBNET_FILE, TWIST_LOADER, load_exported, save_exported
 from twist_scale.pruning.pruner import Central
-from twist_scale.subnet import SubnetSampler, SubnetSpec, apply_unit_masks, partitioned_groups
-
-VOCAB = 61
-
-
-@functools.cache
-def word_tokenizer() -> PreTrainedTokenizerFast:
-    """A tiny word-level tokenizer, so exports carry a tokenizer like real ones do."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {f"w{i}": i for i in range(VOCAB - 1)} | {"<eos>": VOCAB - 1}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+from twist_scale.subnet import SubnetSampler, SubnetSpec, partitioned_groups
 
 
 @pytest.fixture
 def tokenizer() -> PreTrainedTokenizerFast:
     return word_tokenizer()
-
-
-def random_model(arch: str, size: str = "tiny", seed: int = 0) -> torch.nn.Module:
-    """Random weights large enough that every correction visibly moves the logits."""
-    torch.manual_seed(seed)
-    model = build_model(arch, size, VOCAB).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.15)
-    return model
 
 
 def random_means(model: torch.nn.Module, groups) -> dict[str, torch.Tensor]:
@@ -61,19 +36,6 @@ def random_means(model: torch.nn.Module, groups) -> dict[str, torch.Tensor]:
 
 def widths_of(model, spec: SubnetSpec) -> dict:
     return layer_widths(architecture_of(model).unit_groups(model.config), spec)
-
-
-def oracle_logits(model, groups, spec: SubnetSpec, correction: str, means, ids: torch.Tensor) -> torch.Tensor:
-    """Full width, dropped units zeroed, the correction applied by the training hooks."""
-    ref = copy.deepcopy(model)
-    strategy = correction_of(correction)
-    strategy.install(ref, groups, momentum=0.9)
-    for ug in groups:
-        module = ref.get_submodule(ug.output_module)
-        strategy.dispatch(module, ug, spec.units(ug), module.weight.detach().clone(), means)
-    apply_unit_masks(ref, architecture_of(ref).unit_groups(ref.config), spec)
-    with torch.no_grad():
-        return ref.eval()(input_ids=ids).logits
 
 
 CASES = [

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_export import random_model, word_tokenizer
+from helpers.models import random_model, word_tokenizer
 
 from twist_scale.models import build_model
 from twist_scale.pruning.build import build_subnet, parameter_count

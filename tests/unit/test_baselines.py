@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_export import VOCAB, oracle_logits, random_model, word_tokenizer
+from helpers.models import VOCAB, oracle_logits, random_model, word_tokenizer
 
 from twist_scale.models import architecture_of, units_to_keep
 from twist_scale.pruning import load_exported

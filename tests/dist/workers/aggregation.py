@@ -1,4 +1,4 @@
-"""Launched with `deepspeed --num_gpus W`: masked reduce-scatter vs the holder-mean formula.
+"""Run on W ranks by `helpers.dist.run_on_ranks`: masked reduce-scatter vs the holder-mean formula.
 
 For each case (G, ZeRO stage, disjoint / overlapping / uncovered subnets): dispatch the central
 model, let each group's engine hold known new values, aggregate, and compare every central
@@ -7,24 +7,18 @@ tensor with a single-process reference computed from masks.
 
 from __future__ import annotations
 
-import sys
 import zlib
-from pathlib import Path
 
 import torch
-import torch.distributed as dist
+from helpers import REPO
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from twist_scale.aggregate import CentralModel  # noqa: E402
-from twist_scale.config import RunConfig  # noqa: E402
-from twist_scale.distributed import close_distributed, init_distributed  # noqa: E402
-from twist_scale.engines.deepspeed_engine import DeepSpeedEngine  # noqa: E402
-from twist_scale.models import architecture_of, build_model  # noqa: E402
-from twist_scale.subnet import SubnetSampler, apply_subnet_shapes, axis_of, partitioned_groups, slice_tensor, unit_mask  # noqa: E402
-from twist_scale.sync import SubnetSync, central_tensors  # noqa: E402
-from twist_scale.topology import Topology  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[2]
+from twist_scale.aggregate import CentralModel
+from twist_scale.config import RunConfig
+from twist_scale.engines.deepspeed_engine import DeepSpeedEngine
+from twist_scale.models import architecture_of, build_model
+from twist_scale.subnet import SubnetSampler, apply_subnet_shapes, axis_of, partitioned_groups, slice_tensor, unit_mask
+from twist_scale.sync import SubnetSync, central_tensors
+from twist_scale.topology import Topology
 
 
 def delta(name: str, group: int, shape: torch.Size) -> torch.Tensor:
@@ -81,20 +75,9 @@ def run_case(groups: int, stage: int, kappa: float) -> float:
 KAPPAS = {"disjoint": lambda groups: 1 / groups, "overlapping": lambda groups: 0.75, "uncovered": lambda groups: 0.2}
 
 
-def main(cases: list[str]) -> None:
+def check_cases(rank: int, world: int, cases: list[str]) -> None:
     """cases: 'G:stage:kind', e.g. '2:3:overlapping'."""
-    init_distributed("gloo")
-    world = dist.get_world_size()
     for case in cases:
         groups, stage, label = int(case.split(":")[0]), int(case.split(":")[1]), case.split(":")[2]
         err = run_case(groups, stage, KAPPAS[label](groups))
-        if dist.get_rank() == 0:
-            print(f"CASE G={groups} R={world // groups} zero={stage} {label}: max|err|={err:.3e}", flush=True)
-        assert err <= 1e-6, f"G={groups} zero={stage} {label}: {err}"
-    if dist.get_rank() == 0:
-        print("AGGREGATION OK", flush=True)
-    close_distributed()
-
-
-if __name__ == "__main__":
-    main([a for a in sys.argv[1:] if not a.startswith("--local_rank")])
+        assert err <= 1e-6, f"G={groups} R={world // groups} zero={stage} {label}: max|err|={err:.3e}"

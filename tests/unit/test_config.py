@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import BROWN_VALID, REPO, SHAKESPEARE
+from helpers import BROWN_VALID, REPO, SHAKESPEARE
 
 from twist_scale.config import ConfigError
 from twist_scale.config_load import load_config, validate

@@ -1,5 +1,6 @@
 """An MLflow outage never stops training nor loses a record: failed sends are kept (memory + spill file)
-and replayed in order. Real `mlflow server` processes and a real training process; no mocks."""
+and replayed in order. Real `mlflow server` processes and a real training process; no mocks.
+(No server at all, then the replay CLI: unit/test_tracking_replay.py.)"""
 
 from __future__ import annotations
 
@@ -14,11 +15,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import BIN, REPO, TRAIN, free_port, launch_env, tiny_args
+from helpers import BIN, REPO, TRAIN, free_port, launch_env, tiny_args
 from mlflow.tracking import MlflowClient
 
 from twist_scale import tracking
-from twist_scale.config import TrackingConfig
 
 # 4k tokens a step (a round takes ~2 s here): the outage begins well before the last round.
 SLOW_STEPS = dict(
@@ -129,40 +129,3 @@ def test_server_killed_mid_run_then_restarted_loses_nothing(tmp_path):
         if trainer is not None:
             stop(trainer)
         stop(server)
-
-
-def test_server_down_from_start_then_replay_cli(tmp_path, monkeypatch):
-    """No server ever answers: the run is created by the replay CLI, from the spill file alone."""
-    for name, value in tracking.FAST_FAIL_ENV.items():  # restored after the test
-        monkeypatch.setenv(name, value)
-    monkeypatch.setattr(tracking, "CLOSE_WAIT_S", 0.0)
-    out = tmp_path / "run"
-    out.mkdir()
-    (out / "config.json").write_text("{}")
-    cfg = TrackingConfig(uri=f"http://127.0.0.1:{free_port()}", experiment="outage")  # nothing listens
-    start = time.monotonic()
-    tracker = tracking.build_tracker(cfg, out, is_main=True)
-    tracker.log_params({"seed": 3})
-    for step in range(1, 6):
-        tracker.log_metrics({"train/loss": 10.0 - step}, step)
-    tracker.log_artifact(out / "config.json")
-    tracker.close()
-    assert time.monotonic() - start < 20
-    assert not (out / tracking.RUN_ID_FILE).exists()
-    kinds = [json.loads(line)["kind"] for line in (out / tracking.SPILL_FILE).read_text().splitlines()]
-    assert kinds == ["run", "params", *["metrics"] * 5, "artifact", "end"]
-
-    store = tracking.default_uri(tmp_path)
-    subprocess.run(
-        [sys.executable, "-m", "twist_scale.tracking", "replay", str(out), "--uri", store],
-        cwd=REPO,
-        check=True,
-        timeout=120,
-    )
-    assert not (out / tracking.SPILL_FILE).exists()
-    client = MlflowClient(store)
-    run = client.get_run((out / tracking.RUN_ID_FILE).read_text().strip())
-    history = sorted(client.get_metric_history(run.info.run_id, "train/loss"), key=lambda m: m.timestamp)
-    assert [(m.step, m.value) for m in history] == [(s, 10.0 - s) for s in range(1, 6)]
-    assert run.data.params == {"seed": "3"} and run.info.status == "FINISHED" and run.info.run_name == "run"
-    assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["config.json"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import REPO, SHAKESPEARE
+from helpers import REPO, SHAKESPEARE
 
 from twist_scale.config import ConfigError
 from twist_scale.config_load import load_config

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import BIN, BROWN_VALID, REPO, SHAKESPEARE, free_port, launch_env
+from helpers import BIN, BROWN_VALID, REPO, SHAKESPEARE, free_port, launch_env
 
 from twist_scale.checkpoint import verify
 from twist_scale.tracking import default_uri

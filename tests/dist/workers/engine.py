@@ -1,4 +1,4 @@
-"""Launched with `deepspeed --num_gpus 2`: DeepSpeed engine behaviour TwIST relies on.
+"""Run on 2 ranks by `helpers.dist.run_on_ranks`: DeepSpeed engine behaviour TwIST relies on.
 
 1. write() reaches the weights the forward uses and survives the next step, for ZeRO 0-3
    (the ZeRO trap: setting only the fp32 master, or only p.data, is silently wrong);
@@ -9,22 +9,16 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
+import pytest
 import torch
-import torch.distributed as dist
+from helpers import REPO
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from twist_scale.config import RunConfig  # noqa: E402
-from twist_scale.distributed import close_distributed, init_distributed  # noqa: E402
-from twist_scale.engines.deepspeed_engine import DeepSpeedEngine  # noqa: E402
-from twist_scale.models import architecture_of, build_model  # noqa: E402
-from twist_scale.subnet import SubnetSampler, partitioned_groups  # noqa: E402
-from twist_scale.topology import Topology  # noqa: E402
-from twist_scale.sync import verify_same_masks  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[2]
+from twist_scale.config import RunConfig
+from twist_scale.engines.deepspeed_engine import DeepSpeedEngine
+from twist_scale.models import architecture_of, build_model
+from twist_scale.subnet import SubnetSampler, partitioned_groups
+from twist_scale.sync import verify_same_masks
+from twist_scale.topology import Topology
 VOCAB = 64
 
 
@@ -63,8 +57,6 @@ def check_write(stage: int, topo: Topology) -> None:
     moment = torch.rand_like(new[name])
     engine.write_state(name, "exp_avg", moment)
     assert torch.allclose(engine.read_state(name, "exp_avg"), moment), f"zero={stage}: moment round trip"
-    if topo.rank == 0:
-        print(f"WRITE OK zero={stage}", flush=True)
 
 
 def trajectory(stage: int, topo: Topology) -> list[float]:
@@ -76,18 +68,11 @@ def check_mask_hash(topo: Topology) -> None:
     model = build_model("llama", "tiny", VOCAB)
     ugs = tuple(partitioned_groups(architecture_of(model).unit_groups(model.config), []))
     verify_same_masks(SubnetSampler(ugs, 2, 0.5, seed=5).specs(3), topo)
-    try:
-        verify_same_masks(SubnetSampler(ugs, 2, 0.5, seed=5 + topo.rank).specs(3), topo)  # a corrupted seed
-    except RuntimeError as err:
-        assert "disagree on the subnet masks" in str(err)
-        if topo.rank == 0:
-            print("MASK HASH OK", flush=True)
-    else:
-        raise AssertionError("a rank with a different mask seed was not caught")
+    with pytest.raises(RuntimeError, match="disagree on the subnet masks"):  # a rank with a corrupted seed
+        verify_same_masks(SubnetSampler(ugs, 2, 0.5, seed=5 + topo.rank).specs(3), topo)
 
 
-def main() -> None:
-    init_distributed("gloo")
+def check_write_trajectories_and_mask_hash(rank: int, world: int) -> None:
     topo = Topology.from_dist(1)
     for stage in (0, 1, 2, 3):
         check_write(stage, topo)
@@ -96,12 +81,4 @@ def main() -> None:
         losses = trajectory(stage, topo)
         diff = max(abs(a - b) for a, b in zip(losses, reference, strict=True))
         assert diff < 1e-4, f"zero={stage} departs from stage 0 by {diff}: {losses} vs {reference}"
-        if topo.rank == 0:
-            print(f"TRAJECTORY OK zero={stage} max diff {diff:.2e}", flush=True)
     check_mask_hash(Topology.from_dist(2))
-    dist.barrier()
-    close_distributed()
-
-
-if __name__ == "__main__":
-    main()

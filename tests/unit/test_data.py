@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import BROWN_VALID, SHAKESPEARE
+from helpers import BROWN_VALID, SHAKESPEARE
 
 from twist_scale.data import ShardedBatches, eval_batches, load_tokenizer, packed_blocks, sample_line, train_tokenizer
 

@@ -1,0 +1,35 @@
+"""helpers.dist.run_on_ranks: a real gloo group on every rank, and a rank's failure fails the test with its message."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+from helpers.dist import run_on_ranks
+
+
+def sum_of_ranks(rank: int, world: int, scale: int) -> None:
+    assert (dist.get_rank(), dist.get_world_size()) == (rank, world)
+    assert os.environ["RANK"] == str(rank) and os.environ["WORLD_SIZE"] == str(world)
+    total = torch.tensor([float(rank * scale)])
+    dist.all_reduce(total)
+    assert total.item() == scale * world * (world - 1) / 2
+
+
+def rank_one_disagrees(rank: int, world: int) -> None:
+    got = [rank, 1]
+    assert got == [rank, rank], "ranks disagree"
+
+
+def test_every_rank_joins_one_gloo_group():
+    run_on_ranks(sum_of_ranks, 2, 10)
+
+
+def test_a_failing_rank_fails_the_test_with_its_assertion():
+    with pytest.raises(pytest.fail.Exception) as failure:
+        run_on_ranks(rank_one_disagrees, 2, timeout=120)
+    message = str(failure.value)
+    assert "rank_one_disagrees failed on rank(s) [0" in message and "-- rank 0 of 2:" in message
+    assert "AssertionError: ranks disagree" in message and "assert [0, 1] == [0, 0]" in message  # pytest's diff

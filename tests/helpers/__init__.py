@@ -1,0 +1,123 @@
+"""Shared test helpers: repository paths, tiny runs on the sample corpora and launcher runs.
+
+Importable from every test folder (`pythonpath = ["tests"]` in pyproject.toml); conftest.py keeps
+only fixtures and hooks. `helpers.models` holds tiny random models, `helpers.dist` runs a function
+on N in-process ranks, `helpers.strict_device` is the single-device process group.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+DATA = (REPO / ".." / "shared" / "data").resolve()
+SHAKESPEARE = DATA / "tinyshakespeare" / "input.txt"
+BROWN_VALID = DATA / "brown" / "valid.txt"
+BIN = Path(sys.executable).parent
+TRAIN = REPO / "launch" / "train.py"
+STRICT_DEVICE = Path(__file__).resolve().parent / "strict_device.py"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@functools.cache
+def _empty_mlflow_store() -> Path:
+    """An MLflow sqlite store with its schema already migrated (a fresh one costs seconds per run)."""
+    import mlflow
+
+    path = Path(tempfile.mkdtemp(prefix="twist-mlflow-")) / "mlflow.db"
+    mlflow.MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
+def tiny_args(out_dir: Path, **overrides: object) -> list[str]:
+    """CLI args for a seconds-long run of the tiny Llama on Tiny Shakespeare."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not (out_dir / "mlflow.db").exists():
+        shutil.copy(_empty_mlflow_store(), out_dir / "mlflow.db")
+    args = [
+        "--config",
+        str(REPO / "configs" / "tiny_test.toml"),
+        "--out_dir",
+        str(out_dir),
+        "--data.train_files",
+        str(SHAKESPEARE),
+        "--data.valid_files",
+        str(BROWN_VALID),
+        "--data.cache_dir",
+        str(out_dir.parent / "cache"),
+    ]
+    for key, value in overrides.items():
+        args += [f"--{key.replace('__', '.')}", str(value)]
+    return args
+
+
+def launch_env() -> dict[str, str]:
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env["PATH"] = f"{BIN}:{env['PATH']}"
+    return env
+
+
+def leaked_shared_memory(port: int) -> list[Path]:
+    """DeepSpeed CPU all-reduce workspaces still in /dev/shm for a world that used `port`."""
+    return sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_*"))
+
+
+def run_deepspeed(
+    nproc: int, script: str | Path, args: list[str], timeout: float = 300, check: bool = True
+) -> subprocess.CompletedProcess:
+    """A real `deepspeed --num_gpus N` launch on 127.0.0.1 with gloo; a clean run leaves no shared memory."""
+    port = free_port()
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(port), str(script), *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        pytest.fail(f"deepspeed exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    if check:
+        leaked = leaked_shared_memory(port)
+        assert not leaked, f"the run left DeepSpeed's all-reduce workspaces in /dev/shm: {leaked}"
+    return proc
+
+
+def run_torchrun(
+    nproc: int, script: str | Path, args: list[str], timeout: float = 300, check: bool = True
+) -> subprocess.CompletedProcess:
+    cmd = [str(BIN / "torchrun"), f"--nproc_per_node={nproc}", f"--master_port={free_port()}", str(script), *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        pytest.fail(f"torchrun exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def mlflow_run(out_dir):
+    """(client, run) of the MLflow run a training run logged into, from the sqlite store in its out_dir."""
+    from mlflow.tracking import MlflowClient
+
+    from twist_scale.tracking import default_uri
+
+    client = MlflowClient(tracking_uri=default_uri(out_dir))
+    run = client.get_run((out_dir / "mlflow_run_id").read_text().strip())
+    return client, run
+
+
+def history(client, run, key: str) -> list[float]:
+    return [m.value for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)]
+
+
+def assert_fp32_checkpoint(directory) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(directory / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}
