@@ -79,7 +79,9 @@ class TwistConfig:
     local_steps: int = _doc("H: local steps between aggregations (the paper uses 15).", 15)
     rounds: int = _doc("Rounds of dispatch -> H steps -> aggregate; total steps = rounds * H.", 10)
     shared_layers: list[int] | None = _doc(
-        "Layers kept whole in every subnet; default first 2 and last 2 when n_layers >= 6.", None
+        "Layers kept whole in every subnet: 'auto' (the first 2 and last 2 when n_layers >= 6), "
+        "'none' (partition every layer) or e.g. 0,1,4,5.",
+        None,
     )
     correction: str = _doc("Activation-shift correction: 'none', 'scale' or 'mean'.", "none")
     optimizer_state: str = _doc("Optimizer moments across rounds: 'reset' or 'aggregate'.", "reset")

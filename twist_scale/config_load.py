@@ -30,7 +30,10 @@ def _coerce(path: str, value: Any, hint: Any) -> Any:
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(hint) if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+        word = value.strip().lower() if isinstance(value, str) else None
+        if typing.get_origin(args[0]) is list and word in ("auto", "none"):
+            return None if word == "auto" else []  # 'auto': the field's default rule; 'none': an empty list
+        if value is None or word in ("none", "null"):
             return None
         return _coerce(path, value, args[0])
     if origin is list:

@@ -39,6 +39,12 @@ def test_overrides_apply_and_beat_the_file():
     assert cfg.total_steps == cfg.twist.rounds * cfg.twist.local_steps
 
 
+@pytest.mark.parametrize(("value", "expected"), [("auto", None), ("none", []), ("", []), ("1,4", [1, 4])])
+def test_shared_layers_none_means_none_as_in_export(value, expected):
+    """'none' partitions every layer (as export's --shared-layers none); 'auto' is the default rule."""
+    assert load_config([*BASE, "--twist.shared_layers", value]).twist.shared_layers == expected
+
+
 def test_yaml_file_and_launcher_local_rank(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text(f"data:\n  train_files: [{SHAKESPEARE}]\ntwist:\n  rounds: 7\n")
