@@ -107,7 +107,7 @@ def main() -> None:
     parser.add_argument("--central", type=Path, help="central model directory (a run's final/)")
     parser.add_argument("--kappa", type=float, nargs="+", default=[0.75, 0.5, 0.25])
     parser.add_argument("--method", default="random")
-    parser.add_argument("--shared-layers", default="auto", help="'auto' (as trained), 'none', or '0,1,4,5'")
+    parser.add_argument("--shared_layers", default="auto", help="'auto' (as trained), 'none', or '0,1,4,5'")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--iters", type=int, default=10)

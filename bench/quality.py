@@ -12,7 +12,7 @@ same number of tokens and optimizer steps:
       (magnitude: computed from the trained weights, no calibration data).
 Every layer is partitioned (no shared layers) in training and pruning, so at a given κ every method's
 model has the same parameter count. Perplexity on brown/test and wikitext-2/test (out of domain)
-with twist_scale.evaluate's protocol on an evenly spaced subset of windows (--max-windows: the
+with twist_scale.evaluate's protocol on an evenly spaced subset of windows (--max_windows: the
 full wikitext-2 split takes ~100 s per model here). Every evaluation is also logged to the runs'
 shared MLflow store, and `twist-compare` draws the perplexity-vs-sparsity chart from it.
 Writes bench/results/quality{,_quick}.{json,md,png}.
@@ -215,7 +215,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--draws", type=int, default=2, help="random draws per κ")
     parser.add_argument("--kappa", type=float, nargs="+", default=[0.75, 0.5, 0.25])
-    parser.add_argument("--max-windows", type=int, default=64, help="windows scored per test set (0: all)")
+    parser.add_argument("--max_windows", type=int, default=64, help="windows scored per test set (0: all)")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench_quality")
     parser.add_argument("--reuse-runs", action="store_true", help="only evaluate runs this script already trained")
     args = parser.parse_args()
@@ -266,7 +266,7 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     from twist_scale.compare import main as compare
 
-    compare(["--tracking-uri", uri, "--experiment", EXPERIMENT, "--out", str(args.out / "compare")])
+    compare(["--tracking.uri", uri, "--tracking.experiment", EXPERIMENT, "--out", str(args.out / "compare")])
     shutil.copy(args.out / "compare" / "ppl_vs_sparsity.png", RESULTS / f"quality{suffix}.png")
     (RESULTS / f"quality{suffix}.json").write_text(json.dumps(report, indent=2))
     table = markdown(report, args.kappa)

@@ -58,7 +58,9 @@ def collect(tracking_uri: str, experiment: str) -> list[Series]:
     exp_id = experiment_id(client, experiment, create=False)
     if exp_id is None:
         names = ", ".join(e.name for e in client.search_experiments())
-        raise ValueError(f"no experiment {experiment!r} in {tracking_uri}; --experiment is one of: {names or 'none'}")
+        raise ValueError(
+            f"no experiment {experiment!r} in {tracking_uri}; --tracking.experiment is one of: {names or 'none'}"
+        )
     series: list[Series] = []
     for run in client.search_runs([exp_id], max_results=50_000, order_by=["attributes.start_time ASC"]):
         tags = run.data.tags
@@ -155,12 +157,14 @@ def log_comparison(tracking_uri: str, experiment: str, files: list[Path]) -> str
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`twist-compare --tracking-uri sqlite:///runs/mlflow.db`: table + PNG of perplexity vs sparsity."""
+    """`twist-compare --tracking.uri sqlite:///runs/mlflow.db`: table + PNG of perplexity vs sparsity."""
     parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--tracking-uri", required=True, help="the MLflow store the runs logged to")
-    parser.add_argument("--experiment", default="twist-scale")
+    parser.add_argument(
+        "--tracking.uri", dest="tracking_uri", required=True, help="the MLflow store the runs logged to"
+    )
+    parser.add_argument("--tracking.experiment", dest="experiment", default="twist-scale")
     parser.add_argument("--out", type=Path, default=Path("runs/compare"), help="directory for the table and PNG")
-    parser.add_argument("--no-log", action="store_true", help="do not log the files back to MLflow")
+    parser.add_argument("--no_log", action="store_true", help="do not log the files back to MLflow")
     args = parser.parse_args(argv)
     try:
         series = collect(args.tracking_uri, args.experiment)

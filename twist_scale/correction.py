@@ -130,7 +130,7 @@ class MeanCorrection(Correction):
         if ug.output_module not in means:
             raise ValueError(
                 f"no activation means for {ug.output_module}: correction 'mean' needs them. The layer was probably "
-                "kept whole in training; export with the training's shared layers (--shared-layers auto) or "
+                "kept whole in training; export with the training's shared layers (--shared_layers auto) or "
                 "pass --correction none/scale"
             )
         shift = dropped_contribution(module.weight, means[ug.output_module], ug, kept)

@@ -63,7 +63,7 @@ def perplexity(
     if window < 2:
         raise ValueError(f"--window {window} must be >= 2 (a window predicts window - 1 tokens)")
     if max_windows < 0:
-        raise ValueError(f"--max-windows {max_windows} must be >= 0 (0 scores every window)")
+        raise ValueError(f"--max_windows {max_windows} must be >= 0 (0 scores every window)")
     n = stream.numel() // window
     if n == 0:
         raise ValueError(
@@ -180,8 +180,8 @@ def resolve_run(central_dir: Path, uri: str, run_id: str, experiment: str) -> tu
             client.get_run(run_id)
         except MlflowException as err:
             raise ValueError(
-                f"MLflow run {run_id} is not in {uri}; pass the store training logged to (--tracking-uri, "
-                f"its --tracking.uri) or --run-id"
+                f"MLflow run {run_id} is not in {uri}; pass the store training logged to (--tracking.uri, "
+                f"its --tracking.uri) or --run_id"
             ) from err
         return uri, run_id
     tags = {"twist.kind": "evaluated-model"}
@@ -243,13 +243,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", nargs="+", required=True, help="held-out text files (the test split)")
     parser.add_argument("--kappa", type=float, nargs="+", default=list(DEFAULT_KAPPAS), help="keep ratios")
     parser.add_argument("--draws", type=int, default=5, help="random draws per κ for a seeded method")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-windows", type=int, default=0, help="score an evenly spaced subset (0: every window)")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--max_windows", type=int, default=0, help="score an evenly spaced subset (0: every window)")
     parser.add_argument("--label", default="", help="metric label (default: the method); use one per variant")
-    parser.add_argument("--tracking-uri", default="", help="MLflow store (default sqlite:///<run>/mlflow.db)")
-    parser.add_argument("--run-id", default="", help="run to log onto (default <run>/mlflow_run_id)")
-    parser.add_argument("--experiment", default="twist-scale", help="experiment for a new run when none is found")
-    parser.add_argument("--no-mlflow", action="store_true", help="print only")
+    parser.add_argument(
+        "--tracking.uri", dest="tracking_uri", default="", help="MLflow store (default sqlite:///<run>/mlflow.db)"
+    )
+    parser.add_argument("--run_id", default="", help="run to log onto (default <run>/mlflow_run_id)")
+    parser.add_argument(
+        "--tracking.experiment",
+        dest="experiment",
+        default="twist-scale",
+        help="experiment for a new run when none is found",
+    )
+    parser.add_argument("--no_mlflow", action="store_true", help="print only")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     setup_logging()

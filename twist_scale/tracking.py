@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     cmd = commands.add_parser("replay", help=f"send the records kept in <out_dir>/{SPILL_FILE} to MLflow")
     cmd.add_argument("out_dir", type=Path)
-    cmd.add_argument("--uri", help="tracking URI, if not the one the run used (the server moved)")
+    cmd.add_argument("--tracking.uri", dest="uri", help="tracking URI, if not the one the run used (the server moved)")
     args = parser.parse_args(argv)
     setup_logging()
     if not replay(args.out_dir, args.uri):

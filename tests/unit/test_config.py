@@ -41,7 +41,7 @@ def test_overrides_apply_and_beat_the_file():
 
 @pytest.mark.parametrize(("value", "expected"), [("auto", None), ("none", []), ("", []), ("1,4", [1, 4])])
 def test_shared_layers_none_means_none_as_in_export(value, expected):
-    """'none' partitions every layer (as export's --shared-layers none); 'auto' is the default rule."""
+    """'none' partitions every layer (as export's --shared_layers none); 'auto' is the default rule."""
     assert load_config([*BASE, "--twist.shared_layers", value]).twist.shared_layers == expected
 
 

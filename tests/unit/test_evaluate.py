@@ -55,7 +55,7 @@ def test_perplexity_rejects_bad_windows():
         perplexity(model, torch.zeros(10, dtype=torch.long), window=1)
     with pytest.raises(ValueError, match="fewer than one window"):
         perplexity(model, torch.zeros(10, dtype=torch.long), window=11)
-    with pytest.raises(ValueError, match="--max-windows"):
+    with pytest.raises(ValueError, match="--max_windows"):
         perplexity(model, torch.zeros(10, dtype=torch.long), window=2, max_windows=-1)
 
 
@@ -71,5 +71,5 @@ def test_cli_names_what_to_fix(tmp_path, capsys):
         ([], "no config.json"),
     ]:
         with pytest.raises(SystemExit):
-            evaluate.main([str(tmp_path / "final"), "--data", str(BROWN_VALID), *args, "--no-mlflow"])
+            evaluate.main([str(tmp_path / "final"), "--data", str(BROWN_VALID), *args, "--no_mlflow"])
         assert message in capsys.readouterr().err

@@ -18,10 +18,10 @@ def add_pruning_args(parser: argparse.ArgumentParser) -> None:
     """Flags shared by export and evaluate: which subnet, which correction, which calibration text."""
     parser.add_argument("central", type=Path, help="central model directory (a run's final/)")
     parser.add_argument("--method", default="random", help=f"pruning method: {', '.join(METHODS)}")
-    parser.add_argument("--shared-layers", default="auto", help="'auto' (as trained), 'none', or e.g. '0,1,4,5'")
+    parser.add_argument("--shared_layers", default="auto", help="'auto' (as trained), 'none', or e.g. '0,1,4,5'")
     parser.add_argument("--correction", default="auto", help="'auto', 'none', 'scale' or 'mean'")
     parser.add_argument("--calibration", nargs="*", default=None, help="calibration text (default: training files)")
-    parser.add_argument("--calibration-samples", type=int, default=32, help="calibration windows (of --window)")
+    parser.add_argument("--calibration_samples", type=int, default=32, help="calibration windows (of --window)")
     parser.add_argument("--window", type=int, default=256, help="tokens per window")
 
 

@@ -63,7 +63,7 @@ class Central:
             return list(self.meta.get("shared_layers", default_shared_layers(n)))
         layers = [] if choice == "none" else [int(x) for x in choice.split(",") if x.strip()]
         if any(not 0 <= i < n for i in layers):
-            raise ValueError(f"--shared-layers {choice}: the model has layers 0..{n - 1}")
+            raise ValueError(f"--shared_layers {choice}: the model has layers 0..{n - 1}")
         return layers
 
     def calibration_text_files(self) -> list[str]:

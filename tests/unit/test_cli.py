@@ -1,0 +1,43 @@
+"""One flag dialect across the commands: `--section.key` for what training configures, underscores inside names."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+import pytest
+
+from twist_scale import compare, evaluate, tracking
+from twist_scale.config_load import help_text
+from twist_scale.pruning import cli as export_cli
+
+
+def help_of(main: Callable[[list[str]], None], argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "--help"])
+    assert exit_.value.code == 0
+    return capsys.readouterr().out
+
+
+COMMANDS = {
+    "export": (export_cli.main, []),
+    "evaluate": (evaluate.main, []),
+    "compare": (compare.main, []),
+    "replay": (tracking.main, ["replay"]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_flags_are_spelled_as_in_training(name, capsys):
+    text = help_of(*COMMANDS[name], capsys)
+    flags = set(re.findall(r"(?<![\w-])--[\w.-]+", text)) - {"--help"}
+    assert flags, text
+    assert not [f for f in flags if "-" in f[2:]], f"{name}: hyphenated flags {sorted(flags)}"
+    if name != "export":  # every command that talks to MLflow names the store as training does
+        assert "--tracking.uri" in flags
+
+
+def test_training_help_names_the_same_tracking_flags():
+    text = help_text("twist-train")
+    assert "--tracking.uri" in text and "--tracking.experiment" in text
+    assert "--twist.shared_layers" in text
