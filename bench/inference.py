@@ -132,11 +132,11 @@ def main() -> None:
         f"iters {args.iters}, threads {args.threads}",
         flush=True,
     )
-    from twist_scale.pruning.pruner import Central, build_pruner, export_subnet
+    from twist_scale.pruning.pruner import SavedCentral, build_pruner, export_subnet
 
     with tempfile.TemporaryDirectory() as tmp:
         central_dir = quick_central(Path(tmp) / "central") if args.central is None else args.central
-        pruner = build_pruner(Central.load(central_dir), args.method, args.shared_layers)
+        pruner = build_pruner(SavedCentral.load(central_dir), args.method, args.shared_layers)
         models = [("dense", 1.0, central_dir)]
         models += [(f"kappa_{k:.2f}", k, export_subnet(pruner, Path(tmp) / "exports", k)) for k in args.kappa]
         results = []

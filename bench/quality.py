@@ -118,9 +118,9 @@ def evaluate_run(run: Run, out: Path, kappas: list[float], draws: int, window: i
     from twist_scale.evaluate import log_sweep, sweep
     from twist_scale.pruning.calibration import calibration_from_files
     from twist_scale.pruning.methods import method as prune_method
-    from twist_scale.pruning.pruner import Central, build_pruner
+    from twist_scale.pruning.pruner import SavedCentral, build_pruner
 
-    central = Central.load(out / run.name / "final")
+    central = SavedCentral.load(out / run.name / "final")
     streams = {name: token_stream([str(path)], central.tokenizer) for name, path in TESTS.items()}
     run_id = (out / run.name / "mlflow_run_id").read_text().strip()
     results: dict = {}

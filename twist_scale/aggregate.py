@@ -17,12 +17,12 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from twist_scale.models import AxisSlice, UnitGroup
+from twist_scale.models import AxisSlice, UnitBlock
 from twist_scale.subnet import SubnetSpec, scatter_tensor
 from twist_scale.topology import Topology
 
 
-def holder_counts(shape: torch.Size, unit: tuple[UnitGroup, AxisSlice] | None, specs: list[SubnetSpec]) -> torch.Tensor:
+def holder_counts(shape: torch.Size, unit: tuple[UnitBlock, AxisSlice] | None, specs: list[SubnetSpec]) -> torch.Tensor:
     """How many groups hold each element: G for shared tensors, the per-unit holder count otherwise."""
     if unit is None:
         return torch.full(shape, float(len(specs)))
@@ -37,7 +37,7 @@ def holder_counts(shape: torch.Size, unit: tuple[UnitGroup, AxisSlice] | None, s
     return along.view(view).expand(shape)
 
 
-class CentralModel:
+class CentralShards:
     """Full-width tensors (parameters, unit statistics, optimizer moments), sharded world-wide."""
 
     def __init__(self, topo: Topology, shapes: dict[str, torch.Size]) -> None:
@@ -98,7 +98,7 @@ class CentralModel:
 
 
 def masked_contribution(
-    sub: torch.Tensor, full_shape: torch.Size, unit: tuple[UnitGroup, AxisSlice] | None, spec: SubnetSpec
+    sub: torch.Tensor, full_shape: torch.Size, unit: tuple[UnitBlock, AxisSlice] | None, spec: SubnetSpec
 ) -> torch.Tensor:
     """M ⊙ θ in full coordinates, fp32 on the host; shared tensors are contributed whole."""
     sub = sub.detach().to("cpu", torch.float32)

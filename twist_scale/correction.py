@@ -24,7 +24,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from twist_scale.models import AxisSlice, UnitGroup
+from twist_scale.models import AxisSlice, UnitBlock
 
 ACT_MEAN = "twist_act_mean"
 ACT_SQ_MEAN = "twist_act_sq_mean"
@@ -42,17 +42,17 @@ class Correction:
     name = "none"
     folds_bias = False  # export adds a bias to the output projection (Llama then gains biases)
 
-    def unit_groups(self, unit_groups: list[UnitGroup]) -> list[UnitGroup]:
+    def unit_blocks(self, unit_blocks: list[UnitBlock]) -> list[UnitBlock]:
         """The unit map training slices and averages: the partitioned groups plus any statistics."""
-        return unit_groups
+        return unit_blocks
 
-    def install(self, model: nn.Module, unit_groups: list[UnitGroup], momentum: float) -> None:
+    def install(self, model: nn.Module, unit_blocks: list[UnitBlock], momentum: float) -> None:
         """Register buffers and hooks on the full-width model, before it is shrunk or wrapped."""
 
     def dispatch(
         self,
         module: nn.Module,
-        ug: UnitGroup,
+        ug: UnitBlock,
         kept: torch.Tensor,
         full_weight: torch.Tensor,
         means: dict[str, torch.Tensor],
@@ -63,15 +63,15 @@ class Correction:
         activation means by output module (correction 'mean').
         """
 
-    def fold(self, module: nn.Module, ug: UnitGroup, kept: torch.Tensor, means: dict[str, torch.Tensor]) -> None:
+    def fold(self, module: nn.Module, ug: UnitBlock, kept: torch.Tensor, means: dict[str, torch.Tensor]) -> None:
         """Bake what `dispatch` set into the full-width projection, before its dropped units are sliced away."""
 
 
 class ScaleCorrection(Correction):
     name = "scale"
 
-    def install(self, model: nn.Module, unit_groups: list[UnitGroup], momentum: float) -> None:
-        for ug in unit_groups:
+    def install(self, model: nn.Module, unit_blocks: list[UnitBlock], momentum: float) -> None:
+        for ug in unit_blocks:
             module = model.get_submodule(ug.output_module)
             module.twist_input_scale = 1.0
             module.register_forward_pre_hook(_scale_input)
@@ -79,7 +79,7 @@ class ScaleCorrection(Correction):
     def dispatch(
         self,
         module: nn.Module,
-        ug: UnitGroup,
+        ug: UnitBlock,
         kept: torch.Tensor,
         full_weight: torch.Tensor,
         means: dict[str, torch.Tensor],
@@ -87,7 +87,7 @@ class ScaleCorrection(Correction):
         module.twist_input_scale = ug.num_units / len(kept)
 
     @torch.no_grad()
-    def fold(self, module: nn.Module, ug: UnitGroup, kept: torch.Tensor, means: dict[str, torch.Tensor]) -> None:
+    def fold(self, module: nn.Module, ug: UnitBlock, kept: torch.Tensor, means: dict[str, torch.Tensor]) -> None:
         module.weight.mul_(ug.num_units / len(kept))  # dropped channels are sliced away, so scaling all is the same
 
 
@@ -95,17 +95,17 @@ class MeanCorrection(Correction):
     name = "mean"
     folds_bias = True
 
-    def unit_groups(self, unit_groups: list[UnitGroup]) -> list[UnitGroup]:
+    def unit_blocks(self, unit_blocks: list[UnitBlock]) -> list[UnitBlock]:
         return [
             dataclasses.replace(
                 ug,
                 axes=(*ug.axes, *(AxisSlice(f"{ug.output_module}.{s}", 0, ug.output_axis.width) for s in STATISTICS)),
             )
-            for ug in unit_groups
+            for ug in unit_blocks
         ]
 
-    def install(self, model: nn.Module, unit_groups: list[UnitGroup], momentum: float) -> None:
-        for ug in unit_groups:
+    def install(self, model: nn.Module, unit_blocks: list[UnitBlock], momentum: float) -> None:
+        for ug in unit_blocks:
             module = model.get_submodule(ug.output_module)
             for stat in STATISTICS:
                 module.register_buffer(stat, torch.zeros(module.weight.shape[ug.output_input_axis]))
@@ -118,7 +118,7 @@ class MeanCorrection(Correction):
     def dispatch(
         self,
         module: nn.Module,
-        ug: UnitGroup,
+        ug: UnitBlock,
         kept: torch.Tensor,
         full_weight: torch.Tensor,
         means: dict[str, torch.Tensor],
@@ -126,7 +126,7 @@ class MeanCorrection(Correction):
         module.get_buffer(SHIFT).copy_(dropped_contribution(full_weight, means[ug.output_module], ug, kept))
 
     @torch.no_grad()
-    def fold(self, module: nn.Module, ug: UnitGroup, kept: torch.Tensor, means: dict[str, torch.Tensor]) -> None:
+    def fold(self, module: nn.Module, ug: UnitBlock, kept: torch.Tensor, means: dict[str, torch.Tensor]) -> None:
         if ug.output_module not in means:
             raise ValueError(
                 f"no activation means for {ug.output_module}: correction 'mean' needs them. The layer was probably "
@@ -163,7 +163,7 @@ def _add_shift(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Te
 
 
 def dropped_contribution(
-    full_weight: torch.Tensor, full_mean: torch.Tensor, ug: UnitGroup, kept: torch.Tensor
+    full_weight: torch.Tensor, full_mean: torch.Tensor, ug: UnitBlock, kept: torch.Tensor
 ) -> torch.Tensor:
     """W[:, dropped] @ E[a_dropped]: what the dropped units add to the residual on average."""
     keep = torch.ones(ug.num_units, dtype=torch.bool)

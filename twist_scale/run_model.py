@@ -10,14 +10,14 @@ from torch import nn
 
 from twist_scale.config import ConfigError, RunConfig
 from twist_scale.correction import correction_of
-from twist_scale.models import UnitGroup, architecture_of, build_model
-from twist_scale.subnet import default_shared_layers, partitioned_groups
+from twist_scale.models import UnitBlock, architecture_of, build_model
+from twist_scale.subnet import default_shared_layers, partitioned_blocks
 
 
 @dataclass(frozen=True)
 class RunModel:
     model: nn.Module  # full width, the correction installed
-    unit_groups: list[UnitGroup]  # what subnets slice: partitioned groups and the correction's statistics
+    unit_blocks: list[UnitBlock]  # what subnets slice: partitioned groups and the correction's statistics
     shared_layers: list[int]  # kept whole in every subnet
 
     @property
@@ -38,6 +38,6 @@ def build_run_model(cfg: RunConfig, vocab_size: int) -> RunModel:
     if any(not 0 <= i < layers for i in shared):
         raise ConfigError(f"--twist.shared_layers {shared}: the model has layers 0..{layers - 1}")
     correction = correction_of(cfg.twist.correction)
-    unit_groups = correction.unit_groups(partitioned_groups(arch.unit_groups(model.config), shared))
-    correction.install(model, unit_groups, cfg.twist.stat_momentum)
-    return RunModel(model, unit_groups, sorted(shared))
+    unit_blocks = correction.unit_blocks(partitioned_blocks(arch.unit_blocks(model.config), shared))
+    correction.install(model, unit_blocks, cfg.twist.stat_momentum)
+    return RunModel(model, unit_blocks, sorted(shared))

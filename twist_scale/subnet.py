@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from twist_scale.models import AxisSlice, UnitGroup, architecture_of, units_to_keep
+from twist_scale.models import AxisSlice, UnitBlock, architecture_of, units_to_keep
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,7 @@ class SubnetSpec:
 
     kept: Mapping[tuple[int, str], tuple[int, ...]]
 
-    def units(self, group: UnitGroup) -> torch.Tensor:
+    def units(self, group: UnitBlock) -> torch.Tensor:
         ids = self.kept.get(group.key)
         return torch.arange(group.num_units) if ids is None else torch.tensor(ids, dtype=torch.long)
 
@@ -37,9 +37,9 @@ def default_shared_layers(num_layers: int) -> list[int]:
     return [0, 1, num_layers - 2, num_layers - 1] if num_layers >= 6 else []
 
 
-def partitioned_groups(unit_groups: list[UnitGroup], shared_layers: Iterable[int]) -> list[UnitGroup]:
+def partitioned_blocks(unit_blocks: list[UnitBlock], shared_layers: Iterable[int]) -> list[UnitBlock]:
     shared = set(shared_layers)
-    return [g for g in unit_groups if g.layer not in shared]
+    return [g for g in unit_blocks if g.layer not in shared]
 
 
 def coverage_draw(rng: random.Random, num_units: int, groups: int, keep: int) -> list[tuple[int, ...]]:
@@ -59,7 +59,7 @@ def coverage_draw(rng: random.Random, num_units: int, groups: int, keep: int) ->
 
 @dataclass(frozen=True)
 class SubnetSampler:
-    unit_groups: tuple[UnitGroup, ...]  # partitioned groups only
+    unit_blocks: tuple[UnitBlock, ...]  # partitioned groups only
     groups: int
     kappa: float
     seed: int
@@ -67,7 +67,7 @@ class SubnetSampler:
     def specs(self, round_: int) -> list[SubnetSpec]:
         """Every group's spec for this round; a pure function of (seed, round, layer, kind)."""
         kept: list[dict[tuple[int, str], tuple[int, ...]]] = [{} for _ in range(self.groups)]
-        for ug in self.unit_groups:
+        for ug in self.unit_blocks:
             rng = random.Random(f"twist:{self.seed}:{round_}:{ug.layer}:{ug.kind}")
             draws = coverage_draw(rng, ug.num_units, self.groups, units_to_keep(ug.num_units, self.kappa))
             for g, ids in enumerate(draws):
@@ -93,19 +93,19 @@ def unit_mask(full_shape: torch.Size, axis: AxisSlice, units: torch.Tensor) -> t
     return mask.view(shape).expand(full_shape)
 
 
-def axis_of(unit_groups: Iterable[UnitGroup]) -> dict[str, tuple[UnitGroup, AxisSlice]]:
-    """tensor name -> (its unit group, its unit axis) for every unit-owned tensor."""
-    return {ax.name: (ug, ax) for ug in unit_groups for ax in ug.axes}
+def axis_of(unit_blocks: Iterable[UnitBlock]) -> dict[str, tuple[UnitBlock, AxisSlice]]:
+    """tensor name -> (its unit block, its unit axis) for every unit-owned tensor."""
+    return {ax.name: (ug, ax) for ug in unit_blocks for ax in ug.axes}
 
 
 @torch.no_grad()
-def apply_subnet_shapes(model: nn.Module, unit_groups: list[UnitGroup], spec: SubnetSpec) -> None:
+def apply_subnet_shapes(model: nn.Module, unit_blocks: list[UnitBlock], spec: SubnetSpec) -> None:
     """Shrink the model in place to the spec's subnet: smaller dense tensors, not masks.
 
     Values are sliced from the current (full) values, so this is also the reference export.
     """
     tensors = dict(model.named_parameters()) | dict(model.named_buffers())
-    for name, (ug, axis) in axis_of(unit_groups).items():
+    for name, (ug, axis) in axis_of(unit_blocks).items():
         if name not in tensors:
             continue
         module_name, _, attr = name.rpartition(".")
@@ -119,9 +119,9 @@ def apply_subnet_shapes(model: nn.Module, unit_groups: list[UnitGroup], spec: Su
 
 
 @torch.no_grad()
-def apply_unit_masks(model: nn.Module, unit_groups: list[UnitGroup], spec: SubnetSpec) -> None:
+def apply_unit_masks(model: nn.Module, unit_blocks: list[UnitBlock], spec: SubnetSpec) -> None:
     """Zero every unit the spec drops (full shapes kept): the test oracle for the sliced model."""
     params = dict(model.named_parameters())
-    for name, (ug, axis) in axis_of(unit_groups).items():
+    for name, (ug, axis) in axis_of(unit_blocks).items():
         if name in params:
             params[name].mul_(unit_mask(params[name].shape, axis, spec.units(ug)))

@@ -15,12 +15,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from twist_scale.aggregate import CentralModel, holder_counts, masked_contribution
+from twist_scale.aggregate import CentralShards, holder_counts, masked_contribution
 from twist_scale.config import RunConfig
 from twist_scale.correction import ACT_MEAN, Correction, correction_of, is_statistic
 from twist_scale.engines import build_engine
 from twist_scale.engines.base import Engine, moment_keys
-from twist_scale.models import UnitGroup
+from twist_scale.models import UnitBlock
 from twist_scale.subnet import SubnetSpec, apply_subnet_shapes, axis_of, slice_tensor
 from twist_scale.topology import Topology
 
@@ -49,17 +49,17 @@ def verify_same_masks(specs: list[SubnetSpec], topo: Topology) -> None:
         )
 
 
-def central_from_model(model: nn.Module, topo: Topology) -> CentralModel:
+def central_from_model(model: nn.Module, topo: Topology) -> CentralShards:
     """This rank's pieces of the full-width model, taken before the model is shrunk to a subnet."""
     tensors = central_tensors(model)
-    central = CentralModel(topo, {n: t.shape for n, t in tensors.items()})
+    central = CentralShards(topo, {n: t.shape for n, t in tensors.items()})
     for name, t in tensors.items():
         central.set_full(name, t.data)
     return central
 
 
 def build_engine_and_sync(
-    model: nn.Module, cfg: RunConfig, topo: Topology, unit_groups: list[UnitGroup], first_specs: list[SubnetSpec]
+    model: nn.Module, cfg: RunConfig, topo: Topology, unit_blocks: list[UnitBlock], first_specs: list[SubnetSpec]
 ) -> tuple[Engine, DenseSync | SubnetSync]:
     """Wrap the full-width `model` in the run's engine, and the synchronisation its groups need.
 
@@ -68,14 +68,14 @@ def build_engine_and_sync(
     """
     central = None if cfg.is_dense else central_from_model(model, topo)
     if central is not None:
-        apply_subnet_shapes(model, unit_groups, first_specs[topo.group])
+        apply_subnet_shapes(model, unit_blocks, first_specs[topo.group])
     engine = build_engine(model, cfg, topo)
     if central is None:
         return engine, DenseSync(engine)
     aggregate_moments = cfg.twist.optimizer_state == "aggregate"
     moments = moment_keys(cfg.optim) if aggregate_moments else ()
     correction = correction_of(cfg.twist.correction)
-    sync = SubnetSync(central, engine, unit_groups, topo, moments, correction, not aggregate_moments)
+    sync = SubnetSync(central, engine, unit_blocks, topo, moments, correction, not aggregate_moments)
     return engine, sync
 
 
@@ -112,17 +112,17 @@ class SubnetSync:
 
     def __init__(
         self,
-        central: CentralModel,
+        central: CentralShards,
         engine: Engine,
-        unit_groups: list[UnitGroup],
+        unit_blocks: list[UnitBlock],
         topo: Topology,
         moments: tuple[str, ...],
         correction: Correction,
         reset_moments: bool,
     ) -> None:
         self.central, self.engine, self.topo = central, engine, topo
-        self.unit_groups = unit_groups
-        self.unit_axes = axis_of(unit_groups)
+        self.unit_blocks = unit_blocks
+        self.unit_axes = axis_of(unit_blocks)
         self.moments, self.correction, self.reset_moments = moments, correction, reset_moments
         self.names = list(central.shapes)
 

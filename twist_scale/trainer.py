@@ -49,9 +49,9 @@ class Trainer:
         self.data = load_run_data(cfg, topo, dist.barrier)
         torch.manual_seed(cfg.seed)  # the same full-width initialisation on every rank
         self.model = build_run_model(cfg, len(self.data.tokenizer))
-        self.sampler = SubnetSampler(tuple(self.model.unit_groups), topo.groups, cfg.twist.kappa, cfg.seed)
+        self.sampler = SubnetSampler(tuple(self.model.unit_blocks), topo.groups, cfg.twist.kappa, cfg.seed)
         self.engine, self.sync = build_engine_and_sync(
-            self.model.model, cfg, topo, self.model.unit_groups, self.sampler.specs(0)
+            self.model.model, cfg, topo, self.model.unit_blocks, self.sampler.specs(0)
         )
         self.round = self.skipped_steps = 0
         self.checkpointer = Checkpointer.for_run(self.out_dir / "checkpoints", topo, cfg.checkpoint, cfg.twist.rounds)

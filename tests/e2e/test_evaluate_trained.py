@@ -17,7 +17,7 @@ from twist_scale.data import token_stream
 from twist_scale.evaluate import perplexity
 from twist_scale.pruning.cli import main as export_main
 from twist_scale.pruning.format import SUBNET_FILE, TWIST_LOADER, load_exported
-from twist_scale.pruning.pruner import Central
+from twist_scale.pruning.pruner import SavedCentral
 from twist_scale.tracking import default_uri
 
 
@@ -77,7 +77,7 @@ def test_train_once_export_every_kappa_and_log_perplexity(trained_run, tmp_path,
     assert metrics["test/random/ppl_kappa_0.50_std"] == pytest.approx(statistics.stdev(draws), rel=1e-6)
 
     # the file on disk is the model that was measured: draw 0 at κ=0.5 through load_exported
-    stream = token_stream([str(test_file)], Central.load(final).tokenizer)
+    stream = token_stream([str(test_file)], SavedCentral.load(final).tokenizer)
     loaded = load_exported(tmp_path / "exports" / "random_kappa_0.50_seed0")
     assert perplexity(loaded, stream, window=32).ppl == pytest.approx(draws[0], rel=1e-5)
 
@@ -92,7 +92,7 @@ def test_train_once_export_every_kappa_and_log_perplexity(trained_run, tmp_path,
 def test_adaptive_stats_exports_from_the_statistics_training_kept(trained_run, tmp_path, capsys):
     """Correction 'mean' leaves running E[x] and E[x²] in the central model: enough for AL-AM, no calibration."""
     final = trained_run / "final"
-    central = Central.load(final)
+    central = SavedCentral.load(final)
     stats = central.training_stats
     assert stats is not None and stats.mean.keys() == stats.sq_mean.keys() == central.means.keys()
     assert all((stats.variance(m) > 0).any() for m in stats.mean)

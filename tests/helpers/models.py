@@ -44,6 +44,6 @@ def oracle_logits(model, groups, spec: SubnetSpec, correction: str, means, ids: 
     for ug in groups:
         module = ref.get_submodule(ug.output_module)
         strategy.dispatch(module, ug, spec.units(ug), module.weight.detach().clone(), means)
-    apply_unit_masks(ref, architecture_of(ref).unit_groups(ref.config), spec)
+    apply_unit_masks(ref, architecture_of(ref).unit_blocks(ref.config), spec)
     with torch.no_grad():
         return ref.eval()(input_ids=ids).logits

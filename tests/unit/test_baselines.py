@@ -17,8 +17,8 @@ from twist_scale.pruning.calibration import (
     collect_gradients,
 )
 from twist_scale.pruning.methods import METHODS, PruneInputs, method
-from twist_scale.pruning.pruner import Central, build_pruner, export_subnet
-from twist_scale.subnet import partitioned_groups
+from twist_scale.pruning.pruner import SavedCentral, build_pruner, export_subnet
+from twist_scale.subnet import partitioned_blocks
 
 
 def calibration(seed: int = 0) -> list[torch.Tensor]:
@@ -26,9 +26,11 @@ def calibration(seed: int = 0) -> list[torch.Tensor]:
     return calibration_batches(stream, samples=6, seqlen=16, batch_size=4, seed=seed)
 
 
-def central(model: torch.nn.Module, meta: dict | None = None) -> Central:
-    """A central model in memory, as Central.load would give for a dense run with no shared layers."""
-    return Central(Path("in-memory"), model, word_tokenizer(), {}, meta or {"shared_layers": [], "correction": "none"})
+def central(model: torch.nn.Module, meta: dict | None = None) -> SavedCentral:
+    """A central model in memory, as SavedCentral.load would give for a dense run with no shared layers."""
+    return SavedCentral(
+        Path("in-memory"), model, word_tokenizer(), {}, meta or {"shared_layers": [], "correction": "none"}
+    )
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -37,13 +39,13 @@ def test_every_method_exports_a_loadable_subnet(tmp_path, arch, name):
     model = random_model(arch)
     source = central(model)
     if METHODS[name].needs_training_stats:  # what a correction 'mean' run leaves in its central model
-        groups = partitioned_groups(architecture_of(model).unit_groups(model.config), [])
+        groups = partitioned_blocks(architecture_of(model).unit_blocks(model.config), [])
         stats = collect_activation_stats(model, groups, calibration(seed=1))
         meta = {"shared_layers": [], "correction": "mean"}
-        source = Central(Path("in-memory"), model, word_tokenizer(), stats.mean, meta, training_stats=stats)
+        source = SavedCentral(Path("in-memory"), model, word_tokenizer(), stats.mean, meta, training_stats=stats)
     pruner = build_pruner(source, name, calibration=calibration())
     spec = pruner.spec(0.5, seed=1)
-    for ug in pruner.unit_groups:
+    for ug in pruner.unit_blocks:
         kept = spec.kept[ug.key]
         assert len(kept) == len(set(kept))
         if METHODS[name].adaptive:  # per-layer widths (test_faithfulness checks their total)
@@ -64,7 +66,7 @@ def test_every_method_exports_a_loadable_subnet(tmp_path, arch, name):
 
 def test_random_is_seeded_and_magnitude_ignores_seed():
     model = random_model("llama")
-    groups = architecture_of(model).unit_groups(model.config)
+    groups = architecture_of(model).unit_blocks(model.config)
     draw = lambda name, seed: METHODS[name].select(PruneInputs(model, groups, 0.5, seed))  # noqa: E731
     assert draw("random", 0) == draw("random", 0)
     assert draw("random", 0) != draw("random", 1)
@@ -81,7 +83,7 @@ def test_magnitude_keeps_the_largest_units():
             p.mul_(0.1)
             p[strong] *= 100.0
         model.model.layers[2].self_attn.o_proj.weight[:, 32:].mul_(10.0)  # KV group 1 owns o columns 32..63
-    groups = architecture_of(model).unit_groups(model.config)
+    groups = architecture_of(model).unit_blocks(model.config)
     spec = METHODS["magnitude"].select(PruneInputs(model, groups, 4 / 128, 0))
     assert spec.kept[(2, "mlp")] == tuple(strong)
     assert spec.kept[(2, "attn")] == (1,)
@@ -94,7 +96,7 @@ def stats_for(model, groups, var: dict[str, torch.Tensor], mean: dict[str, torch
 def test_flap_follows_activation_variance():
     """Equal weights: FLAP follows the channel variance; a large but constant channel it compensates with a bias."""
     model = random_model("gpt2")
-    groups = architecture_of(model).unit_groups(model.config)
+    groups = architecture_of(model).unit_blocks(model.config)
     with torch.no_grad():
         for ug in groups:
             model.get_submodule(ug.output_module).weight.fill_(0.1)
@@ -127,13 +129,13 @@ def test_wanda_sp_keeps_large_constant_channels_that_flap_drops():
     assert kept("wanda_sp") == (50, 60)
     assert not {50, 60} & set(kept("flap_uniform"))
     with pytest.raises(ValueError, match="calibration"):
-        METHODS["wanda_sp"].select(PruneInputs(model, architecture_of(model).unit_groups(model.config), 0.5, 0))
+        METHODS["wanda_sp"].select(PruneInputs(model, architecture_of(model).unit_blocks(model.config), 0.5, 0))
 
 
 def test_gradients_leave_the_model_as_it_was():
     """The gradient pass writes no .grad, restores requires_grad and train mode, changes no weight."""
     model = random_model("llama").train()
-    groups = partitioned_groups(architecture_of(model).unit_groups(model.config), [0, 5])
+    groups = partitioned_blocks(architecture_of(model).unit_blocks(model.config), [0, 5])
     frozen = "model.layers.2.mlp.up_proj.weight"
     model.get_parameter(frozen).requires_grad_(False)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -153,7 +155,7 @@ def test_flap_folds_bias_compensation_from_calibration_means():
     batches = calibration()
     pruner = build_pruner(central(model, {"shared_layers": [0, 5], "correction": "scale"}), "flap", calibration=batches)
     assert METHODS["flap"].correction == "mean" and pruner.correction == "mean"
-    groups = partitioned_groups(architecture_of(model).unit_groups(model.config), [0, 5])
+    groups = partitioned_blocks(architecture_of(model).unit_blocks(model.config), [0, 5])
     stats = collect_activation_stats(model, groups, batches)
     sub, plain, spec = pruner.subnet(0.5)
     assert not plain  # layers 0 and 5 kept whole
@@ -169,7 +171,7 @@ def test_flap_folds_bias_compensation_from_calibration_means():
 
 def test_activation_stats_are_token_means_at_the_output_projection():
     model = random_model("llama")
-    groups = architecture_of(model).unit_groups(model.config)
+    groups = architecture_of(model).unit_blocks(model.config)
     batches = calibration()
     stats = collect_activation_stats(model, groups, batches)
     assert not model.model.layers[3].mlp.down_proj._forward_pre_hooks  # its hooks are removed

@@ -19,8 +19,8 @@ from twist_scale.models import architecture_of
 from twist_scale.pruning.build import build_subnet, layer_widths
 from twist_scale.pruning.cli import main
 from twist_scale.pruning.format import SUBNET_FILE, TWIST_LOADER, load_exported, save_exported
-from twist_scale.pruning.pruner import Central
-from twist_scale.subnet import SubnetSampler, SubnetSpec, partitioned_groups
+from twist_scale.pruning.pruner import SavedCentral
+from twist_scale.subnet import SubnetSampler, SubnetSpec, partitioned_blocks
 
 
 @pytest.fixture
@@ -35,7 +35,7 @@ def random_means(model: torch.nn.Module, groups) -> dict[str, torch.Tensor]:
 
 
 def widths_of(model, spec: SubnetSpec) -> dict:
-    return layer_widths(architecture_of(model).unit_groups(model.config), spec)
+    return layer_widths(architecture_of(model).unit_blocks(model.config), spec)
 
 
 CASES = [
@@ -53,7 +53,7 @@ CASES = [
 @pytest.mark.parametrize("arch,shared,correction", CASES)
 def test_export_matches_masked_model_with_correction(tmp_path, tokenizer, arch, shared, correction):
     model = random_model(arch)
-    groups = partitioned_groups(architecture_of(model).unit_groups(model.config), shared)
+    groups = partitioned_blocks(architecture_of(model).unit_blocks(model.config), shared)
     spec = SubnetSampler(tuple(groups), 1, 0.5, seed=3).specs(0)[0]
     means = random_means(model, groups)
     ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -100,7 +100,7 @@ def gpt2_params(cfg, heads: int, neurons: int) -> int:
 @pytest.mark.parametrize("kappa", [1.0, 0.5, 0.25])
 def test_parameter_counts_match_formula(kappa, correction):
     llama = random_model("llama")
-    groups = architecture_of(llama).unit_groups(llama.config)
+    groups = architecture_of(llama).unit_blocks(llama.config)
     spec = SubnetSampler(tuple(groups), 1, kappa, seed=0).specs(0)[0]
     sub, plain = build_subnet(llama, spec, correction, random_means(llama, groups))
     cfg = llama.config
@@ -110,7 +110,7 @@ def test_parameter_counts_match_formula(kappa, correction):
     assert sum(p.numel() for p in sub.parameters()) == llama_params(cfg, kv, neurons, bias)
 
     gpt2 = random_model("gpt2")
-    groups = architecture_of(gpt2).unit_groups(gpt2.config)
+    groups = architecture_of(gpt2).unit_blocks(gpt2.config)
     spec = SubnetSampler(tuple(groups), 1, kappa, seed=0).specs(0)[0]
     sub, _ = build_subnet(gpt2, spec, correction, random_means(gpt2, groups))
     cfg = gpt2.config
@@ -120,7 +120,7 @@ def test_parameter_counts_match_formula(kappa, correction):
 
 def test_uniform_llama_loads_plain_and_nonuniform_needs_load_exported(tmp_path, tokenizer):
     model = random_model("llama")
-    all_groups = architecture_of(model).unit_groups(model.config)
+    all_groups = architecture_of(model).unit_blocks(model.config)
     ids = torch.randint(0, VOCAB, (1, 9))
 
     uniform = SubnetSampler(tuple(all_groups), 1, 0.5, seed=0).specs(0)[0]
@@ -134,7 +134,7 @@ def test_uniform_llama_loads_plain_and_nonuniform_needs_load_exported(tmp_path, 
     with torch.no_grad():
         torch.testing.assert_close(hf(input_ids=ids).logits, sub(input_ids=ids).logits, rtol=0, atol=1e-5)
 
-    groups = partitioned_groups(all_groups, [0, 1, 4, 5])
+    groups = partitioned_blocks(all_groups, [0, 1, 4, 5])
     spec = SubnetSampler(tuple(groups), 1, 0.5, seed=0).specs(0)[0]
     sub, plain = build_subnet(model, spec, "none")
     path = save_exported(tmp_path / "mixed", sub, tokenizer, plain, {"kappa": 0.5, "widths": widths_of(model, spec)})
@@ -152,7 +152,7 @@ def test_uniform_llama_loads_plain_and_nonuniform_needs_load_exported(tmp_path, 
 
 def test_head_count_not_dividing_hidden_exports_through_load_exported(tmp_path, tokenizer):
     model = random_model("llama", "tiny-mha")  # 4 heads of 16: κ = 0.75 keeps 3, and 64 % 3 != 0
-    groups = architecture_of(model).unit_groups(model.config)
+    groups = architecture_of(model).unit_blocks(model.config)
     spec = SubnetSampler(tuple(groups), 1, 0.75, seed=0).specs(0)[0]
     sub, plain = build_subnet(model, spec, "scale")
     assert not plain and sub.model.layers[0].self_attn.q_proj.weight.shape == (48, 64)
@@ -165,7 +165,7 @@ def test_head_count_not_dividing_hidden_exports_through_load_exported(tmp_path, 
 
 def test_bad_input_names_the_fix(tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="no config.json"):
-        Central.load(tmp_path / "missing")
+        SavedCentral.load(tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match="not a TwIST export"):
         load_exported(tmp_path)
     model = random_model("llama")

@@ -21,7 +21,7 @@ from helpers.models import random_model, word_tokenizer
 from twist_scale.models import build_model
 from twist_scale.pruning.build import build_subnet, parameter_count
 from twist_scale.pruning.calibration import ActivationStats, calibration_batches
-from twist_scale.pruning.pruner import Central, Pruner, build_pruner
+from twist_scale.pruning.pruner import Pruner, SavedCentral, build_pruner
 
 VOCAB = 97
 
@@ -38,7 +38,7 @@ def calibration(vocab: int = VOCAB) -> list[torch.Tensor]:
 
 def pruner(model: torch.nn.Module, name: str, shared: list[int], batches: list[torch.Tensor]) -> Pruner:
     meta = {"shared_layers": shared, "correction": "none"}
-    return build_pruner(Central(Path("in-memory"), model, word_tokenizer(), {}, meta), name, calibration=batches)
+    return build_pruner(SavedCentral(Path("in-memory"), model, word_tokenizer(), {}, meta), name, calibration=batches)
 
 
 @torch.no_grad()
@@ -137,11 +137,11 @@ def test_adaptive_stats_is_flaps_ranking_on_the_statistics_training_kept():
         {m: x.mean(0).float() for m, x in modules.items()}, {m: (x**2).mean(0).float() for m, x in modules.items()}, 0
     )
     meta = {"shared_layers": shared, "correction": "mean"}
-    central = Central(Path("in-memory"), model, word_tokenizer(), stats.mean, meta, training_stats=stats)
+    central = SavedCentral(Path("in-memory"), model, word_tokenizer(), stats.mean, meta, training_stats=stats)
     expected, _ = flap_reference(model, layers, batches, kappa)
     assert dict(build_pruner(central, "adaptive_stats").spec(kappa).kept) == expected
     with pytest.raises(ValueError, match="--twist.correction mean"):
-        build_pruner(Central(Path("in-memory"), model, word_tokenizer(), {}, meta), "adaptive_stats")
+        build_pruner(SavedCentral(Path("in-memory"), model, word_tokenizer(), {}, meta), "adaptive_stats")
 
 
 def adaptive_magnitude_reference(model: torch.nn.Module, layers: list[int], kappa: float) -> dict:
@@ -196,7 +196,7 @@ def test_flap_adapts_widths_at_the_uniform_methods_size(arch, kappa):
     spec, uniform = flap.spec(kappa), pruner(model, "flap_uniform", [], batches).spec(kappa)
     sizes = [parameter_count(build_subnet(model, s)[0]) for s in (spec, uniform)]
     assert abs(sizes[0] - sizes[1]) <= UNIT_PARAMS[arch] / 2
-    widths = {ug.key: len(spec.kept[ug.key]) for ug in flap.unit_groups}
+    widths = {ug.key: len(spec.kept[ug.key]) for ug in flap.unit_blocks}
     assert any(widths[key] != len(uniform.kept[key]) for key in widths)
     assert min(widths.values()) >= 1
 
@@ -209,7 +209,7 @@ def test_flap_keeps_one_unit_of_every_group_where_the_ranking_would_keep_none():
     assert not all(expected.values())
     pr = pruner(model, "flap", shared, batches)
     spec = pr.spec(kappa)
-    assert all(len(spec.kept[ug.key]) >= 1 for ug in pr.unit_groups)
+    assert all(len(spec.kept[ug.key]) >= 1 for ug in pr.unit_blocks)
     for key, ids in expected.items():
         if not ids:
             assert int(scores[key].argmax()) in spec.kept[key]

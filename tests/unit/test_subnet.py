@@ -16,7 +16,7 @@ from twist_scale.subnet import (
     apply_unit_masks,
     coverage_draw,
     default_shared_layers,
-    partitioned_groups,
+    partitioned_blocks,
 )
 
 
@@ -41,7 +41,7 @@ def test_keep_count_is_robust_to_float_noise():
 
 def test_sampling_is_a_pure_function_of_seed_and_round():
     model = build_model("llama", "tiny", 64)
-    ugs = tuple(partitioned_groups(architecture_of(model).unit_groups(model.config), []))
+    ugs = tuple(partitioned_blocks(architecture_of(model).unit_blocks(model.config), []))
     a, b = SubnetSampler(ugs, 2, 0.5, seed=3), SubnetSampler(ugs, 2, 0.5, seed=3)
     assert a.specs(5) == b.specs(5)
     assert a.specs(5) != a.specs(6)
@@ -61,7 +61,7 @@ def _pair(arch, size, correction, kappa=0.5, shared=(0,)):
     torch.manual_seed(0)
     full = build_model(arch, size, 97).eval()
     strategy = correction_of(correction)
-    ugs = strategy.unit_groups(partitioned_groups(architecture_of(full).unit_groups(full.config), shared))
+    ugs = strategy.unit_blocks(partitioned_blocks(architecture_of(full).unit_blocks(full.config), shared))
     strategy.install(full, ugs, momentum=0.9)
     for name, buf in full.named_buffers():
         if name.endswith(ACT_MEAN):
@@ -129,7 +129,7 @@ def test_mean_correction_tracks_activations_in_training_only():
 def test_scale_correction_keeps_its_fp32_factor_in_a_bf16_model():
     """A bf16 engine casts the module; 1/kappa must still be the exact factor export folds (4/3, not 1.3359)."""
     model = build_model("llama", "tiny", 97)
-    ugs = partitioned_groups(architecture_of(model).unit_groups(model.config), [])
+    ugs = partitioned_blocks(architecture_of(model).unit_blocks(model.config), [])
     scale = correction_of("scale")
     scale.install(model, ugs, 0.99)
     spec = SubnetSampler(tuple(ugs), 1, 0.75, seed=0).specs(0)[0]

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from twist_scale.models.base import Architecture, AxisSlice, UnitGroup, Widths, units_to_keep
+from twist_scale.models.base import Architecture, AxisSlice, UnitBlock, Widths, units_to_keep
 from twist_scale.models.gpt2 import GPT2
 from twist_scale.models.llama import LLAMA
 
@@ -20,7 +20,7 @@ __all__ = [
     "PRESETS",
     "Architecture",
     "AxisSlice",
-    "UnitGroup",
+    "UnitBlock",
     "Widths",
     "architecture_of",
     "build_model",

@@ -1,4 +1,4 @@
-"""The types every architecture's spec is made of: unit slices, unit groups and the `Architecture` itself.
+"""The types every architecture's spec is made of: unit slices, unit blocks and the `Architecture` itself.
 
 A *unit map* says which slices of which tensors form one attention unit (a KV group with its
 query heads) or one MLP neuron. Slicing, scattering and aggregation are generic over it: the
@@ -35,7 +35,7 @@ class AxisSlice:
 
 
 @dataclass(frozen=True)
-class UnitGroup:
+class UnitBlock:
     """The units of one kind ('attn' or 'mlp') in one layer, and the tensor slices they own."""
 
     layer: int
@@ -61,7 +61,7 @@ class Architecture:
     model_type: str
     presets: dict[str, dict]  # size name -> config fields
     from_preset: Callable[[dict, int], nn.Module]  # (preset fields, vocab size) -> a fresh full-width model
-    unit_groups: Callable[[PretrainedConfig], list[UnitGroup]]
+    unit_blocks: Callable[[PretrainedConfig], list[UnitBlock]]
     fix_module_attrs: Callable[[nn.Module, PretrainedConfig], None]  # after slicing: widths the modules cache
     num_layers: Callable[[PretrainedConfig], int]
     enable_bias: Callable[[nn.Module], None]  # export: give every output projection a bias to fold a shift into

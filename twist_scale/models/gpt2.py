@@ -7,7 +7,7 @@ import copy
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, PretrainedConfig
 
-from twist_scale.models.base import Architecture, AxisSlice, UnitGroup, Widths, fix_linear_and_conv
+from twist_scale.models.base import Architecture, AxisSlice, UnitBlock, Widths, fix_linear_and_conv
 
 PRESETS: dict[str, dict] = {
     "tiny": dict(n_embd=64, n_layer=4, n_head=4, n_positions=512),
@@ -20,7 +20,7 @@ def from_preset(preset: dict, vocab_size: int) -> nn.Module:
     return GPT2LMHeadModel(config)
 
 
-def unit_groups(cfg: PretrainedConfig) -> list[UnitGroup]:
+def unit_blocks(cfg: PretrainedConfig) -> list[UnitBlock]:
     e, head_dim = cfg.n_embd, cfg.n_embd // cfg.n_head
     inner = cfg.n_inner or 4 * e
     groups = []
@@ -37,8 +37,8 @@ def unit_groups(cfg: PretrainedConfig) -> list[UnitGroup]:
             AxisSlice(f"{m}.c_fc.bias", 0, 1),
             AxisSlice(f"{m}.c_proj.weight", 0, 1),
         )
-        groups.append(UnitGroup(i, "attn", cfg.n_head, attn, f"{a}.c_proj", 0))
-        groups.append(UnitGroup(i, "mlp", inner, mlp, f"{m}.c_proj", 0))
+        groups.append(UnitBlock(i, "attn", cfg.n_head, attn, f"{a}.c_proj", 0))
+        groups.append(UnitBlock(i, "mlp", inner, mlp, f"{m}.c_proj", 0))
     return groups
 
 
@@ -63,7 +63,7 @@ GPT2 = Architecture(
     model_type="gpt2",
     presets=PRESETS,
     from_preset=from_preset,
-    unit_groups=unit_groups,
+    unit_blocks=unit_blocks,
     fix_module_attrs=fix_module_attrs,
     num_layers=lambda cfg: cfg.n_layer,
     enable_bias=lambda model: None,  # Conv1D projections always carry a bias

@@ -7,7 +7,7 @@ import copy
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, PretrainedConfig
 
-from twist_scale.models.base import Architecture, AxisSlice, UnitGroup, Widths, fix_linear_and_conv
+from twist_scale.models.base import Architecture, AxisSlice, UnitBlock, Widths, fix_linear_and_conv
 
 PRESETS: dict[str, dict] = {
     # GQA (2 query heads per KV head) so tests cover grouped units; 6 layers exercise shared layers.
@@ -50,7 +50,7 @@ def from_preset(preset: dict, vocab_size: int) -> nn.Module:
     return LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, tie_word_embeddings=False, **preset))
 
 
-def unit_groups(cfg: PretrainedConfig) -> list[UnitGroup]:
+def unit_blocks(cfg: PretrainedConfig) -> list[UnitBlock]:
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     q_per_kv = cfg.num_attention_heads // cfg.num_key_value_heads
     groups = []
@@ -75,8 +75,8 @@ def unit_groups(cfg: PretrainedConfig) -> list[UnitGroup]:
         ]
         if getattr(cfg, "mlp_bias", False):
             mlp += [AxisSlice(f"{m}.gate_proj.bias", 0, 1), AxisSlice(f"{m}.up_proj.bias", 0, 1)]
-        groups.append(UnitGroup(i, "attn", cfg.num_key_value_heads, tuple(attn), f"{a}.o_proj", 1))
-        groups.append(UnitGroup(i, "mlp", cfg.intermediate_size, tuple(mlp), f"{m}.down_proj", 1))
+        groups.append(UnitBlock(i, "attn", cfg.num_key_value_heads, tuple(attn), f"{a}.o_proj", 1))
+        groups.append(UnitBlock(i, "mlp", cfg.intermediate_size, tuple(mlp), f"{m}.down_proj", 1))
     return groups
 
 
@@ -115,7 +115,7 @@ LLAMA = Architecture(
     model_type="llama",
     presets=PRESETS,
     from_preset=from_preset,
-    unit_groups=unit_groups,
+    unit_blocks=unit_blocks,
     fix_module_attrs=fix_module_attrs,
     num_layers=lambda cfg: cfg.num_hidden_layers,
     enable_bias=enable_bias,

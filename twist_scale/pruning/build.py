@@ -17,13 +17,13 @@ import torch
 from torch import nn
 
 from twist_scale.correction import correction_of
-from twist_scale.models import UnitGroup, Widths, architecture_of
+from twist_scale.models import UnitBlock, Widths, architecture_of
 from twist_scale.subnet import SubnetSpec, apply_subnet_shapes
 
 
-def layer_widths(unit_groups: list[UnitGroup], spec: SubnetSpec) -> Widths:
+def layer_widths(unit_blocks: list[UnitBlock], spec: SubnetSpec) -> Widths:
     widths: Widths = {}
-    for ug in unit_groups:
+    for ug in unit_blocks:
         widths.setdefault(ug.layer, {})[ug.kind] = len(spec.units(ug))
     return widths
 
@@ -40,11 +40,11 @@ def build_subnet(
     fold = correction_of(correction)
     sub = copy.deepcopy(model).eval()
     arch = architecture_of(sub)
-    groups = arch.unit_groups(sub.config)
+    groups = arch.unit_blocks(sub.config)
     pruned = [ug for ug in groups if len(spec.units(ug)) < ug.num_units]
     if fold.folds_bias and pruned:
         arch.enable_bias(sub)
-        groups = arch.unit_groups(sub.config)  # the unit map now owns the new q/k/v/gate/up biases too
+        groups = arch.unit_blocks(sub.config)  # the unit map now owns the new q/k/v/gate/up biases too
         pruned = [ug for ug in groups if len(spec.units(ug)) < ug.num_units]
     for ug in pruned:  # from full-width weights, before slicing
         fold.fold(sub.get_submodule(ug.output_module), ug, spec.units(ug), means or {})

@@ -19,7 +19,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from twist_scale.data import token_stream
-from twist_scale.models import UnitGroup
+from twist_scale.models import UnitBlock
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class ActivationStats:
 
 @torch.no_grad()
 def collect_activation_stats(
-    model: nn.Module, unit_groups: list[UnitGroup], batches: Iterable[torch.Tensor]
+    model: nn.Module, unit_blocks: list[UnitBlock], batches: Iterable[torch.Tensor]
 ) -> ActivationStats:
     """E[x], E[x²] of every output projection's input over all calibration tokens (float64 sums)."""
     sums: dict[str, torch.Tensor] = {}
@@ -50,7 +50,7 @@ def collect_activation_stats(
 
         return pre_hook
 
-    modules = sorted({ug.output_module for ug in unit_groups})
+    modules = sorted({ug.output_module for ug in unit_blocks})
     handles = [model.get_submodule(m).register_forward_pre_hook(hook(m)) for m in modules]
     was_training = model.training
     model.eval()
@@ -71,16 +71,16 @@ def collect_activation_stats(
 
 
 def collect_gradients(
-    model: nn.Module, unit_groups: list[UnitGroup], batches: Iterable[torch.Tensor]
+    model: nn.Module, unit_blocks: list[UnitBlock], batches: Iterable[torch.Tensor]
 ) -> dict[str, torch.Tensor]:
-    """∂L/∂w for every parameter the unit groups slice, L = the mean next-token loss over all
+    """∂L/∂w for every parameter the unit blocks slice, L = the mean next-token loss over all
     calibration tokens — one backward of the mean loss over all examples, as LLM-Pruner takes it,
     accumulated batch by batch (each batch's summed loss) so memory stays one batch's.
 
     The model is left as it was: gradients come from `torch.autograd.grad`, so no `.grad` is written;
     `requires_grad` and train mode are restored; eval mode meanwhile, so dropout does not add noise.
     """
-    names = {a.name for ug in unit_groups for a in ug.axes}
+    names = {a.name for ug in unit_blocks for a in ug.axes}
     params = {n: p for n, p in model.named_parameters() if n in names}
     flags = {n: p.requires_grad for n, p in params.items()}
     sums = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}

@@ -9,7 +9,7 @@ from pathlib import Path
 from twist_scale.logs import setup_logging
 from twist_scale.pruning.calibration import calibration_from_files
 from twist_scale.pruning.methods import METHODS, check_kappa, method
-from twist_scale.pruning.pruner import Central, Pruner, build_pruner, export_subnet
+from twist_scale.pruning.pruner import Pruner, SavedCentral, build_pruner, export_subnet
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ def add_pruning_args(parser: argparse.ArgumentParser) -> None:
 
 
 def pruner_from_args(args: argparse.Namespace) -> Pruner:
-    central = Central.load(args.central)
+    central = SavedCentral.load(args.central)
     calibration = None
     if method(args.method).calibrated:
         files = args.calibration or central.calibration_text_files()

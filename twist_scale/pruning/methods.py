@@ -1,6 +1,6 @@
 """Which units a κ-subnet keeps: a registry of pruning methods with one signature (wanda's discipline).
 
-Every method maps a `PruneInputs` to a `SubnetSpec` over the partitioned unit groups, so TwIST's
+Every method maps a `PruneInputs` to a `SubnetSpec` over the partitioned unit blocks, so TwIST's
 zero-cost export (`random`) and the post-hoc baselines (`magnitude`, `wanda_sp`, `taylor`, `flap`,
 `flap_uniform`) go through the same exporter and the same perplexity protocol. Most methods keep
 ⌈κ·n⌉ units in every partitioned group, so their exports have the same widths. `flap` is FLAP's
@@ -28,7 +28,7 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from twist_scale.models import UnitGroup
+from twist_scale.models import UnitBlock
 from twist_scale.pruning.calibration import ActivationStats, collect_activation_stats
 from twist_scale.pruning.scores import (
     global_ranking,
@@ -50,7 +50,7 @@ class PruneInputs:
     """Everything a method may look at; what a method reads from calibration text, the registry says."""
 
     model: nn.Module  # full width, not modified
-    unit_groups: list[UnitGroup]  # the partitioned groups: the ones a subnet shrinks
+    unit_blocks: list[UnitBlock]  # the partitioned groups: the ones a subnet shrinks
     kappa: float
     seed: int = 0
     stats: ActivationStats | None = None  # PruneMethod.needs_stats (or needs_training_stats)
@@ -93,13 +93,13 @@ def _squared_weights(model: nn.Module) -> Callable[[str], torch.Tensor | None]:
 
 def select_random(inputs: PruneInputs) -> SubnetSpec:
     """TwIST's zero-cost export: a seeded uniform draw, as in training (one group, round = seed)."""
-    return SubnetSampler(tuple(inputs.unit_groups), 1, inputs.kappa, inputs.seed).specs(inputs.seed)[0]
+    return SubnetSampler(tuple(inputs.unit_blocks), 1, inputs.kappa, inputs.seed).specs(inputs.seed)[0]
 
 
 def select_magnitude(inputs: PruneInputs) -> SubnetSpec:
     """Data-free: the squared L2 norm of all weights a unit owns (q/k/v rows and o columns, or one neuron)."""
     square = _squared_weights(inputs.model)
-    return top_units(inputs.unit_groups, inputs.kappa, lambda ug: owned_sum(ug, square))
+    return top_units(inputs.unit_blocks, inputs.kappa, lambda ug: owned_sum(ug, square))
 
 
 def _needs(value: T | None, what: str) -> T:
@@ -114,11 +114,11 @@ def _stats(inputs: PruneInputs) -> ActivationStats:
 
 
 @contextmanager
-def _without_dropped(model: nn.Module, unit_groups: list[UnitGroup], spec: SubnetSpec) -> Iterator[None]:
+def _without_dropped(model: nn.Module, unit_blocks: list[UnitBlock], spec: SubnetSpec) -> Iterator[None]:
     """Run the full-width model as if the spec's dropped units were removed, with no correction: their
     channels at the output projection's input are zeroed, which is what slicing them away gives."""
     handles = []
-    for ug in unit_groups:
+    for ug in unit_blocks:
         module = model.get_submodule(ug.output_module)
         keep = module.weight.new_zeros(module.weight.shape[ug.output_input_axis])
         keep[ug.output_axis.index(spec.units(ug))] = 1.0
@@ -141,9 +141,9 @@ def select_wanda_sp(inputs: PruneInputs) -> SubnetSpec:
     """
     batches = _needs(inputs.calibration, "calibration batches")
     kept: dict[tuple[int, str], tuple[int, ...]] = {}
-    for layer in sorted({ug.layer for ug in inputs.unit_groups}):
-        groups = [ug for ug in inputs.unit_groups if ug.layer == layer]
-        done = [ug for ug in inputs.unit_groups if ug.key in kept]
+    for layer in sorted({ug.layer for ug in inputs.unit_blocks}):
+        groups = [ug for ug in inputs.unit_blocks if ug.layer == layer]
+        done = [ug for ug in inputs.unit_blocks if ug.key in kept]
         with _without_dropped(inputs.model, done, SubnetSpec(kept)):
             stats = collect_activation_stats(inputs.model, groups, batches)
         for ug in groups:
@@ -163,10 +163,10 @@ def select_taylor(inputs: PruneInputs) -> SubnetSpec:
     def saliency(name: str) -> torch.Tensor | None:
         return (params[name].detach().double() * grads[name].double()).abs() if name in grads else None
 
-    return top_units(inputs.unit_groups, inputs.kappa, lambda ug: owned_sum(ug, saliency))
+    return top_units(inputs.unit_blocks, inputs.kappa, lambda ug: owned_sum(ug, saliency))
 
 
-def _fluctuation(inputs: PruneInputs, ug: UnitGroup) -> torch.Tensor:
+def _fluctuation(inputs: PruneInputs, ug: UnitBlock) -> torch.Tensor:
     """FLAP's WIFV per unit channel j of the output projection: Var(X_j) · ‖W_:,j‖² — how much the
     output moves when channel j is removed and its mean is compensated by a bias (export, 'mean')."""
     w = output_weight_columns(inputs.model, ug)
@@ -176,13 +176,13 @@ def _fluctuation(inputs: PruneInputs, ug: UnitGroup) -> torch.Tensor:
 def select_flap_uniform(inputs: PruneInputs) -> SubnetSpec:
     """FLAP's uniform variant (UL-UM): Σ_j WIFV_j over a unit's channels, ⌈κ·n⌉ units per group."""
     return top_units(
-        inputs.unit_groups,
+        inputs.unit_blocks,
         inputs.kappa,
         lambda ug: per_unit(_fluctuation(inputs, ug), ug, f"{ug.output_module}.weight"),
     )
 
 
-def _standardized_unit_scores(inputs: PruneInputs, ug: UnitGroup) -> torch.Tensor:
+def _standardized_unit_scores(inputs: PruneInputs, ug: UnitBlock) -> torch.Tensor:
     """FLAP AL-AM's comparable score: WIFV (squared for attention, as the reference does), standardised
     over the group's channels so layers and kinds share one scale, then averaged over each unit's
     channels (FLAP: per head). A group whose channels all score alike has no spread: all zeros."""
@@ -195,7 +195,7 @@ def _standardized_unit_scores(inputs: PruneInputs, ug: UnitGroup) -> torch.Tenso
 def select_flap(inputs: PruneInputs) -> SubnetSpec:
     """FLAP's default (AL-AM): the global ranking of standardised WIFV scores (`scores.global_ranking`)."""
     return global_ranking(
-        inputs.model, inputs.unit_groups, inputs.kappa, lambda ug: _standardized_unit_scores(inputs, ug)
+        inputs.model, inputs.unit_blocks, inputs.kappa, lambda ug: _standardized_unit_scores(inputs, ug)
     )
 
 
@@ -205,7 +205,7 @@ def select_adaptive_magnitude(inputs: PruneInputs) -> SubnetSpec:
     global ranking under the same weight budget as FLAP AL-AM."""
     square = _squared_weights(inputs.model)
     return global_ranking(
-        inputs.model, inputs.unit_groups, inputs.kappa, lambda ug: standardized(owned_sum(ug, square))
+        inputs.model, inputs.unit_blocks, inputs.kappa, lambda ug: standardized(owned_sum(ug, square))
     )
 
 

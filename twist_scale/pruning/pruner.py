@@ -1,4 +1,4 @@
-"""From a trained central model to exports: the model and its run (`Central`), a method over it (`Pruner`).
+"""From a trained central model to exports: the model and its run (`SavedCentral`), a method over it (`Pruner`).
 
 `build_pruner` computes once what the method reads (calibration statistics, gradients, batches or
 the statistics training kept) and which correction is folded; `export_subnet` writes one κ (and seed).
@@ -16,16 +16,16 @@ from transformers import PreTrainedTokenizerBase
 
 from twist_scale.central_io import load_central
 from twist_scale.correction import ACT_MEAN, ACT_SQ_MEAN, correction_of
-from twist_scale.models import UnitGroup, Widths, architecture_of
+from twist_scale.models import UnitBlock, Widths, architecture_of
 from twist_scale.pruning.build import build_subnet, layer_widths
 from twist_scale.pruning.calibration import ActivationStats, collect_activation_stats, collect_gradients
 from twist_scale.pruning.format import save_exported
 from twist_scale.pruning.methods import PruneInputs, PruneMethod, check_kappa, method
-from twist_scale.subnet import SubnetSpec, default_shared_layers, partitioned_groups
+from twist_scale.subnet import SubnetSpec, default_shared_layers, partitioned_blocks
 
 
 @dataclass
-class Central:
+class SavedCentral:
     """A trained central model and what pruning needs from its run (correction, means, shared layers)."""
 
     directory: Path
@@ -36,7 +36,7 @@ class Central:
     training_stats: ActivationStats | None = None  # running E[x], E[x²] kept in training ('mean')
 
     @classmethod
-    def load(cls, directory: str | Path) -> Central:
+    def load(cls, directory: str | Path) -> SavedCentral:
         directory = Path(directory)
         if not (directory / "config.json").is_file():
             raise FileNotFoundError(
@@ -76,10 +76,10 @@ class Central:
 class Pruner:
     """A central model + one pruning method: the folded subnet for any κ and seed."""
 
-    central: Central
+    central: SavedCentral
     method: PruneMethod
     method_name: str
-    unit_groups: list[UnitGroup]  # partitioned
+    unit_blocks: list[UnitBlock]  # partitioned
     shared_layers: list[int]
     correction: str
     means: dict[str, torch.Tensor]
@@ -90,7 +90,7 @@ class Pruner:
     def spec(self, kappa: float, seed: int = 0) -> SubnetSpec:
         check_kappa(kappa)
         inputs = PruneInputs(
-            self.central.model, self.unit_groups, kappa, seed, self.stats, self.grads, self.calibration
+            self.central.model, self.unit_blocks, kappa, seed, self.stats, self.grads, self.calibration
         )
         return self.method.select(inputs)
 
@@ -113,7 +113,7 @@ class Pruner:
 
 
 def build_pruner(
-    central: Central,
+    central: SavedCentral,
     method_name: str,
     shared_layers: str = "auto",
     correction: str = "auto",
@@ -122,7 +122,7 @@ def build_pruner(
     """Correction 'auto': the method's own (FLAP: 'mean' with calibration means), else the trained one."""
     chosen = method(method_name)
     shared = central.shared_layers(shared_layers)
-    groups = partitioned_groups(architecture_of(central.model).unit_groups(central.model.config), shared)
+    groups = partitioned_blocks(architecture_of(central.model).unit_blocks(central.model.config), shared)
     if chosen.calibrated and not calibration:
         raise ValueError(f"method {method_name!r} needs calibration text: pass --calibration FILE")
     stats = collect_activation_stats(central.model, groups, calibration) if chosen.needs_stats else None
@@ -148,7 +148,7 @@ def export_name(method_name: str, kappa: float, seed: int, seeded: bool) -> str:
 
 def export_subnet(pruner: Pruner, out_dir: Path, kappa: float, seed: int = 0) -> Path:
     model, plain, spec = pruner.subnet(kappa, seed)
-    groups = architecture_of(pruner.central.model).unit_groups(pruner.central.model.config)
+    groups = architecture_of(pruner.central.model).unit_blocks(pruner.central.model.config)
     record = pruner.record(kappa, seed, spec, layer_widths(groups, spec))
     directory = out_dir / export_name(pruner.method_name, kappa, seed, pruner.method.seeded)
     return save_exported(directory, model, pruner.central.tokenizer, plain, record)

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from twist_scale.models import UnitGroup, units_to_keep
+from twist_scale.models import UnitBlock, units_to_keep
 from twist_scale.subnet import SubnetSpec
 
 
@@ -22,24 +22,24 @@ def top(scores: torch.Tensor, kappa: float) -> tuple[int, ...]:
     return tuple(sorted(order[: units_to_keep(scores.numel(), kappa)].tolist()))
 
 
-def top_units(unit_groups: list[UnitGroup], kappa: float, score: Callable[[UnitGroup], torch.Tensor]) -> SubnetSpec:
+def top_units(unit_blocks: list[UnitBlock], kappa: float, score: Callable[[UnitBlock], torch.Tensor]) -> SubnetSpec:
     """Keep the ⌈κ·n⌉ highest-scoring units of every partitioned group."""
-    return SubnetSpec({ug.key: top(score(ug), kappa) for ug in unit_groups})
+    return SubnetSpec({ug.key: top(score(ug), kappa) for ug in unit_blocks})
 
 
-def unit_channels(values: torch.Tensor, ug: UnitGroup, tensor_name: str) -> torch.Tensor:
+def unit_channels(values: torch.Tensor, ug: UnitBlock, tensor_name: str) -> torch.Tensor:
     """A per-channel vector (one entry per index along a unit axis) as (segments, units, width)."""
     axis = next(a for a in ug.axes if a.name == tensor_name)
     channels = values.index_select(0, axis.index(torch.arange(ug.num_units)))
     return channels.view(axis.segments, ug.num_units, axis.width)
 
 
-def per_unit(values: torch.Tensor, ug: UnitGroup, tensor_name: str) -> torch.Tensor:
+def per_unit(values: torch.Tensor, ug: UnitBlock, tensor_name: str) -> torch.Tensor:
     """Sum a per-channel vector (one entry per index along a unit axis) into one value per unit."""
     return unit_channels(values, ug, tensor_name).sum(dim=(0, 2))
 
 
-def owned_sum(ug: UnitGroup, elementwise: Callable[[str], torch.Tensor | None]) -> torch.Tensor:
+def owned_sum(ug: UnitBlock, elementwise: Callable[[str], torch.Tensor | None]) -> torch.Tensor:
     """Σ of an element-wise score over every element a unit owns: its slice of each tensor in the unit
     map (q/k/v rows and o columns, or a neuron's gate/up rows and down column). `elementwise` gives
     the score of a whole tensor by name, or None for a tensor it does not score."""
@@ -53,7 +53,7 @@ def owned_sum(ug: UnitGroup, elementwise: Callable[[str], torch.Tensor | None]) 
     return total
 
 
-def output_weight_columns(model: nn.Module, ug: UnitGroup) -> torch.Tensor:
+def output_weight_columns(model: nn.Module, ug: UnitBlock) -> torch.Tensor:
     """The output projection's weight as (out features, unit channels), whatever its layout."""
     w = model.get_submodule(ug.output_module).weight.detach().float()
     return w if ug.output_input_axis == 1 else w.T
@@ -65,7 +65,7 @@ def standardized(scores: torch.Tensor) -> torch.Tensor:
     return (scores - scores.mean()) / std if std > 0 else torch.zeros_like(scores)
 
 
-def unit_weight(model: nn.Module, ug: UnitGroup) -> int:
+def unit_weight(model: nn.Module, ug: UnitBlock) -> int:
     """Parameters one unit of the group owns: its share of every sliced parameter tensor."""
     params = dict(model.named_parameters())
     return sum(
@@ -83,7 +83,7 @@ def _nearest_prefix(weights: torch.Tensor, budget: float, at_least: int) -> int:
 
 
 def global_ranking(
-    model: nn.Module, unit_groups: list[UnitGroup], kappa: float, score: Callable[[UnitGroup], torch.Tensor]
+    model: nn.Module, unit_blocks: list[UnitBlock], kappa: float, score: Callable[[UnitBlock], torch.Tensor]
 ) -> SubnetSpec:
     """One ranking of every partitioned unit, attention and MLP, across layers (FLAP's AL-AM).
 
@@ -94,7 +94,7 @@ def global_ranking(
     zero width): if the ranking leaves a group empty, each group's best unit is kept first and the
     rest of the ranking fills the same budget.
     """
-    groups = unit_groups
+    groups = unit_blocks
     sizes = [unit_weight(model, ug) for ug in groups]
     budget = float(sum(units_to_keep(ug.num_units, kappa) * w for ug, w in zip(groups, sizes, strict=True)))
     weight = torch.cat(

@@ -12,11 +12,11 @@ import zlib
 import torch
 from helpers import REPO
 
-from twist_scale.aggregate import CentralModel
+from twist_scale.aggregate import CentralShards
 from twist_scale.config import RunConfig
 from twist_scale.engines.deepspeed_engine import DeepSpeedEngine
 from twist_scale.models import architecture_of, build_model
-from twist_scale.subnet import SubnetSampler, apply_subnet_shapes, axis_of, partitioned_groups, slice_tensor, unit_mask
+from twist_scale.subnet import SubnetSampler, apply_subnet_shapes, axis_of, partitioned_blocks, slice_tensor, unit_mask
 from twist_scale.sync import SubnetSync, central_tensors
 from twist_scale.topology import Topology
 
@@ -31,10 +31,10 @@ def run_case(groups: int, stage: int, kappa: float) -> float:
     topo = Topology.from_dist(groups)
     torch.manual_seed(0)
     model = build_model("llama", "tiny", 64)  # 6 layers, GQA
-    ugs = partitioned_groups(architecture_of(model).unit_groups(model.config), shared_layers=[0, 5])
+    ugs = partitioned_blocks(architecture_of(model).unit_blocks(model.config), shared_layers=[0, 5])
     tensors = central_tensors(model)
     initial = {n: t.detach().clone() for n, t in tensors.items()}
-    central = CentralModel(topo, {n: t.shape for n, t in initial.items()})
+    central = CentralShards(topo, {n: t.shape for n, t in initial.items()})
     for n, t in initial.items():
         central.set_full(n, t)
     specs = SubnetSampler(tuple(ugs), groups, kappa, seed=11).specs(0)

@@ -16,7 +16,7 @@ from helpers import REPO
 from twist_scale.config import RunConfig
 from twist_scale.engines.deepspeed_engine import DeepSpeedEngine
 from twist_scale.models import architecture_of, build_model
-from twist_scale.subnet import SubnetSampler, partitioned_groups
+from twist_scale.subnet import SubnetSampler, partitioned_blocks
 from twist_scale.sync import verify_same_masks
 from twist_scale.topology import Topology
 VOCAB = 64
@@ -66,7 +66,7 @@ def trajectory(stage: int, topo: Topology) -> list[float]:
 
 def check_mask_hash(topo: Topology) -> None:
     model = build_model("llama", "tiny", VOCAB)
-    ugs = tuple(partitioned_groups(architecture_of(model).unit_groups(model.config), []))
+    ugs = tuple(partitioned_blocks(architecture_of(model).unit_blocks(model.config), []))
     verify_same_masks(SubnetSampler(ugs, 2, 0.5, seed=5).specs(3), topo)
     with pytest.raises(RuntimeError, match="disagree on the subnet masks"):  # a rank with a corrupted seed
         verify_same_masks(SubnetSampler(ugs, 2, 0.5, seed=5 + topo.rank).specs(3), topo)
