@@ -1,21 +1,25 @@
 """Quality at an equal token budget: TwIST's zero-cost subnets against post-hoc pruning of a dense model.
 
-    python bench/quality.py            # small Llama (17.3M, vocab 4096) on brown/train: 38.5 min on 2 cores
-    python bench/quality.py --quick    # tiny Llama, a few rounds: the whole pipeline in 4.5 min
+    python bench/quality.py            # small Llama (17.3M, vocab 4096) on brown/train: 57 min on 2 cores
+    python bench/quality.py --quick    # tiny Llama, a few rounds: the whole pipeline in ~6 min
 
 Trains on brown/train, one run after another under the real `deepspeed` launcher, every run on the
 same number of tokens and optimizer steps:
   (a) dense data parallel (1 group x 2 ranks), then pruned post hoc at each κ with every baseline in
-      twist_scale.pruning (random, magnitude, wanda_sp, flap, flap_uniform; no fine-tuning);
-  (b) TwIST: κ=0.5 with 2 groups, κ=0.5 with 4 groups, κ=0.25 with 4 groups (G x 1 rank), then
-      exported zero-cost at each κ, subnets chosen by a seeded random draw and by unit weight norms
-      (magnitude: computed from the trained weights, no calibration data).
+      twist_scale.pruning (random, magnitude, wanda_sp, flap, flap_uniform; no fine-tuning; FLAP
+      calibrated as its paper does, 1024 windows of 128 tokens);
+  (b) TwIST: κ=0.5 with 2 groups, κ=0.5 with 4 groups (correction 'scale', and again with 'mean'),
+      κ=0.25 with 4 groups (G x 1 rank), then exported zero-cost at each κ, with no calibration text:
+      a seeded random draw, unit weight norms (magnitude), standardised weight norms with adaptive
+      widths (adaptive_magnitude) and, for the 'mean' run, FLAP's ranking on the activation
+      statistics kept in training (adaptive_stats).
 Every layer is partitioned (no shared layers) in training and pruning, so at a given κ every method's
 model has the same parameter count. Perplexity on brown/test and wikitext-2/test (out of domain)
 with twist_scale.evaluate's protocol on an evenly spaced subset of windows (--max_windows: the
 full wikitext-2 split takes ~100 s per model here). Every evaluation is also logged to the runs'
 shared MLflow store, and `twist-compare` draws the perplexity-vs-sparsity chart from it.
-Writes bench/results/quality{,_quick}.{json,md,png}.
+Writes bench/results/quality{,_quick}.{json,md,png}, with each TwIST export's ratio to the best
+baseline at the same κ.
 """
 
 from __future__ import annotations
