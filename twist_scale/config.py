@@ -13,6 +13,9 @@ from typing import Any
 
 from twist_scale.atomic import atomic_write_text
 
+DATA_ROOT_ENV = "TWIST_DATA_ROOT"
+DEFAULT_DATA_ROOT = "../shared/data"
+
 
 class ConfigError(ValueError):
     """A config value that cannot run; the message names the field and what is allowed."""
@@ -33,6 +36,11 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
+    root: str = _doc(
+        "What '{data_root}' in file paths stands for (the presets name the sample corpora so); "
+        f"default ${DATA_ROOT_ENV}, else {DEFAULT_DATA_ROOT}.",
+        "",
+    )
     train_files: list[str] = _doc("Training text/jsonl/parquet files.", factory=list)
     valid_files: list[str] = _doc("Validation files for periodic perplexity.", factory=list)
     hub_dataset: str = _doc("A datasets hub name used instead of train_files when online.", "")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 import types
 import typing
@@ -17,7 +18,7 @@ from typing import Any
 import tomllib
 import yaml
 
-from twist_scale.config import CHOICES, ConfigError, RunConfig
+from twist_scale.config import CHOICES, DATA_ROOT_ENV, DEFAULT_DATA_ROOT, ConfigError, DataConfig, RunConfig
 
 
 def _fields(cls: type) -> dict[str, tuple[dataclasses.Field, Any]]:
@@ -153,8 +154,16 @@ def load_config(argv: list[str] | None = None) -> RunConfig:
     for path in files:
         _apply(cfg, _read_file(path))
     _apply(cfg, overrides)
+    _resolve_data_root(cfg.data)
     validate(cfg)
     return cfg
+
+
+def _resolve_data_root(data: DataConfig) -> None:
+    """Expand '{data_root}' in the data paths: --data.root, else $TWIST_DATA_ROOT, else ../shared/data."""
+    data.root = data.root or os.environ.get(DATA_ROOT_ENV, "") or DEFAULT_DATA_ROOT
+    data.train_files = [f.replace("{data_root}", data.root) for f in data.train_files]
+    data.valid_files = [f.replace("{data_root}", data.root) for f in data.valid_files]
 
 
 def _check_backend(backend: str) -> None:

@@ -108,6 +108,21 @@ def test_help_lists_every_flag_with_its_documentation():
 
 @pytest.mark.parametrize("preset", sorted(p.name for p in (REPO / "configs").glob("*.toml")))
 def test_every_preset_loads(preset, monkeypatch):
-    monkeypatch.chdir(REPO)  # presets name the sample data relative to the checkout
+    monkeypatch.chdir(REPO)  # the default data root is relative to the checkout
+    monkeypatch.delenv("TWIST_DATA_ROOT", raising=False)
     cfg = load_config(["--config", f"configs/{preset}"])
-    assert cfg.data.train_files
+    assert cfg.data.train_files and cfg.data.root == "../shared/data"
+    assert all(f.startswith("../shared/data/") for f in cfg.data.train_files + cfg.data.valid_files)
+
+
+def test_presets_find_their_data_under_one_root(tmp_path, monkeypatch):
+    for root in ("env", "flag"):
+        (tmp_path / root / "brown").mkdir(parents=True)
+        for split in ("train", "valid"):
+            (tmp_path / root / "brown" / f"{split}.txt").write_text("some text\n")
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("TWIST_DATA_ROOT", str(tmp_path / "env"))
+    from_env = load_config(["--config", "configs/twist_brown.toml"])
+    assert from_env.data.train_files == [f"{tmp_path}/env/brown/train.txt"]
+    flag = load_config(["--config", "configs/twist_brown.toml", "--data.root", str(tmp_path / "flag")])
+    assert flag.data.valid_files == [f"{tmp_path}/flag/brown/valid.txt"]
