@@ -64,7 +64,7 @@ def round_costs(out_dir: Path) -> dict[str, float]:
         "agg_s_per_round": agg,
         "round_s": compute + agg,
         "agg_share": agg / (compute + agg),
-        "agg_bytes_per_rank_per_round": statistics.mean(series["twist/agg_bytes"]),
+        "agg_bytes_per_rank_per_round": statistics.mean(series["twist/sync_bytes"]),
         "tokens_per_rank_per_round": cfg["twist"]["local_steps"]
         * cfg["data"]["micro_batch_size"]
         * cfg["data"]["block_size"],

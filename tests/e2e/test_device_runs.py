@@ -49,7 +49,7 @@ def test_twist_run_resume_and_export_under_single_device_backend(tmp_path):
     assert "resumed from" in proc.stderr + proc.stdout
     client, run = mlflow_run(out)
     assert len(history(client, run, "train/loss")) == 6  # 3 rounds of 2 steps, in the one MLflow run
-    assert {"eval/ppl_kappa_0.50", "eval/ppl_group1", "twist/agg_bytes"} <= set(run.data.metrics)
+    assert {"eval/ppl_kappa_0.50", "eval/ppl_group1", "twist/sync_bytes"} <= set(run.data.metrics)
     assert json.loads((out / "final" / "twist.json").read_text())["rounds"] == 3
     assert (out / "final" / "twist_stats.safetensors").exists()  # correction=mean statistics exported
 

@@ -76,7 +76,7 @@ def test_two_nodes_aggregate_across_nodes(tmp_path):
 
     client = MlflowClient(default_uri(out_dir))
     run_id = (out_dir / "mlflow_run_id").read_text().strip()
-    sent = client.get_metric_history(run_id, "twist/agg_bytes")
+    sent = client.get_metric_history(run_id, "twist/sync_bytes")
     assert [m.step for m in sent] == [3, 6] and all(m.value > 0 for m in sent)  # both aggregations moved data
     for g in (0, 1):
         assert len(client.get_metric_history(run_id, f"train/loss_group{g}")) == 2

@@ -68,6 +68,6 @@ def test_two_groups_of_two_ranks_train(tmp_path):
     assert {"train/loss_group0", "train/loss_group1", "twist/sync_seconds", "eval/ppl_kappa_0.50"} <= set(
         run.data.metrics
     )
-    assert run.data.metrics["twist/agg_bytes"] > 0
+    assert run.data.metrics["twist/sync_bytes"] > 0
     assert (out / "checkpoints" / "round_000004" / "manifest.json").exists()
     assert_fp32_checkpoint(out / "final")

@@ -14,6 +14,7 @@ from helpers import REPO
 
 from twist_scale.aggregate import CentralShards
 from twist_scale.config import RunConfig
+from twist_scale.correction import correction_of
 from twist_scale.engines.deepspeed_engine import DeepSpeedEngine
 from twist_scale.models import architecture_of, build_model
 from twist_scale.subnet import SubnetSampler, apply_subnet_shapes, axis_of, partitioned_blocks, slice_tensor, unit_mask
@@ -44,7 +45,7 @@ def run_case(groups: int, stage: int, kappa: float) -> float:
     cfg.parallel.ds_config = str(REPO / "ds_configs" / f"zero{stage}.json")
     cfg.optim.name, cfg.data.micro_batch_size = "sgd", 1
     engine = DeepSpeedEngine(model, cfg, topo)
-    sync = SubnetSync(central, engine, ugs, topo, (), "none", reset_moments=False)
+    sync = SubnetSync(central, engine, ugs, topo, (), correction_of("none"), reset_moments=False)
     sync.dispatch(spec)
     axes = axis_of(ugs)
 
