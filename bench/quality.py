@@ -40,9 +40,6 @@ TESTS = {"brown": DATA / "brown" / "test.txt", "wikitext2": DATA / "wikitext-2" 
 BASELINES = ("random", "magnitude", "wanda_sp", "flap", "flap_uniform")
 TWIST_METHODS = ("random", "magnitude", "adaptive_magnitude")  # zero-cost: no calibration text
 STATS_METHODS = ("adaptive_stats",)  # zero-cost from the statistics a correction 'mean' run keeps
-# Calibration windows (samples, tokens) from brown/train: FLAP's paper setting for FLAP (one pass);
-# fewer for Wanda-sp, whose layer-by-layer passes read them once per partitioned layer and κ.
-CALIBRATION = {"flap": (1024, 128), "flap_uniform": (1024, 128), "wanda_sp": (128, 128)}
 QUICK_WINDOW = 64
 EXPERIMENT = "bench-quality"
 TRAIN_SECONDS = "bench_train_seconds"
@@ -131,7 +128,7 @@ def evaluate_run(run: Run, out: Path, kappas: list[float], draws: int, window: i
     for method in run.methods:
         calibration = None
         if prune_method(method).calibrated:
-            samples, seqlen = CALIBRATION[method] if window > QUICK_WINDOW else (32, QUICK_WINDOW)
+            samples, seqlen = prune_method(method).calibration if window > QUICK_WINDOW else (32, QUICK_WINDOW)
             calibration = calibration_from_files([str(TRAIN)], central.tokenizer, samples=samples, seqlen=seqlen)
         pruner = build_pruner(central, method, shared_layers="none", calibration=calibration)
         for test, stream in streams.items():

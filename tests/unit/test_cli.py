@@ -10,6 +10,7 @@ import pytest
 from twist_scale import compare, evaluate, tracking
 from twist_scale.config_load import help_text
 from twist_scale.pruning import cli as export_cli
+from twist_scale.pruning.methods import method
 
 
 def help_of(main: Callable[[list[str]], None], argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
@@ -41,3 +42,12 @@ def test_training_help_names_the_same_tracking_flags():
     text = help_text("twist-train")
     assert "--tracking.uri" in text and "--tracking.experiment" in text
     assert "--twist.shared_layers" in text
+
+
+def test_calibration_defaults_to_each_reference_setting():
+    """FLAP calibrates on 1024 windows of 128 tokens, its Wanda-sp on 128 of 128, LLM-Pruner's Taylor on 10 of 64."""
+    assert export_cli.calibration_setting(method("flap"), None, None) == (1024, 128)
+    assert export_cli.calibration_setting(method("flap_uniform"), None, None) == (1024, 128)
+    assert export_cli.calibration_setting(method("wanda_sp"), None, None) == (128, 128)
+    assert export_cli.calibration_setting(method("taylor"), None, None) == (10, 64)
+    assert export_cli.calibration_setting(method("flap"), 32, 256) == (32, 256)

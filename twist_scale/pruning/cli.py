@@ -8,7 +8,7 @@ from pathlib import Path
 
 from twist_scale.logs import setup_logging
 from twist_scale.pruning.calibration import calibration_from_files
-from twist_scale.pruning.methods import METHODS, check_kappa, method
+from twist_scale.pruning.methods import METHODS, PruneMethod, check_kappa, method
 from twist_scale.pruning.pruner import Pruner, SavedCentral, build_pruner, export_subnet
 
 log = logging.getLogger(__name__)
@@ -21,16 +21,28 @@ def add_pruning_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shared_layers", default="auto", help="'auto' (as trained), 'none', or e.g. '0,1,4,5'")
     parser.add_argument("--correction", default="auto", help="'auto', 'none', 'scale' or 'mean'")
     parser.add_argument("--calibration", nargs="*", default=None, help="calibration text (default: training files)")
-    parser.add_argument("--calibration_samples", type=int, default=32, help="calibration windows (of --window)")
-    parser.add_argument("--window", type=int, default=256, help="tokens per window")
+    parser.add_argument(
+        "--calibration_samples", type=int, default=None, help="calibration windows (default: the method's reference)"
+    )
+    parser.add_argument(
+        "--calibration_window", type=int, default=None, help="tokens per calibration window (default: as above)"
+    )
+    parser.add_argument("--window", type=int, default=256, help="tokens per perplexity window")
+
+
+def calibration_setting(chosen: PruneMethod, samples: int | None, window: int | None) -> tuple[int, int]:
+    """(windows, tokens each): the method's reference setting unless the flags say otherwise."""
+    return samples or chosen.calibration[0], window or chosen.calibration[1]
 
 
 def pruner_from_args(args: argparse.Namespace) -> Pruner:
     central = SavedCentral.load(args.central)
     calibration = None
-    if method(args.method).calibrated:
+    chosen = method(args.method)
+    if chosen.calibrated:
         files = args.calibration or central.calibration_text_files()
-        calibration = calibration_from_files(files, central.tokenizer, args.calibration_samples, args.window)
+        samples, window = calibration_setting(chosen, args.calibration_samples, args.calibration_window)
+        calibration = calibration_from_files(files, central.tokenizer, samples, window)
     return build_pruner(central, args.method, args.shared_layers, args.correction, calibration)
 
 

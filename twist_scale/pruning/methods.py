@@ -68,6 +68,7 @@ class PruneMethod:
     needs_training_stats: bool = False  # ActivationStats kept while training (correction 'mean'), not calibration
     seeded: bool = False  # different seeds give different subnets (evaluation draws several)
     correction: str | None = None  # folded at export instead of the model's own; None = the trained one
+    calibration: tuple[int, int] = (32, 256)  # default (windows, tokens each): the reference's own setting
     adaptive: bool = False  # widths differ per group (same total weight); else every group keeps ⌈κ·n⌉ units
 
     @property
@@ -209,19 +210,30 @@ def select_adaptive_magnitude(inputs: PruneInputs) -> SubnetSpec:
     )
 
 
+FLAP_CALIBRATION = (1024, 128)  # FLAP's published runs: --nsamples 1024, model.seqlen 128
+
 METHODS: dict[str, PruneMethod] = {
     "random": PruneMethod(select_random, "seeded uniform draw (TwIST zero-cost export)", seeded=True),
     "magnitude": PruneMethod(select_magnitude, "unit weight norm, no data"),
     "wanda_sp": PruneMethod(
-        select_wanda_sp, "|W|·‖X‖ on calibration text, layer by layer on the pruned prefix", needs_batches=True
+        select_wanda_sp,
+        "|W|·‖X‖ on calibration text, layer by layer on the pruned prefix",
+        needs_batches=True,
+        calibration=(128, 128),  # FLAP's prune_wanda_sp: 128 C4 rows of 128 tokens (more rows are zeros)
     ),
-    "taylor": PruneMethod(select_taylor, "LLM-Pruner block-wise Taylor: Σ|w·∂L/∂w| per unit", needs_grads=True),
+    "taylor": PruneMethod(
+        select_taylor,
+        "LLM-Pruner block-wise Taylor: Σ|w·∂L/∂w| per unit",
+        needs_grads=True,
+        calibration=(10, 64),  # LLM-Pruner's hf_prune.py: --num_examples 10, seq_len 64
+    ),
     "flap": PruneMethod(
         select_flap,
         "FLAP AL-AM: standardised Var(X)·‖W‖², one global ranking (adaptive widths), bias-compensated",
         needs_stats=True,
         correction="mean",
         adaptive=True,
+        calibration=FLAP_CALIBRATION,
     ),
     "adaptive_magnitude": PruneMethod(
         select_adaptive_magnitude,
@@ -239,6 +251,7 @@ METHODS: dict[str, PruneMethod] = {
         "FLAP UL-UM: Var(X)·‖W‖², ⌈κ·n⌉ per layer, bias-compensated",
         needs_stats=True,
         correction="mean",
+        calibration=FLAP_CALIBRATION,
     ),
 }
 
