@@ -93,10 +93,12 @@ def close_distributed() -> None:
         release_shared_memory(rank)
 
 
-def deepspeed_shm_segment(rank: int) -> Path:
-    """Where DeepSpeed's CPU all-reduce keeps this rank's workspace (its shm.cpp `shm_initialize`)."""
-    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
-    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+SHM_DIR = Path("/dev/shm")
+
+
+def deepspeed_shm_name(addr: str, port: str | int, rank: int | str) -> str:
+    """DeepSpeed's CPU all-reduce workspace of one rank (its shm.cpp `shm_initialize`); rank '*' globs a world's."""
+    return f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
 
 
 def release_shared_memory(rank: int) -> None:
@@ -106,4 +108,5 @@ def release_shared_memory(rank: int) -> None:
     69 MB per rank of RAM behind until reboot. Peers mapped it at initialisation, so unlinking the
     name at exit takes nothing from a rank still running.
     """
-    deepspeed_shm_segment(rank).unlink(missing_ok=True)
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    (SHM_DIR / deepspeed_shm_name(addr, port, rank)).unlink(missing_ok=True)

@@ -58,7 +58,7 @@ class Trainer:
         self.stateful = {"data": self.data.train, "rng": RngState(), "central": self.sync}
         self.tracker = start_run_tracking(cfg, self.out_dir, topo.rank == 0, self.data.tokenizer_dir)
         self.metrics = RunMetrics(cfg, topo, self.tracker)
-        self.phases = Phases(topo.rank, topo.group)
+        self.phases = Phases(topo.rank, topo.group, lambda: self.round)
         log.info(
             "world %d = %d groups x %d ranks; model %.2fM params; %s",
             topo.world_size,
@@ -82,7 +82,7 @@ class Trainer:
             self.resume()
         bar = tqdm(total=cfg.total_steps, initial=self.round * cfg.twist.local_steps, disable=self.topo.rank != 0)
         while self.round < cfg.twist.rounds:
-            phase.round, specs = self.round, self.sampler.specs(self.round)
+            specs = self.sampler.specs(self.round)
             with phase("dispatch"):
                 self.sync.dispatch(specs[self.topo.group])
             if self.round and cfg.eval.every_rounds and self.round % cfg.eval.every_rounds == 0:

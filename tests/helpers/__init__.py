@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from twist_scale.distributed import SHM_DIR, deepspeed_shm_name
+
 REPO = Path(__file__).resolve().parents[2]
 DATA = (REPO / ".." / "shared" / "data").resolve()
 SHAKESPEARE = DATA / "tinyshakespeare" / "input.txt"
@@ -73,7 +75,7 @@ def launch_env() -> dict[str, str]:
 
 def leaked_shared_memory(port: int) -> list[Path]:
     """DeepSpeed CPU all-reduce workspaces still in /dev/shm for a world that used `port`."""
-    return sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_*"))
+    return sorted(SHM_DIR.glob(deepspeed_shm_name("127.0.0.1", port, "*")))
 
 
 def run_deepspeed(
