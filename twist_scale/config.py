@@ -9,7 +9,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from twist_scale.atomic import atomic_write_text
 
@@ -29,7 +29,7 @@ def _doc(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclass
 
 @dataclass
 class ModelConfig:
-    arch: str = _doc("Architecture: 'llama' (MHA or GQA) or 'gpt2'.", "llama")
+    arch: Literal["llama", "gpt2"] = _doc("Architecture: 'llama' (MHA or GQA) or 'gpt2'.", "llama")
     size: str = _doc("Size preset from twist_scale.models.PRESETS (tiny, small, ...).", "tiny")
     pretrained: str = _doc("Local directory or hub id to load with from_pretrained; overrides size.", "")
 
@@ -54,7 +54,7 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = _doc("'adamw' or 'sgd' (sgd makes TwIST's kappa=1 limit exactly data parallel).", "adamw")
+    name: Literal["adamw", "sgd"] = _doc("'adamw' or 'sgd' (sgd makes TwIST's kappa=1 limit exactly data parallel).", "adamw")
     lr: float = _doc("Peak learning rate.", 3e-4)
     weight_decay: float = _doc("Decoupled weight decay.", 0.1)
     beta1: float = _doc("Adam beta1 (sgd: momentum).", 0.9)
@@ -66,7 +66,7 @@ class OptimConfig:
 
 @dataclass
 class ParallelConfig:
-    engine: str = _doc(
+    engine: Literal["deepspeed", "fsdp", "local"] = _doc(
         "'deepspeed' (ZeRO), 'fsdp' (PyTorch FSDP2) or 'local' (plain torch, one process per group).",
         "deepspeed",
     )
@@ -77,7 +77,7 @@ class ParallelConfig:
         "auto",
     )
     timeout_s: float = _doc("A collective waiting longer than this ends the job (a crashed or stuck rank).", 300.0)
-    precision: str = _doc("'fp32' or 'bf16'.", "fp32")
+    precision: Literal["fp32", "bf16"] = _doc("'fp32' or 'bf16'.", "fp32")
 
 
 @dataclass
@@ -91,8 +91,8 @@ class TwistConfig:
         "'none' (partition every layer) or e.g. 0,1,4,5.",
         None,
     )
-    correction: str = _doc("Activation-shift correction: 'none', 'scale' or 'mean'.", "none")
-    optimizer_state: str = _doc("Optimizer moments across rounds: 'reset' or 'aggregate'.", "reset")
+    correction: Literal["none", "scale", "mean"] = _doc("Activation-shift correction: 'none', 'scale' or 'mean'.", "none")
+    optimizer_state: Literal["reset", "aggregate"] = _doc("Optimizer moments across rounds: 'reset' or 'aggregate'.", "reset")
     allow_uncovered: bool = _doc("Allow kappa*G < 1, where some units train in no group.", False)
     stat_momentum: float = _doc("EMA momentum of unit activation means used by correction='mean'.", 0.99)
 
@@ -122,7 +122,7 @@ class CheckpointConfig:
 class RunConfig:
     out_dir: str = _doc("Run directory: resolved config, checkpoints, MLflow store, logs.", "runs/default")
     seed: int = _doc("Seed for init, data order and subnet sampling.", 0)
-    on_nonfinite: str = _doc(
+    on_nonfinite: Literal["stop", "skip"] = _doc(
         "A non-finite loss: 'stop' (error; the last checkpoint stays intact) or 'skip' the step.", "stop"
     )
     model: ModelConfig = _doc("Model.", factory=ModelConfig)
@@ -142,17 +142,6 @@ class RunConfig:
     def is_dense(self) -> bool:
         """One group training the whole model: TwIST's machinery reduces to the identity."""
         return self.twist.groups == 1 and self.twist.kappa == 1.0
-
-
-CHOICES: dict[str, tuple[str, ...]] = {
-    "on_nonfinite": ("stop", "skip"),
-    "model.arch": ("llama", "gpt2"),
-    "optim.name": ("adamw", "sgd"),
-    "parallel.engine": ("deepspeed", "fsdp", "local"),
-    "parallel.precision": ("fp32", "bf16"),
-    "twist.correction": ("none", "scale", "mean"),
-    "twist.optimizer_state": ("reset", "aggregate"),
-}
 
 
 def to_dict(cfg: RunConfig) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from typing import Any
 import tomllib
 import yaml
 
-from twist_scale.config import CHOICES, DATA_ROOT_ENV, DEFAULT_DATA_ROOT, ConfigError, DataConfig, RunConfig
+from twist_scale.config import DATA_ROOT_ENV, DEFAULT_DATA_ROOT, ConfigError, DataConfig, RunConfig
 
 
 def _fields(cls: type) -> dict[str, tuple[dataclasses.Field, Any]]:
@@ -26,9 +26,22 @@ def _fields(cls: type) -> dict[str, tuple[dataclasses.Field, Any]]:
     return {f.name: (f, hints[f.name]) for f in dataclasses.fields(cls)}
 
 
+def _choices(hint: Any) -> tuple[str, ...] | None:
+    """The allowed values of a `Literal[...]` field; None for any other type."""
+    return typing.get_args(hint) if typing.get_origin(hint) is typing.Literal else None
+
+
+def _check_choice(path: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"--{path} {value!r} is not allowed; choose one of {', '.join(allowed)}")
+
+
 def _coerce(path: str, value: Any, hint: Any) -> Any:
     """Convert a file or CLI value to the field's type, or say which type was expected."""
     origin = typing.get_origin(hint)
+    if (allowed := _choices(hint)) is not None:
+        _check_choice(path, str(value), allowed)
+        return str(value)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         word = value.strip().lower() if isinstance(value, str) else None
@@ -133,13 +146,14 @@ def help_text(program: str) -> str:
     ]
 
     def walk(obj: Any, prefix: str) -> None:
-        for name, (f, _) in _fields(type(obj)).items():
+        for name, (f, hint) in _fields(type(obj)).items():
             value, path = getattr(obj, name), f"{prefix}{name}"
             if dataclasses.is_dataclass(value):
                 lines.extend(["", f"{path}: {f.metadata.get('doc', '')}"])
                 walk(value, f"{path}.")
                 continue
-            choices = f" {{{', '.join(CHOICES[path])}}}" if path in CHOICES else ""
+            allowed = _choices(hint)
+            choices = f" {{{', '.join(allowed)}}}" if allowed else ""
             lines.append(f"  --{path}{choices} (default: {json.dumps(value)})")
             lines.append(f"      {f.metadata.get('doc', '')}")
 
@@ -187,15 +201,19 @@ def _check_backend(backend: str) -> None:
             )
 
 
+def _check_choices(obj: Any, prefix: str = "") -> None:
+    """Every `Literal` field holds one of its values, also when the config was built in code."""
+    for name, (_, hint) in _fields(type(obj)).items():
+        value = getattr(obj, name)
+        if dataclasses.is_dataclass(value):
+            _check_choices(value, f"{prefix}{name}.")
+        elif (allowed := _choices(hint)) is not None:
+            _check_choice(f"{prefix}{name}", value, allowed)
+
+
 def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     """Reject values that cannot run, naming the flag and what is allowed."""
-    for path, allowed in CHOICES.items():
-        node = cfg
-        for part in path.split("."):
-            node = getattr(node, part)
-        value = node
-        if value not in allowed:
-            raise ConfigError(f"--{path} {value!r} is not allowed; choose one of {', '.join(allowed)}")
+    _check_choices(cfg)
     _check_backend(cfg.parallel.backend)
     t = cfg.twist
     if not 0.0 < t.kappa <= 1.0:
