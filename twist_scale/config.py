@@ -54,7 +54,9 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    name: Literal["adamw", "sgd"] = _doc("'adamw' or 'sgd' (sgd makes TwIST's kappa=1 limit exactly data parallel).", "adamw")
+    name: Literal["adamw", "sgd"] = _doc(
+        "'adamw' or 'sgd' (sgd makes TwIST's kappa=1 limit exactly data parallel).", "adamw"
+    )
     lr: float = _doc("Peak learning rate.", 3e-4)
     weight_decay: float = _doc("Decoupled weight decay.", 0.1)
     beta1: float = _doc("Adam beta1 (sgd: momentum).", 0.9)
@@ -91,8 +93,12 @@ class TwistConfig:
         "'none' (partition every layer) or e.g. 0,1,4,5.",
         None,
     )
-    correction: Literal["none", "scale", "mean"] = _doc("Activation-shift correction: 'none', 'scale' or 'mean'.", "none")
-    optimizer_state: Literal["reset", "aggregate"] = _doc("Optimizer moments across rounds: 'reset' or 'aggregate'.", "reset")
+    correction: Literal["none", "scale", "mean"] = _doc(
+        "Activation-shift correction: 'none', 'scale' or 'mean'.", "none"
+    )
+    optimizer_state: Literal["reset", "aggregate"] = _doc(
+        "Optimizer moments across rounds: 'reset' or 'aggregate'.", "reset"
+    )
     allow_uncovered: bool = _doc("Allow kappa*G < 1, where some units train in no group.", False)
     stat_momentum: float = _doc("EMA momentum of unit activation means used by correction='mean'.", 0.99)
 
