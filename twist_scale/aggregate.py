@@ -6,6 +6,8 @@ dp rank r of the group sends only chunk r of it, and a reduce-scatter over the G
 dp position r leaves each owner the sum over groups of its own piece. Holder counts need no
 communication: every rank knows every group's spec. Owners divide by the count and keep the old
 value where no group held a unit. Dispatch is the inverse: all-gather a tensor, slice it.
+This is the dense exchange, kept selectable (`--twist.aggregation dense`) as the reference the
+packed exchange (`twist_scale.packing`) is measured and tested against: its traffic ignores κ.
 
 Shards live in host memory (pinned when collectives run on CUDA) and only the payload of each
 collective is staged on the communication device: the central model is fp32 weights plus moments,
@@ -14,12 +16,27 @@ touched once per round, and accelerator memory is kept for the subnet being trai
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 
 from twist_scale.models import AxisSlice, UnitBlock
-from twist_scale.subnet import SubnetSpec, scatter_tensor
+from twist_scale.packing import Entry
+from twist_scale.subnet import SubnetSpec, scatter_tensor, slice_tensor
 from twist_scale.topology import Topology
+
+
+@dataclass
+class Traffic:
+    """What the synchronisation put on the wire: payload bytes this rank sent or gathered, and collectives."""
+
+    bytes: int = 0
+    collectives: int = 0
+
+    def add(self, payload_bytes: int) -> None:
+        self.bytes += payload_bytes
+        self.collectives += 1
 
 
 def holder_counts(shape: torch.Size, unit: tuple[UnitBlock, AxisSlice] | None, specs: list[SubnetSpec]) -> torch.Tensor:
@@ -45,23 +62,23 @@ class CentralShards:
         self.shapes = dict(shapes)
         self.shards: dict[str, torch.Tensor] = {}
         self.pin = topo.device.type == "cuda"  # page-locked host memory: asynchronous DMA to the GPU
-        self.bytes_sent = 0  # reduce-scatter + all-gather payload this rank moved, for tracking
+        self.traffic = Traffic()  # collective payloads this rank moved since the last read, for tracking
 
-    def _piece_len(self, name: str) -> int:
+    def piece_len(self, name: str) -> int:
         n = self.shapes[name.split("@")[0]].numel()
         return -(-n // self.topo.world_size)
 
     def _padded_flat(self, full: torch.Tensor, name: str) -> torch.Tensor:
         """The tensor flattened and zero-padded to world_size equal pieces."""
-        pad = self._piece_len(name) * self.topo.world_size - full.numel()
+        pad = self.piece_len(name) * self.topo.world_size - full.numel()
         return torch.nn.functional.pad(full.detach().flatten().float(), (0, pad))
 
     def _my_piece(self, full: torch.Tensor, name: str) -> torch.Tensor:
-        k = self._piece_len(name)
+        k = self.piece_len(name)
         piece = self._padded_flat(full, name)[self.topo.rank * k : (self.topo.rank + 1) * k]
-        return self._host(piece.clone())  # a view would keep the whole padded tensor alive
+        return self.host(piece.clone())  # a view would keep the whole padded tensor alive
 
-    def _host(self, t: torch.Tensor) -> torch.Tensor:
+    def host(self, t: torch.Tensor) -> torch.Tensor:
         """`t` as an fp32 host tensor, the form every shard is kept in (copied only to convert or pin)."""
         t = t.to("cpu", torch.float32)
         return t.pin_memory() if self.pin else t
@@ -76,13 +93,13 @@ class CentralShards:
         device = self.topo.device
         out = torch.empty(shard.numel() * self.topo.world_size, device=device)
         dist.all_gather_single(out, shard.to(device, non_blocking=True))
-        self.bytes_sent += out.numel() * out.element_size()
+        self.traffic.add(out.numel() * out.element_size())
         shape = self.shapes[name.split("@")[0]]
         return out[: shape.numel()].view(shape).cpu()
 
     def aggregate(self, name: str, contribution: torch.Tensor, counts: torch.Tensor) -> None:
         """Holder mean of the groups' contributions (already masked, full coordinates) into the shard."""
-        topo, k = self.topo, self._piece_len(name)
+        topo, k = self.topo, self.piece_len(name)
         G, R = topo.groups, topo.ranks_per_group
 
         def pieces(full: torch.Tensor) -> torch.Tensor:  # (G, k): this dp position's piece of each group
@@ -91,10 +108,10 @@ class CentralShards:
         send = pieces(contribution).flatten().to(topo.device)
         summed = torch.empty(k, device=topo.device)
         dist.reduce_scatter_single(summed, send, op=dist.ReduceOp.SUM, group=topo.cross_group)
-        self.bytes_sent += send.numel() * send.element_size()
+        self.traffic.add(send.numel() * send.element_size())
         count = pieces(counts)[topo.group]
         old = self.shards.get(name, torch.zeros(k))
-        self.shards[name] = self._host(torch.where(count > 0, summed.cpu() / count.clamp(min=1), old))
+        self.shards[name] = self.host(torch.where(count > 0, summed.cpu() / count.clamp(min=1), old))
 
 
 def masked_contribution(
@@ -106,3 +123,24 @@ def masked_contribution(
         return sub
     ug, axis = unit
     return scatter_tensor(sub, full_shape, axis, spec.units(ug))
+
+
+class DenseExchange:
+    """Full-width tensors on the wire, one collective per tensor: the reference for `PackedExchange`."""
+
+    def __init__(self, central: CentralShards) -> None:
+        self.central, self.topo = central, central.topo
+
+    def aggregate(self, bucket: list[Entry], subnet: dict[str, torch.Tensor], specs: list[SubnetSpec]) -> None:
+        spec = specs[self.topo.group]
+        for entry in bucket:
+            contribution = masked_contribution(subnet[entry.name], entry.shape, entry.unit, spec)
+            self.central.aggregate(entry.name, contribution, holder_counts(entry.shape, entry.unit, specs))
+
+    def dispatch(self, bucket: list[Entry], specs: list[SubnetSpec]) -> dict[str, torch.Tensor]:
+        out = {}
+        for entry in bucket:
+            full = self.central.gather(entry.name)
+            keep = entry.whole or entry.unit is None
+            out[entry.name] = full if keep else slice_tensor(full, entry.unit[1], entry.units(specs[self.topo.group]))
+        return out

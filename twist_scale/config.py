@@ -15,6 +15,7 @@ from twist_scale.atomic import atomic_write_text
 
 DATA_ROOT_ENV = "TWIST_DATA_ROOT"
 DEFAULT_DATA_ROOT = "../shared/data"
+DEFAULT_BUCKET_MB = 32.0  # within the 25-64 MB that DDP and ZeRO bucket by
 
 
 class ConfigError(ValueError):
@@ -100,6 +101,15 @@ class TwistConfig:
         "Optimizer moments across rounds: 'reset' or 'aggregate'.", "reset"
     )
     allow_uncovered: bool = _doc("Allow kappa*G < 1, where some units train in no group.", False)
+    aggregation: Literal["packed", "dense"] = _doc(
+        "How dispatch and aggregation move data: 'packed' (only the elements a group holds; bytes scale with "
+        "kappa) or 'dense' (full-width masked reduce-scatter and all-gather; the reference).",
+        "packed",
+    )
+    bucket_mb: float = _doc("Full-width MB of tensors per collective in dispatch and aggregation.", DEFAULT_BUCKET_MB)
+    wire_dtype: Literal["fp32", "bf16"] = _doc(
+        "Precision of the packed payload on the wire; owners accumulate in fp32 either way.", "fp32"
+    )
     stat_momentum: float = _doc("EMA momentum of unit activation means used by correction='mean'.", 0.99)
 
 

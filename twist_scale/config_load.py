@@ -239,6 +239,13 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
             f"(kappa*groups = {t.kappa * t.groups:.2f} < 1); raise kappa or groups, or set "
             "--twist.allow_uncovered true"
         )
+    if t.bucket_mb <= 0:
+        raise ConfigError(f"--twist.bucket_mb {t.bucket_mb} must be > 0")
+    if t.wire_dtype != "fp32" and t.aggregation == "dense":
+        raise ConfigError(
+            "--twist.wire_dtype bf16 needs --twist.aggregation packed: the dense reduce-scatter would also "
+            "accumulate in bf16"
+        )
     if not 0.0 <= t.stat_momentum < 1.0:
         raise ConfigError(f"--twist.stat_momentum {t.stat_momentum} must be in [0, 1)")
     if not cfg.data.train_files and not cfg.data.hub_dataset:

@@ -41,6 +41,7 @@ class Correction:
 
     name = "none"
     folds_bias = False  # export adds a bias to the output projection (Llama then gains biases)
+    needs_full_weight = False  # dispatch reads the dropped units' columns of the output projection
 
     def unit_blocks(self, unit_blocks: list[UnitBlock]) -> list[UnitBlock]:
         """The unit map training slices and averages: the partitioned groups plus any statistics."""
@@ -54,13 +55,13 @@ class Correction:
         module: nn.Module,
         ug: UnitBlock,
         kept: torch.Tensor,
-        full_weight: torch.Tensor,
+        full_weight: torch.Tensor | None,
         means: dict[str, torch.Tensor],
     ) -> None:
         """Set the group's output projection `module` for a subnet that keeps units `kept`.
 
-        `full_weight` is the projection's full-width central weight, `means` the full-width
-        activation means by output module (correction 'mean').
+        `full_weight` is the projection's full-width central weight (only where `needs_full_weight`;
+        dispatch then sends it whole), `means` the full-width activation means by output module.
         """
 
     def fold(self, module: nn.Module, ug: UnitBlock, kept: torch.Tensor, means: dict[str, torch.Tensor]) -> None:
@@ -81,7 +82,7 @@ class ScaleCorrection(Correction):
         module: nn.Module,
         ug: UnitBlock,
         kept: torch.Tensor,
-        full_weight: torch.Tensor,
+        full_weight: torch.Tensor | None,
         means: dict[str, torch.Tensor],
     ) -> None:
         module.twist_input_scale = ug.num_units / len(kept)
@@ -94,6 +95,7 @@ class ScaleCorrection(Correction):
 class MeanCorrection(Correction):
     name = "mean"
     folds_bias = True
+    needs_full_weight = True
 
     def unit_blocks(self, unit_blocks: list[UnitBlock]) -> list[UnitBlock]:
         return [
@@ -120,7 +122,7 @@ class MeanCorrection(Correction):
         module: nn.Module,
         ug: UnitBlock,
         kept: torch.Tensor,
-        full_weight: torch.Tensor,
+        full_weight: torch.Tensor | None,
         means: dict[str, torch.Tensor],
     ) -> None:
         module.get_buffer(SHIFT).copy_(dropped_contribution(full_weight, means[ug.output_module], ug, kept))

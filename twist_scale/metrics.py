@@ -13,6 +13,7 @@ from collections.abc import Iterable
 import torch
 import torch.distributed as dist
 
+from twist_scale.aggregate import Traffic
 from twist_scale.config import RunConfig
 from twist_scale.engines.base import Engine
 from twist_scale.topology import Topology
@@ -63,7 +64,7 @@ class RunMetrics:
         compute_s: float,
         dispatch_s: float,
         aggregate_s: float,
-        sync_bytes: int,
+        traffic: Traffic,
         lr: float,
         skipped_steps: int,
     ) -> None:
@@ -89,7 +90,8 @@ class RunMetrics:
             "twist/aggregate_seconds": aggregate_s,
             "twist/sync_seconds": sync_s,
             "twist/sync_share": sync_s / (compute_s + sync_s),
-            "twist/sync_bytes": sync_bytes,
+            "twist/sync_bytes": traffic.bytes,
+            "twist/sync_collectives": traffic.collectives,
             "perf/tokens_per_s": tokens / (compute_s + sync_s),
             "train/lr": lr,
             "train/skipped_steps": skipped_steps,

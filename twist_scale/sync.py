@@ -1,8 +1,8 @@
 """Synchronisation between the groups' engines: TwIST's dispatch and aggregation, or nothing (dense).
 
-SubnetSync dispatches (central model → one group's engine) and aggregates (engines → central model).
-Both stream one tensor at a time, so a rank holds at most one full-width tensor beside its shard of
-the central model and its group's subnet. DenseSync is the same interface for plain data
+SubnetSync dispatches (central model → one group's engine) and aggregates (engines → central model),
+bucket by bucket, so beside its shard of the central model and its group's subnet a rank holds about
+one bucket in flight. DenseSync is the same interface for plain data
 parallelism, where the engine already holds the whole model, so the loop has no dense branches.
 """
 
@@ -15,12 +15,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from twist_scale.aggregate import CentralShards, holder_counts, masked_contribution
-from twist_scale.config import RunConfig
+from twist_scale.aggregate import CentralShards, DenseExchange, Traffic
+from twist_scale.config import DEFAULT_BUCKET_MB, RunConfig
 from twist_scale.correction import ACT_MEAN, Correction, correction_of, is_statistic
 from twist_scale.engines import build_engine
 from twist_scale.engines.base import Engine, moment_keys
 from twist_scale.models import UnitBlock
+from twist_scale.packing import Entry, PackedExchange, buckets
 from twist_scale.subnet import SubnetSpec, apply_subnet_shapes, axis_of, slice_tensor
 from twist_scale.topology import Topology
 
@@ -75,7 +76,11 @@ def build_engine_and_sync(
     aggregate_moments = cfg.twist.optimizer_state == "aggregate"
     moments = moment_keys(cfg.optim) if aggregate_moments else ()
     correction = correction_of(cfg.twist.correction)
-    sync = SubnetSync(central, engine, unit_blocks, topo, moments, correction, not aggregate_moments)
+    t = cfg.twist
+    exchange = PackedExchange(central, t.wire_dtype) if t.aggregation == "packed" else DenseExchange(central)
+    sync = SubnetSync(
+        central, engine, unit_blocks, topo, moments, correction, not aggregate_moments, exchange, t.bucket_mb
+    )
     return engine, sync
 
 
@@ -85,7 +90,7 @@ class DenseSync:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
-    def dispatch(self, spec: SubnetSpec) -> None: ...
+    def dispatch(self, specs: list[SubnetSpec]) -> None: ...
 
     def aggregate(self, specs: list[SubnetSpec]) -> None: ...
 
@@ -102,13 +107,14 @@ class DenseSync:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
 
-    def take_bytes(self) -> int:
-        return 0
+    def take_traffic(self) -> Traffic:
+        return Traffic()
 
 
 class SubnetSync:
     """TwIST's synchronisation: dispatch slices each group's subnet out of the sharded central model;
-    aggregation averages the groups' subnets back into it (masked reduce-scatter)."""
+    aggregation averages the groups' subnets back into it. Both go bucket by bucket through an
+    exchange: packed (only held elements travel) or dense (full-width, the reference)."""
 
     def __init__(
         self,
@@ -119,16 +125,26 @@ class SubnetSync:
         moments: tuple[str, ...],
         correction: Correction,
         reset_moments: bool,
+        exchange: PackedExchange | DenseExchange | None = None,
+        bucket_mb: float = DEFAULT_BUCKET_MB,
     ) -> None:
         self.central, self.engine, self.topo = central, engine, topo
-        self.unit_blocks = unit_blocks
-        self.unit_axes = axis_of(unit_blocks)
-        self.moments, self.correction, self.reset_moments = moments, correction, reset_moments
-        self.names = list(central.shapes)
+        self.correction, self.reset_moments = correction, reset_moments
+        self.exchange = exchange or PackedExchange(central)
+        self.bucket_bytes = int(bucket_mb * 2**20)
+        unit_axes = axis_of(unit_blocks)
+        self.entries = []
+        for name, shape in central.shapes.items():
+            unit = unit_axes.get(name)
+            outputs = unit is not None and name == unit[0].output_axis.name
+            whole = is_statistic(name) or (outputs and correction.needs_full_weight)
+            self.entries.append(Entry(name, shape, unit, whole))
+            if not is_statistic(name):
+                self.entries += [Entry(f"{name}@{key}", shape, unit) for key in moments]
 
     def full_state(self) -> Iterator[tuple[str, torch.Tensor]]:
         """The full-width central model, one tensor at a time (collective over the world)."""
-        for name in self.names:
+        for name in self.central.shapes:
             yield name, self.central.gather(name)
 
     def local_tensors(self) -> Iterable[torch.Tensor]:
@@ -140,50 +156,52 @@ class SubnetSync:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.central.shards = state
 
-    def take_bytes(self) -> int:
-        """Bytes this rank moved since the last call (collective payloads, for tracking)."""
-        sent, self.central.bytes_sent = self.central.bytes_sent, 0
-        return sent
+    def take_traffic(self) -> Traffic:
+        """What this rank put on the wire since the last call, for tracking."""
+        traffic, self.central.traffic = self.central.traffic, Traffic()
+        return traffic
 
-    def _sub(self, full: torch.Tensor, name: str, spec: SubnetSpec) -> torch.Tensor:
-        unit = self.unit_axes.get(name)
-        return full if unit is None else slice_tensor(full, unit[1], spec.units(unit[0]))
-
-    def dispatch(self, spec: SubnetSpec) -> None:
+    def dispatch(self, specs: list[SubnetSpec]) -> None:
         """Slice the central model into this group's engine (weights, moments, corrections)."""
+        spec = specs[self.topo.group]
         means: dict[str, torch.Tensor] = {}
-        for name in self.names:
-            full = self.central.gather(name)
-            if is_statistic(name):
-                if name.endswith(ACT_MEAN):
-                    means[name.rpartition(".")[0]] = full
-                self.engine.write_buffer(name, self._sub(full, name, spec))
-                continue
-            self.engine.write(name, self._sub(full, name, spec))
-            for key in self.moments:
-                if f"{name}@{key}" in self.central.shards:  # before the first aggregation: fresh zeros
-                    self.engine.write_state(name, key, self._sub(self.central.gather(f"{name}@{key}"), name, spec))
-            unit = self.unit_axes.get(name)
-            if unit is not None and name == unit[0].output_axis.name:  # statistics came first: means are here
-                ug = unit[0]
-                self.correction.dispatch(self.engine.submodule(ug.output_module), ug, spec.units(ug), full, means)
+        present = [e for e in self.entries if e.name in self.central.shards]  # no moments before the first aggregation
+        for bucket in buckets(present, self.bucket_bytes):
+            values = self.exchange.dispatch(bucket, specs)
+            for entry in bucket:  # statistics come first, so the means are here before their output weights
+                self._write(entry, values[entry.name], spec, means)
         if self.reset_moments:
             self.engine.reset_optimizer_state()
 
+    def _write(self, entry: Entry, value: torch.Tensor, spec: SubnetSpec, means: dict[str, torch.Tensor]) -> None:
+        name, _, key = entry.name.partition("@")
+        sub = slice_tensor(value, entry.unit[1], entry.units(spec)) if entry.whole and entry.unit else value
+        if key:
+            self.engine.write_state(name, key, sub)
+        elif is_statistic(name):
+            if name.endswith(ACT_MEAN):
+                means[name.rpartition(".")[0]] = value
+            self.engine.write_buffer(name, sub)
+        else:
+            self.engine.write(name, sub)
+            if entry.unit is not None and name == entry.unit[0].output_axis.name:
+                ug = entry.unit[0]
+                full = value if entry.whole else None
+                self.correction.dispatch(self.engine.submodule(ug.output_module), ug, spec.units(ug), full, means)
+
     def aggregate(self, specs: list[SubnetSpec]) -> None:
-        """Masked reduce-scatter of every group's subnet (and moments) into the central model."""
-        spec = specs[self.topo.group]
-        for name in self.names:
-            unit = self.unit_axes.get(name)
-            shape = self.central.shapes[name]
-            counts = holder_counts(shape, unit, specs)
-            if is_statistic(name):  # each dp rank saw different data: average inside the group first
-                sub = self.engine.read_buffer(name).to(self.topo.device, torch.float32, copy=True)
-                dist.all_reduce(sub, group=self.topo.intra_group)
-                sub /= self.topo.ranks_per_group
-                self.central.aggregate(name, masked_contribution(sub, shape, unit, spec), counts)
-                continue
-            self.central.aggregate(name, masked_contribution(self.engine.read(name), shape, unit, spec), counts)
-            for key in self.moments:
-                moment = self.engine.read_state(name, key)
-                self.central.aggregate(f"{name}@{key}", masked_contribution(moment, shape, unit, spec), counts)
+        """Holder mean of every group's subnet (and moments) into the central model."""
+        for bucket in buckets(self.entries, self.bucket_bytes):
+            self.exchange.aggregate(bucket, {e.name: self._read(e) for e in bucket}, specs)
+
+    def _read(self, entry: Entry) -> torch.Tensor:
+        name, _, key = entry.name.partition("@")
+        if key:
+            return self.engine.read_state(name, key)
+        if not is_statistic(name):
+            return self.engine.read(name)
+        # each dp rank saw different data: average the statistic inside the group first
+        sub = self.engine.read_buffer(name).to(self.topo.device, torch.float32, copy=True)
+        dist.all_reduce(sub, group=self.topo.intra_group)
+        self.central.traffic.add(sub.numel() * sub.element_size())
+        return (sub / self.topo.ranks_per_group).cpu()

@@ -84,7 +84,7 @@ class Trainer:
         while self.round < cfg.twist.rounds:
             specs = self.sampler.specs(self.round)
             with phase("dispatch"):
-                self.sync.dispatch(specs[self.topo.group])
+                self.sync.dispatch(specs)
             if self.round and cfg.eval.every_rounds and self.round % cfg.eval.every_rounds == 0:
                 with phase("evaluation"):
                     self.metrics.evaluate(self.engine, self.data.valid, self.round)
@@ -100,7 +100,7 @@ class Trainer:
                     seconds["local step"],
                     seconds["dispatch"],
                     seconds["aggregation"],
-                    self.sync.take_bytes(),
+                    self.sync.take_traffic(),
                     self.engine.lr(),
                     self.skipped_steps,
                 )
@@ -109,7 +109,7 @@ class Trainer:
                     self.save()
         bar.close()
         with phase("final evaluation and export"):
-            self.sync.dispatch(self.sampler.specs(self.round)[self.topo.group])
+            self.sync.dispatch(self.sampler.specs(self.round))
             self.metrics.evaluate(self.engine, self.data.valid, self.round)
             final, build = self.out_dir / "final", full_model_builder(cfg, len(self.data.tokenizer))
             export_central(

@@ -73,6 +73,11 @@ class StrictProcessGroup(dist.ProcessGroup):
     def reduce_scatter_single(self, output: torch.Tensor, input: torch.Tensor, opts) -> dist.Work:  # noqa: A002, ANN001
         return self._on_host([output, input], lambda host: self.gloo._reduce_scatter_base(*host, opts))
 
+    def all_to_all_single(self, output, input, output_splits, input_splits, opts) -> dist.Work:  # noqa: A002, ANN001
+        return self._on_host(
+            [output, input], lambda host: self.gloo.alltoall_base(*host, output_splits, input_splits, opts)
+        )
+
     def barrier(self, opts=None) -> dist.Work:  # noqa: ANN001 - a barrier moves no user tensor
         self.gloo.barrier(dist.BarrierOptions()).wait()
         return _done()

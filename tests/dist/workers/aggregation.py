@@ -1,8 +1,9 @@
-"""Run on W ranks by `helpers.dist.run_on_ranks`: masked reduce-scatter vs the holder-mean formula.
+"""Run on W ranks by `helpers.dist.run_on_ranks`: dispatch and aggregation vs the holder-mean formula.
 
-For each case (G, ZeRO stage, disjoint / overlapping / uncovered subnets): dispatch the central
-model, let each group's engine hold known new values, aggregate, and compare every central
-tensor with a single-process reference computed from masks.
+For each case (G, ZeRO stage, disjoint / overlapping / uncovered subnets, exchange): dispatch the
+central model, let each group's engine hold known new values, aggregate, and compare every central
+tensor with a single-process reference computed from masks. Exchanges: 'dense' (masked
+reduce-scatter), 'packed' (held elements only, fp32 on the wire), 'bf16' (packed, bf16 on the wire).
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ import zlib
 import torch
 from helpers import REPO
 
-from twist_scale.aggregate import CentralShards
+from twist_scale.aggregate import CentralShards, DenseExchange
 from twist_scale.config import RunConfig
 from twist_scale.correction import correction_of
 from twist_scale.engines.deepspeed_engine import DeepSpeedEngine
 from twist_scale.models import architecture_of, build_model
+from twist_scale.packing import PackedExchange
 from twist_scale.subnet import SubnetSampler, apply_subnet_shapes, axis_of, partitioned_blocks, slice_tensor, unit_mask
 from twist_scale.sync import SubnetSync, central_tensors
 from twist_scale.topology import Topology
@@ -28,57 +30,81 @@ def delta(name: str, group: int, shape: torch.Size) -> torch.Tensor:
     return torch.randn(shape, generator=g) * 0.1
 
 
-def run_case(groups: int, stage: int, kappa: float) -> float:
+EXCHANGES = {
+    "dense": DenseExchange,
+    "packed": PackedExchange,
+    "bf16": lambda central: PackedExchange(central, "bf16"),
+}
+
+
+def run_case(groups: int, stage: int, kappa: float) -> dict[str, tuple[float, float, list[tuple[int, int]]]]:
+    """Per exchange: (max |error|, max |expected|, (bytes, collectives) of dispatch and of aggregation)."""
     topo = Topology.from_dist(groups)
     torch.manual_seed(0)
     model = build_model("llama", "tiny", 64)  # 6 layers, GQA
     ugs = partitioned_blocks(architecture_of(model).unit_blocks(model.config), shared_layers=[0, 5])
-    tensors = central_tensors(model)
-    initial = {n: t.detach().clone() for n, t in tensors.items()}
-    central = CentralShards(topo, {n: t.shape for n, t in initial.items()})
-    for n, t in initial.items():
-        central.set_full(n, t)
+    initial = {n: t.detach().clone() for n, t in central_tensors(model).items()}
     specs = SubnetSampler(tuple(ugs), groups, kappa, seed=11).specs(0)
     spec = specs[topo.group]
     apply_subnet_shapes(model, ugs, spec)
     cfg = RunConfig()
     cfg.parallel.ds_config = str(REPO / "ds_configs" / f"zero{stage}.json")
     cfg.optim.name, cfg.data.micro_batch_size = "sgd", 1
-    engine = DeepSpeedEngine(model, cfg, topo)
-    sync = SubnetSync(central, engine, ugs, topo, (), correction_of("none"), reset_moments=False)
-    sync.dispatch(spec)
+    engine = DeepSpeedEngine(model, cfg, topo)  # one engine for every exchange: dispatch resets its weights
     axes = axis_of(ugs)
 
     def sub_of(full: torch.Tensor, name: str) -> torch.Tensor:
         return full if name not in axes else slice_tensor(full, axes[name][1], spec.units(axes[name][0]))
 
-    for name, full in initial.items():  # dispatch delivered exactly the spec's slice; then "train"
-        assert torch.equal(engine.read(name), sub_of(full, name)), f"dispatch mismatch in {name}"
-        engine.write(name, sub_of(full + delta(name, topo.group, full.shape), name))
-    sync.aggregate(specs)
+    results = {}
+    for exchange, build in EXCHANGES.items():
+        central = CentralShards(topo, {n: t.shape for n, t in initial.items()})
+        for n, t in initial.items():
+            central.set_full(n, t)
+        sync = SubnetSync(central, engine, ugs, topo, (), correction_of("none"), False, build(central))
+        sync.dispatch(specs)
+        traffic = [sync.take_traffic()]
+        for name, full in initial.items():  # dispatch delivered exactly the spec's slice; then "train"
+            assert torch.equal(engine.read(name), sub_of(full, name)), f"{exchange}: dispatch mismatch in {name}"
+            engine.write(name, sub_of(full + delta(name, topo.group, full.shape), name))
+        sync.aggregate(specs)
+        traffic.append(sync.take_traffic())
 
-    worst = 0.0
-    for name, full in initial.items():
-        total, count = torch.zeros_like(full), torch.zeros_like(full)
-        for g, s in enumerate(specs):
-            mask = (
-                torch.ones_like(full)
-                if name not in axes
-                else unit_mask(full.shape, axes[name][1], s.units(axes[name][0]))
-            )
-            total += mask * (full + delta(name, g, full.shape))
-            count += mask
-        expected = torch.where(count > 0, total / count.clamp(min=1), full)
-        worst = max(worst, (central.gather(name) - expected).abs().max().item())
-    return worst
+        worst = largest = 0.0
+        for name, full in initial.items():
+            total, count = torch.zeros_like(full), torch.zeros_like(full)
+            for g, s in enumerate(specs):
+                mask = (
+                    torch.ones_like(full)
+                    if name not in axes
+                    else unit_mask(full.shape, axes[name][1], s.units(axes[name][0]))
+                )
+                total += mask * (full + delta(name, g, full.shape))
+                count += mask
+            expected = torch.where(count > 0, total / count.clamp(min=1), full)
+            worst = max(worst, (central.gather(name) - expected).abs().max().item())
+            largest = max(largest, expected.abs().max().item())
+        results[exchange] = worst, largest, [(t.bytes, t.collectives) for t in traffic]
+    return results
 
 
 KAPPAS = {"disjoint": lambda groups: 1 / groups, "overlapping": lambda groups: 0.75, "uncovered": lambda groups: 0.2}
 
 
 def check_cases(rank: int, world: int, cases: list[str]) -> None:
-    """cases: 'G:stage:kind', e.g. '2:3:overlapping'."""
+    """cases: 'G:stage:kind', e.g. '2:3:overlapping', each run with every exchange."""
     for case in cases:
         groups, stage, label = int(case.split(":")[0]), int(case.split(":")[1]), case.split(":")[2]
-        err = run_case(groups, stage, KAPPAS[label](groups))
-        assert err <= 1e-6, f"G={groups} R={world // groups} zero={stage} {label}: max|err|={err:.3e}"
+        kappa = KAPPAS[label](groups)
+        traffic = {}
+        for exchange, (err, largest, traffic[exchange]) in run_case(groups, stage, kappa).items():
+            where = f"G={groups} R={world // groups} zero={stage} {label} {exchange}"
+            bound = 2**-8 * largest if exchange == "bf16" else 1e-6  # bf16 keeps 8 significant bits
+            assert err <= bound, f"{where}: max|err|={err:.3e} > {bound:.1e}"
+        (dense_dispatch, dense_agg), (packed_dispatch, packed_agg) = traffic["dense"], traffic["packed"]
+        # the tiny model fits one default bucket: one all-to-all per phase instead of one collective per tensor
+        assert packed_dispatch[1] == packed_agg[1] == 1, f"{case}: packed collectives {packed_dispatch, packed_agg}"
+        assert dense_agg[1] > 10, f"{case}: dense aggregation issued {dense_agg[1]} collectives"
+        # only held elements travel: strictly less than the dense exchange whenever a group drops units
+        assert packed_agg[0] < dense_agg[0] and packed_dispatch[0] < dense_dispatch[0], f"{case}: {traffic}"
+        assert traffic["bf16"][1][0] * 2 == packed_agg[0], f"{case}: bf16 halves the aggregation payload"
