@@ -16,6 +16,7 @@ touched once per round, and accelerator memory is kept for the subnet being trai
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +30,8 @@ from twist_scale.topology import Topology
 
 @dataclass
 class Traffic:
-    """What the synchronisation put on the wire: payload bytes this rank sent or gathered, and collectives."""
+    """What the synchronisation put on the wire: collectives, and payload bytes this rank sent (aggregation)
+    or received (dispatch, gathers) to or from other ranks; its own part never leaves the process."""
 
     bytes: int = 0
     collectives: int = 0
@@ -93,7 +95,7 @@ class CentralShards:
         device = self.topo.device
         out = torch.empty(shard.numel() * self.topo.world_size, device=device)
         dist.all_gather_single(out, shard.to(device, non_blocking=True))
-        self.traffic.add(out.numel() * out.element_size())
+        self.traffic.add((out.numel() - shard.numel()) * out.element_size())  # received from the other ranks
         shape = self.shapes[name.split("@")[0]]
         return out[: shape.numel()].view(shape).cpu()
 
@@ -108,7 +110,7 @@ class CentralShards:
         send = pieces(contribution).flatten().to(topo.device)
         summed = torch.empty(k, device=topo.device)
         dist.reduce_scatter_single(summed, send, op=dist.ReduceOp.SUM, group=topo.cross_group)
-        self.traffic.add(send.numel() * send.element_size())
+        self.traffic.add((send.numel() - k) * send.element_size())  # sent to the other owners
         count = pieces(counts)[topo.group]
         old = self.shards.get(name, torch.zeros(k))
         self.shards[name] = self.host(torch.where(count > 0, summed.cpu() / count.clamp(min=1), old))
@@ -131,10 +133,10 @@ class DenseExchange:
     def __init__(self, central: CentralShards) -> None:
         self.central, self.topo = central, central.topo
 
-    def aggregate(self, bucket: list[Entry], subnet: dict[str, torch.Tensor], specs: list[SubnetSpec]) -> None:
+    def aggregate(self, bucket: list[Entry], read: Callable[[Entry], torch.Tensor], specs: list[SubnetSpec]) -> None:
         spec = specs[self.topo.group]
         for entry in bucket:
-            contribution = masked_contribution(subnet[entry.name], entry.shape, entry.unit, spec)
+            contribution = masked_contribution(read(entry), entry.shape, entry.unit, spec)
             self.central.aggregate(entry.name, contribution, holder_counts(entry.shape, entry.unit, specs))
 
     def dispatch(self, bucket: list[Entry], specs: list[SubnetSpec]) -> dict[str, torch.Tensor]:

@@ -15,7 +15,8 @@ import torch.distributed as dist
 SLURM_TO_TORCH = {"SLURM_PROCID": "RANK", "SLURM_LOCALID": "LOCAL_RANK", "SLURM_NTASKS": "WORLD_SIZE"}
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (single-node launches)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -66,7 +67,7 @@ def init_distributed(backend: str, timeout_s: float = 600.0) -> None:
             os.environ[torch_name] = os.environ[slurm]
     if "RANK" not in os.environ:  # a plain `python launch/train.py`: a world of one
         os.environ.update(
-            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())
+            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
         )
     backend = resolve_backend(backend)
     if "cuda" in served_device_types(backend):

@@ -22,6 +22,7 @@ fp32, so a round starts from the central weights exactly.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -99,31 +100,37 @@ class PackedExchange:
         send: list[torch.Tensor],
         in_splits: list[int],
         out_splits: list[int],
-        group,
-        dtype: torch.dtype,  # noqa: ANN001
+        group,  # noqa: ANN001
+        dtype: torch.dtype,
+        wire_elements: int,
     ) -> torch.Tensor:
+        """One all-to-all; `wire_elements` of it cross to or from other ranks (the rest is this rank's own)."""
         device = self.topo.device
         payload = torch.cat(send).to(device, dtype) if send else torch.empty(0, device=device, dtype=dtype)
+        send.clear()  # the pieces are in the payload now
         recv = torch.empty(sum(out_splits), device=device, dtype=dtype)
         dist.all_to_all_single(recv, payload, out_splits, in_splits, group=group)
-        self.central.traffic.add(payload.numel() * payload.element_size())
+        self.central.traffic.add(wire_elements * payload.element_size())
         return recv.to("cpu", torch.float32)
 
-    def aggregate(self, bucket: list[Entry], subnet: dict[str, torch.Tensor], specs: list[SubnetSpec]) -> None:
-        """Holder mean of the groups' subnet tensors (`subnet`: this group's, by entry name) into the shards."""
+    def aggregate(self, bucket: list[Entry], read: Callable[[Entry], torch.Tensor], specs: list[SubnetSpec]) -> None:
+        """Holder mean of the groups' subnet tensors into the shards; `read` gives this group's, one at a time."""
         topo = self.topo
         G, R, r = topo.groups, topo.ranks_per_group, topo.dp_rank
         mine = specs[topo.group]
-        send, in_splits = [], []
-        for owner_group in range(G):
-            n = 0
-            for entry in bucket:
+        send: list[torch.Tensor] = []
+        in_splits = [0] * G
+        for entry in bucket:  # one subnet tensor alive at a time: only its pieces for the owners are kept
+            flat = read(entry).reshape(-1)
+            for owner_group in range(G):
                 _, index = held(entry.shape, entry.unit, entry.units(mine), *self._range(entry, owner_group * R + r))
-                send.append(subnet[entry.name].reshape(-1)[index].float())
-                n += len(index)
-            in_splits.append(n)
+                send.append(flat[index].float())
+                in_splits[owner_group] += len(index)
+            del flat
+        send = [send[i * G + g] for g in range(G) for i in range(len(bucket))]  # owner-major, as the splits
         plan, out_splits = self._incoming(bucket, [specs[g] for g in range(G)], topo.rank, offsets=True)
-        received = self._all_to_all(send, in_splits, out_splits, topo.cross_group, self.wire)
+        sent = sum(in_splits) - in_splits[topo.group]  # to the other owners
+        received = self._all_to_all(send, in_splits, out_splits, topo.cross_group, self.wire, sent)
         total = {e.name: torch.zeros(self.central.piece_len(e.name)) for e in bucket}
         count = {e.name: torch.zeros(self.central.piece_len(e.name)) for e in bucket}
         for (name, offsets), values in zip(plan, received.split([len(o) for _, o in plan]), strict=True):
@@ -151,8 +158,9 @@ class PackedExchange:
             in_splits.append(n)
         mine = specs[topo.group]
         plan, out_splits = self._incoming(bucket, [mine] * topo.world_size, None, offsets=False)
+        incoming = sum(out_splits) - out_splits[topo.rank]  # from the other owners
         # fp32 always: the engines' master weights start every round from these values exactly
-        received = self._all_to_all(send, in_splits, out_splits, None, torch.float32)
+        received = self._all_to_all(send, in_splits, out_splits, None, torch.float32, incoming)
         shapes = {e.name: self._received_shape(e, mine) for e in bucket}
         out = {name: torch.empty(math.prod(shape)) for name, shape in shapes.items()}
         for (name, index), values in zip(plan, received.split([len(i) for _, i in plan]), strict=True):

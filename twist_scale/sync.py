@@ -192,7 +192,7 @@ class SubnetSync:
     def aggregate(self, specs: list[SubnetSpec]) -> None:
         """Holder mean of every group's subnet (and moments) into the central model."""
         for bucket in buckets(self.entries, self.bucket_bytes):
-            self.exchange.aggregate(bucket, {e.name: self._read(e) for e in bucket}, specs)
+            self.exchange.aggregate(bucket, self._read, specs)
 
     def _read(self, entry: Entry) -> torch.Tensor:
         name, _, key = entry.name.partition("@")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from twist_scale.distributed import SHM_DIR, deepspeed_shm_name
+from twist_scale.distributed import SHM_DIR, deepspeed_shm_name, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = (REPO / ".." / "shared" / "data").resolve()
@@ -27,12 +26,6 @@ BROWN_VALID = DATA / "brown" / "valid.txt"
 BIN = Path(sys.executable).parent
 TRAIN = REPO / "launch" / "train.py"
 STRICT_DEVICE = Path(__file__).resolve().parent / "strict_device.py"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @functools.cache
