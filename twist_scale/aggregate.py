@@ -89,6 +89,19 @@ class CentralShards:
         """Keep this rank's piece of a full tensor every rank holds (initialisation, pretrained load)."""
         self.shards[name] = self._my_piece(full, name)
 
+    def load_resharded(self, old_shards: list[dict[str, torch.Tensor]], old_world: int) -> None:
+        """This rank's pieces, cut from the pieces a world of `old_world` ranks kept (same flat layout)."""
+        self.shards = {}
+        for name in old_shards[0]:
+            n, k = self.shapes[name.split("@")[0]].numel(), self.piece_len(name)
+            old_k = -(-n // old_world)
+            lo, hi = min(self.topo.rank * k, n), min((self.topo.rank + 1) * k, n)
+            piece = torch.zeros(k)
+            for q in range(lo // old_k, -(-hi // old_k)):  # the old pieces this range overlaps
+                a, b = max(lo, q * old_k), min(hi, (q + 1) * old_k)
+                piece[a - lo : b - lo] = old_shards[q][name][a - q * old_k : b - q * old_k]
+            self.shards[name] = self.host(piece)
+
     def gather(self, name: str) -> torch.Tensor:
         """The full tensor, reassembled from every rank's piece (one collective over the world)."""
         shard = self.shards[name]

@@ -3,6 +3,10 @@
 Every rank writes into a hidden temporary directory; after a barrier rank 0 checksums every file,
 writes manifest.json and renames the directory into place. A directory without a manifest, or
 whose files do not match it, is reported and skipped on resume — never loaded.
+
+A checkpoint resumes at another world (G'×R' instead of G×R) when every stateful component can
+reshard itself (`load_resharded`): the rank files are opened memory-mapped, so a rank reads only
+the parts it needs. The engines' files are not used then: they fit one group layout only.
 """
 
 from __future__ import annotations
@@ -71,6 +75,11 @@ class Stateful(Protocol):
     def load_state_dict(self, state: Any) -> None: ...
 
 
+class Reshardable(Stateful, Protocol):
+    def load_resharded(self, states: list[Any], old_world: int) -> None:
+        """Restore from the states every rank of a world of `old_world` saved (lazily loaded)."""
+
+
 class EngineFiles(Protocol):
     """An engine checkpoints itself into a directory its group shares (ZeRO and FSDP shard the files)."""
 
@@ -88,6 +97,9 @@ class RngState:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         set_rng_state(state)
 
+    def load_resharded(self, states: list[dict[str, Any]], old_world: int) -> None:
+        """Keep the seeded generators: ranks of a new layout have no old ones that belong to them."""
+
 
 class Checkpointer:
     """Saves a run's stateful components per rank and its engine per group, at round boundaries."""
@@ -101,13 +113,16 @@ class Checkpointer:
         every_rounds: int = 0,
         last_round: int = 0,
         group: int = 0,
+        layout: tuple[int, int] = (1, 1),
     ) -> None:
         self.root, self.rank, self.group, self.keep_last, self.device = root, rank, group, keep_last, device
         self.every_rounds, self.last_round = every_rounds, last_round
+        self.layout = layout  # (world size, groups) of this run
 
     @classmethod
     def for_run(cls, root: Path, topo: Topology, cfg: CheckpointConfig, last_round: int) -> Checkpointer:
-        return cls(root, topo.rank, cfg.keep_last, topo.device, cfg.every_rounds, last_round, topo.group)
+        layout = (topo.world_size, topo.groups)
+        return cls(root, topo.rank, cfg.keep_last, topo.device, cfg.every_rounds, last_round, topo.group, layout)
 
     def save_run(
         self,
@@ -128,13 +143,27 @@ class Checkpointer:
 
         return self.save(round_, write, meta, finite)
 
-    def load_run(self, path: Path, components: Mapping[str, Stateful], engine: EngineFiles) -> int:
-        """Restore what `save_run` wrote; returns the round it was written at."""
-        state = torch.load(path / f"rank_{self.rank:05d}.pt", weights_only=False)
+    def load_run(self, path: Path, components: Mapping[str, Stateful], engine: EngineFiles) -> tuple[int, bool]:
+        """Restore what `save_run` wrote: (the round it was written at, whether the world was another)."""
+        meta = json.loads((path / MANIFEST).read_text())
+        saved = (meta["world_size"], meta["groups"])
+        if saved == self.layout:
+            state = torch.load(path / f"rank_{self.rank:05d}.pt", weights_only=False)
+            for name, component in components.items():
+                component.load_state_dict(state[name])
+            engine.load(str(path / f"group_{self.group:04d}"))
+            return state["round"], False
+        fixed = [name for name, c in components.items() if not hasattr(c, "load_resharded")]
+        if fixed:
+            raise ValueError(
+                f"checkpoint {path} was written by {saved[0]} processes in {saved[1]} group(s), and this run has "
+                f"{self.layout[0]} in {self.layout[1]}; its {', '.join(fixed)} cannot be resharded (a dense run "
+                f"resumes only at its own world): launch {saved[0]} processes with --twist.groups {saved[1]}"
+            )
+        states = [torch.load(path / f"rank_{q:05d}.pt", weights_only=False, mmap=True) for q in range(saved[0])]
         for name, component in components.items():
-            component.load_state_dict(state[name])
-        engine.load(str(path / f"group_{self.group:04d}"))
-        return state["round"]
+            component.load_resharded([s[name] for s in states], saved[0])
+        return states[0]["round"], True
 
     def due(self, round_: int) -> bool:
         """Every `every_rounds` rounds (0: never) and always after the last one."""

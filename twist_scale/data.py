@@ -200,6 +200,17 @@ class ShardedBatches:
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
 
+    def load_resharded(self, states: list[dict[str, int]], old_world: int) -> None:
+        """Continue at the fraction of an epoch the old world had reached (every rank steps in lockstep).
+
+        The shards differ in another world, so the exact sequence cannot continue; the number of
+        epochs seen, and so the data schedule, does.
+        """
+        old_batches = len(range(0, len(self.blocks), old_world)) // self.batch_size
+        seen = int(states[0]["epoch"]) + int(states[0]["batch"]) / max(old_batches, 1)
+        self.epoch = int(seen)
+        self.batch = min(round((seen - self.epoch) * self.batches_per_epoch), self.batches_per_epoch)
+
 
 def eval_batches(blocks: np.ndarray, index: int, count: int, batch_size: int, max_batches: int) -> list[torch.Tensor]:
     """A fixed list of validation batches for shard `index` of `count` (no shuffling)."""

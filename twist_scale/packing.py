@@ -2,16 +2,20 @@
 
 The dense exchange moves full-width tensors: a zero-filled masked reduce-scatter to aggregate and an
 all-gather of every full tensor to dispatch, so its traffic ignores κ. Here only held elements
-travel. Every rank knows every group's spec, so for any flat range of a full tensor each rank can
-compute locally which elements a group holds and where they sit in that group's subnet tensor; the
-split sizes of an all-to-all follow without any handshake.
+travel, and no rank needs a handshake to know how many: every rank knows every group's spec.
+
+Unit ids are ascending in a spec, so a subnet tensor lists its elements in the order of their flat
+index in the full tensor. A group's elements inside any flat range [lo, hi) of a full tensor are
+therefore one contiguous run of its flattened subnet, whose ends are counted in O(1) (`Held.before`);
+only the owner of a piece needs an element mask, and only over its piece (`Held.mask`).
 
 - Aggregation: dp rank r of group g sends, to each owner at dp position r (the G ranks of its
-  cross group), the elements of its subnet that fall in that owner's piece. An owner adds what each
-  group sent and divides by how many groups sent each element (the holder count, never materialised
-  beyond its piece); elements nobody held keep their value. Bytes sent ∝ κ/R of the model.
+  cross group), the run of its subnet that falls in that owner's piece. An owner adds what each
+  group sent where the group holds, and divides by how many groups did (the holder count, never
+  materialised beyond its piece); elements nobody held keep their value. Bytes ∝ κ/R of the model.
 - Dispatch: each owner sends to every rank the elements of its piece that rank's group holds (one
-  all-to-all over the world); a rank receives its group's subnet, ∝ κ of the model.
+  all-to-all over the world); a rank receives its group's subnet, ∝ κ of the model, and the runs
+  from owners 0, 1, ... concatenate into the flattened subnet tensor.
 
 Tensors travel in buckets of about `bucket_bytes` of full-width fp32 data: one all-to-all per
 bucket, and temporary memory bounded by the bucket (a tensor larger than a bucket is a bucket of its
@@ -51,25 +55,39 @@ class Entry:
         return None if self.unit is None else spec.units(self.unit[0])
 
 
-def held(shape: torch.Size, unit: tuple[UnitBlock, AxisSlice] | None, units: torch.Tensor | None, lo: int, hi: int):
-    """The elements of flat range [lo, hi) of a full tensor that a group with `units` holds.
+class Held:
+    """Which elements of one full tensor a group holds: every element whose unit-axis coordinate it keeps."""
 
-    Returns (offsets from lo, flat indices into the group's subnet tensor), both int64. The subnet
-    keeps the held coordinates along the unit axis in `AxisSlice.index` order (as slicing does).
-    `units` None means the whole tensor (a shared tensor, or one dispatched whole).
-    """
-    flat = torch.arange(lo, hi)
-    if units is None:
-        return flat - lo, flat
-    axis = unit[1]
-    size, inner = shape[axis.axis], math.prod(shape[axis.axis + 1 :])
-    coords = axis.index(units)
-    position = torch.full((size,), -1, dtype=torch.long)
-    position[coords] = torch.arange(len(coords))
-    along = position[(flat // inner) % size]
-    keep = along >= 0
-    flat, along = flat[keep], along[keep]
-    return flat - lo, ((flat // (size * inner)) * len(coords) + along) * inner + flat % inner
+    def __init__(self, entry: Entry, units: torch.Tensor | None) -> None:
+        self.numel = entry.numel
+        self.along: torch.Tensor | None = None  # None: the whole tensor
+        if units is None:
+            return
+        axis = entry.unit[1]
+        coords = axis.index(units)
+        if len(coords) > 1 and not bool((coords[1:] > coords[:-1]).all()):
+            raise ValueError(f"{entry.name}: the packed exchange needs ascending unit ids, as sampled specs have")
+        self.size, self.inner = entry.shape[axis.axis], math.prod(entry.shape[axis.axis + 1 :])
+        self.along = torch.zeros(self.size, dtype=torch.bool)
+        self.along[coords] = True
+        self.below = torch.cat([torch.zeros(1, dtype=torch.long), self.along.cumsum(0)]).tolist()  # held coords < c
+
+    def before(self, position: int) -> int:
+        """How many held elements have a flat index below `position`: where a range starts in the subnet."""
+        if self.along is None:
+            return position
+        outer, rest = divmod(position, self.size * self.inner)
+        coord, i = divmod(rest, self.inner)
+        partial = i if coord < self.size and bool(self.along[coord]) else 0
+        return (outer * self.below[-1] + self.below[coord]) * self.inner + partial
+
+    def mask(self, lo: int, hi: int) -> torch.Tensor | None:
+        """Held elements of flat range [lo, hi) as a bool mask over the range (None: all of them)."""
+        if self.along is None or hi <= lo:
+            return None
+        first, last = lo // self.inner, (hi - 1) // self.inner
+        rows = self.along[torch.arange(first, last + 1) % self.size].repeat_interleave(self.inner)
+        return rows[lo - first * self.inner : hi - first * self.inner]
 
 
 def buckets(entries: list[Entry], bucket_bytes: int) -> list[list[Entry]]:
@@ -95,6 +113,11 @@ class PackedExchange:
         k = self.central.piece_len(entry.name)
         return min(piece * k, entry.numel), min((piece + 1) * k, entry.numel)
 
+    def _run(self, held: Held, entry: Entry, piece: int) -> int:
+        """How many of the held elements fall in `piece`: one contiguous run of the flattened subnet."""
+        lo, hi = self._range(entry, piece)
+        return held.before(hi) - held.before(lo)
+
     def _all_to_all(
         self,
         send: list[torch.Tensor],
@@ -117,55 +140,65 @@ class PackedExchange:
         """Holder mean of the groups' subnet tensors into the shards; `read` gives this group's, one at a time."""
         topo = self.topo
         G, R, r = topo.groups, topo.ranks_per_group, topo.dp_rank
-        mine = specs[topo.group]
-        send: list[torch.Tensor] = []
-        in_splits = [0] * G
-        for entry in bucket:  # one subnet tensor alive at a time: only its pieces for the owners are kept
+        runs: list[list[torch.Tensor]] = [[] for _ in range(G)]  # per owner, in bucket order
+        for entry in bucket:  # the runs are views of the subnet tensors until the payload is built
             flat = read(entry).reshape(-1)
+            held = Held(entry, entry.units(specs[topo.group]))
             for owner_group in range(G):
-                _, index = held(entry.shape, entry.unit, entry.units(mine), *self._range(entry, owner_group * R + r))
-                send.append(flat[index].float())
-                in_splits[owner_group] += len(index)
-            del flat
-        send = [send[i * G + g] for g in range(G) for i in range(len(bucket))]  # owner-major, as the splits
-        plan, out_splits = self._incoming(bucket, [specs[g] for g in range(G)], topo.rank, offsets=True)
+                lo, hi = self._range(entry, owner_group * R + r)
+                runs[owner_group].append(flat[held.before(lo) : held.before(hi)])
+        in_splits = [sum(len(run) for run in owner) for owner in runs]
+        helds = [[Held(e, e.units(specs[g])) for e in bucket] for g in range(G)]
+        lengths = [[self._run(h, e, topo.rank) for h, e in zip(hs, bucket, strict=True)] for hs in helds]
+        out_splits = [sum(group) for group in lengths]
         sent = sum(in_splits) - in_splits[topo.group]  # to the other owners
-        received = self._all_to_all(send, in_splits, out_splits, topo.cross_group, self.wire, sent)
-        total = {e.name: torch.zeros(self.central.piece_len(e.name)) for e in bucket}
-        count = {e.name: torch.zeros(self.central.piece_len(e.name)) for e in bucket}
-        for (name, offsets), values in zip(plan, received.split([len(o) for _, o in plan]), strict=True):
-            total[name][offsets] += values  # one source at a time: offsets are unique within a source
-            count[name][offsets] += 1
-        for entry in bucket:
-            old = self.central.shards.get(entry.name, torch.zeros_like(total[entry.name]))
-            c = count[entry.name]
-            self.central.shards[entry.name] = self.central.host(
-                torch.where(c > 0, total[entry.name] / c.clamp(min=1), old)
-            )
+        send = [run for owner in runs for run in owner]
+        received = self._all_to_all(send, in_splits, out_splits, topo.cross_group, self.wire, sent).split(
+            [n for group in lengths for n in group]
+        )
+        for i, entry in enumerate(bucket):
+            lo, hi = self._range(entry, topo.rank)
+            total, count = torch.zeros(hi - lo), torch.zeros(hi - lo)
+            for g in range(G):
+                mask, values = helds[g][i].mask(lo, hi), received[g * len(bucket) + i]
+                if mask is None:
+                    total += values
+                    count += 1
+                else:  # spread in one pass, then add: far faster than indexed accumulation
+                    total += torch.zeros(hi - lo).masked_scatter_(mask, values)
+                    count += mask
+            old = self.central.shards.get(entry.name, torch.zeros(self.central.piece_len(entry.name)))
+            mean = torch.where(count > 0, total / count.clamp(min=1), old[: hi - lo])  # nobody held: keep the value
+            self.central.shards[entry.name] = self.central.host(torch.cat([mean, old[hi - lo :]]))
 
     def dispatch(self, bucket: list[Entry], specs: list[SubnetSpec]) -> dict[str, torch.Tensor]:
         """This group's subnet tensor of every entry (the full tensor for `whole` entries), by name."""
         topo = self.topo
         R = topo.ranks_per_group
         send, in_splits = [], []
-        for dest in range(topo.world_size):
-            n = 0
+        for group in range(topo.groups):  # what each group gets from this owner's pieces
+            runs = []
             for entry in bucket:
-                units = None if entry.whole else entry.units(specs[dest // R])
-                offsets, _ = held(entry.shape, entry.unit, units, *self._range(entry, topo.rank))
-                send.append(self.central.shards[entry.name][offsets])
-                n += len(offsets)
-            in_splits.append(n)
-        mine = specs[topo.group]
-        plan, out_splits = self._incoming(bucket, [mine] * topo.world_size, None, offsets=False)
+                lo, hi = self._range(entry, topo.rank)
+                mask = Held(entry, None if entry.whole else entry.units(specs[group])).mask(lo, hi)
+                piece = self.central.shards[entry.name][: hi - lo]
+                runs.append(piece if mask is None else piece[mask])
+            in_splits += [sum(len(run) for run in runs)] * R
+            send += runs * R
+        mine = [Held(e, None if e.whole else e.units(specs[topo.group])) for e in bucket]
+        lengths = [
+            [self._run(h, e, owner) for h, e in zip(mine, bucket, strict=True)] for owner in range(topo.world_size)
+        ]
+        out_splits = [sum(owner) for owner in lengths]
         incoming = sum(out_splits) - out_splits[topo.rank]  # from the other owners
         # fp32 always: the engines' master weights start every round from these values exactly
         received = self._all_to_all(send, in_splits, out_splits, None, torch.float32, incoming)
-        shapes = {e.name: self._received_shape(e, mine) for e in bucket}
-        out = {name: torch.empty(math.prod(shape)) for name, shape in shapes.items()}
-        for (name, index), values in zip(plan, received.split([len(i) for _, i in plan]), strict=True):
-            out[name][index] = values
-        return {name: out[name].view(shape) for name, shape in shapes.items()}
+        runs = received.split([n for owner in lengths for n in owner])
+        out = {}
+        for i, entry in enumerate(bucket):  # owners 0, 1, ... hold ascending flat ranges: their runs concatenate
+            flat = torch.cat([runs[owner * len(bucket) + i] for owner in range(topo.world_size)])
+            out[entry.name] = flat.view(self._received_shape(entry, specs[topo.group]))
+        return out
 
     @staticmethod
     def _received_shape(entry: Entry, spec: SubnetSpec) -> list[int]:
@@ -173,22 +206,3 @@ class PackedExchange:
         if entry.unit is not None and not entry.whole:
             shape[entry.unit[1].axis] = len(entry.unit[1].index(entry.units(spec)))
         return shape
-
-    def _incoming(
-        self, bucket: list[Entry], source_specs: list[SubnetSpec], piece: int | None, offsets: bool
-    ) -> tuple[list[tuple[str, torch.Tensor]], list[int]]:
-        """What each source sends this rank, in send order: (entry name, offsets or subnet indices) and split sizes.
-
-        Aggregation (`piece` given): source g sends its group's held elements of this rank's piece.
-        Dispatch (`piece` None): source q sends the elements of its own piece this rank's group holds.
-        """
-        plan, splits = [], []
-        for source, spec in enumerate(source_specs):
-            n = 0
-            for entry in bucket:
-                units = None if entry.whole and piece is None else entry.units(spec)
-                o, i = held(entry.shape, entry.unit, units, *self._range(entry, source if piece is None else piece))
-                plan.append((entry.name, o if offsets else i))
-                n += len(o)
-            splits.append(n)
-        return plan, splits

@@ -90,6 +90,8 @@ class DenseSync:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
+    moments: tuple[str, ...] = ()  # the engine keeps its own optimizer state
+
     def dispatch(self, specs: list[SubnetSpec]) -> None: ...
 
     def aggregate(self, specs: list[SubnetSpec]) -> None: ...
@@ -129,7 +131,7 @@ class SubnetSync:
         bucket_mb: float = DEFAULT_BUCKET_MB,
     ) -> None:
         self.central, self.engine, self.topo = central, engine, topo
-        self.correction, self.reset_moments = correction, reset_moments
+        self.correction, self.reset_moments, self.moments = correction, reset_moments, moments
         self.exchange = exchange or PackedExchange(central)
         self.bucket_bytes = int(bucket_mb * 2**20)
         unit_axes = axis_of(unit_blocks)
@@ -155,6 +157,9 @@ class SubnetSync:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.central.shards = state
+
+    def load_resharded(self, states: list[dict[str, torch.Tensor]], old_world: int) -> None:
+        self.central.load_resharded(states, old_world)
 
     def take_traffic(self) -> Traffic:
         """What this rank put on the wire since the last call, for tracking."""

@@ -147,6 +147,8 @@ class Trainer:
     def resume(self) -> None:
         path = self.checkpointer.latest_valid() if self.cfg.checkpoint.resume else None
         if path is not None:
-            self.round = self.checkpointer.load_run(path, self.stateful, self.engine)
-            log.info("resumed from %s at round %d", path, self.round)
+            self.round, elsewhere = self.checkpointer.load_run(path, self.stateful, self.engine)
+            if elsewhere:  # another G x R: the engine starts fresh at the saved step
+                self.engine.resume_at(self.round * self.cfg.twist.local_steps, self.sync.moments)
+            log.info("resumed from %s at round %d%s", path, self.round, " (resharded)" if elsewhere else "")
         verify_same_masks(self.sampler.specs(self.round), self.topo)

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from helpers.models import random_model
 
 from twist_scale.models import architecture_of
-from twist_scale.packing import Entry, buckets, held
+from twist_scale.packing import Entry, Held, buckets
 from twist_scale.subnet import SubnetSampler, axis_of, partitioned_blocks, slice_tensor
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])  # gpt2: fused qkv, units in three segments
-def test_held_elements_are_exactly_what_slicing_keeps(arch):
+def test_held_runs_and_masks_are_exactly_what_slicing_keeps(arch):
     model = random_model(arch)
     ugs = partitioned_blocks(architecture_of(model).unit_blocks(model.config), shared_layers=[])
     spec = SubnetSampler(tuple(ugs), 2, 0.5, seed=3).specs(0)[1]
@@ -24,14 +22,31 @@ def test_held_elements_are_exactly_what_slicing_keeps(arch):
         if name not in params:
             continue
         shape = params[name].shape
-        numbered = torch.arange(math.prod(shape)).view(shape)
+        entry = Entry(name, shape, (ug, axis))
+        numbered = torch.arange(entry.numel).view(shape)
         sub = slice_tensor(numbered, axis, spec.units(ug)).flatten()  # each kept element's full index, in order
-        lo, hi = sorted(torch.randint(0, len(numbered.flatten()) + 1, (2,), generator=gen).tolist())
-        offsets, index = held(shape, (ug, axis), spec.units(ug), lo, hi)
-        in_range = (sub >= lo) & (sub < hi)
-        assert torch.equal(offsets + lo, sub[in_range]), name
-        assert torch.equal(index, torch.nonzero(in_range).flatten()), name
-        assert torch.equal(held(shape, None, None, lo, hi)[0], torch.arange(hi - lo))  # shared: everything
+        assert torch.equal(sub, sub.sort().values), f"{name}: the subnet lists elements in full flat order"
+        held = Held(entry, spec.units(ug))
+        for lo, hi in [
+            (0, entry.numel),
+            *(sorted(torch.randint(0, entry.numel + 1, (2,), generator=gen).tolist()) for _ in range(5)),
+        ]:
+            assert held.before(lo) == int((sub < lo).sum()), (name, lo)
+            mask = held.mask(lo, hi)
+            expected = torch.isin(torch.arange(lo, hi), sub)
+            assert torch.equal(mask, expected) if hi > lo else mask is None, (name, lo, hi)
+        assert held.before(entry.numel) == len(sub)
+    whole = Held(Entry("w", torch.Size([4, 6]), None), None)
+    assert whole.before(7) == 7 and whole.mask(3, 9) is None  # shared tensors: every element
+
+
+def test_unsorted_units_are_refused():
+    model = random_model("llama")
+    ug = partitioned_blocks(architecture_of(model).unit_blocks(model.config), shared_layers=[])[0]
+    axis = ug.axes[0]
+    shape = dict(model.named_parameters())[axis.name].shape
+    with pytest.raises(ValueError, match="ascending unit ids"):
+        Held(Entry(axis.name, shape, (ug, axis)), torch.tensor([1, 0]))
 
 
 def test_buckets_keep_order_and_size_and_isolate_large_tensors():

@@ -39,6 +39,7 @@ class Engine(abc.ABC):
     """Trains one (sub-)model; reads and writes its full (group-gathered) tensors by name."""
 
     module: nn.Module
+    optimizer: torch.optim.Optimizer  # or the engine's wrapper of one (see torch_optimizer)
     scheduler: torch.optim.lr_scheduler.LRScheduler  # stepped once per train_step, skipped or not
     params: dict[str, nn.Parameter]  # the (sub-)model's parameters by name, as read/write address them
 
@@ -111,6 +112,29 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def reset_optimizer_state(self) -> None:
         """Fresh moments and step counts, as if the optimizer had just been built."""
+
+    def torch_optimizer(self) -> torch.optim.Optimizer:
+        """The torch optimizer that holds the moments (inside any wrapper)."""
+        return self.optimizer
+
+    def resume_at(self, steps: int, moments: tuple[str, ...]) -> None:
+        """Continue a run checkpointed at another world, whose engine files do not fit this one.
+
+        The schedule moves on to `steps`. Where moments are aggregated, each parameter gets optimizer
+        state with that step count (Adam's bias correction depends on it) for the next dispatch to fill.
+        """
+        with warnings.catch_warnings():  # torch warns when the schedule moves before any optimizer step
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(steps):
+                self.scheduler.step()
+        if moments:
+            optimizer = self.torch_optimizer()
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    state = optimizer.state[p]
+                    state["step"] = torch.tensor(float(steps))
+                    for key in moments:
+                        state.setdefault(key, torch.zeros_like(p))
 
     @abc.abstractmethod
     def lr(self) -> float: ...

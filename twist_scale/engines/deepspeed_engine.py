@@ -149,7 +149,14 @@ class DeepSpeedEngine(Engine):
         self._moments_linked = True
 
     def reset_optimizer_state(self) -> None:
-        zero_optimizer_state(getattr(self.optimizer, "optimizer", self.optimizer))
+        zero_optimizer_state(self.torch_optimizer())
+
+    def torch_optimizer(self) -> torch.optim.Optimizer:
+        return getattr(self.optimizer, "optimizer", self.optimizer)
+
+    def resume_at(self, steps: int, moments: tuple[str, ...]) -> None:
+        super().resume_at(steps, moments)
+        self._moments_linked = False  # the state just created must be linked to the parameters
 
     def lr(self) -> float:
         return self.engine.get_lr()[0]
