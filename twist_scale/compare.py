@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from twist_scale.metric_names import MetricName
-from twist_scale.tracking import experiment_id
+from twist_scale.run_store import PARENT_TAG, RunStore
 
 KIND_TAG = "twist.kind"
 COMPARISON = "comparison"
@@ -52,19 +52,17 @@ def training_of(params: dict[str, str]) -> str:
 
 
 def collect(tracking_uri: str, experiment: str) -> list[Series]:
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri)
-    exp_id = experiment_id(client, experiment, create=False)
+    store = RunStore(tracking_uri)
+    exp_id = store.experiment(experiment, create=False)
     if exp_id is None:
-        names = ", ".join(e.name for e in client.search_experiments())
+        names = ", ".join(store.experiment_names())
         raise ValueError(
             f"no experiment {experiment!r} in {tracking_uri}; --tracking.experiment is one of: {names or 'none'}"
         )
     series: list[Series] = []
-    for run in client.search_runs([exp_id], max_results=50_000, order_by=["attributes.start_time ASC"]):
+    for run in store.runs(exp_id):
         tags = run.data.tags
-        if "mlflow.parentRunId" in tags or tags.get(KIND_TAG) == COMPARISON:
+        if PARENT_TAG in tags or tags.get(KIND_TAG) == COMPARISON:
             continue
         by_label: dict[str, Series] = {}
         for key, value in run.data.metrics.items():
@@ -142,17 +140,11 @@ def plot(series: list[Series], path: Path, title: str) -> Path:
 
 def log_comparison(tracking_uri: str, experiment: str, files: list[Path]) -> str:
     """Attach the files to the experiment's 'comparison' run (created once, reused after)."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri)
-    exp_id = experiment_id(client, experiment, create=False)
-    found = client.search_runs([exp_id], f"tags.`{KIND_TAG}` = '{COMPARISON}'", max_results=1)
-    run_id = found[0].info.run_id if found else ""
-    if not run_id:
-        run_id = client.create_run(exp_id, run_name=COMPARISON, tags={KIND_TAG: COMPARISON}).info.run_id
+    store = RunStore(tracking_uri)
+    run_id = store.find_or_create_run(store.experiment(experiment, create=False), COMPARISON, {KIND_TAG: COMPARISON})
     for f in files:
-        client.log_artifact(run_id, str(f))
-    client.set_terminated(run_id)
+        store.log_artifact(run_id, f)
+    store.end(run_id)
     return run_id
 
 
