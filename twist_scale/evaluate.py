@@ -31,7 +31,7 @@ from torch import nn
 
 from twist_scale.data import token_stream
 from twist_scale.logs import setup_logging
-from twist_scale.metric_names import LABEL, STATS, MetricName
+from twist_scale.metric_names import LABEL, STATS, MetricName, eval_run_name
 from twist_scale.pruning.build import parameter_count
 from twist_scale.pruning.cli import add_pruning_args, pruner_from_args
 from twist_scale.pruning.methods import check_kappa
@@ -191,7 +191,7 @@ def log_sweep(result: Sweep, uri: str, run_id: str) -> list[str]:
     store.log(run_id, sweep_metrics(result), tags={f"test.protocol.{result.label}": result.settings["protocol"]})
     nested = []
     for r in result.results:
-        name = f"{result.label} kappa={r.kappa:.2f}"
+        name = eval_run_name(result.label, r.kappa)
         cid = store.create_run(exp_id, name, {"twist.kind": "prune-eval"}, parent=run_id)
         params = {**result.settings, "kappa": r.kappa, "parameters": r.parameters, "loads_plain": r.plain}
         metrics = {f"ppl_{k}": v for k, v in r.summary().items()}
