@@ -1,9 +1,9 @@
 """Perplexity vs sparsity across an MLflow experiment: TwIST runs and post-hoc baselines side by side.
 
 Reads the `test/<label>/ppl_kappa_<κ>` and `test/<label>/ppl_full` metrics that evaluate.py logs on
-each training run (nested per-κ runs and earlier comparisons are skipped), prints a runs × κ table
-and draws one chart (x: sparsity 1 − κ, the full model at 0; y: perplexity, log scale): TwIST runs
-solid, dense-trained runs dashed.
+each training run (earlier comparisons are skipped; the nested per-κ runs only say which method a
+label measured), prints a runs × κ table and draws the chart of sparsity_chart.py: one panel per
+test set, baselines dashed, TwIST solid, the best of each stressed.
 Both files are logged back as artifacts of a run named 'comparison' in the same experiment.
 """
 
@@ -13,8 +13,9 @@ import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from twist_scale.metric_names import MetricName
-from twist_scale.tracking import experiment_id
+from twist_scale.metric_names import MetricName, label_of_eval_run, split_label
+from twist_scale.run_store import PARENT_TAG, RunStore
+from twist_scale.sparsity_chart import plot
 
 KIND_TAG = "twist.kind"
 COMPARISON = "comparison"
@@ -31,14 +32,26 @@ class Series:
     full: float | None
     ppl: dict[float, float] = field(default_factory=dict)
     std: dict[float, float] = field(default_factory=dict)
+    method: str = ""  # the pruning method the label measured ('' if unknown)
 
     @property
-    def dense(self) -> bool:
-        return self.training == "dense"
+    def baseline(self) -> bool:
+        """Pruned post hoc: a model trained dense, or one trained elsewhere."""
+        return not self.training.startswith("twist")
 
     @property
-    def name(self) -> str:
-        return f"{self.run_name} [{self.training}] {self.label}"
+    def measured(self) -> str:
+        """The method (and variant) the label names, without its test set."""
+        return split_label(self.label, self.method)[0]
+
+    @property
+    def test_set(self) -> str:
+        return split_label(self.label, self.method)[1]
+
+    @property
+    def legend(self) -> str:
+        training = "" if self.training == "dense" else f" [{self.training.removeprefix('twist ')}]"
+        return f"{self.run_name}{training} · {self.measured}"
 
 
 def training_of(params: dict[str, str]) -> str:
@@ -52,19 +65,23 @@ def training_of(params: dict[str, str]) -> str:
 
 
 def collect(tracking_uri: str, experiment: str) -> list[Series]:
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri)
-    exp_id = experiment_id(client, experiment, create=False)
+    store = RunStore(tracking_uri)
+    exp_id = store.experiment(experiment, create=False)
     if exp_id is None:
-        names = ", ".join(e.name for e in client.search_experiments())
+        names = ", ".join(store.experiment_names())
         raise ValueError(
             f"no experiment {experiment!r} in {tracking_uri}; --tracking.experiment is one of: {names or 'none'}"
         )
+    runs = store.runs(exp_id)
+    methods = {
+        (run.data.tags[PARENT_TAG], label_of_eval_run(run.info.run_name or "")): run.data.params.get("method", "")
+        for run in runs
+        if PARENT_TAG in run.data.tags
+    }
     series: list[Series] = []
-    for run in client.search_runs([exp_id], max_results=50_000, order_by=["attributes.start_time ASC"]):
+    for run in runs:
         tags = run.data.tags
-        if "mlflow.parentRunId" in tags or tags.get(KIND_TAG) == COMPARISON:
+        if PARENT_TAG in tags or tags.get(KIND_TAG) == COMPARISON:
             continue
         by_label: dict[str, Series] = {}
         for key, value in run.data.metrics.items():
@@ -79,6 +96,7 @@ def collect(tracking_uri: str, experiment: str) -> list[Series]:
                     training_of(run.data.params),
                     name.label,
                     None,
+                    method=methods.get((run.info.run_id, name.label), ""),
                 ),
             )
             if name.kappa is None:
@@ -102,57 +120,13 @@ def format_table(series: list[Series]) -> str:
     return "\n".join("| " + " | ".join(r) + " |" for r in rows)
 
 
-def plot(series: list[Series], path: Path, title: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import ScalarFormatter
-
-    fig, ax = plt.subplots(figsize=(11, 5))
-    colors = plt.get_cmap("tab20").colors
-    for i, s in enumerate(series):
-        points = {1.0: s.full} if s.full is not None else {}
-        points |= s.ppl
-        kappas = sorted(points, reverse=True)
-        ax.errorbar(
-            [1 - k for k in kappas],
-            [points[k] for k in kappas],
-            yerr=[s.std.get(k, 0.0) for k in kappas],
-            label=s.name,
-            color=colors[i % len(colors)],
-            linestyle="--" if s.dense else "-",
-            marker="s" if s.dense else "o",
-            capsize=3,
-        )
-    ax.set_xlabel("sparsity (1 − κ)")
-    ax.set_ylabel("perplexity")
-    ax.set_yscale("log")
-    ax.yaxis.set_major_formatter(ScalarFormatter())
-    ax.yaxis.set_minor_formatter(ScalarFormatter())
-    ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
 def log_comparison(tracking_uri: str, experiment: str, files: list[Path]) -> str:
     """Attach the files to the experiment's 'comparison' run (created once, reused after)."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri)
-    exp_id = experiment_id(client, experiment, create=False)
-    found = client.search_runs([exp_id], f"tags.`{KIND_TAG}` = '{COMPARISON}'", max_results=1)
-    run_id = found[0].info.run_id if found else ""
-    if not run_id:
-        run_id = client.create_run(exp_id, run_name=COMPARISON, tags={KIND_TAG: COMPARISON}).info.run_id
+    store = RunStore(tracking_uri)
+    run_id = store.find_or_create_run(store.experiment(experiment, create=False), COMPARISON, {KIND_TAG: COMPARISON})
     for f in files:
-        client.log_artifact(run_id, str(f))
-    client.set_terminated(run_id)
+        store.log_artifact(run_id, f)
+    store.end(run_id)
     return run_id
 
 

@@ -22,7 +22,6 @@ import json
 import logging
 import math
 import statistics
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -32,12 +31,13 @@ from torch import nn
 
 from twist_scale.data import token_stream
 from twist_scale.logs import setup_logging
-from twist_scale.metric_names import LABEL, STATS, MetricName
+from twist_scale.metric_names import LABEL, STATS, MetricName, eval_run_name
 from twist_scale.pruning.build import parameter_count
 from twist_scale.pruning.cli import add_pruning_args, pruner_from_args
 from twist_scale.pruning.methods import check_kappa
 from twist_scale.pruning.pruner import Pruner
-from twist_scale.tracking import default_uri, experiment_id
+from twist_scale.run_store import RunStore
+from twist_scale.tracking import RUN_ID_FILE, default_uri
 
 log = logging.getLogger(__name__)
 
@@ -167,58 +167,43 @@ def sweep_metrics(result: Sweep) -> dict[str, float]:
 
 def resolve_run(central_dir: Path, uri: str, run_id: str, experiment: str) -> tuple[str, str]:
     """The training run to log onto: given, or <run>/mlflow_run_id in <run>/mlflow.db; else a new run."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
     out_dir = central_dir.resolve().parent
     uri = uri or default_uri(out_dir)
-    client = MlflowClient(uri)
-    id_file = out_dir / "mlflow_run_id"
+    store = RunStore(uri)
+    id_file = out_dir / RUN_ID_FILE
     run_id = run_id or (id_file.read_text().strip() if id_file.is_file() else "")
     if run_id:
-        try:
-            client.get_run(run_id)
-        except MlflowException as err:
+        if store.experiment_of(run_id) is None:
             raise ValueError(
                 f"MLflow run {run_id} is not in {uri}; pass the store training logged to (--tracking.uri, "
                 f"its --tracking.uri) or --run_id"
-            ) from err
+            )
         return uri, run_id
-    tags = {"twist.kind": "evaluated-model"}
-    run = client.create_run(experiment_id(client, experiment), run_name=out_dir.name, tags=tags)
-    client.set_terminated(run.info.run_id)
-    return uri, run.info.run_id
+    run_id = store.create_run(store.experiment(experiment), out_dir.name, {"twist.kind": "evaluated-model"})
+    store.end(run_id)
+    return uri, run_id
 
 
 def log_sweep(result: Sweep, uri: str, run_id: str) -> list[str]:
     """Summary metrics on the training run; one nested run per κ with every draw. Returns nested run ids."""
-    from mlflow.entities import Metric, Param, RunTag
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(uri)
-    parent = client.get_run(run_id)
-    now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in sweep_metrics(result).items()])
-    client.set_tag(run_id, f"test.protocol.{result.label}", result.settings["protocol"])
+    store = RunStore(uri)
+    exp_id = store.experiment_of(run_id)
+    store.log(run_id, sweep_metrics(result), tags={f"test.protocol.{result.label}": result.settings["protocol"]})
     nested = []
     for r in result.results:
-        child = client.create_run(
-            parent.info.experiment_id,
-            run_name=f"{result.label} kappa={r.kappa:.2f}",
-            tags={"mlflow.parentRunId": run_id, "twist.kind": "prune-eval"},
-        )
-        cid = child.info.run_id
+        name = eval_run_name(result.label, r.kappa)
+        cid = store.create_run(exp_id, name, {"twist.kind": "prune-eval"}, parent=run_id)
         params = {**result.settings, "kappa": r.kappa, "parameters": r.parameters, "loads_plain": r.plain}
-        metrics = [Metric(f"ppl_{k}", v, now, 0) for k, v in r.summary().items()]
-        metrics += [Metric("ppl", p, now, step) for step, p in enumerate(r.ppls)]
-        metrics += [Metric("parameters", r.parameters, now, 0), Metric("ppl_full", result.full.ppl, now, 0)]
-        client.log_batch(
+        metrics = {f"ppl_{k}": v for k, v in r.summary().items()}
+        metrics |= {"parameters": r.parameters, "ppl_full": result.full.ppl}
+        store.log(
             cid,
-            metrics=metrics,
-            params=[Param(k, json.dumps(v) if isinstance(v, list) else str(v)) for k, v in params.items()],
-            tags=[RunTag("kappa", f"{r.kappa:.2f}")],
+            metrics,
+            params={k: json.dumps(v) if isinstance(v, list) else v for k, v in params.items()},
+            tags={"kappa": f"{r.kappa:.2f}"},
+            steps={"ppl": r.ppls},
         )
-        client.set_terminated(cid)
+        store.end(cid)
         nested.append(cid)
     return nested
 

@@ -2,7 +2,9 @@
 
 `test/<label>/ppl_full` is the full model; `test/<label>/ppl_kappa_0.50` the mean over draws at κ,
 with `_std`, `_min`, `_max` when there are several draws. The label is per method (or variant) and
-test set, since one run is often evaluated on several.
+test set, since one run is often evaluated on several: `<method>[variant]_<test set>` (flap_brown,
+random-nocorr_wikitext2), or the method alone for a single test set. Each κ's draws are also in a
+nested run named `<label> kappa=0.50`, whose params name the method.
 """
 
 from __future__ import annotations
@@ -37,3 +39,28 @@ class MetricName:
         if m["full"]:
             return cls(m["label"])
         return cls(m["label"], float(m["kappa"]), m["stat"] or "")
+
+
+def eval_run_name(label: str, kappa: float) -> str:
+    """The name of the nested run that holds a label's draws at κ."""
+    return f"{label} kappa={kappa:.2f}"
+
+
+def label_of_eval_run(name: str) -> str:
+    return name.rpartition(" kappa=")[0]
+
+
+def split_label(label: str, method: str) -> tuple[str, str]:
+    """(what was measured, the test set) of a label the method's evaluation logged; '' when it names none.
+
+    flap_brown → (flap, brown); flap_uniform → (flap_uniform, ''); random-nocorr_brown → (random-nocorr,
+    brown); a label that does not start with the method names the test set: brown → (method, brown).
+    """
+    if not method:
+        return label, ""
+    if not label.startswith(method):
+        return method, label
+    if "_" not in label[len(method) :]:
+        return label, ""
+    measured, _, test_set = label.rpartition("_")
+    return measured, test_set

@@ -11,6 +11,7 @@ outage loses nothing either), and is replayed in order by the next call that rea
 by close(). A server that is down at start only delays creating (or resuming) the run. What a crash
 or a server still down at close() leaves behind is replayed by the next attempt of the job, or by
 `python -m twist_scale.tracking replay <out_dir>`.
+Short jobs outside training (evaluation, comparison) use run_store.RunStore, unbuffered, instead.
 """
 
 from __future__ import annotations
