@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import resource
 from collections.abc import Iterable
 
 import torch
@@ -25,6 +26,11 @@ log = logging.getLogger(__name__)
 class RunMetrics:
     def __init__(self, cfg: RunConfig, topo: Topology, tracker: NullTracker) -> None:
         self.cfg, self.topo, self.tracker = cfg, topo, tracker
+
+    def log_startup_memory(self) -> None:
+        """Rank 0's peak resident memory so far: the model built, the central pieces taken, the engine built."""
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports kB
+        self.tracker.log_metrics({"perf/startup_peak_rss_mb": peak_mb}, 0)
 
     def evaluate(self, engine: Engine, batches: list[torch.Tensor], round_: int) -> dict[str, float]:
         """Validation perplexity of the central model seen through this round's G subnets.

@@ -58,6 +58,7 @@ class Trainer:
         self.stateful = {"data": self.data.train, "rng": RngState(), "central": self.sync}
         self.tracker = start_run_tracking(cfg, self.out_dir, topo.rank == 0, self.data.tokenizer_dir)
         self.metrics = RunMetrics(cfg, topo, self.tracker)
+        self.metrics.log_startup_memory()
         self.phases = Phases(topo.rank, topo.group, lambda: self.round)
         log.info(
             "world %d = %d groups x %d ranks; model %.2fM params; %s",
