@@ -59,7 +59,6 @@ class Held:
     """Which elements of one full tensor a group holds: every element whose unit-axis coordinate it keeps."""
 
     def __init__(self, entry: Entry, units: torch.Tensor | None) -> None:
-        self.numel = entry.numel
         self.along: torch.Tensor | None = None  # None: the whole tensor
         if units is None:
             return
@@ -78,7 +77,7 @@ class Held:
             return position
         outer, rest = divmod(position, self.size * self.inner)
         coord, i = divmod(rest, self.inner)
-        partial = i if coord < self.size and bool(self.along[coord]) else 0
+        partial = i if bool(self.along[coord]) else 0  # the held elements of a held row before `position`
         return (outer * self.below[-1] + self.below[coord]) * self.inner + partial
 
     def mask(self, lo: int, hi: int) -> torch.Tensor | None:

@@ -2,8 +2,8 @@
 
 SubnetSync dispatches (central model → one group's engine) and aggregates (engines → central model),
 bucket by bucket, so beside its shard of the central model and its group's subnet a rank holds about
-one bucket in flight. DenseSync is the same interface for plain data
-parallelism, where the engine already holds the whole model, so the loop has no dense branches.
+one bucket in flight. DenseSync is the same interface for plain data parallelism, where the engine
+already holds the whole model, so the loop has no dense branches.
 """
 
 from __future__ import annotations
@@ -87,10 +87,10 @@ def build_engine_and_sync(
 class DenseSync:
     """Data parallelism: one group holds the whole model, so there is nothing to dispatch or aggregate."""
 
+    moments: tuple[str, ...] = ()  # the engine keeps its own optimizer state
+
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-
-    moments: tuple[str, ...] = ()  # the engine keeps its own optimizer state
 
     def dispatch(self, specs: list[SubnetSpec]) -> None: ...
 
