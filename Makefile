@@ -29,7 +29,7 @@ dense: setup
 	$(BIN)/deepspeed --num_gpus $(NPROC) launch/train.py --config configs/dense_brown.toml
 
 test: setup
-	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -q tests
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -q --durations=15 tests
 
 # One GPU, every collective through NCCL in bf16 (world 1, G = 1, kappa 0.5), under both engines.
 SMOKE := --config configs/tiny_test.toml --parallel.backend nccl --parallel.precision bf16 \
