@@ -19,7 +19,7 @@ import shutil
 from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -75,6 +75,7 @@ class Stateful(Protocol):
     def load_state_dict(self, state: Any) -> None: ...
 
 
+@runtime_checkable
 class Reshardable(Stateful, Protocol):
     def load_resharded(self, states: list[Any], old_world: int) -> None:
         """Restore from the states every rank of a world of `old_world` saved (lazily loaded)."""
@@ -153,7 +154,7 @@ class Checkpointer:
                 component.load_state_dict(state[name])
             engine.load(str(path / f"group_{self.group:04d}"))
             return state["round"], False
-        fixed = [name for name, c in components.items() if not hasattr(c, "load_resharded")]
+        fixed = [name for name, c in components.items() if not isinstance(c, Reshardable)]
         if fixed:
             raise ValueError(
                 f"checkpoint {path} was written by {saved[0]} processes in {saved[1]} group(s), and this run has "
