@@ -7,6 +7,7 @@ share a dp position (aggregation reduce-scatters over it).
 
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass, field
 
 import torch
@@ -58,22 +59,27 @@ class Topology:
         return [g * self.ranks_per_group + dp_rank for g in range(self.groups)]
 
     @classmethod
-    def from_dist(cls, groups: int) -> Topology:
-        """Build from an initialised default process group, creating every subgroup collectively."""
+    def from_dist(cls, groups: int, timeout_s: float | None = None) -> Topology:
+        """Build from an initialised default process group, creating every subgroup collectively.
+
+        Subgroups do not inherit the default group's timeout (torch gives them 30 minutes), so a rank
+        that stops answering would hold the others in an aggregation that long: pass the run's.
+        """
         # Every subgroup uses the default group's backend, so one device serves them all.
         topo = cls(dist.get_world_size(), dist.get_rank(), groups, comm_device())
+        timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
         # new_group is collective over the world: every rank creates every group in the same order.
         for g in range(groups):
-            pg = dist.new_group(topo.intra_ranks(g))
+            pg = dist.new_group(topo.intra_ranks(g), timeout=timeout)
             if g == topo.group:
                 topo.intra_group = pg
         for r in range(topo.ranks_per_group):
-            pg = dist.new_group(topo.cross_ranks(r))
+            pg = dist.new_group(topo.cross_ranks(r), timeout=timeout)
             if r == topo.dp_rank:
                 topo.cross_group = pg
         # DeepSpeed reduces overflow flags over a model-parallel group: here each rank alone.
         for r in range(topo.world_size):
-            pg = dist.new_group([r])
+            pg = dist.new_group([r], timeout=timeout)
             if r == topo.rank:
                 topo.model_parallel_group = pg
         return topo

@@ -41,7 +41,7 @@ class Trainer:
         self.cfg = cfg
         init_distributed(cfg.parallel.backend, cfg.parallel.timeout_s)
         validate(cfg, dist.get_world_size())
-        self.topo = topo = Topology.from_dist(cfg.twist.groups)
+        self.topo = topo = Topology.from_dist(cfg.twist.groups, cfg.parallel.timeout_s)
         setup_logging(topo.rank)
         self.out_dir = Path(cfg.out_dir)
         if topo.rank == 0:
