@@ -58,10 +58,9 @@ def round_costs(out_dir: Path) -> dict[str, float]:
     cfg = json.loads((out_dir / "config.json").read_text())
     model = build_model(cfg["model"]["arch"], cfg["model"]["size"], cfg["data"]["vocab_size"])
     compute, agg = statistics.mean(series["twist/compute_seconds"]), statistics.mean(series["twist/sync_seconds"])
-    last = {
-        k: client.get_run(run_id).data.metrics.get(k) for k in ("perf/startup_peak_rss_mb", "twist/sync_collectives")
-    }
-    final_ppl = [v for k, v in client.get_run(run_id).data.metrics.items() if k.startswith("eval/ppl_kappa")]
+    latest = client.get_run(run_id).data.metrics  # each metric's last value
+    last = {k: latest.get(k) for k in ("perf/startup_peak_rss_mb", "twist/sync_collectives")}
+    final_ppl = [v for k, v in latest.items() if k.startswith("eval/ppl_kappa")]
     return {
         "tokens_per_s": statistics.median(series["perf/tokens_per_s"]),
         "compute_s_per_round": compute,

@@ -70,9 +70,11 @@ def run_point(tmp: Path, quick: bool, local_steps: int, aggregation: str, wire: 
     launch(tmp / name, "tiny_test.toml" if quick else "twist_brown.toml", overrides, procs=2)
     costs = round_costs(tmp / name) | {"H": local_steps, "exchange": aggregation, "wire": wire}
     costs["bytes_per_token"] = costs["agg_bytes_per_rank_per_round"] / costs["tokens_per_rank_per_round"]
-    steps = local_steps
     costs["dense_allreduce_bytes_per_token"] = (
-        DENSE_ALLREDUCE_BYTES_PER_PARAM_STEP * costs["full_model_params"] * steps / costs["tokens_per_rank_per_round"]
+        DENSE_ALLREDUCE_BYTES_PER_PARAM_STEP
+        * costs["full_model_params"]
+        * local_steps
+        / costs["tokens_per_rank_per_round"]
     )
     print(name, json.dumps(costs), flush=True)
     return costs

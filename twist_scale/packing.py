@@ -139,15 +139,14 @@ class PackedExchange:
         """Holder mean of the groups' subnet tensors into the shards; `read` gives this group's, one at a time."""
         topo = self.topo
         G, R, r = topo.groups, topo.ranks_per_group, topo.dp_rank
+        helds = [[Held(e, e.units(specs[g])) for e in bucket] for g in range(G)]
         runs: list[list[torch.Tensor]] = [[] for _ in range(G)]  # per owner, in bucket order
-        for entry in bucket:  # the runs are views of the subnet tensors until the payload is built
+        for entry, held in zip(bucket, helds[topo.group], strict=True):  # runs: views until the payload is built
             flat = read(entry).reshape(-1)
-            held = Held(entry, entry.units(specs[topo.group]))
             for owner_group in range(G):
                 lo, hi = self._range(entry, owner_group * R + r)
                 runs[owner_group].append(flat[held.before(lo) : held.before(hi)])
         in_splits = [sum(len(run) for run in owner) for owner in runs]
-        helds = [[Held(e, e.units(specs[g])) for e in bucket] for g in range(G)]
         lengths = [[self._run(h, e, topo.rank) for h, e in zip(hs, bucket, strict=True)] for hs in helds]
         out_splits = [sum(group) for group in lengths]
         sent = sum(in_splits) - in_splits[topo.group]  # to the other owners
