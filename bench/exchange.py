@@ -6,9 +6,11 @@
 Per (R, κ, exchange), one dispatch and one aggregation of the whole model with its Adam moments
 (optimizer_state = aggregate), on DeepSpeed ZeRO-1 engines in spawned processes on 127.0.0.1:
 collectives, payload bytes this rank sent or gathered, seconds, and the peak extra resident memory
-during aggregation (Linux VmHWM, reset before, minus VmRSS before; the worst rank). Bytes are
+during aggregation (Linux VmHWM, reset before, minus VmRSS before; the worst rank; glibc's mmap
+threshold is pinned at 64 kB so freed tensors leave the resident set and cannot hide a peak). Bytes are
 deterministic; seconds on this 2-core machine are only comparable within one run. Called by
-scaling.py, which adds whole-run shares; writes bench/results/exchange{,_quick}.json.
+scaling.py, which adds whole-run shares; writes bench/results/exchange{,_quick}{,_bucketNmb}.{json,md}.
+`--bucket_mb 2` makes the small model's largest tensors (8 MB) larger than a bucket.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ def _rank(rank: int, world: int, port: int, size: str, bucket_mb: float, out: st
     from twist_scale.engines.deepspeed_engine import DeepSpeedEngine
     from twist_scale.models import architecture_of, build_model
     from twist_scale.packing import PackedExchange
+    from twist_scale.startup import materialise_rest
     from twist_scale.subnet import SubnetSampler, apply_subnet_shapes, partitioned_blocks
     from twist_scale.sync import SubnetSync, central_from_model
     from twist_scale.topology import Topology
@@ -67,15 +70,17 @@ def _rank(rank: int, world: int, port: int, size: str, bucket_mb: float, out: st
     topo = Topology.from_dist(GROUPS)
     rows = []
     for kappa in KAPPAS:
-        torch.manual_seed(0)
-        model = build_model("llama", size, 4096)
+        with torch.device("meta"):
+            model = build_model("llama", size, 4096)
         params = sum(p.numel() for p in model.parameters())
         largest = max(p.numel() for p in model.parameters()) * 4
         ugs = partitioned_blocks(architecture_of(model).unit_blocks(model.config), shared_layers=[])
         specs = SubnetSampler(tuple(ugs), GROUPS, kappa, seed=0).specs(0)
-        central = central_from_model(model, topo)
+        central = central_from_model(model, topo, seed=0)
         apply_subnet_shapes(model, ugs, specs[topo.group])
+        materialise_rest(model)
         engine = DeepSpeedEngine(model, cfg, topo)
+        SubnetSync(central, engine, ugs, topo, (), correction_of("scale"), False).dispatch(specs)
         engine.train_step(torch.randint(0, 4096, (1, 32)))  # DeepSpeed creates the Adam moments at the first step
         for name, exchange in (("dense", DenseExchange(central)), ("packed", PackedExchange(central))):
             moments = ("exp_avg", "exp_avg_sq")
@@ -122,6 +127,7 @@ def measure(size: str, bucket_mb: float, tmp: Path) -> list[dict]:
     """Rows for R = 1 and R = 2 (G = 2), each from one spawned world."""
     from twist_scale.distributed import free_port
 
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # read by glibc when each spawned rank starts
     rows = []
     for ranks_per_group in (1, 2):
         world, out = GROUPS * ranks_per_group, tmp / f"exchange_r{ranks_per_group}.json"
@@ -160,7 +166,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         rows = measure("tiny" if args.quick else "small", args.bucket_mb, Path(tmp))
-    suffix = "_quick" if args.quick else ""
+    suffix = ("_quick" if args.quick else "") + (f"_bucket{args.bucket_mb:g}mb" if args.bucket_mb != 32 else "")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"exchange{suffix}.json").write_text(json.dumps(rows, indent=2))
     (RESULTS / f"exchange{suffix}.md").write_text(table(rows))

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from twist_scale.models import AxisSlice, UnitBlock
-from twist_scale.packing import Entry
+from twist_scale.packing import Entry, buckets
 from twist_scale.subnet import SubnetSpec, scatter_tensor, slice_tensor
 from twist_scale.topology import Topology
 
@@ -145,6 +145,9 @@ class DenseExchange:
 
     def __init__(self, central: CentralShards) -> None:
         self.central, self.topo = central, central.topo
+
+    def plan(self, entries: list[Entry], bucket_bytes: int) -> list[list[Entry]]:
+        return buckets(entries, bucket_bytes)  # whole tensors: each is one collective anyway
 
     def aggregate(self, bucket: list[Entry], read: Callable[[Entry], torch.Tensor], specs: list[SubnetSpec]) -> None:
         spec = specs[self.topo.group]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,9 @@ from twist_scale.topology import Topology
 
 TWIST_META = "twist.json"
 TWIST_STATS = "twist_stats.safetensors"
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+EXPORT_SHARD_BYTES = 2 * 2**30  # what rank 0 holds at most while it streams the export
 
 
 def training_record(cfg: RunConfig, topo: Topology, rounds: int, shared_layers: list[int]) -> dict[str, Any]:
@@ -50,10 +54,16 @@ def save_central(
     """Written to a temporary directory and renamed, so a crash never leaves half a model."""
     with atomic_directory(directory) as tmp:
         model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if stats:
-            save_file({k: v.contiguous() for k, v in stats.items()}, str(tmp / TWIST_STATS))
-        (tmp / TWIST_META).write_text(json.dumps(meta, indent=2))
+        _save_side_files(tmp, tokenizer, stats, meta)
+
+
+def _save_side_files(
+    directory: Path, tokenizer: PreTrainedTokenizerBase, stats: dict[str, torch.Tensor], meta: dict[str, Any]
+) -> None:
+    tokenizer.save_pretrained(directory)
+    if stats:
+        save_file({k: v.contiguous() for k, v in stats.items()}, str(directory / TWIST_STATS))
+    (directory / TWIST_META).write_text(json.dumps(meta, indent=2))
 
 
 def load_central(directory: Path) -> tuple[nn.Module, PreTrainedTokenizerBase, dict[str, torch.Tensor], dict]:
@@ -72,22 +82,67 @@ def export_central(
     tokenizer: PreTrainedTokenizerBase,
     meta: dict[str, Any],
     is_main: bool,
+    shard_bytes: int = EXPORT_SHARD_BYTES,
 ) -> None:
-    """Assemble the full-width central model on rank 0 and save it with `save_central`.
+    """Stream the full-width central model into a sharded Hugging Face checkpoint on rank 0.
 
-    `full_state` is collective (every rank iterates it); only rank 0 keeps the tensors and `build`s
-    an empty model of the architecture to load them into. The only moment a rank holds the whole model.
+    `full_state` is collective (every rank iterates it, one tensor at a time); rank 0 writes each
+    safetensors shard once it reaches `shard_bytes`, so it never holds more than one shard. `build`
+    gives the architecture (built on the meta device: only its config and names are used). The
+    layout is `save_pretrained`'s: `model-0000i-of-0000n.safetensors` and an index when there are
+    several, so plain `from_pretrained` loads it.
     """
-    weights, stats = {}, {}
-    for name, full in full_state:
-        if is_main:
-            (stats if is_statistic(name) else weights)[name] = full.clone()
-    if not is_main:
+    with torch.device("meta"):
+        expected = dict(build().named_parameters()) if is_main else {}
+    with atomic_directory(directory) if is_main else nullcontext(None) as tmp:
+        shards: list[dict[str, torch.Tensor]] = [{}]
+        written, stats, size, problems = [], {}, 0, []
+        for name, full in full_state:  # every rank takes part in every gather, whatever rank 0 finds
+            if not is_main:
+                continue
+            if is_statistic(name):
+                stats[name] = full.clone()
+                continue
+            if name not in expected or expected.pop(name).shape != full.shape:
+                problems.append(name)
+                continue
+            if size and size + full.numel() * 4 > shard_bytes:
+                written.append(_write_shard(tmp, shards.pop(), len(written)))
+                shards, size = [{}], 0
+            shards[-1][name] = full.to(torch.float32).contiguous().clone()
+            size += full.numel() * 4
+        if not is_main:
+            return
+        if problems or expected:
+            raise RuntimeError(
+                f"central model does not fit its architecture: unexpected or misshapen {problems}, missing "
+                f"{sorted(expected)}"
+            )
+        written.append(_write_shard(tmp, shards.pop(), len(written)))
+        _name_shards(tmp, written)
+        with torch.device("meta"):
+            model = build()
+        model.config.save_pretrained(tmp)
+        if model.can_generate():
+            model.generation_config.save_pretrained(tmp)
+        _save_side_files(tmp, tokenizer, stats, meta)
+
+
+def _write_shard(directory: Path, tensors: dict[str, torch.Tensor], index: int) -> tuple[Path, list[str], int]:
+    path = directory / f"shard-{index:05d}.safetensors"
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    return path, list(tensors), sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _name_shards(directory: Path, written: list[tuple[Path, list[str], int]]) -> None:
+    """save_pretrained's names: one model.safetensors, or numbered shards and their index."""
+    if len(written) == 1:
+        written[0][0].rename(directory / SAFE_WEIGHTS_NAME)
         return
-    model = build()
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    tied = {k for k in model.state_dict() if k not in dict(model.named_parameters())}  # e.g. GPT-2 lm_head
-    if unexpected or set(missing) - tied:
-        raise RuntimeError(f"central model does not fit its architecture: {missing=} {unexpected=}")
-    model.tie_weights()
-    save_central(directory, model, tokenizer, stats, meta)
+    weight_map = {}
+    for i, (path, names, _) in enumerate(written):
+        final = f"model-{i + 1:05d}-of-{len(written):05d}.safetensors"
+        path.rename(directory / final)
+        weight_map |= dict.fromkeys(names, final)
+    index = {"metadata": {"total_size": sum(size for *_, size in written)}, "weight_map": weight_map}
+    (directory / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2))

@@ -18,16 +18,18 @@ only the owner of a piece needs an element mask, and only over its piece (`Held.
   from owners 0, 1, ... concatenate into the flattened subnet tensor.
 
 Tensors travel in buckets of about `bucket_bytes` of full-width fp32 data: one all-to-all per
-bucket, and temporary memory bounded by the bucket (a tensor larger than a bucket is a bucket of its
-own). The aggregation payload can travel in bf16 (owners accumulate in fp32); dispatch is always
-fp32, so a round starts from the central weights exactly.
+bucket. A tensor larger than a bucket is cut into parts, each the same sub-range of every owner's
+piece (a group's elements in it are still one run per owner), so the exchange's temporaries are
+bounded by the bucket, not by the largest tensor (the engine's own read of the tensor aside). The
+aggregation payload can travel in bf16 (owners accumulate in fp32); dispatch is always fp32, so a
+round starts from the central weights exactly.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -46,6 +48,7 @@ class Entry:
     shape: torch.Size
     unit: tuple[UnitBlock, AxisSlice] | None  # None: every group holds it whole
     whole: bool = False  # dispatch it full-width (a correction needs the dropped units too)
+    part: tuple[int, int] | None = None  # [a, b) of every owner's piece; None: the whole piece
 
     @property
     def numel(self) -> int:
@@ -89,16 +92,18 @@ class Held:
         return rows[lo - first * self.inner : hi - first * self.inner]
 
 
-def buckets(entries: list[Entry], bucket_bytes: int) -> list[list[Entry]]:
-    """Consecutive entries whose full-width fp32 size adds up to about `bucket_bytes`."""
+def buckets(
+    entries: list[Entry], bucket_bytes: int, elements: Callable[[Entry], int] = lambda e: e.numel
+) -> list[list[Entry]]:
+    """Consecutive entries whose full-width fp32 size (`elements` of each) adds up to about `bucket_bytes`."""
     out: list[list[Entry]] = [[]]
     size = 0
     for entry in entries:
-        if out[-1] and size + 4 * entry.numel > bucket_bytes:
+        if out[-1] and size + 4 * elements(entry) > bucket_bytes:
             out.append([])
             size = 0
         out[-1].append(entry)
-        size += 4 * entry.numel
+        size += 4 * elements(entry)
     return [b for b in out if b]
 
 
@@ -107,10 +112,33 @@ class PackedExchange:
 
     def __init__(self, central, wire: str = "fp32") -> None:  # noqa: ANN001 - a CentralShards
         self.central, self.topo, self.wire = central, central.topo, WIRE_DTYPES[wire]
+        self.assembling: dict[str, torch.Tensor] = {}  # subnet tensors whose parts are still arriving
+
+    def plan(self, entries: list[Entry], bucket_bytes: int) -> list[list[Entry]]:
+        """Buckets of about `bucket_bytes`, a tensor larger than one cut into parts of about a bucket."""
+        world = self.topo.world_size
+        step = max(1, bucket_bytes // (4 * world))  # elements of each owner's piece per part
+        parts = []
+        for entry in entries:
+            k = self.central.piece_len(entry.name)
+            if 4 * entry.numel <= bucket_bytes or step >= k:
+                parts.append(entry)
+            else:
+                parts += [replace(entry, part=(a, min(a + step, k))) for a in range(0, k, step)]
+        return buckets(parts, bucket_bytes, lambda e: e.numel if e.part is None else (e.part[1] - e.part[0]) * world)
 
     def _range(self, entry: Entry, piece: int) -> tuple[int, int]:
+        """The flat range of the full tensor that `entry` covers in owner `piece`'s piece."""
         k = self.central.piece_len(entry.name)
-        return min(piece * k, entry.numel), min((piece + 1) * k, entry.numel)
+        a, b = entry.part or (0, k)
+        return min(piece * k + a, entry.numel), min(piece * k + b, entry.numel)
+
+    def _shard(self, entry: Entry) -> torch.Tensor:
+        """This owner's piece of `entry` (moments start at zero before their first aggregation)."""
+        shards = self.central.shards
+        if entry.name not in shards:
+            shards[entry.name] = self.central.host(torch.zeros(self.central.piece_len(entry.name)))
+        return shards[entry.name]
 
     def _run(self, held: Held, entry: Entry, piece: int) -> int:
         """How many of the held elements fall in `piece`: one contiguous run of the flattened subnet."""
@@ -165,12 +193,13 @@ class PackedExchange:
                 else:  # spread in one pass, then add: far faster than indexed accumulation
                     total += torch.zeros(hi - lo).masked_scatter_(mask, values)
                     count += mask
-            old = self.central.shards.get(entry.name, torch.zeros(self.central.piece_len(entry.name)))
-            mean = torch.where(count > 0, total / count.clamp(min=1), old[: hi - lo])  # nobody held: keep the value
-            self.central.shards[entry.name] = self.central.host(torch.cat([mean, old[hi - lo :]]))
+            a = entry.part[0] if entry.part else 0
+            kept = self._shard(entry)[a : a + hi - lo]
+            kept.copy_(torch.where(count > 0, total / count.clamp(min=1), kept))  # nobody held: keep the value
 
     def dispatch(self, bucket: list[Entry], specs: list[SubnetSpec]) -> dict[str, torch.Tensor]:
-        """This group's subnet tensor of every entry (the full tensor for `whole` entries), by name."""
+        """This group's subnet tensor (the full tensor for `whole` entries) of every tensor whose last
+        part is in `bucket`, by name, in bucket order."""
         topo = self.topo
         R = topo.ranks_per_group
         send, in_splits = [], []
@@ -179,7 +208,8 @@ class PackedExchange:
             for entry in bucket:
                 lo, hi = self._range(entry, topo.rank)
                 mask = Held(entry, None if entry.whole else entry.units(specs[group])).mask(lo, hi)
-                piece = self.central.shards[entry.name][: hi - lo]
+                a = entry.part[0] if entry.part else 0
+                piece = self.central.shards[entry.name][a : a + hi - lo]
                 runs.append(piece if mask is None else piece[mask])
             in_splits += [sum(len(run) for run in runs)] * R
             send += runs * R
@@ -193,9 +223,18 @@ class PackedExchange:
         received = self._all_to_all(send, in_splits, out_splits, None, torch.float32, incoming)
         runs = received.split([n for owner in lengths for n in owner])
         out = {}
-        for i, entry in enumerate(bucket):  # owners 0, 1, ... hold ascending flat ranges: their runs concatenate
-            flat = torch.cat([runs[owner * len(bucket) + i] for owner in range(topo.world_size)])
-            out[entry.name] = flat.view(self._received_shape(entry, specs[topo.group]))
+        for i, entry in enumerate(bucket):
+            shape = self._received_shape(entry, specs[topo.group])
+            if entry.part is None:  # owners 0, 1, ... hold ascending flat ranges: their runs concatenate
+                out[entry.name] = torch.cat([runs[owner * len(bucket) + i] for owner in range(topo.world_size)])
+                out[entry.name] = out[entry.name].view(shape)
+                continue
+            flat = self.assembling.setdefault(entry.name, torch.empty(math.prod(shape)))
+            for owner in range(topo.world_size):  # each owner's run lands where its range starts in the subnet
+                run, start = runs[owner * len(bucket) + i], mine[i].before(self._range(entry, owner)[0])
+                flat[start : start + len(run)] = run
+            if entry.part[1] == self.central.piece_len(entry.name):
+                out[entry.name] = self.assembling.pop(entry.name).view(shape)
         return out
 
     @staticmethod

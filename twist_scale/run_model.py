@@ -6,6 +6,7 @@ import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from twist_scale.config import ConfigError, RunConfig
@@ -16,7 +17,7 @@ from twist_scale.subnet import default_shared_layers, partitioned_blocks
 
 @dataclass(frozen=True)
 class RunModel:
-    model: nn.Module  # full width, the correction installed
+    model: nn.Module  # full width on the meta device, the correction installed (startup.fill fills it)
     unit_blocks: list[UnitBlock]  # what subnets slice: partitioned groups and the correction's statistics
     shared_layers: list[int]  # kept whole in every subnet
 
@@ -26,12 +27,13 @@ class RunModel:
 
 
 def full_model_builder(cfg: RunConfig, vocab_size: int) -> Callable[[], nn.Module]:
-    """Builds the run's full-width architecture (the same initialisation under the same torch seed)."""
-    return functools.partial(build_model, cfg.model.arch, cfg.model.size, vocab_size, cfg.model.pretrained)
+    """Builds the run's full-width architecture, for values loaded into it afterwards (export)."""
+    return functools.partial(build_model, cfg.model.arch, cfg.model.size, vocab_size, cfg.model.pretrained, False)
 
 
 def build_run_model(cfg: RunConfig, vocab_size: int) -> RunModel:
-    model = full_model_builder(cfg, vocab_size)()
+    with torch.device("meta"):  # no values yet: the engine and sync fill what this rank keeps
+        model = full_model_builder(cfg, vocab_size)()
     arch = architecture_of(model)
     layers = arch.num_layers(model.config)
     shared = default_shared_layers(layers) if cfg.twist.shared_layers is None else cfg.twist.shared_layers

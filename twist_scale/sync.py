@@ -21,7 +21,8 @@ from twist_scale.correction import ACT_MEAN, Correction, correction_of, is_stati
 from twist_scale.engines import build_engine
 from twist_scale.engines.base import Engine, moment_keys
 from twist_scale.models import UnitBlock
-from twist_scale.packing import Entry, PackedExchange, buckets
+from twist_scale.packing import Entry, PackedExchange
+from twist_scale.startup import fill, materialise_rest
 from twist_scale.subnet import SubnetSpec, apply_subnet_shapes, axis_of, slice_tensor
 from twist_scale.topology import Topology
 
@@ -50,29 +51,36 @@ def verify_same_masks(specs: list[SubnetSpec], topo: Topology) -> None:
         )
 
 
-def central_from_model(model: nn.Module, topo: Topology) -> CentralShards:
-    """This rank's pieces of the full-width model, taken before the model is shrunk to a subnet."""
-    tensors = central_tensors(model)
-    central = CentralShards(topo, {n: t.shape for n, t in tensors.items()})
-    for name, t in tensors.items():
-        central.set_full(name, t.data)
+def central_from_model(model: nn.Module, topo: Topology, seed: int, pretrained: str = "") -> CentralShards:
+    """This rank's pieces of the full-width meta-device `model`, filled block by block: no rank holds it whole."""
+    central = CentralShards(topo, {n: t.shape for n, t in central_tensors(model).items()})
+
+    def keep(name: str, value: torch.Tensor) -> bool:
+        if name in central.shapes:
+            central.set_full(name, value.detach())
+        return name in central.shapes
+
+    fill(model, seed, pretrained, keep)
     return central
 
 
 def build_engine_and_sync(
     model: nn.Module, cfg: RunConfig, topo: Topology, unit_blocks: list[UnitBlock], first_specs: list[SubnetSpec]
 ) -> tuple[Engine, DenseSync | SubnetSync]:
-    """Wrap the full-width `model` in the run's engine, and the synchronisation its groups need.
+    """Wrap the full-width meta-device `model` in the run's engine, and the synchronisation its groups need.
 
-    TwIST keeps this rank's pieces of the full model as the central model, then shrinks the model to
-    the group's first subnet before the engine shards it; dense data parallelism keeps it whole.
+    TwIST keeps this rank's pieces of the full model as the central model, then shrinks the (still
+    empty) model to the group's first subnet, whose values the first dispatch sends; dense data
+    parallelism fills the model whole.
     """
-    central = None if cfg.is_dense else central_from_model(model, topo)
-    if central is not None:
-        apply_subnet_shapes(model, unit_blocks, first_specs[topo.group])
-    engine = build_engine(model, cfg, topo)
-    if central is None:
+    if cfg.is_dense:
+        fill(model, cfg.seed, cfg.model.pretrained)
+        engine = build_engine(model, cfg, topo)
         return engine, DenseSync(engine)
+    central = central_from_model(model, topo, cfg.seed, cfg.model.pretrained)
+    apply_subnet_shapes(model, unit_blocks, first_specs[topo.group])
+    materialise_rest(model)
+    engine = build_engine(model, cfg, topo)
     aggregate_moments = cfg.twist.optimizer_state == "aggregate"
     moments = moment_keys(cfg.optim) if aggregate_moments else ()
     correction = correction_of(cfg.twist.correction)
@@ -156,7 +164,7 @@ class SubnetSync:
         return self.central.shards
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.central.shards = state
+        self.central.shards = {name: self.central.host(t) for name, t in state.items()}
 
     def load_resharded(self, states: list[dict[str, torch.Tensor]], old_world: int) -> None:
         self.central.load_resharded(states, old_world)
@@ -171,10 +179,12 @@ class SubnetSync:
         spec = specs[self.topo.group]
         means: dict[str, torch.Tensor] = {}
         present = [e for e in self.entries if e.name in self.central.shards]  # no moments before the first aggregation
-        for bucket in buckets(present, self.bucket_bytes):
-            values = self.exchange.dispatch(bucket, specs)
-            for entry in bucket:  # statistics come first, so the means are here before their output weights
-                self._write(entry, values[entry.name], spec, means)
+        by_name = {e.name: e for e in present}
+        for bucket in self.exchange.plan(present, self.bucket_bytes):
+            # tensors in entry order, each once its last part arrived: the statistics come first, so
+            # the means are here before their output weights
+            for name, value in self.exchange.dispatch(bucket, specs).items():
+                self._write(by_name[name], value, spec, means)
         if self.reset_moments:
             self.engine.reset_optimizer_state()
 
@@ -196,8 +206,16 @@ class SubnetSync:
 
     def aggregate(self, specs: list[SubnetSpec]) -> None:
         """Holder mean of every group's subnet (and moments) into the central model."""
-        for bucket in buckets(self.entries, self.bucket_bytes):
-            self.exchange.aggregate(bucket, self._read, specs)
+        last: dict[str, torch.Tensor] = {}  # a tensor cut into parts is read from the engine once
+
+        def read(entry: Entry) -> torch.Tensor:
+            if entry.name not in last:
+                last.clear()
+                last[entry.name] = self._read(entry)
+            return last[entry.name]
+
+        for bucket in self.exchange.plan(self.entries, self.bucket_bytes):
+            self.exchange.aggregate(bucket, read, specs)
 
     def _read(self, entry: Entry) -> torch.Tensor:
         name, _, key = entry.name.partition("@")

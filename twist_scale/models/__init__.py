@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from twist_scale.models.base import Architecture, AxisSlice, UnitBlock, Widths, units_to_keep
 from twist_scale.models.gpt2 import GPT2
@@ -31,10 +31,16 @@ ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (LLAMA, GPT2)
 PRESETS: dict[str, dict[str, dict]] = {name: a.presets for name, a in ARCHITECTURES.items()}
 
 
-def build_model(arch: str, size: str, vocab_size: int, pretrained: str = "") -> nn.Module:
-    """A full-width model from a preset (seeded by the caller) or a from_pretrained directory/hub id."""
+def build_model(arch: str, size: str, vocab_size: int, pretrained: str = "", weights: bool = True) -> nn.Module:
+    """A full-width model from a preset (seeded by the caller) or a from_pretrained directory/hub id.
+
+    weights=False: a pretrained model's architecture only (under the meta device: no memory at all).
+    """
     if pretrained:
-        model = AutoModelForCausalLM.from_pretrained(pretrained, dtype=torch.float32)
+        if weights:
+            model = AutoModelForCausalLM.from_pretrained(pretrained, dtype=torch.float32)
+        else:
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(pretrained), dtype=torch.float32)
         if model.config.vocab_size < vocab_size:
             raise ValueError(
                 f"tokenizer has {vocab_size} tokens but the pretrained model only {model.config.vocab_size}; "

@@ -3,7 +3,8 @@
 For each case (G, ZeRO stage, disjoint / overlapping / uncovered subnets, exchange): dispatch the
 central model, let each group's engine hold known new values, aggregate, and compare every central
 tensor with a single-process reference computed from masks. Exchanges: 'dense' (masked
-reduce-scatter), 'packed' (held elements only, fp32 on the wire), 'bf16' (packed, bf16 on the wire).
+reduce-scatter), 'packed' (held elements only, fp32 on the wire), 'bf16' (packed, bf16 on the wire),
+'parts' (packed with 4 kB buckets: most tensors are cut into parts, as a 70B model's embedding is).
 """
 
 from __future__ import annotations
@@ -30,10 +31,11 @@ def delta(name: str, group: int, shape: torch.Size) -> torch.Tensor:
     return torch.randn(shape, generator=g) * 0.1
 
 
-EXCHANGES = {
-    "dense": DenseExchange,
-    "packed": PackedExchange,
-    "bf16": lambda central: PackedExchange(central, "bf16"),
+EXCHANGES = {  # name: (exchange, bucket MB)
+    "dense": (DenseExchange, 32),
+    "packed": (PackedExchange, 32),
+    "bf16": (lambda central: PackedExchange(central, "bf16"), 32),
+    "parts": (PackedExchange, 4 / 1024),
 }
 
 
@@ -57,11 +59,11 @@ def run_case(groups: int, stage: int, kappa: float) -> dict[str, tuple[float, fl
         return full if name not in axes else slice_tensor(full, axes[name][1], spec.units(axes[name][0]))
 
     results = {}
-    for exchange, build in EXCHANGES.items():
+    for exchange, (build, bucket_mb) in EXCHANGES.items():
         central = CentralShards(topo, {n: t.shape for n, t in initial.items()})
         for n, t in initial.items():
             central.set_full(n, t)
-        sync = SubnetSync(central, engine, ugs, topo, (), correction_of("none"), False, build(central))
+        sync = SubnetSync(central, engine, ugs, topo, (), correction_of("none"), False, build(central), bucket_mb)
         sync.dispatch(specs)
         traffic = [sync.take_traffic()]
         for name, full in initial.items():  # dispatch delivered exactly the spec's slice; then "train"
@@ -108,3 +110,6 @@ def check_cases(rank: int, world: int, cases: list[str]) -> None:
         # only held elements travel: strictly less than the dense exchange whenever a group drops units
         assert packed_agg[0] < dense_agg[0] and packed_dispatch[0] < dense_dispatch[0], f"{case}: {traffic}"
         assert traffic["bf16"][1][0] * 2 == packed_agg[0], f"{case}: bf16 halves the aggregation payload"
+        parts_dispatch, parts_agg = traffic["parts"]  # the same elements travel, in many more collectives
+        assert (parts_dispatch[0], parts_agg[0]) == (packed_dispatch[0], packed_agg[0]), f"{case}: {traffic}"
+        assert parts_agg[1] > 10 * packed_agg[1], f"{case}: 4 kB buckets issued only {parts_agg[1]} collectives"

@@ -1,0 +1,69 @@
+"""Start-up block by block: the same values a whole fill gives, never the whole model at once, and
+pretrained weights streamed from safetensors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from twist_scale.models import build_model
+from twist_scale.startup import blocks, fill, materialise_rest
+
+
+def meta_model(arch: str, pretrained: str = "") -> torch.nn.Module:
+    with torch.device("meta"):
+        return build_model(arch, "tiny", 64, pretrained, weights=False)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # gpt2: a tied head and a scaled residual init
+def test_released_blocks_give_the_values_of_a_whole_fill_and_never_the_whole_model(arch):
+    whole = meta_model(arch)
+    fill(whole, seed=5, pretrained="")
+    expected = dict(whole.named_parameters())
+    assert not any(t.is_meta for t in whole.state_dict().values())
+    if arch == "gpt2":
+        assert whole.lm_head.weight is whole.transformer.wte.weight  # still tied after materialising
+        residual, other = whole.transformer.h[0].attn.c_proj.weight, whole.transformer.h[0].attn.c_attn.weight
+        assert residual.std() < 0.6 * other.std()  # GPT-2's 1/sqrt(2 n_layer) init, as transformers does it
+
+    streamed, kept, live, peak = meta_model(arch), {}, set(), 0
+
+    def keep(name: str, value: torch.Tensor) -> bool:
+        nonlocal peak
+        kept[name] = value.clone()
+        live.add(name)
+        live.difference_update(n for n, t in streamed.named_parameters() if t.is_meta)
+        peak = max(peak, sum(1 for n in live if n in expected))
+        return True
+
+    fill(streamed, seed=5, pretrained="", keep=keep)
+    assert kept.keys() >= expected.keys()
+    for name, value in expected.items():
+        assert torch.equal(kept[name], value), name
+    largest_block = max(sum(1 for _ in b.parameters(recurse=r)) for _, b, r in blocks(streamed))
+    assert peak <= largest_block < len(expected)  # one block at a time, not the model
+    assert all(t.is_meta for t in streamed.parameters())  # everything kept was released
+    materialise_rest(streamed)
+    assert not any(t.is_meta for t in streamed.parameters())
+
+
+def test_pretrained_weights_stream_from_safetensors(tmp_path):
+    torch.manual_seed(0)
+    saved = build_model("llama", "tiny", 64)
+    saved.save_pretrained(tmp_path / "base", max_shard_size="200KB")  # sharded: an index and several files
+    assert (tmp_path / "base" / "model.safetensors.index.json").is_file()
+    model = meta_model("llama", str(tmp_path / "base"))
+    fill(model, seed=1, pretrained=str(tmp_path / "base"))
+    for (name, value), (_, loaded) in zip(saved.state_dict().items(), model.state_dict().items(), strict=True):
+        assert torch.equal(loaded, value), name
+
+
+def test_a_checkpoint_missing_tensors_is_refused_before_anything_is_filled(tmp_path):
+    saved = build_model("llama", "tiny", 64)
+    saved.save_pretrained(tmp_path / "base")
+    model = meta_model("llama", str(tmp_path / "base"))
+    with torch.device("meta"):
+        model.model.layers.append(type(model.model.layers[0])(model.config, 6))  # a layer the file lacks
+    with pytest.raises(ValueError, match=r"lacks 9 of the model's tensors \(e\.g\. model\.layers\.6\."):
+        fill(model, seed=1, pretrained=str(tmp_path / "base"))
+    assert all(t.is_meta for t in model.parameters())

@@ -1,0 +1,105 @@
+"""Start-up that never holds the whole model: the architecture is built on the meta device and filled
+one block at a time (a decoder layer, the embedding, the head), from its initialisation or tensor by
+tensor from a pretrained checkpoint's safetensors.
+
+A TwIST rank keeps only its central pieces of each block, then lets the block go before the next is
+made: its peak is one block, not the model, and its group's subnet is filled by the first dispatch.
+A dense rank keeps every block, as its engine trains the whole model. Both fill blocks the same way,
+seeded per block, so κ = 1 still starts from exactly the dense run's weights.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+Keep = Callable[[str, torch.Tensor], bool]  # called with each filled tensor; True: release it afterwards
+
+
+def blocks(model: nn.Module) -> Iterator[tuple[str, nn.Module, bool]]:
+    """(name, module, recurse): every layer of a ModuleList whole, then each other module's own tensors."""
+    inside: set[int] = set()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList):
+            for i, layer in enumerate(module):
+                inside |= {id(m) for m in layer.modules()}
+                yield f"{name}.{i}", layer, True
+    for name, module in model.named_modules():
+        own = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+        if id(module) not in inside and not isinstance(module, nn.ModuleList) and own:
+            yield name, module, False
+
+
+def pretrained_files(pretrained: str) -> dict[str, Path]:
+    """Tensor name -> safetensors file of a local directory or hub id (sharded or not)."""
+    directory = Path(pretrained)
+    if not directory.is_dir():
+        from huggingface_hub import snapshot_download
+
+        directory = Path(snapshot_download(pretrained, allow_patterns=["*.json", "*.safetensors"]))
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        return {name: directory / file for name, file in json.loads(index.read_text())["weight_map"].items()}
+    single = directory / "model.safetensors"
+    if not single.is_file():
+        raise FileNotFoundError(
+            f"--model.pretrained {pretrained}: no model.safetensors(.index.json) there; save the model with "
+            "save_pretrained(safe_serialization=True)"
+        )
+    with safe_open(single, "pt") as f:
+        return {name: single for name in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+
+
+def fill(model: nn.Module, seed: int, pretrained: str, keep: Keep | None = None) -> None:
+    """Materialise and fill a meta-device `model` block by block on the host.
+
+    Each block is initialised as Hugging Face does (children before their parents, so GPT-2's scaled
+    residual init wins), seeded by its name; a pretrained checkpoint then overwrites the tensors it
+    holds. `keep` sees every filled tensor of the block; those it returns True for go back to the meta
+    device once the block is done.
+    """
+    files = pretrained_files(pretrained) if pretrained else {}
+    prefix = getattr(model, "base_model_prefix", "") + "."
+    stored = set(files) | {prefix + n for n in files}  # older files omit the base model's prefix
+    missing = [n for n, _ in model.named_parameters() if files and n not in stored]
+    if missing:
+        raise ValueError(
+            f"--model.pretrained {pretrained} lacks {len(missing)} of the model's tensors (e.g. {missing[0]}); "
+            "point it at a checkpoint of this architecture saved with save_pretrained"
+        )
+    with ExitStack() as stack:
+        handles = {path: stack.enter_context(safe_open(path, "pt")) for path in set(files.values())}
+        for block_name, block, recurse in blocks(model):
+            block._apply(lambda t: torch.empty_like(t, device="cpu") if t.is_meta else t, recurse=recurse)
+            tensors = {  # after materialising: _apply made new parameters
+                **dict(block.named_parameters(block_name, recurse=recurse)),
+                **dict(block.named_buffers(block_name, recurse=recurse)),
+            }
+            for t in tensors.values():
+                t._is_hf_initialized = False  # transformers skips tensors flagged as initialised
+            torch.manual_seed(seed + zlib.crc32(block_name.encode()))
+            for module in reversed(list(block.modules()) if recurse else [block]):
+                model._init_weights(module)
+            released = set()
+            for name, t in tensors.items():
+                stored = name if name in files else name.removeprefix(prefix)  # older files omit the prefix
+                if stored in files:
+                    with torch.no_grad():
+                        t.copy_(handles[files[stored]].get_tensor(stored))
+                if keep is not None and keep(name, t):
+                    released.add(id(t))
+            block._apply(lambda t, gone=released: t.to("meta") if id(t) in gone else t, recurse=recurse)
+    model.tie_weights()  # materialising made new parameters: a tied head points at the embedding again
+
+
+def materialise_rest(model: nn.Module) -> None:
+    """Host storage for whatever is still on the meta device (its values come from the first dispatch)."""
+    model._apply(lambda t: torch.empty_like(t, device="cpu") if t.is_meta else t)
+    model.tie_weights()
