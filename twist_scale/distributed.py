@@ -78,6 +78,9 @@ def share_cores() -> None:
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_ranks()))
 
 
+RENDEZVOUS_S = 900.0  # how long rank 0 waits for every rank to start
+
+
 def init_distributed(backend: str, timeout_s: float = 600.0) -> None:
     """Initialise the default process group from the launcher's environment.
 
@@ -101,7 +104,21 @@ def init_distributed(backend: str, timeout_s: float = 600.0) -> None:
     if not dist.is_initialized():
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        # Ranks may start minutes apart (slow imports on a loaded node, nodes of a job starting late):
+        # the rendezvous waits for them longer than a collective waits for a stuck rank.
+        store = dist.TCPStore(
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]),
+            world,
+            is_master=rank == 0,
+            timeout=datetime.timedelta(seconds=max(timeout_s, RENDEZVOUS_S)),
+        )
+        cuda = "cuda" in served_device_types(backend) and world > 1  # bind the GPU: NCCL connects eagerly
+        device = {"device_id": torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))} if cuda else {}
+        timeout = datetime.timedelta(seconds=timeout_s)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout, **device)
+        deepspeed.init_distributed(dist_backend=backend, timeout=timeout)  # wraps the group just made
 
 
 def close_distributed() -> None:
