@@ -4,12 +4,13 @@
     python bench/exchange.py --quick    # tiny Llama
 
 Per (R, κ, exchange), one dispatch and one aggregation of the whole model with its Adam moments
-(optimizer_state = aggregate), on DeepSpeed ZeRO-1 engines in spawned processes on 127.0.0.1:
+(optimizer_state = aggregate), on DeepSpeed ZeRO-1 engines (`--zero 3`: ZeRO-3, where dispatch sends
+each rank only its shard) in spawned processes on 127.0.0.1:
 collectives, payload bytes this rank sent or gathered, seconds, and the peak extra resident memory
 during aggregation (Linux VmHWM, reset before, minus VmRSS before; the worst rank; glibc's mmap
 threshold is pinned at 64 kB so freed tensors leave the resident set and cannot hide a peak). Bytes are
 deterministic; seconds on this 2-core machine are only comparable within one run. Called by
-scaling.py, which adds whole-run shares; writes bench/results/exchange{,_quick}{,_bucketNmb}.{json,md}.
+scaling.py, which adds whole-run shares; writes bench/results/exchange{,_quick}{,_bucketNmb}{,_zero3}.{json,md}.
 `--bucket_mb 2` makes the small model's largest tensors (8 MB) larger than a bucket.
 """
 
@@ -44,7 +45,7 @@ def _measure(fn, *args) -> tuple[float, int]:  # noqa: ANN001, ANN002
     return time.perf_counter() - start, _status_kb("VmHWM") - before
 
 
-def _rank(rank: int, world: int, port: int, size: str, bucket_mb: float, out: str) -> None:
+def _rank(rank: int, world: int, port: int, size: str, bucket_mb: float, zero: int, out: str) -> None:
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
     )
@@ -65,7 +66,7 @@ def _rank(rank: int, world: int, port: int, size: str, bucket_mb: float, out: st
     from twist_scale.topology import Topology
 
     cfg = RunConfig()
-    cfg.parallel.ds_config = str(Path(__file__).resolve().parents[1] / "ds_configs" / "zero1.json")
+    cfg.parallel.ds_config = str(Path(__file__).resolve().parents[1] / "ds_configs" / f"zero{zero}.json")
     init_distributed(cfg.parallel.backend)
     topo = Topology.from_dist(GROUPS)
     rows = []
@@ -82,7 +83,8 @@ def _rank(rank: int, world: int, port: int, size: str, bucket_mb: float, out: st
         engine = DeepSpeedEngine(model, cfg, topo)
         SubnetSync(central, engine, ugs, topo, (), correction_of("scale"), False).dispatch(specs)
         engine.train_step(torch.randint(0, 4096, (1, 32)))  # DeepSpeed creates the Adam moments at the first step
-        for name, exchange in (("dense", DenseExchange(central)), ("packed", PackedExchange(central))):
+        packed = PackedExchange(central, "fp32", engine.shard_range)
+        for name, exchange in (("dense", DenseExchange(central)), ("packed", packed)):
             moments = ("exp_avg", "exp_avg_sq")
             sync = SubnetSync(central, engine, ugs, topo, moments, correction_of("scale"), False, exchange, bucket_mb)
             sync.aggregate(specs)  # the moments exist in the central model from here on, as after round 1
@@ -123,7 +125,7 @@ def _worst(per_rank: list[dict]) -> dict:
     return row
 
 
-def measure(size: str, bucket_mb: float, tmp: Path) -> list[dict]:
+def measure(size: str, bucket_mb: float, tmp: Path, zero: int = 1) -> list[dict]:
     """Rows for R = 1 and R = 2 (G = 2), each from one spawned world."""
     from twist_scale.distributed import free_port
 
@@ -132,7 +134,7 @@ def measure(size: str, bucket_mb: float, tmp: Path) -> list[dict]:
     for ranks_per_group in (1, 2):
         world, out = GROUPS * ranks_per_group, tmp / f"exchange_r{ranks_per_group}.json"
         mp.start_processes(
-            _rank, args=(world, free_port(), size, bucket_mb, str(out)), nprocs=world, start_method="spawn"
+            _rank, args=(world, free_port(), size, bucket_mb, zero, str(out)), nprocs=world, start_method="spawn"
         )
         rows += json.loads(out.read_text())
     return rows
@@ -163,10 +165,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny model")
     parser.add_argument("--bucket_mb", type=float, default=32.0)
+    parser.add_argument("--zero", type=int, choices=(1, 3), default=1, help="ZeRO stage of the groups' engines")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        rows = measure("tiny" if args.quick else "small", args.bucket_mb, Path(tmp))
+        rows = measure("tiny" if args.quick else "small", args.bucket_mb, Path(tmp), args.zero)
     suffix = ("_quick" if args.quick else "") + (f"_bucket{args.bucket_mb:g}mb" if args.bucket_mb != 32 else "")
+    suffix += "_zero3" if args.zero == 3 else ""
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"exchange{suffix}.json").write_text(json.dumps(rows, indent=2))
     (RESULTS / f"exchange{suffix}.md").write_text(table(rows))

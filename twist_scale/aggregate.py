@@ -149,6 +149,9 @@ class DenseExchange:
     def plan(self, entries: list[Entry], bucket_bytes: int) -> list[list[Entry]]:
         return buckets(entries, bucket_bytes)  # whole tensors: each is one collective anyway
 
+    def is_local(self, entry: Entry) -> bool:
+        return False  # every rank receives whole subnet tensors
+
     def aggregate(self, bucket: list[Entry], read: Callable[[Entry], torch.Tensor], specs: list[SubnetSpec]) -> None:
         spec = specs[self.topo.group]
         for entry in bucket:

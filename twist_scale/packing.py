@@ -38,6 +38,7 @@ from twist_scale.models import AxisSlice, UnitBlock
 from twist_scale.subnet import SubnetSpec
 
 WIRE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+ShardRange = Callable[[torch.Size, int], "tuple[int, int] | None"]  # Engine.shard_range
 
 
 @dataclass(frozen=True)
@@ -110,9 +111,21 @@ def buckets(
 class PackedExchange:
     """Moves only held elements between the engines' subnets and the central shards (see module doc)."""
 
-    def __init__(self, central, wire: str = "fp32") -> None:  # noqa: ANN001 - a CentralShards
+    def __init__(self, central, wire: str = "fp32", shard_range: ShardRange | None = None) -> None:  # noqa: ANN001
         self.central, self.topo, self.wire = central, central.topo, WIRE_DTYPES[wire]
+        self.shard_range = shard_range  # the engine's (Engine.shard_range), where it shards parameters
         self.assembling: dict[str, torch.Tensor] = {}  # subnet tensors whose parts are still arriving
+
+    def is_local(self, entry: Entry) -> bool:
+        """Whether dispatch delivers only this rank's shard of `entry` (flat), not the whole subnet tensor."""
+        return self.shard_range is not None and not entry.whole and self.shard_range(entry.shape, 0) is not None
+
+    def _target(self, entry: Entry, spec: SubnetSpec, dp_rank: int) -> tuple[int, int]:
+        """The flat range of a group's subnet tensor that its dp rank `dp_rank` receives."""
+        shape = self._received_shape(entry, spec)
+        if self.is_local(entry):
+            return self.shard_range(torch.Size(shape), dp_rank)
+        return 0, math.prod(shape)
 
     def plan(self, entries: list[Entry], bucket_bytes: int) -> list[list[Entry]]:
         """Buckets of about `bucket_bytes`, a tensor larger than one cut into parts of about a bucket."""
@@ -198,24 +211,43 @@ class PackedExchange:
             kept.copy_(torch.where(count > 0, total / count.clamp(min=1), kept))  # nobody held: keep the value
 
     def dispatch(self, bucket: list[Entry], specs: list[SubnetSpec]) -> dict[str, torch.Tensor]:
-        """This group's subnet tensor (the full tensor for `whole` entries) of every tensor whose last
-        part is in `bucket`, by name, in bucket order."""
+        """This group's subnet tensor (the full tensor for `whole` entries; this rank's flat shard where
+        `is_local`) of every tensor whose last part is in `bucket`, by name, in bucket order.
+
+        An owner's held elements of a piece are one run of the group's flattened subnet, and a rank's
+        shard is one range of it: each rank gets the run's overlap with its shard.
+        """
         topo = self.topo
-        R = topo.ranks_per_group
         send, in_splits = [], []
-        for group in range(topo.groups):  # what each group gets from this owner's pieces
-            runs = []
+        for group in range(topo.groups):  # what each rank gets from this owner's pieces
+            held_runs = []  # per entry: the piece's elements this group holds, and where they start in its subnet
             for entry in bucket:
                 lo, hi = self._range(entry, topo.rank)
-                mask = Held(entry, None if entry.whole else entry.units(specs[group])).mask(lo, hi)
-                a = entry.part[0] if entry.part else 0
+                held = Held(entry, None if entry.whole else entry.units(specs[group]))
+                mask, a = held.mask(lo, hi), entry.part[0] if entry.part else 0
                 piece = self.central.shards[entry.name][a : a + hi - lo]
-                runs.append(piece if mask is None else piece[mask])
-            in_splits += [sum(len(run) for run in runs)] * R
-            send += runs * R
-        mine = [Held(e, None if e.whole else e.units(specs[topo.group])) for e in bucket]
+                held_runs.append((piece if mask is None else piece[mask], held.before(lo)))
+            for dp_rank in range(topo.ranks_per_group):
+                runs = []
+                for entry, (values, start) in zip(bucket, held_runs, strict=True):
+                    s, t = self._target(entry, specs[group], dp_rank)
+                    first, last = max(start, s), min(start + len(values), t)
+                    runs.append(values[first - start : max(first, last) - start])
+                in_splits.append(sum(len(run) for run in runs))
+                send += runs
+        spec = specs[topo.group]
+        mine = [Held(e, None if e.whole else e.units(spec)) for e in bucket]
+        targets = [self._target(e, spec, topo.dp_rank) for e in bucket]
+        starts = [
+            [h.before(self._range(e, owner)[0]) for h, e in zip(mine, bucket, strict=True)]
+            for owner in range(topo.world_size)
+        ]
         lengths = [
-            [self._run(h, e, owner) for h, e in zip(mine, bucket, strict=True)] for owner in range(topo.world_size)
+            [
+                max(0, min(start + self._run(h, e, owner), t) - max(start, s))
+                for h, e, start, (s, t) in zip(mine, bucket, starts[owner], targets, strict=True)
+            ]
+            for owner in range(topo.world_size)
         ]
         out_splits = [sum(owner) for owner in lengths]
         incoming = sum(out_splits) - out_splits[topo.rank]  # from the other owners
@@ -224,15 +256,16 @@ class PackedExchange:
         runs = received.split([n for owner in lengths for n in owner])
         out = {}
         for i, entry in enumerate(bucket):
-            shape = self._received_shape(entry, specs[topo.group])
+            s, t = targets[i]
+            shape = [t - s] if self.is_local(entry) else self._received_shape(entry, spec)
             if entry.part is None:  # owners 0, 1, ... hold ascending flat ranges: their runs concatenate
                 out[entry.name] = torch.cat([runs[owner * len(bucket) + i] for owner in range(topo.world_size)])
                 out[entry.name] = out[entry.name].view(shape)
                 continue
-            flat = self.assembling.setdefault(entry.name, torch.empty(math.prod(shape)))
-            for owner in range(topo.world_size):  # each owner's run lands where its range starts in the subnet
-                run, start = runs[owner * len(bucket) + i], mine[i].before(self._range(entry, owner)[0])
-                flat[start : start + len(run)] = run
+            flat = self.assembling.setdefault(entry.name, torch.empty(t - s))
+            for owner in range(topo.world_size):  # each owner's run lands where its overlap starts
+                run, first = runs[owner * len(bucket) + i], max(starts[owner][i], s) - s
+                flat[first : first + len(run)] = run
             if entry.part[1] == self.central.piece_len(entry.name):
                 out[entry.name] = self.assembling.pop(entry.name).view(shape)
         return out

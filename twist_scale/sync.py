@@ -85,7 +85,8 @@ def build_engine_and_sync(
     moments = moment_keys(cfg.optim) if aggregate_moments else ()
     correction = correction_of(cfg.twist.correction)
     t = cfg.twist
-    exchange = PackedExchange(central, t.wire_dtype) if t.aggregation == "packed" else DenseExchange(central)
+    packed = t.aggregation == "packed"
+    exchange = PackedExchange(central, t.wire_dtype, engine.shard_range) if packed else DenseExchange(central)
     sync = SubnetSync(
         central, engine, unit_blocks, topo, moments, correction, not aggregate_moments, exchange, t.bucket_mb
     )
@@ -191,7 +192,9 @@ class SubnetSync:
     def _write(self, entry: Entry, value: torch.Tensor, spec: SubnetSpec, means: dict[str, torch.Tensor]) -> None:
         name, _, key = entry.name.partition("@")
         sub = slice_tensor(value, entry.unit[1], entry.units(spec)) if entry.whole and entry.unit else value
-        if key:
+        if self.exchange.is_local(entry):  # this rank's flat shard of the subnet tensor
+            self.engine.write_shard(name, key, value)
+        elif key:
             self.engine.write_state(name, key, sub)
         elif is_statistic(name):
             if name.endswith(ACT_MEAN):
@@ -199,10 +202,10 @@ class SubnetSync:
             self.engine.write_buffer(name, sub)
         else:
             self.engine.write(name, sub)
-            if entry.unit is not None and name == entry.unit[0].output_axis.name:
-                ug = entry.unit[0]
-                full = value if entry.whole else None
-                self.correction.dispatch(self.engine.submodule(ug.output_module), ug, spec.units(ug), full, means)
+        if not key and entry.unit is not None and name == entry.unit[0].output_axis.name:
+            ug = entry.unit[0]
+            full = value if entry.whole else None
+            self.correction.dispatch(self.engine.submodule(ug.output_module), ug, spec.units(ug), full, means)
 
     def aggregate(self, specs: list[SubnetSpec]) -> None:
         """Holder mean of every group's subnet (and moments) into the central model."""

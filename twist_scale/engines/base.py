@@ -109,6 +109,18 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def write_state(self, name: str, key: str, value: torch.Tensor) -> None: ...
 
+    def shard_range(self, shape: torch.Size, dp_rank: int) -> tuple[int, int] | None:
+        """Where the engine shards every parameter (ZeRO-3, FSDP): the flat range of one of `shape`
+        that dp rank `dp_rank` of a group stores; None where each rank keeps parameters whole.
+
+        A function of the shape alone, so dispatch can send each rank of any group only its shard.
+        """
+        return None
+
+    def write_shard(self, name: str, key: str, flat: torch.Tensor) -> None:
+        """Set this rank's `shard_range` of parameter `name` (of its moment `key`, if not empty)."""
+        raise NotImplementedError(f"{type(self).__name__} keeps whole parameters: use write/write_state")
+
     @abc.abstractmethod
     def reset_optimizer_state(self) -> None:
         """Fresh moments and step counts, as if the optimizer had just been built."""

@@ -8,6 +8,7 @@ value until the next step; writing only p.data is undone by the next step. `writ
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,8 @@ from deepspeed.utils import (
     safe_get_full_optimizer_state,
     safe_set_full_fp32_param,
     safe_set_full_optimizer_state,
+    safe_set_local_fp32_param,
+    safe_set_local_optimizer_state,
 )
 from torch import nn
 
@@ -139,6 +142,27 @@ class DeepSpeedEngine(Engine):
             return
         self._link_optimizer_states()
         safe_set_full_optimizer_state(p, value.float(), key)
+
+    def shard_range(self, shape: torch.Size, dp_rank: int) -> tuple[int, int] | None:
+        """ZeRO-3 keeps a flat partition of ceil(n / R) elements of each parameter per rank."""
+        if self.stage != 3:
+            return None
+        n = math.prod(shape)
+        part = -(-n // self.topo.ranks_per_group)
+        return min(dp_rank * part, n), min((dp_rank + 1) * part, n)
+
+    @torch.no_grad()
+    def write_shard(self, name: str, key: str, flat: torch.Tensor) -> None:
+        p = self.params[name]
+        if self.stage != 3:
+            super().write_shard(name, key, flat)
+        padded = torch.zeros(p.ds_tensor.numel(), device=self.engine.device)  # the last partition is padded
+        padded[: flat.numel()] = flat.to(self.engine.device)
+        if key:
+            safe_set_local_optimizer_state(p, padded, key)
+            return
+        safe_set_local_fp32_param(p, padded)
+        p.ds_tensor.data.copy_(padded)  # the working weight is the same partition
 
     def _link_optimizer_states(self) -> None:
         """Re-link ZeRO-1/2 moment views. DeepSpeed 0.19 links them once, after the first param

@@ -9,6 +9,7 @@ communication, into the local storage that FSDP all-gathers from before the next
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -122,6 +123,25 @@ class FSDPEngine(Engine):
             return
         state.setdefault("step", torch.zeros((), dtype=torch.float32))
         state[key] = local_shard(value, p)
+
+    def shard_range(self, shape: torch.Size, dp_rank: int) -> tuple[int, int] | None:
+        """FSDP2 shards dim 0 as torch.chunk does: ceil(d0 / R) rows per rank, the last ones short or empty."""
+        rows, inner = -(-shape[0] // self.topo.ranks_per_group), math.prod(shape[1:])
+        return min(dp_rank * rows, shape[0]) * inner, min((dp_rank + 1) * rows, shape[0]) * inner
+
+    @torch.no_grad()
+    def write_shard(self, name: str, key: str, flat: torch.Tensor) -> None:
+        p = self.params[name]
+        if not key:
+            p.to_local().view(-1).copy_(flat)
+            return
+        state = self.optimizer.state[p]
+        if key not in state:
+            state.setdefault("step", torch.zeros((), dtype=torch.float32))
+            state[key] = DTensor.from_local(
+                torch.zeros_like(p.to_local()), p.device_mesh, p.placements, shape=p.shape, stride=p.stride()
+            )
+        state[key].to_local().view(-1).copy_(flat)
 
     def reset_optimizer_state(self) -> None:
         zero_optimizer_state(self.optimizer)

@@ -3,8 +3,9 @@
 For each case (G, ZeRO stage, disjoint / overlapping / uncovered subnets, exchange): dispatch the
 central model, let each group's engine hold known new values, aggregate, and compare every central
 tensor with a single-process reference computed from masks. Exchanges: 'dense' (masked
-reduce-scatter), 'packed' (held elements only, fp32 on the wire), 'bf16' (packed, bf16 on the wire),
-'parts' (packed with 4 kB buckets: most tensors are cut into parts, as a 70B model's embedding is).
+reduce-scatter), 'packed' (held elements only, fp32 on the wire; under ZeRO-3 each rank receives only
+its shard), 'whole' (packed, every rank receiving whole subnet tensors), 'bf16' (packed, bf16 on the
+wire), 'parts' (packed with 4 kB buckets: most tensors are cut into parts, as a 70B model's embedding is).
 """
 
 from __future__ import annotations
@@ -31,11 +32,12 @@ def delta(name: str, group: int, shape: torch.Size) -> torch.Tensor:
     return torch.randn(shape, generator=g) * 0.1
 
 
-EXCHANGES = {  # name: (exchange, bucket MB)
-    "dense": (DenseExchange, 32),
-    "packed": (PackedExchange, 32),
-    "bf16": (lambda central: PackedExchange(central, "bf16"), 32),
-    "parts": (PackedExchange, 4 / 1024),
+EXCHANGES = {  # name: (exchange of the central model and the engine, bucket MB)
+    "dense": (lambda central, engine: DenseExchange(central), 32),
+    "packed": (lambda central, engine: PackedExchange(central, "fp32", engine.shard_range), 32),
+    "whole": (lambda central, engine: PackedExchange(central), 32),
+    "bf16": (lambda central, engine: PackedExchange(central, "bf16", engine.shard_range), 32),
+    "parts": (lambda central, engine: PackedExchange(central, "fp32", engine.shard_range), 4 / 1024),
 }
 
 
@@ -63,7 +65,9 @@ def run_case(groups: int, stage: int, kappa: float) -> dict[str, tuple[float, fl
         central = CentralShards(topo, {n: t.shape for n, t in initial.items()})
         for n, t in initial.items():
             central.set_full(n, t)
-        sync = SubnetSync(central, engine, ugs, topo, (), correction_of("none"), False, build(central), bucket_mb)
+        sync = SubnetSync(
+            central, engine, ugs, topo, (), correction_of("none"), False, build(central, engine), bucket_mb
+        )
         sync.dispatch(specs)
         traffic = [sync.take_traffic()]
         for name, full in initial.items():  # dispatch delivered exactly the spec's slice; then "train"
@@ -110,6 +114,9 @@ def check_cases(rank: int, world: int, cases: list[str]) -> None:
         # only held elements travel: strictly less than the dense exchange whenever a group drops units
         assert packed_agg[0] < dense_agg[0] and packed_dispatch[0] < dense_dispatch[0], f"{case}: {traffic}"
         assert traffic["bf16"][1][0] * 2 == packed_agg[0], f"{case}: bf16 halves the aggregation payload"
+        whole_dispatch, whole_agg = traffic["whole"]  # ZeRO-3 shards: each of R ranks receives only its 1/R
+        shards = stage == 3 and world > groups
+        assert whole_agg == packed_agg and (whole_dispatch[0] > packed_dispatch[0]) == shards, f"{case}: {traffic}"
         parts_dispatch, parts_agg = traffic["parts"]  # the same elements travel, in many more collectives
         assert (parts_dispatch[0], parts_agg[0]) == (packed_dispatch[0], packed_agg[0]), f"{case}: {traffic}"
         assert parts_agg[1] > 10 * packed_agg[1], f"{case}: 4 kB buckets issued only {parts_agg[1]} collectives"

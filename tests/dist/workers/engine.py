@@ -19,6 +19,7 @@ from twist_scale.models import architecture_of, build_model
 from twist_scale.subnet import SubnetSampler, partitioned_blocks
 from twist_scale.sync import verify_same_masks
 from twist_scale.topology import Topology
+
 VOCAB = 64
 
 
@@ -57,6 +58,21 @@ def check_write(stage: int, topo: Topology) -> None:
     moment = torch.rand_like(new[name])
     engine.write_state(name, "exp_avg", moment)
     assert torch.allclose(engine.read_state(name, "exp_avg"), moment), f"zero={stage}: moment round trip"
+    if engine.shard_range(new[name].shape, topo.dp_rank) is None:
+        assert stage < 3, "ZeRO-3 shards every parameter"
+        return
+    for name, value in new.items():  # only this rank's shard, as the packed dispatch sends it under ZeRO-3
+        lo, hi = engine.shard_range(value.shape, topo.dp_rank)
+        engine.write_shard(name, "", -value.flatten()[lo:hi])
+        engine.write_shard(name, "exp_avg", 2 * value.flatten()[lo:hi])
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.neg_()
+    negated = fresh(input_ids=batch, labels=batch).loss.item()
+    assert abs(engine.eval_loss(batch) - negated) < 1e-5, "zero=3: forward after write_shard uses stale weights"
+    for name, value in new.items():
+        assert torch.equal(engine.read(name), -value), f"zero=3: read after write_shard differs in {name}"
+        assert torch.equal(engine.read_state(name, "exp_avg"), 2 * value), f"zero=3: moment shard of {name}"
 
 
 def trajectory(stage: int, topo: Topology) -> list[float]:

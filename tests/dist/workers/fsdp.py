@@ -32,16 +32,27 @@ def check_against_local(rank: int, world: int, out: str) -> None:
     gen = torch.Generator().manual_seed(1)  # the same values on both ranks
     batch = torch.randint(0, config.vocab_size, (2, 16), generator=gen)
 
-    def write_everything() -> None:
-        """As dispatch does: new weights and moments, written into both engines."""
+    def write_everything(sharded: bool) -> None:
+        """As dispatch does: new weights and moments, written into both engines (into FSDP whole, or
+        only this rank's `shard_range` of each, as the packed dispatch sends them)."""
+
+        def write_fsdp(name: str, key: str, value: torch.Tensor) -> None:
+            if sharded:
+                lo, hi = fsdp.shard_range(value.shape, rank)
+                fsdp.write_shard(name, key, value.flatten()[lo:hi])
+            elif key:
+                fsdp.write_state(name, key, value)
+            else:
+                fsdp.write(name, value)
+
         for name, p in local.params.items():
             value = torch.randn(p.shape, generator=gen) * 0.05
-            fsdp.write(name, value)
+            write_fsdp(name, "", value)
             local.write(name, value)
             assert torch.equal(fsdp.read(name), value), name
             for key in ("exp_avg", "exp_avg_sq"):
                 moment = torch.rand(p.shape, generator=gen) * 1e-3
-                fsdp.write_state(name, key, moment)
+                write_fsdp(name, key, moment)
                 local.write_state(name, key, moment)
                 assert torch.equal(fsdp.read_state(name, key), moment), (name, key)
 
@@ -55,9 +66,11 @@ def check_against_local(rank: int, world: int, out: str) -> None:
                 moment, expected = fsdp.read_state(name, key), local.read_state(name, key)
                 torch.testing.assert_close(moment, expected, rtol=1e-5, atol=1e-8)
 
-    write_everything()  # before the first step: the optimizer state does not exist yet
+    write_everything(sharded=True)  # before the first step: the optimizer state does not exist yet
     train_and_compare()
-    write_everything()  # into existing state, as every later round's dispatch does
+    write_everything(sharded=False)  # into existing state, as every later round's dispatch does
+    train_and_compare()
+    write_everything(sharded=True)
     train_and_compare()
 
     saved = {name: fsdp.read(name) for name in fsdp.params}
@@ -71,4 +84,3 @@ def check_against_local(rank: int, world: int, out: str) -> None:
         assert torch.equal(fsdp.read(name), value), name
         torch.testing.assert_close(fsdp.read_state(name, "exp_avg"), local.read_state(name, "exp_avg"))
     assert fsdp.train_step(batch) == pytest.approx(local.train_step(batch), rel=1e-5)
-
