@@ -1,49 +1,83 @@
-"""Start-up memory: what a rank holds once its model, central pieces and engine are built.
+"""Start-up memory of one TwIST rank: the whole model built then cut (before) against block by block (now).
 
-    python bench/startup.py            # small and medium Llama, dense and TwIST (G=2, κ=0.5): ~4 min
+    python bench/startup.py            # small and medium Llama, rank 0 of G=2 x R=2, κ = 0.5: ~1 min
 
-One real run per cell under `deepspeed` (2 ranks, one round of one step, ZeRO-1), reading rank 0's
-`perf/startup_peak_rss_mb` (peak RSS after the model, the central pieces and the engine are built).
-A dense rank fills the whole model, as its engine trains it; a TwIST rank builds the model on the meta
-device and keeps, block by block, only its central pieces and its group's subnet. The difference in
-one run is what sharded start-up saves; imports (torch, DeepSpeed, transformers) are the same in
-both. Writes bench/results/startup.{json,md}.
+Each cell runs in a fresh spawned process (peak RSS is per process) and reports its peak resident
+memory above what the imports took, once the rank holds its central pieces and its group's (still
+empty) subnet, which is what it keeps before the engine is built:
+  - whole model: build the full-width model with its weights, cut this rank's pieces from every tensor,
+    then shrink the model to the subnet (how every rank started before `startup.py`);
+  - block by block: the model on the meta device, filled one block at a time, each block's pieces kept
+    and the block released (`sync.central_from_model`), then the subnet materialised.
+Writes bench/results/startup.{json,md}.
 """
 
 from __future__ import annotations
 
 import json
-import tempfile
+import math
+import multiprocessing as mp
+import resource
 from pathlib import Path
 
-from measure import RESULTS, launch, round_costs
-
+RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
 SIZES = ("small", "medium")
+WAYS = ("whole model", "block by block")
 
 
-def measure(size: str, groups: int, out: Path) -> float:
-    overrides = {
-        "model.size": size,
-        "twist.groups": groups,
-        "twist.kappa": 0.5 if groups > 1 else 1.0,
-        "twist.correction": "scale" if groups > 1 else "none",
-        "twist.rounds": 2,  # round_costs drops the first round
-        "twist.local_steps": 1,
-        "data.micro_batch_size": 1,
-    }
-    run = out / f"{size}_g{groups}"
-    launch(run, "twist_brown.toml" if groups > 1 else "dense_brown.toml", overrides, procs=2)
-    return round_costs(run)["startup_peak_rss_mb"]
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports kB
+
+
+def _start(size: str, way: str, queue: mp.Queue) -> None:
+    import torch
+
+    from twist_scale.aggregate import CentralShards
+    from twist_scale.models import architecture_of, build_model
+    from twist_scale.startup import materialise_rest
+    from twist_scale.subnet import SubnetSampler, apply_subnet_shapes, partitioned_blocks
+    from twist_scale.sync import central_from_model, central_tensors
+    from twist_scale.topology import Topology
+
+    topo = Topology(world_size=4, rank=0, groups=2)
+    baseline = _peak_mb()
+    if way == "whole model":
+        torch.manual_seed(0)
+        model = build_model("llama", size, 4096)
+        central = CentralShards(topo, {n: t.shape for n, t in central_tensors(model).items()})
+        for name, tensor in central_tensors(model).items():
+            central.set_full(name, tensor.detach())
+    else:
+        with torch.device("meta"):
+            model = build_model("llama", size, 4096)
+        central = central_from_model(model, topo, seed=0)
+    ugs = partitioned_blocks(architecture_of(model).unit_blocks(model.config), shared_layers=[])
+    apply_subnet_shapes(model, ugs, SubnetSampler(tuple(ugs), 2, 0.5, seed=0).specs(0)[0])
+    materialise_rest(model)
+    full_mb = sum(math.prod(s) for s in central.shapes.values()) * 4 / 2**20
+    queue.put({"size": size, "way": way, "full_model_mb": full_mb, "startup_mb": _peak_mb() - baseline})
 
 
 def main() -> None:
+    ctx = mp.get_context("spawn")
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for size in SIZES:
-            dense, twist = measure(size, 1, Path(tmp)), measure(size, 2, Path(tmp))
-            rows.append({"size": size, "dense_mb": dense, "twist_mb": twist, "saved_mb": dense - twist})
-    lines = ["| model | dense rank MB | TwIST rank MB | saved MB |", "| --- | ---: | ---: | ---: |"]
-    lines += [f"| {r['size']} | {r['dense_mb']:.0f} | {r['twist_mb']:.0f} | {r['saved_mb']:.0f} |" for r in rows]
+    for size in SIZES:
+        for way in WAYS:
+            queue = ctx.Queue()
+            proc = ctx.Process(target=_start, args=(size, way, queue))
+            proc.start()
+            rows.append(queue.get())
+            proc.join()
+    lines = [
+        "| model | full fp32 MB | whole model, then cut: peak MB | block by block: peak MB | ratio |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for size in SIZES:
+        before, now = (next(r for r in rows if r["size"] == size and r["way"] == way) for way in WAYS)
+        lines.append(
+            f"| {size} | {before['full_model_mb']:.0f} | {before['startup_mb']:.0f} | {now['startup_mb']:.0f} | "
+            f"{now['startup_mb'] / before['startup_mb']:.2f} |"
+        )
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "startup.json").write_text(json.dumps(rows, indent=2))
     (RESULTS / "startup.md").write_text("\n".join(lines) + "\n")

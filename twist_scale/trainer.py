@@ -47,7 +47,7 @@ class Trainer:
         if topo.rank == 0:
             config_mod.save_resolved(cfg, self.out_dir / "config.json")
         self.data = load_run_data(cfg, topo, dist.barrier)
-        torch.manual_seed(cfg.seed)  # the same full-width initialisation on every rank
+        torch.manual_seed(cfg.seed)  # the same stream on every rank (weights are seeded per block: startup.fill)
         self.model = build_run_model(cfg, len(self.data.tokenizer))
         self.sampler = SubnetSampler(tuple(self.model.unit_blocks), topo.groups, cfg.twist.kappa, cfg.seed)
         self.engine, self.sync = build_engine_and_sync(
