@@ -2,6 +2,7 @@
 
     python bench/quality.py            # small Llama (17.3M, vocab 4096) on brown/train: 57 min on 2 cores
     python bench/quality.py --quick    # tiny Llama, a few rounds: the whole pipeline in ~6 min
+    python bench/quality.py --protocol finetune [--quick]   # from one pretrained base: bench/quality_finetune.py
 
 Trains on brown/train, one run after another under the real `deepspeed` launcher, every run on the
 same number of tokens and optimizer steps:

@@ -1,7 +1,7 @@
 """Quality after fine-tuning: TwIST's zero-cost subnets against post-hoc pruning, both from one pretrained model.
 
-    python bench/quality.py --protocol finetune            # small Llama: ~30 min on 2 cores (base cached: ~22)
-    python bench/quality.py --protocol finetune --quick    # tiny Llama: the whole pipeline in ~8 min
+    python bench/quality.py --protocol finetune            # small Llama: 37 min on 2 cores shared with another job
+    python bench/quality.py --protocol finetune --quick    # tiny Llama: ~6 min, 1.5 with the base cached
 
 The paper's setting rather than training from scratch (bench/quality.py's default protocol):
   base   one dense small Llama pretrained on brown/train (8 rounds x 15 steps x 2,048 tokens; quick: tiny,
@@ -18,7 +18,8 @@ The paper's setting rather than training from scratch (bench/quality.py's defaul
   spread at κ=0.5, 4 random draws of the equal-token TwIST run: min / max / mean perplexity and ± % of the
          mean, and the draw with the lowest loss on 8 windows of the fine-tuning text against the others.
 Perplexity on wikitext-2/test (in domain) and brown/test (the base's domain) with bench/quality.py's
-protocol. The budget is sized for ~30 min here: fewer rounds than the scratch protocol (which takes 57).
+protocol. The budget is sized for ~30 min here: fewer rounds than the scratch protocol (which takes 57),
+and only G=2 with correction 'scale' (G=4 runs 4 processes on 2 cores: each would add ~10 min).
 Writes bench/results/quality_finetune{,_quick}.{json,md,png}.
 """
 
