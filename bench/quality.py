@@ -2,6 +2,7 @@
 
     python bench/quality.py            # small Llama (17.3M, vocab 4096) on brown/train: 57 min on 2 cores
     python bench/quality.py --quick    # tiny Llama, a few rounds: the whole pipeline in ~6 min
+    python bench/quality.py --protocol finetune [--quick]   # from one pretrained base: bench/quality_finetune.py
 
 Trains on brown/train, one run after another under the real `deepspeed` launcher, every run on the
 same number of tokens and optimizer steps:
@@ -43,6 +44,10 @@ STATS_METHODS = ("adaptive_stats",)  # zero-cost from the statistics a correctio
 QUICK_WINDOW = 64
 EXPERIMENT = "bench-quality"
 TRAIN_SECONDS = "bench_train_seconds"
+PROTOCOLS = (
+    "scratch: every run from a random initialisation on brown/train (this docstring); finetune: every run from "
+    "one dense base pretrained on brown/train, fine-tuned on wikitext-2/valid (bench/quality_finetune.py)"
+)
 
 
 @dataclass(frozen=True)
@@ -90,8 +95,13 @@ class Budget:
         return self.rounds * self.local_steps * self.tokens_per_step
 
 
-def train(run: Run, out: Path, budget: Budget, uri: str) -> float:
-    """Train one run to out/<name>/final; returns its wall seconds (launch included), also kept in the run."""
+def train(
+    run: Run, out: Path, budget: Budget, uri: str, experiment: str = EXPERIMENT, extra: dict[str, object] | None = None
+) -> float:
+    """Train one run to out/<name>/final; returns its wall seconds (launch included), also kept in the run.
+
+    `extra` adds overrides on top of the budget's (fine-tuning: the pretrained model, its tokenizer, the text).
+    """
     overrides = {
         "model.size": budget.size,
         "data.block_size": budget.block,
@@ -104,7 +114,8 @@ def train(run: Run, out: Path, budget: Budget, uri: str) -> float:
         "twist.local_steps": budget.local_steps,
         "twist.rounds": budget.rounds,
         "tracking.uri": uri,
-        "tracking.experiment": EXPERIMENT,
+        "tracking.experiment": experiment,
+        **(extra or {}),
     }
     start = time.perf_counter()
     launch(out / run.name, run.config, overrides, run.procs, quiet=False)
@@ -113,8 +124,20 @@ def train(run: Run, out: Path, budget: Budget, uri: str) -> float:
     return seconds
 
 
-def evaluate_run(run: Run, out: Path, kappas: list[float], draws: int, window: int, max_windows: int, uri: str) -> dict:
-    """Every method at every κ on both test sets, in this process; logged onto the run's MLflow run."""
+def evaluate_run(
+    run: Run,
+    out: Path,
+    kappas: list[float],
+    draws: int,
+    window: int,
+    max_windows: int,
+    uri: str,
+    calibration_file: Path = TRAIN,
+) -> dict:
+    """Every method at every κ on both test sets, in this process; logged onto the run's MLflow run.
+
+    Calibrated baselines read `calibration_file`: the text the run trained on, as a user pruning it would.
+    """
     from twist_scale.data import token_stream
     from twist_scale.evaluate import log_sweep, sweep
     from twist_scale.pruning.calibration import calibration_from_files
@@ -129,7 +152,9 @@ def evaluate_run(run: Run, out: Path, kappas: list[float], draws: int, window: i
         calibration = None
         if prune_method(method).calibrated:
             samples, seqlen = prune_method(method).calibration if window > QUICK_WINDOW else (32, QUICK_WINDOW)
-            calibration = calibration_from_files([str(TRAIN)], central.tokenizer, samples=samples, seqlen=seqlen)
+            calibration = calibration_from_files(
+                [str(calibration_file)], central.tokenizer, samples=samples, seqlen=seqlen
+            )
         pruner = build_pruner(central, method, shared_layers="none", calibration=calibration)
         for test, stream in streams.items():
             start = time.perf_counter()
@@ -166,14 +191,20 @@ def ratios_to_best_baseline(report: dict, kappas: list[float]) -> dict:
 
 
 def markdown(report: dict, kappas: list[float]) -> str:
-    tests = list(TESTS)
     budget = report["budget"]
-    lines = [
+    header = (
         f"Token budget per run: {report['token_budget']:,} tokens ({budget['rounds']} rounds x {budget['local_steps']} "
         f"steps x {budget['tokens_per_step']:,} tokens), model {budget['size']}, lr {budget['lr']}. "
-        f"Perplexity on {' / '.join(tests)} ({report['windows']} windows of {report['window']} tokens each, evenly "
-        f"spaced; random: mean of {report['draws']} draws). Every layer partitioned.",
-        "",
+        f"Perplexity on {' / '.join(TESTS)} ({report['windows']} windows of {report['window']} tokens each, evenly "
+        f"spaced; random: mean of {report['draws']} draws). Every layer partitioned."
+    )
+    return "\n".join([header, "", *tables(report, kappas)]) + "\n"
+
+
+def tables(report: dict, kappas: list[float]) -> list[str]:
+    """Perplexity of every run x method x κ, each TwIST export's ratio to the best baseline, parameter counts."""
+    tests = list(TESTS)
+    lines = [
         "| run | method | train s | full | " + " | ".join(f"κ={k:.2f}" for k in kappas) + " |",
         "| --- | --- | ---: | ---: |" + " ---: |" * len(kappas),
     ]
@@ -205,39 +236,44 @@ def markdown(report: dict, kappas: list[float]) -> str:
         + f"{params['full']['params']:,}; "
         + ", ".join(f"κ={k:.2f} {params[f'{k:.2f}']['params']:,}" for k in kappas),
     ]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny model, few rounds: minutes")
-    parser.add_argument("--rounds", type=int, default=16, help="rounds of --local-steps steps, every run")
-    parser.add_argument("--local-steps", type=int, default=15, help="H: steps between aggregations")
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--draws", type=int, default=2, help="random draws per κ")
-    parser.add_argument("--kappa", type=float, nargs="+", default=[0.75, 0.5, 0.25])
-    parser.add_argument("--max_windows", type=int, default=64, help="windows scored per test set (0: all)")
-    parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench_quality")
-    parser.add_argument("--reuse-runs", action="store_true", help="only evaluate runs this script already trained")
-    args = parser.parse_args()
+def publish(report: dict, table: str, uri: str, experiment: str, out: Path, name: str) -> None:
+    """bench/results/<name>.{json,md,png}; the PNG is `twist-compare`'s chart over the runs' MLflow store."""
+    from twist_scale.compare import main as compare
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    compare(["--tracking.uri", uri, "--tracking.experiment", experiment, "--out", str(out / "compare")])
+    shutil.copy(out / "compare" / "ppl_vs_sparsity.png", RESULTS / f"{name}.png")
+    (RESULTS / f"{name}.json").write_text(json.dumps(report, indent=2))
+    (RESULTS / f"{name}.md").write_text(table)
+    print(table)
+    print(f"total {report['total_seconds']:.0f}s")
+
+
+def scratch(args: argparse.Namespace) -> None:
+    """The protocol in the module docstring: every run trained from a random initialisation."""
+    rounds, lr = args.rounds or 16, args.lr or 2e-3
     if args.quick:
-        budget = Budget("tiny", 64, 64 * 8, 5, 3, args.lr)
+        budget = Budget("tiny", 64, 64 * 8, 5, 3, lr)
         window, max_windows = QUICK_WINDOW, 16
     else:
-        budget = Budget("small", 256, 256 * 8, args.local_steps, args.rounds, args.lr)
+        budget = Budget("small", 256, 256 * 8, args.local_steps, rounds, lr)
         window, max_windows = 256, args.max_windows
+    out = args.out or REPO / "runs" / "bench_quality"
     print(
         f"configuration: {budget}, tokens {budget.tokens:,}, window {window}, max_windows {max_windows}, "
         f"draws {args.draws}, kappas {args.kappa}, runs {[r.name for r in RUNS]}, torch threads "
         f"{torch.get_num_threads()}",
         flush=True,
     )
-    if not args.reuse_runs and args.out.exists():
-        shutil.rmtree(args.out)
-    args.out.mkdir(parents=True, exist_ok=True)
+    if not args.reuse_runs and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
     from twist_scale.tracking import default_uri
 
-    uri = default_uri(args.out)
+    uri = default_uri(out)
     report: dict = {
         "token_budget": budget.tokens,
         "budget": budget.__dict__,
@@ -248,8 +284,8 @@ def main() -> None:
         "runs": {},
     }
     for run in RUNS:
-        done = args.out / run.name / TRAIN_SECONDS
-        seconds = float(done.read_text()) if args.reuse_runs and done.is_file() else train(run, args.out, budget, uri)
+        done = out / run.name / TRAIN_SECONDS
+        seconds = float(done.read_text()) if args.reuse_runs and done.is_file() else train(run, out, budget, uri)
         report["runs"][run.name] = {
             "groups": run.groups,
             "kappa": run.kappa,
@@ -258,22 +294,33 @@ def main() -> None:
         }
     start = time.perf_counter()
     for run in RUNS:
-        report["runs"][run.name]["eval"] = evaluate_run(run, args.out, args.kappa, args.draws, window, max_windows, uri)
+        report["runs"][run.name]["eval"] = evaluate_run(run, out, args.kappa, args.draws, window, max_windows, uri)
     report["eval_seconds"] = time.perf_counter() - start
     report["total_seconds"] = report["eval_seconds"] + sum(r["train_seconds"] for r in report["runs"].values())
     report["ratios"] = ratios_to_best_baseline(report, args.kappa)
+    publish(report, markdown(report, args.kappa), uri, EXPERIMENT, out, "quality_quick" if args.quick else "quality")
 
-    suffix = "_quick" if args.quick else ""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    from twist_scale.compare import main as compare
 
-    compare(["--tracking.uri", uri, "--tracking.experiment", EXPERIMENT, "--out", str(args.out / "compare")])
-    shutil.copy(args.out / "compare" / "ppl_vs_sparsity.png", RESULTS / f"quality{suffix}.png")
-    (RESULTS / f"quality{suffix}.json").write_text(json.dumps(report, indent=2))
-    table = markdown(report, args.kappa)
-    (RESULTS / f"quality{suffix}.md").write_text(table)
-    print(table)
-    print(f"total {report['total_seconds']:.0f}s")
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--protocol", choices=("scratch", "finetune"), default="scratch", help=PROTOCOLS)
+    parser.add_argument("--quick", action="store_true", help="tiny model, few rounds: minutes")
+    parser.add_argument("--rounds", type=int, help="rounds of --local-steps steps, every run (scratch 16, finetune 6)")
+    parser.add_argument("--local-steps", type=int, default=15, help="H: steps between aggregations")
+    parser.add_argument("--lr", type=float, help="peak learning rate (scratch 2e-3, finetune 1e-3)")
+    parser.add_argument("--draws", type=int, default=2, help="random draws per κ")
+    parser.add_argument("--kappa", type=float, nargs="+", default=[0.75, 0.5, 0.25])
+    parser.add_argument("--max_windows", type=int, default=64, help="windows scored per test set (0: all)")
+    parser.add_argument("--out", type=Path, help="runs directory (default runs/bench_quality[_finetune[_quick]])")
+    parser.add_argument("--reuse-runs", action="store_true", help="only evaluate runs this script already trained")
+    parser.add_argument("--retrain-base", action="store_true", help="finetune: pretrain the base again even if cached")
+    args = parser.parse_args()
+    if args.protocol == "finetune":
+        from quality_finetune import finetune  # imports this module: the protocols share its runs and tables
+
+        finetune(args)
+    else:
+        scratch(args)
 
 
 if __name__ == "__main__":
