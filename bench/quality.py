@@ -190,6 +190,18 @@ def ratios_to_best_baseline(report: dict, kappas: list[float]) -> dict:
     }
 
 
+def report_header(budget: Budget, args: argparse.Namespace, window: int, max_windows: int) -> dict:
+    """What every protocol's report states first: the budget and the evaluation protocol."""
+    return {
+        "token_budget": budget.tokens,
+        "budget": budget.__dict__,
+        "quick": args.quick,
+        "window": window,
+        "windows": max_windows,
+        "draws": args.draws,
+    }
+
+
 def markdown(report: dict, kappas: list[float]) -> str:
     budget = report["budget"]
     header = (
@@ -274,15 +286,7 @@ def scratch(args: argparse.Namespace) -> None:
     from twist_scale.tracking import default_uri
 
     uri = default_uri(out)
-    report: dict = {
-        "token_budget": budget.tokens,
-        "budget": budget.__dict__,
-        "quick": args.quick,
-        "window": window,
-        "windows": max_windows,
-        "draws": args.draws,
-        "runs": {},
-    }
+    report: dict = {**report_header(budget, args, window, max_windows), "runs": {}}
     for run in RUNS:
         done = out / run.name / TRAIN_SECONDS
         seconds = float(done.read_text()) if args.reuse_runs and done.is_file() else train(run, out, budget, uri)

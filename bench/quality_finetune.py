@@ -44,6 +44,7 @@ from quality import (
     evaluate_run,
     publish,
     ratios_to_best_baseline,
+    report_header,
     tables,
     train,
 )
@@ -281,12 +282,7 @@ def finetune(args: argparse.Namespace) -> None:
             "cached": cached,
             "ppl": base_perplexity(base, window, max_windows),
         },
-        "token_budget": budget.tokens,
-        "budget": budget.__dict__,
-        "quick": args.quick,
-        "window": window,
-        "windows": max_windows,
-        "draws": args.draws,
+        **report_header(budget, args, window, max_windows),
         "runs": {
             run.name: {
                 "groups": run.groups,

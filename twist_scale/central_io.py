@@ -93,7 +93,8 @@ def export_central(
     several, so plain `from_pretrained` loads it.
     """
     with torch.device("meta"):
-        expected = dict(build().named_parameters()) if is_main else {}
+        model = build() if is_main else None
+    expected = dict(model.named_parameters()) if is_main else {}
     with atomic_directory(directory) if is_main else nullcontext(None) as tmp:
         shards: list[dict[str, torch.Tensor]] = [{}]
         written, stats, size, problems = [], {}, 0, []
@@ -120,8 +121,6 @@ def export_central(
             )
         written.append(_write_shard(tmp, shards.pop(), len(written)))
         _name_shards(tmp, written)
-        with torch.device("meta"):
-            model = build()
         model.config.save_pretrained(tmp)
         if model.can_generate():
             model.generation_config.save_pretrained(tmp)
