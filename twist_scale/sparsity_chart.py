@@ -32,6 +32,8 @@ SUBS = (
 )
 MIN_TICKS = 4
 THICK, THIN = 3.2, 1.2
+PANEL_INCHES = 4.8  # a panel's height, taller when its legend needs it:
+LEGEND_ROW_INCHES = 0.2  # one legend entry at fontsize 8, spacing included
 
 
 def best(series: list[Series]) -> Series | None:
@@ -65,7 +67,8 @@ def figure(series: list[Series], title: str) -> Figure:
     import matplotlib.pyplot as plt
 
     panels = sorted({s.test_set for s in series})
-    fig, axes = plt.subplots(len(panels), 1, figsize=(13, 4.8 * len(panels)), squeeze=False, layout="constrained")
+    height = max(PANEL_INCHES, 1.0 + LEGEND_ROW_INCHES * max(sum(s.test_set == p for s in series) for p in panels))
+    fig, axes = plt.subplots(len(panels), 1, figsize=(13, height * len(panels)), squeeze=False, layout="constrained")
     pairs = plt.get_cmap("tab20").colors  # (dark, light) shades of tab10's ten hues
     baselines = list(dict.fromkeys((s.run_name, s.measured) for s in series if s.baseline))
     runs = list(dict.fromkeys(s.run_name for s in series if not s.baseline))

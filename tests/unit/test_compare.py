@@ -139,3 +139,21 @@ def test_chart_has_a_panel_per_test_set_with_the_best_stressed_and_every_tick_la
     brown = {t.get_text() for t in fig.axes[0].get_yticklabels()}
     assert {"400", "600", "1000", "2000"} <= brown
     plt.close(fig)
+
+
+def test_chart_panels_grow_so_a_long_legend_stays_inside_its_panel():
+    twist = "twist κ=0.5 G=2 scale"
+    series = [
+        chart_series(f"run{i}", twist if i else "dense", method, test, 500.0 + i, {0.5: 600.0 + i})
+        for i in range(10)
+        for method in ("random", "magnitude", "adaptive_magnitude")
+        for test in ("brown", "wikitext2")
+    ]
+    fig = figure(series, "exp")
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    panels = [ax.get_window_extent(renderer) for ax in fig.axes]
+    legends = [ax.get_legend().get_window_extent(renderer) for ax in fig.axes]
+    assert legends[0].y0 >= legends[1].y1 - 1  # the top panel's legend does not run into the next one
+    assert all(legend.height <= fig.bbox.height / len(panels) for legend in legends)
+    plt.close(fig)
