@@ -3,6 +3,7 @@
     python bench/quality.py            # small Llama (17.3M, vocab 4096) on brown/train: 57 min on 2 cores
     python bench/quality.py --quick    # tiny Llama, a few rounds: the whole pipeline in ~6 min
     python bench/quality.py --protocol finetune [--quick]   # from one pretrained base: bench/quality_finetune.py
+    python bench/quality.py --protocol ablation [--quick]   # one factor of the recipe at a time: quality_ablation.py
 
 Trains on brown/train, one run after another under the real `deepspeed` launcher, every run on the
 same number of tokens and optimizer steps:
@@ -46,7 +47,8 @@ EXPERIMENT = "bench-quality"
 TRAIN_SECONDS = "bench_train_seconds"
 PROTOCOLS = (
     "scratch: every run from a random initialisation on brown/train (this docstring); finetune: every run from "
-    "one dense base pretrained on brown/train, fine-tuned on wikitext-2/valid (bench/quality_finetune.py)"
+    "one dense base pretrained on brown/train, fine-tuned on wikitext-2/valid (bench/quality_finetune.py); ablation: "
+    "the fine-tuning protocol's TwIST run with one factor of its recipe changed at a time (bench/quality_ablation.py)"
 )
 
 
@@ -133,10 +135,14 @@ def evaluate_run(
     max_windows: int,
     uri: str,
     calibration_file: Path = TRAIN,
+    shared_layers: str = "none",
+    log: bool = True,
 ) -> dict:
-    """Every method at every κ on both test sets, in this process; logged onto the run's MLflow run.
+    """Every method at every κ on both test sets, in this process; logged onto the run's MLflow run when `log`.
 
     Calibrated baselines read `calibration_file`: the text the run trained on, as a user pruning it would.
+    `shared_layers` 'none' prunes every layer (every method's model at a κ has the same parameter count);
+    'auto' keeps whole the layers training kept whole.
     """
     from twist_scale.data import token_stream
     from twist_scale.evaluate import log_sweep, sweep
@@ -155,11 +161,12 @@ def evaluate_run(
             calibration = calibration_from_files(
                 [str(calibration_file)], central.tokenizer, samples=samples, seqlen=seqlen
             )
-        pruner = build_pruner(central, method, shared_layers="none", calibration=calibration)
+        pruner = build_pruner(central, method, shared_layers=shared_layers, calibration=calibration)
         for test, stream in streams.items():
             start = time.perf_counter()
             result = sweep(pruner, stream, kappas, draws, window, label=f"{method}_{test}", max_windows=max_windows)
-            log_sweep(result, uri, run_id)
+            if log:
+                log_sweep(result, uri, run_id)
             results.setdefault(method, {})[test] = {
                 "full": {"ppl": result.full.ppl, "params": result.full_parameters, "windows": result.full.windows},
                 **{
@@ -307,7 +314,7 @@ def scratch(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--protocol", choices=("scratch", "finetune"), default="scratch", help=PROTOCOLS)
+    parser.add_argument("--protocol", choices=("scratch", "finetune", "ablation"), default="scratch", help=PROTOCOLS)
     parser.add_argument("--quick", action="store_true", help="tiny model, few rounds: minutes")
     parser.add_argument("--rounds", type=int, help="rounds of --local-steps steps, every run (scratch 16, finetune 6)")
     parser.add_argument("--local-steps", type=int, default=15, help="H: steps between aggregations")
@@ -315,14 +322,23 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=2, help="random draws per κ")
     parser.add_argument("--kappa", type=float, nargs="+", default=[0.75, 0.5, 0.25])
     parser.add_argument("--max_windows", type=int, default=64, help="windows scored per test set (0: all)")
-    parser.add_argument("--out", type=Path, help="runs directory (default runs/bench_quality[_finetune[_quick]])")
+    parser.add_argument(
+        "--out", type=Path, help="runs directory (default runs/bench_quality[_finetune|_ablation][_quick])"
+    )
     parser.add_argument("--reuse-runs", action="store_true", help="only evaluate runs this script already trained")
-    parser.add_argument("--retrain-base", action="store_true", help="finetune: pretrain the base again even if cached")
+    parser.add_argument(
+        "--retrain-base", action="store_true", help="finetune, ablation: pretrain the base again even if cached"
+    )
+    parser.add_argument("--drop", nargs="+", default=[], help="ablation: leave these recipes out (e.g. g4)")
     args = parser.parse_args()
     if args.protocol == "finetune":
         from quality_finetune import finetune  # imports this module: the protocols share its runs and tables
 
         finetune(args)
+    elif args.protocol == "ablation":
+        from quality_ablation import ablation
+
+        ablation(args)
     else:
         scratch(args)
 

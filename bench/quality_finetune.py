@@ -249,13 +249,51 @@ def markdown(report: dict, kappas: list[float]) -> str:
     return "\n".join([header, "", *body]) + "\n"
 
 
-def finetune(args: argparse.Namespace) -> None:
-    """The protocol in the module docstring."""
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """What every run of a fine-tuning protocol shares: budgets, evaluation, the base, the runs' directory and store."""
+
+    protocol: str
+    base_budget: Budget
+    budget: Budget
+    window: int
+    max_windows: int
+    suffix: str  # '_quick' or ''
+    out: Path
+    uri: str
+    base: Path
+    start: float
+    base_report: dict
+
+    def report(self, args: argparse.Namespace) -> dict:
+        """The report's opening: protocol, base, budget and evaluation settings."""
+        head = report_header(self.budget, args, self.window, self.max_windows)
+        return {"protocol": self.protocol, "base": self.base_report, **head, "runs": {}}
+
+    def entry(self, run: Run, budget: Budget, kappas: list[float], draws: int, **evaluate: object) -> dict:
+        """One trained run in the report: its shape, budget, seconds and every method's evaluation."""
+        return {
+            "groups": run.groups,
+            "kappa": run.kappa,
+            "procs": run.procs,
+            "rounds": budget.rounds,
+            "tokens": budget.tokens,
+            "train_seconds": training_seconds(self.out / run.name),
+            "launch_seconds": float((self.out / run.name / TRAIN_SECONDS).read_text()),
+            "eval": self.evaluate(run, kappas, draws, **evaluate),
+        }
+
+    def evaluate(self, run: Run, kappas: list[float], draws: int, **options: object) -> dict:
+        return evaluate_run(run, self.out, kappas, draws, self.window, self.max_windows, self.uri, TUNE_TEXT, **options)
+
+
+def setting(args: argparse.Namespace, protocol: str) -> Setting:
+    """Budgets, the cached base (pretrained if missing), and a fresh runs directory (kept with --reuse-runs)."""
     from twist_scale.tracking import default_uri
 
     base_budget, budget, window, max_windows = budgets(args)
     suffix = "_quick" if args.quick else ""
-    out = args.out or REPO / "runs" / f"bench_quality_finetune{suffix}"
+    out = args.out or REPO / "runs" / f"bench_quality_{protocol}{suffix}"
     print(f"configuration: base {base_budget}, fine-tuning {budget}, window {window}, max_windows {max_windows}")
     start = time.perf_counter()
     base, base_seconds, cached = pretrained_base(
@@ -264,7 +302,23 @@ def finetune(args: argparse.Namespace) -> None:
     if not args.reuse_runs and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    uri = default_uri(out)
+    base_report = {
+        "dir": str(base),
+        "budget": base_budget.__dict__,
+        "tokens": base_budget.tokens,
+        "train_seconds": base_seconds,
+        "cached": cached,
+        "ppl": base_perplexity(base, window, max_windows),
+    }
+    return Setting(
+        protocol, base_budget, budget, window, max_windows, suffix, out, default_uri(out), base, start, base_report
+    )
+
+
+def finetune(args: argparse.Namespace) -> None:
+    """The protocol in the module docstring."""
+    s = setting(args, "finetune")
+    out, budget, uri, base = s.out, s.budget, s.uri, s.base
     runs = {run: budget for run in (DENSE, TWIST)}
     for run in runs:
         fit(run, out, budget, uri, base, args.reuse_runs)
@@ -272,40 +326,17 @@ def finetune(args: argparse.Namespace) -> None:
     wall = dataclasses.replace(budget, rounds=wall_rounds(budget.rounds, seconds[DENSE], seconds[TWIST]))
     runs[TWIST_WALL] = wall
     fit(TWIST_WALL, out, wall, uri, base, args.reuse_runs)
-    report: dict = {
-        "protocol": "finetune",
-        "base": {
-            "dir": str(base),
-            "budget": base_budget.__dict__,
-            "tokens": base_budget.tokens,
-            "train_seconds": base_seconds,
-            "cached": cached,
-            "ppl": base_perplexity(base, window, max_windows),
-        },
-        **report_header(budget, args, window, max_windows),
-        "runs": {
-            run.name: {
-                "groups": run.groups,
-                "kappa": run.kappa,
-                "procs": run.procs,
-                "rounds": b.rounds,
-                "tokens": b.tokens,
-                "train_seconds": training_seconds(out / run.name),
-                "launch_seconds": float((out / run.name / TRAIN_SECONDS).read_text()),
-                "eval": evaluate_run(run, out, args.kappa, args.draws, window, max_windows, uri, TUNE_TEXT),
-            }
-            for run, b in runs.items()
-        },
-        "spread": draw_spread(out / TWIST.name, window, max_windows),
-    }
+    report = s.report(args)
+    report["runs"] = {run.name: s.entry(run, b, args.kappa, args.draws) for run, b in runs.items()}
+    report["spread"] = draw_spread(out / TWIST.name, s.window, s.max_windows)
     report["ratios"] = ratios_to_best_baseline(report, args.kappa)
     report["summary"] = {
         "kappa": SPREAD_KAPPA,
         "equal_tokens": comparison(report, SPREAD_KAPPA, TWIST.name),
         "equal_wallclock": comparison(report, SPREAD_KAPPA, TWIST_WALL.name),
     }
-    report["total_seconds"] = time.perf_counter() - start
-    publish(report, markdown(report, args.kappa), uri, EXPERIMENT, out, f"quality_finetune{suffix}")
+    report["total_seconds"] = time.perf_counter() - s.start
+    publish(report, markdown(report, args.kappa), uri, EXPERIMENT, out, f"quality_finetune{s.suffix}")
 
 
 def fit(run: Run, out: Path, budget: Budget, uri: str, base: Path, reuse: bool) -> None:

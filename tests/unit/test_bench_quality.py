@@ -1,4 +1,4 @@
-"""The fine-tuning quality benchmark's pure helpers: the equal wall-clock budget and the draw picking summary."""
+"""The quality benchmarks' pure helpers: equal wall-clock budget, draw picking summary, ablation recipes."""
 
 from __future__ import annotations
 
@@ -24,3 +24,78 @@ def test_pick_summary_ranks_the_draw_with_the_lowest_picking_loss() -> None:
     assert summary["picked_rank"] == 2
     assert summary["mean"] == pytest.approx(115.0)
     assert summary["pm_pct"] == pytest.approx(50 * 30 / 115)
+
+
+def test_nearest_divisor_keeps_the_step_budget() -> None:
+    from quality_ablation import nearest_divisor
+
+    assert nearest_divisor(90, 50) == 45  # the issue's H=50 does not divide 90 steps
+    assert nearest_divisor(90, 5) == 5
+    assert nearest_divisor(15, 5 / 3) == 1
+    assert nearest_divisor(12, 5) == 6  # 4 and 6 are as near: the larger, fewer rounds
+
+
+def test_ablation_variants_change_one_factor_each_on_equal_steps() -> None:
+    from quality import Budget
+    from quality_ablation import reference, variants
+
+    budget = Budget("small", 256, 2048, 15, 6, 1e-3)
+    ref = reference(budget.local_steps)
+    recipes = variants(ref, steps=90)
+    assert recipes[0] == ref
+    assert len({r.name for r in recipes}) == len(recipes)
+    factors = ("correction", "optimizer_state", "local_steps", "groups", "shared_layers")
+    for recipe in recipes[1:]:
+        changed = [f for f in factors if getattr(recipe, f) != getattr(ref, f)]
+        assert len(changed) == 1, (recipe.name, changed)
+        own = recipe.budget(budget)
+        assert own.rounds * own.local_steps == 90 and own.tokens == budget.tokens
+        assert recipe.kappa == ref.kappa
+    assert sorted(r.local_steps for r in recipes if r.local_steps != 15) == [5, 45]
+    assert {r.correction for r in recipes} == {"none", "scale", "mean"}
+    assert {(r.groups, r.procs) for r in recipes} == {(2, 2), (4, 4)}
+    assert {r.optimizer_state for r in recipes} == {"reset", "aggregate"}
+
+
+def test_recipe_budget_refuses_an_h_that_does_not_divide_the_steps() -> None:
+    import dataclasses
+
+    from quality import Budget
+    from quality_ablation import reference
+
+    with pytest.raises(ValueError, match="does not divide"):
+        dataclasses.replace(reference(15), local_steps=50).budget(Budget("small", 256, 2048, 15, 6, 1e-3))
+
+
+def test_ablation_winner_has_the_lowest_mean_ratio_over_test_sets() -> None:
+    from quality_ablation import winner
+
+    summary = {
+        "reference": {"brown": {"ratio": 0.90}, "wikitext2": {"ratio": 1.00}},  # mean 0.95
+        "h5": {"brown": {"ratio": 0.80}, "wikitext2": {"ratio": 1.20}},  # best on brown only, mean 1.00
+        "g4": {"brown": {"ratio": 0.92}, "wikitext2": {"ratio": 0.94}},  # mean 0.93
+    }
+    assert winner(summary) == "g4"
+
+
+def test_criterion_means_and_parameters_read_every_recipe() -> None:
+    from quality_ablation import criterion_means, kappa_parameters
+
+    def cells(brown: float, wiki: float, params: int = 10) -> dict:
+        return {t: {"0.50": {"mean": v, "params": params}} for t, v in (("brown", brown), ("wikitext2", wiki))}
+
+    report = {
+        "runs": {
+            "dense": {"eval": {"flap": cells(100.0, 50.0), "magnitude": cells(200.0, 40.0)}},
+            "reference": {"eval": {"random": cells(90.0, 44.0), "magnitude": cells(110.0, 40.0)}},
+            "h5": {"eval": {"random": cells(70.0, 36.0, params=11)}},
+        }
+    }
+    means = criterion_means(report)  # best baseline: 100 on brown (flap), 40 on wikitext2 (magnitude)
+    assert means["random"] == pytest.approx((0.9 + 1.1 + 0.7 + 0.9) / 4)
+    assert means["magnitude"] == pytest.approx((1.1 + 1.0) / 2)
+    assert "flap" not in means
+    assert kappa_parameters(report) == {
+        10: ["dense·flap", "dense·magnitude", "reference·random", "reference·magnitude"],
+        11: ["h5·random"],
+    }
