@@ -43,6 +43,7 @@ def point(tmp: Path, name: str, size: str, groups: int, quick: bool) -> dict[str
         "model.size": size,
         "twist.groups": groups,
         "twist.kappa": 0.5,
+        "twist.correction": "scale",  # what the published figures were measured with
         "twist.shared_layers": "",
         "twist.rounds": 4,
         "twist.local_steps": 3 if quick else 5,
@@ -61,6 +62,7 @@ def run_point(tmp: Path, quick: bool, local_steps: int, aggregation: str, wire: 
         "model.size": "tiny" if quick else "small",
         "twist.groups": 2,
         "twist.kappa": 0.5,
+        "twist.correction": "scale",  # what the published figures were measured with
         "twist.shared_layers": "",
         "twist.rounds": 4,
         "twist.local_steps": local_steps,

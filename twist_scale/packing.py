@@ -7,12 +7,16 @@ travel, and no rank needs a handshake to know how many: every rank knows every g
 Unit ids are ascending in a spec, so a subnet tensor lists its elements in the order of their flat
 index in the full tensor. A group's elements inside any flat range [lo, hi) of a full tensor are
 therefore one contiguous run of its flattened subnet, whose ends are counted in O(1) (`Held.before`);
-only the owner of a piece needs an element mask, and only over its piece (`Held.mask`).
+only the owner of a piece needs the held elements' positions, and only over its piece
+(`Held.positions`).
 
-- Aggregation: dp rank r of group g sends, to each owner at dp position r (the G ranks of its
-  cross group), the run of its subnet that falls in that owner's piece. An owner adds what each
-  group sent where the group holds, and divides by how many groups did (the holder count, never
-  materialised beyond its piece); elements nobody held keep their value. Bytes ∝ κ/R of the model.
+- Aggregation: every rank reads only the flat range of its group's subnet tensor that its engine
+  stores (its ZeRO partition or FSDP shard, a view of the master values; `learn_layout` gathers who
+  stores what once per run), and sends each owner the part of that range that falls in the owner's
+  piece: one all-to-all over the world, nothing gathered first, every element sent by exactly one rank
+  of its group. An owner adds what each group sent where the group holds, and divides by how many
+  groups did (the holder count, never materialised beyond its piece); elements nobody held keep their
+  value. Bytes ∝ κ/R of the model.
 - Dispatch: each owner sends to every rank the elements of its piece that rank's group holds (one
   all-to-all over the world); a rank receives its group's subnet, ∝ κ of the model, and the runs
   from owners 0, 1, ... concatenate into the flattened subnet tensor.
@@ -20,7 +24,7 @@ only the owner of a piece needs an element mask, and only over its piece (`Held.
 Tensors travel in buckets of about `bucket_bytes` of full-width fp32 data: one all-to-all per
 bucket. A tensor larger than a bucket is cut into parts, each the same sub-range of every owner's
 piece (a group's elements in it are still one run per owner), so the exchange's temporaries are
-bounded by the bucket, not by the largest tensor (the engine's own read of the tensor aside). The
+bounded by the bucket, not by the largest tensor, and aggregation reads the engine's storage in place. The
 aggregation payload can travel in bf16 (owners accumulate in fp32); dispatch is always fp32, so a
 round starts from the central weights exactly.
 """
@@ -71,6 +75,7 @@ class Held:
         if len(coords) > 1 and not bool((coords[1:] > coords[:-1]).all()):
             raise ValueError(f"{entry.name}: the packed exchange needs ascending unit ids, as sampled specs have")
         self.size, self.inner = entry.shape[axis.axis], math.prod(entry.shape[axis.axis + 1 :])
+        self.coords = coords
         self.along = torch.zeros(self.size, dtype=torch.bool)
         self.along[coords] = True
         self.below = torch.cat([torch.zeros(1, dtype=torch.long), self.along.cumsum(0)]).tolist()  # held coords < c
@@ -84,13 +89,28 @@ class Held:
         partial = i if bool(self.along[coord]) else 0  # the held elements of a held row before `position`
         return (outer * self.below[-1] + self.below[coord]) * self.inner + partial
 
-    def mask(self, lo: int, hi: int) -> torch.Tensor | None:
-        """Held elements of flat range [lo, hi) as a bool mask over the range (None: all of them)."""
-        if self.along is None or hi <= lo:
+    def positions(self, lo: int, hi: int) -> torch.Tensor | None:
+        """Offsets from `lo` of the held elements of flat range [lo, hi), ascending (None: all of them).
+
+        Built from the held rows (one unit-axis coordinate of one outer index, `inner` elements each)
+        of the slabs the range touches, never from a mask over the range: index_select and index_add_
+        on these offsets are several times faster than boolean indexing, which scans the range twice.
+        """
+        if self.along is None:
             return None
-        first, last = lo // self.inner, (hi - 1) // self.inner
-        rows = self.along[torch.arange(first, last + 1) % self.size].repeat_interleave(self.inner)
-        return rows[lo - first * self.inner : hi - first * self.inner]
+        if hi <= lo:
+            return torch.empty(0, dtype=torch.long)
+        first, last = lo // self.inner, (hi - 1) // self.inner  # the rows the range touches
+        slabs = torch.arange(first // self.size, last // self.size + 1)
+        rows = (slabs[:, None] * self.size + self.coords[None, :]).flatten()  # held rows of those slabs, ascending
+        rows = rows[_at(rows, first) : _at(rows, last + 1)]
+        flat = rows if self.inner == 1 else (rows[:, None] * self.inner + torch.arange(self.inner)).flatten()
+        return flat[_at(flat, lo) : _at(flat, hi)] - lo  # only the first and last rows can be partial
+
+
+def _at(ascending: torch.Tensor, value: int) -> int:
+    """How many entries of an ascending tensor are below `value`."""
+    return int(torch.searchsorted(ascending, torch.tensor(value)))
 
 
 def buckets(
@@ -115,6 +135,7 @@ class PackedExchange:
         self.central, self.topo, self.wire = central, central.topo, WIRE_DTYPES[wire]
         self.shard_range = shard_range  # the engine's (Engine.shard_range), where it shards parameters
         self.assembling: dict[str, torch.Tensor] = {}  # subnet tensors whose parts are still arriving
+        self.layout: dict[str, list[list[int]]] = {}  # name -> per world rank: [start, stop) of its subnet tensor
 
     def is_local(self, entry: Entry) -> bool:
         """Whether dispatch delivers only this rank's shard of `entry` (flat), not the whole subnet tensor."""
@@ -176,36 +197,84 @@ class PackedExchange:
         self.central.traffic.add(wire_elements * payload.element_size())
         return recv.to("cpu", torch.float32)
 
-    def aggregate(self, bucket: list[Entry], read: Callable[[Entry], torch.Tensor], specs: list[SubnetSpec]) -> None:
-        """Holder mean of the groups' subnet tensors into the shards; `read` gives this group's, one at a time."""
+    def learn_layout(self, entries: list[Entry], local_range: Callable[[str], tuple[int, int]]) -> None:
+        """Learn which flat range of its group's subnet tensor every rank stores (one collective, once).
+
+        `local_range(name)` is that range [start, stop) on this rank. A ZeRO-1/2 partition's layout
+        depends on every parameter of the group, so it is gathered rather than derived; it never changes
+        afterwards (subnet shapes are fixed for the run), so no round pays for it.
+        """
+        names = list(dict.fromkeys(e.name.partition("@")[0] for e in entries))
+        mine = torch.tensor([local_range(n) for n in names], dtype=torch.long).view(len(names), 2)
+        every = torch.empty(self.topo.world_size * len(names), 2, dtype=torch.long, device=self.topo.device)
+        dist.all_gather_into_tensor(every, mine.to(self.topo.device))
+        every = every.cpu().view(self.topo.world_size, len(names), 2)
+        R = self.topo.ranks_per_group
+        self.layout = {name: every[:, i].tolist() for i, name in enumerate(names)}
+        for name, spans in self.layout.items():
+            for g in range(self.topo.groups):
+                mine = sorted(spans[g * R : (g + 1) * R])
+                if [start for start, _ in mine] != [0] + [stop for _, stop in mine[:-1]]:
+                    raise RuntimeError(f"{name}: group {g}'s ranks store {mine}, not one tiling of the tensor")
+
+    def aggregate(
+        self, bucket: list[Entry], read: Callable[[Entry], tuple[int, torch.Tensor]], specs: list[SubnetSpec]
+    ) -> None:
+        """Holder mean of the groups' subnet tensors into the shards.
+
+        `read(entry)` gives (start, values): the flat range of this group's subnet tensor that this rank
+        stores itself (a view of the engine's master values where it can be), so nothing is gathered and
+        each element leaves exactly one rank of its group. One all-to-all over the world per bucket.
+        """
         topo = self.topo
-        G, R, r = topo.groups, topo.ranks_per_group, topo.dp_rank
-        helds = [[Held(e, e.units(specs[g])) for e in bucket] for g in range(G)]
-        runs: list[list[torch.Tensor]] = [[] for _ in range(G)]  # per owner, in bucket order
-        for entry, held in zip(bucket, helds[topo.group], strict=True):  # runs: views until the payload is built
-            flat = read(entry).reshape(-1)
-            for owner_group in range(G):
-                lo, hi = self._range(entry, owner_group * R + r)
-                runs[owner_group].append(flat[held.before(lo) : held.before(hi)])
+        W, R = topo.world_size, topo.ranks_per_group
+        helds = [[Held(e, e.units(specs[g])) for e in bucket] for g in range(topo.groups)]
+        runs: list[list[torch.Tensor]] = [[] for _ in range(W)]  # per owner, in bucket order: views until sent
+        for entry, held in zip(bucket, helds[topo.group], strict=True):
+            start, values = read(entry)
+            for owner in range(W):
+                lo, hi = self._range(entry, owner)
+                a, b = max(held.before(lo), start), min(held.before(hi), start + len(values))
+                runs[owner].append(values[a - start : max(a, b) - start])
         in_splits = [sum(len(run) for run in owner) for owner in runs]
-        lengths = [[self._run(h, e, topo.rank) for h, e in zip(hs, bucket, strict=True)] for hs in helds]
-        out_splits = [sum(group) for group in lengths]
-        sent = sum(in_splits) - in_splits[topo.group]  # to the other owners
+        # from each rank s of group s // R: the overlap of its group's run in my piece with the range s stores
+        chunks = []  # per source rank, per entry: (where the chunk starts in the run, its length)
+        for source in range(W):
+            per_entry = []
+            for entry, held in zip(bucket, helds[source // R], strict=True):
+                lo, hi = self._range(entry, topo.rank)
+                first, last = held.before(lo), held.before(hi)
+                start, stop = self.layout[entry.name.partition("@")[0]][source]
+                a, b = max(first, start), min(last, stop)
+                per_entry.append((a - first, max(0, b - a)))
+            chunks.append(per_entry)
+        for g in range(topo.groups):  # the tiling reaches the end of every group's subnet tensor
+            for entry, held in zip(bucket, helds[g], strict=True):
+                end = max(stop for _, stop in self.layout[entry.name.partition("@")[0]][g * R : (g + 1) * R])
+                if end != held.before(entry.numel):
+                    raise RuntimeError(f"{entry.name}: group {g}'s ranks store {end} of {held.before(entry.numel)}")
+        out_splits = [sum(n for _, n in per_entry) for per_entry in chunks]
+        sent = sum(in_splits) - in_splits[topo.rank]  # to the other owners
         send = [run for owner in runs for run in owner]
-        received = self._all_to_all(send, in_splits, out_splits, topo.cross_group, self.wire, sent).split(
-            [n for group in lengths for n in group]
+        received = self._all_to_all(send, in_splits, out_splits, None, self.wire, sent).split(
+            [n for per_entry in chunks for _, n in per_entry]
         )
         for i, entry in enumerate(bucket):
             lo, hi = self._range(entry, topo.rank)
             total, count = torch.zeros(hi - lo), torch.zeros(hi - lo)
-            for g in range(G):
-                mask, values = helds[g][i].mask(lo, hi), received[g * len(bucket) + i]
-                if mask is None:
-                    total += values
+            for g in range(topo.groups):
+                at = helds[g][i].positions(lo, hi)  # where the group's run lands in the piece
+                if at is None:
                     count += 1
-                else:  # spread in one pass, then add: far faster than indexed accumulation
-                    total += torch.zeros(hi - lo).masked_scatter_(mask, values)
-                    count += mask
+                else:
+                    count.index_add_(0, at, torch.ones(1).expand(len(at)))
+                for source in range(g * R, (g + 1) * R):
+                    offset, n = chunks[source][i]
+                    values = received[source * len(bucket) + i]
+                    if at is None:
+                        total[offset : offset + n] += values
+                    else:
+                        total.index_add_(0, at[offset : offset + n], values)
             a = entry.part[0] if entry.part else 0
             kept = self._shard(entry)[a : a + hi - lo]
             kept.copy_(torch.where(count > 0, total / count.clamp(min=1), kept))  # nobody held: keep the value
@@ -224,9 +293,9 @@ class PackedExchange:
             for entry in bucket:
                 lo, hi = self._range(entry, topo.rank)
                 held = Held(entry, None if entry.whole else entry.units(specs[group]))
-                mask, a = held.mask(lo, hi), entry.part[0] if entry.part else 0
+                at, a = held.positions(lo, hi), entry.part[0] if entry.part else 0
                 piece = self.central.shards[entry.name][a : a + hi - lo]
-                held_runs.append((piece if mask is None else piece[mask], held.before(lo)))
+                held_runs.append((piece if at is None else piece.index_select(0, at), held.before(lo)))
             for dp_rank in range(topo.ranks_per_group):
                 runs = []
                 for entry, (values, start) in zip(bucket, held_runs, strict=True):

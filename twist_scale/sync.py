@@ -152,6 +152,8 @@ class SubnetSync:
             self.entries.append(Entry(name, shape, unit, whole))
             if not is_statistic(name):
                 self.entries += [Entry(f"{name}@{key}", shape, unit) for key in moments]
+        if isinstance(self.exchange, PackedExchange):
+            self.exchange.learn_layout(self.entries, self._local_range)
 
     def full_state(self) -> Iterator[tuple[str, torch.Tensor]]:
         """The full-width central model, one tensor at a time (collective over the world)."""
@@ -209,16 +211,33 @@ class SubnetSync:
 
     def aggregate(self, specs: list[SubnetSpec]) -> None:
         """Holder mean of every group's subnet (and moments) into the central model."""
-        last: dict[str, torch.Tensor] = {}  # a tensor cut into parts is read from the engine once
+        last: dict[str, object] = {}  # a tensor cut into parts is read from the engine once
+        reader = self._read_local if isinstance(self.exchange, PackedExchange) else self._read
 
-        def read(entry: Entry) -> torch.Tensor:
+        def read(entry: Entry):  # noqa: ANN202 - the exchange's own reader's result
             if entry.name not in last:
                 last.clear()
-                last[entry.name] = self._read(entry)
+                last[entry.name] = reader(entry)
             return last[entry.name]
 
         for bucket in self.exchange.plan(self.entries, self.bucket_bytes):
             self.exchange.aggregate(bucket, read, specs)
+
+    def _local_range(self, name: str) -> tuple[int, int]:
+        """The flat range [start, stop) of this group's subnet tensor `name` that this rank sends."""
+        if is_statistic(name):  # every rank of the group holds the group's average: each sends an equal part
+            n = self.engine.read_buffer(name).numel()
+            part = -(-n // self.topo.ranks_per_group)
+            return min(self.topo.dp_rank * part, n), min((self.topo.dp_rank + 1) * part, n)
+        return self.engine.local_range(name)
+
+    def _read_local(self, entry: Entry) -> tuple[int, torch.Tensor]:
+        """Where this rank's stored range of the subnet tensor starts, and its values (in place where possible)."""
+        name, _, key = entry.name.partition("@")
+        start, stop = self._local_range(name)
+        if is_statistic(name):
+            return start, self._read(entry).reshape(-1)[start:stop]
+        return start, self.engine.read_local(name, key)
 
     def _read(self, entry: Entry) -> torch.Tensor:
         name, _, key = entry.name.partition("@")

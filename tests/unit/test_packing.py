@@ -12,7 +12,7 @@ from twist_scale.subnet import SubnetSampler, axis_of, partitioned_blocks, slice
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])  # gpt2: fused qkv, units in three segments
-def test_held_runs_and_masks_are_exactly_what_slicing_keeps(arch):
+def test_held_runs_and_positions_are_exactly_what_slicing_keeps(arch):
     model = random_model(arch)
     ugs = partitioned_blocks(architecture_of(model).unit_blocks(model.config), shared_layers=[])
     spec = SubnetSampler(tuple(ugs), 2, 0.5, seed=3).specs(0)[1]
@@ -32,12 +32,11 @@ def test_held_runs_and_masks_are_exactly_what_slicing_keeps(arch):
             *(sorted(torch.randint(0, entry.numel + 1, (2,), generator=gen).tolist()) for _ in range(5)),
         ]:
             assert held.before(lo) == int((sub < lo).sum()), (name, lo)
-            mask = held.mask(lo, hi)
-            expected = torch.isin(torch.arange(lo, hi), sub)
-            assert torch.equal(mask, expected) if hi > lo else mask is None, (name, lo, hi)
+            expected = torch.isin(torch.arange(lo, hi), sub).nonzero().flatten()
+            assert torch.equal(held.positions(lo, hi), expected), (name, lo, hi)
         assert held.before(entry.numel) == len(sub)
     whole = Held(Entry("w", torch.Size([4, 6]), None), None)
-    assert whole.before(7) == 7 and whole.mask(3, 9) is None  # shared tensors: every element
+    assert whole.before(7) == 7 and whole.positions(3, 9) is None  # shared tensors: every element
 
 
 def test_unsorted_units_are_refused():

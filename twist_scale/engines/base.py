@@ -117,6 +117,21 @@ class Engine(abc.ABC):
         """
         return None
 
+    def local_range(self, name: str) -> tuple[int, int]:
+        """The flat range of parameter `name` whose master values (and moments) this rank stores itself.
+
+        The ranges of a group's ranks tile the parameter, so aggregation can read each rank's own range
+        and send it, gathering nothing. An engine that keeps whole parameters on every rank splits them
+        evenly instead, so each element is still sent once; one that runs alone stores everything.
+        """
+        return 0, self.params[name].numel()
+
+    def read_local(self, name: str, key: str = "") -> torch.Tensor:
+        """The fp32 values of `local_range` (moment `key`, if not empty), flat: a view of the engine's
+        storage where it keeps them in fp32, so aggregation copies nothing it does not send."""
+        start, stop = self.local_range(name)
+        return (self.read_state(name, key) if key else self.read(name)).reshape(-1)[start:stop]
+
     def write_shard(self, name: str, key: str, flat: torch.Tensor) -> None:
         """Set this rank's `shard_range` of parameter `name` (of its moment `key`, if not empty)."""
         raise NotImplementedError(f"{type(self).__name__} keeps whole parameters: use write/write_state")

@@ -18,6 +18,8 @@ import torch.distributed as dist
 from deepspeed.utils import (
     safe_get_full_fp32_param,
     safe_get_full_optimizer_state,
+    safe_get_local_fp32_param,
+    safe_get_local_optimizer_state,
     safe_set_full_fp32_param,
     safe_set_full_optimizer_state,
     safe_set_local_fp32_param,
@@ -150,6 +152,37 @@ class DeepSpeedEngine(Engine):
         n = math.prod(shape)
         part = -(-n // self.topo.ranks_per_group)
         return min(dp_rank * part, n), min((dp_rank + 1) * part, n)
+
+    def local_range(self, name: str) -> tuple[int, int]:
+        """ZeRO-3: the partition; ZeRO-1/2: the fragment of the fp32 partition; stage 0 in fp32: an equal split."""
+        p = self.params[name]
+        if hasattr(p, "ds_id"):
+            return self.shard_range(p.ds_shape, self.topo.dp_rank)
+        if hasattr(p, "_hp_mapping"):
+            if p._hp_mapping is None:  # this rank's partition holds none of it
+                return 0, 0
+            address = p._hp_mapping.lp_fragment_address
+            return address.start, address.start + address.numel
+        n, R = p.numel(), self.topo.ranks_per_group
+        part = -(-n // R)
+        return min(self.topo.dp_rank * part, n), min((self.topo.dp_rank + 1) * part, n)
+
+    def read_local(self, name: str, key: str = "") -> torch.Tensor:
+        """Views of DeepSpeed's fp32 master partition and its moments: nothing is gathered or copied."""
+        p = self.params[name]
+        start, stop = self.local_range(name)
+        if key:
+            self._link_optimizer_states()
+        if hasattr(p, "ds_id"):  # the partition is padded at the end
+            local = safe_get_local_optimizer_state(p, key) if key else safe_get_local_fp32_param(p)
+            return local.view(-1)[: stop - start]
+        if hasattr(p, "_hp_mapping"):
+            if p._hp_mapping is None:
+                return torch.empty(0, device=self.engine.device)
+            return p._hp_mapping.get_hp_fragment(key or None).view(-1)
+        if key:
+            return super().read_local(name, key)
+        return p.detach().view(-1)[start:stop]
 
     @torch.no_grad()
     def write_shard(self, name: str, key: str, flat: torch.Tensor) -> None:

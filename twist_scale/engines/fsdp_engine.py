@@ -129,6 +129,18 @@ class FSDPEngine(Engine):
         rows, inner = -(-shape[0] // self.topo.ranks_per_group), math.prod(shape[1:])
         return min(dp_rank * rows, shape[0]) * inner, min((dp_rank + 1) * rows, shape[0]) * inner
 
+    def local_range(self, name: str) -> tuple[int, int]:
+        return self.shard_range(self.params[name].shape, self.topo.dp_rank)
+
+    def read_local(self, name: str, key: str = "") -> torch.Tensor:
+        """A view of this rank's fp32 shard (mixed precision casts copies; the sharded parameter stays fp32)."""
+        p = self.params[name]
+        value = self.optimizer.state[p].get(key) if key else p
+        if value is None:  # no step yet
+            start, stop = self.local_range(name)
+            return torch.zeros(stop - start, device=self.device)
+        return value.to_local().detach().view(-1)
+
     @torch.no_grad()
     def write_shard(self, name: str, key: str, flat: torch.Tensor) -> None:
         p = self.params[name]

@@ -2,7 +2,8 @@
 
 1. write() reaches the weights the forward uses and survives the next step, for ZeRO 0-3
    (the ZeRO trap: setting only the fp32 master, or only p.data, is silently wrong);
-2. optimizer moments round-trip through write_state/read_state;
+2. optimizer moments round-trip through write_state/read_state; each rank's read_local is exactly
+   its local_range of the full weights and moments, and the ranks' ranges tile every parameter;
 3. ZeRO stages 1-3 follow stage 0's loss trajectory;
 4. a rank that computed different masks is caught by the hash check.
 """
@@ -58,6 +59,7 @@ def check_write(stage: int, topo: Topology) -> None:
     moment = torch.rand_like(new[name])
     engine.write_state(name, "exp_avg", moment)
     assert torch.allclose(engine.read_state(name, "exp_avg"), moment), f"zero={stage}: moment round trip"
+    check_read_local(engine, stage, topo)
     if engine.shard_range(new[name].shape, topo.dp_rank) is None:
         assert stage < 3, "ZeRO-3 shards every parameter"
         return
@@ -73,6 +75,21 @@ def check_write(stage: int, topo: Topology) -> None:
     for name, value in new.items():
         assert torch.equal(engine.read(name), -value), f"zero=3: read after write_shard differs in {name}"
         assert torch.equal(engine.read_state(name, "exp_avg"), 2 * value), f"zero=3: moment shard of {name}"
+
+
+def check_read_local(engine: DeepSpeedEngine, stage: int, topo: Topology) -> None:
+    """Each rank's local range holds exactly those values of the full tensor, and the ranks' ranges tile it."""
+    for name in engine.params:
+        lo, hi = engine.local_range(name)
+        for key in ("", "exp_avg", "exp_avg_sq"):
+            full = engine.read_state(name, key) if key else engine.read(name)
+            got = engine.read_local(name, key)
+            assert torch.equal(got, full.flatten()[lo:hi]), f"zero={stage}: read_local({name!r}, {key!r})"
+        spans = [None] * topo.world_size
+        torch.distributed.all_gather_object(spans, (lo, hi))
+        spans.sort()
+        tiles = [a for a, _ in spans] == [0] + [b for _, b in spans[:-1]] and spans[-1][1] == full.numel()
+        assert tiles, f"zero={stage}: {name}'s local ranges {spans} do not tile {full.numel()} elements"
 
 
 def trajectory(stage: int, topo: Topology) -> list[float]:

@@ -65,6 +65,11 @@ def check_against_local(rank: int, world: int, out: str) -> None:
             for key in ("exp_avg", "exp_avg_sq"):
                 moment, expected = fsdp.read_state(name, key), local.read_state(name, key)
                 torch.testing.assert_close(moment, expected, rtol=1e-5, atol=1e-8)
+        for name in local.params:  # what aggregation sends: this rank's shard, read in place
+            lo, hi = fsdp.local_range(name)
+            assert (lo, hi) == fsdp.shard_range(fsdp.params[name].shape, rank), name
+            assert torch.equal(fsdp.read_local(name), fsdp.read(name).flatten()[lo:hi]), name
+            assert torch.equal(fsdp.read_local(name, "exp_avg"), fsdp.read_state(name, "exp_avg").flatten()[lo:hi])
 
     write_everything(sharded=True)  # before the first step: the optimizer state does not exist yet
     train_and_compare()
