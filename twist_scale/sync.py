@@ -19,7 +19,7 @@ from twist_scale.aggregate import CentralShards, DenseExchange, Traffic
 from twist_scale.config import DEFAULT_BUCKET_MB, RunConfig
 from twist_scale.correction import ACT_MEAN, Correction, correction_of, is_statistic
 from twist_scale.engines import build_engine
-from twist_scale.engines.base import Engine, moment_keys
+from twist_scale.engines.base import Engine, even_range, moment_keys
 from twist_scale.models import UnitBlock
 from twist_scale.packing import Entry, PackedExchange
 from twist_scale.startup import fill, materialise_rest
@@ -226,9 +226,7 @@ class SubnetSync:
     def _local_range(self, name: str) -> tuple[int, int]:
         """The flat range [start, stop) of this group's subnet tensor `name` that this rank sends."""
         if is_statistic(name):  # every rank of the group holds the group's average: each sends an equal part
-            n = self.engine.read_buffer(name).numel()
-            part = -(-n // self.topo.ranks_per_group)
-            return min(self.topo.dp_rank * part, n), min((self.topo.dp_rank + 1) * part, n)
+            return even_range(self.engine.read_buffer(name).numel(), self.topo.ranks_per_group, self.topo.dp_rank)
         return self.engine.local_range(name)
 
     def _read_local(self, entry: Entry) -> tuple[int, torch.Tensor]:

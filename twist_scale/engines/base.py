@@ -28,6 +28,12 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_st
     return get_cosine_schedule_with_warmup(optimizer, min(cfg.warmup_steps, total_steps), total_steps)
 
 
+def even_range(n: int, parts: int, index: int) -> tuple[int, int]:
+    """Part `index` of [0, n) cut into `parts` ceil-sized parts, as ZeRO-3 partitions and torch.chunk cut."""
+    part = -(-n // parts)
+    return min(index * part, n), min((index + 1) * part, n)
+
+
 def moment_keys(cfg: OptimConfig) -> tuple[str, ...]:
     """Optimizer state tensors that TwIST's 'aggregate' policy averages like the weights."""
     if cfg.name == "sgd":

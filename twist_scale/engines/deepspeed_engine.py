@@ -28,7 +28,7 @@ from deepspeed.utils import (
 from torch import nn
 
 from twist_scale.config import ConfigError, RunConfig
-from twist_scale.engines.base import Engine, build_optimizer, build_scheduler, zero_optimizer_state
+from twist_scale.engines.base import Engine, build_optimizer, build_scheduler, even_range, zero_optimizer_state
 from twist_scale.topology import Topology
 
 RUN_OWNED = ("optimizer", "scheduler")
@@ -149,9 +149,7 @@ class DeepSpeedEngine(Engine):
         """ZeRO-3 keeps a flat partition of ceil(n / R) elements of each parameter per rank."""
         if self.stage != 3:
             return None
-        n = math.prod(shape)
-        part = -(-n // self.topo.ranks_per_group)
-        return min(dp_rank * part, n), min((dp_rank + 1) * part, n)
+        return even_range(math.prod(shape), self.topo.ranks_per_group, dp_rank)
 
     def local_range(self, name: str) -> tuple[int, int]:
         """ZeRO-3: the partition; ZeRO-1/2: the fragment of the fp32 partition; stage 0 in fp32: an equal split."""
@@ -163,9 +161,7 @@ class DeepSpeedEngine(Engine):
                 return 0, 0
             address = p._hp_mapping.lp_fragment_address
             return address.start, address.start + address.numel
-        n, R = p.numel(), self.topo.ranks_per_group
-        part = -(-n // R)
-        return min(self.topo.dp_rank * part, n), min((self.topo.dp_rank + 1) * part, n)
+        return even_range(p.numel(), self.topo.ranks_per_group, self.topo.dp_rank)
 
     def read_local(self, name: str, key: str = "") -> torch.Tensor:
         """Views of DeepSpeed's fp32 master partition and its moments: nothing is gathered or copied."""

@@ -27,7 +27,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from twist_scale.config import RunConfig
-from twist_scale.engines.base import Engine, build_optimizer, build_scheduler, zero_optimizer_state
+from twist_scale.engines.base import Engine, build_optimizer, build_scheduler, even_range, zero_optimizer_state
 from twist_scale.topology import Topology
 
 SCHEDULER_FILE = "scheduler.pt"
@@ -126,8 +126,9 @@ class FSDPEngine(Engine):
 
     def shard_range(self, shape: torch.Size, dp_rank: int) -> tuple[int, int] | None:
         """FSDP2 shards dim 0 as torch.chunk does: ceil(d0 / R) rows per rank, the last ones short or empty."""
-        rows, inner = -(-shape[0] // self.topo.ranks_per_group), math.prod(shape[1:])
-        return min(dp_rank * rows, shape[0]) * inner, min((dp_rank + 1) * rows, shape[0]) * inner
+        first, last = even_range(shape[0], self.topo.ranks_per_group, dp_rank)
+        inner = math.prod(shape[1:])
+        return first * inner, last * inner
 
     def local_range(self, name: str) -> tuple[int, int]:
         return self.shard_range(self.params[name].shape, self.topo.dp_rank)
