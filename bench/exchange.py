@@ -76,7 +76,7 @@ def _rank(rank: int, world: int, port: int, size: str, bucket_mb: float, zero: i
         params = sum(p.numel() for p in model.parameters())
         largest = max(p.numel() for p in model.parameters()) * 4
         ugs = partitioned_blocks(architecture_of(model).unit_blocks(model.config), shared_layers=[])
-        specs = SubnetSampler(tuple(ugs), GROUPS, kappa, seed=0).specs(0)
+        specs = SubnetSampler(tuple(ugs), (kappa,) * GROUPS, seed=0).specs(0)
         central = central_from_model(model, topo, seed=0)
         apply_subnet_shapes(model, ugs, specs[topo.group])
         materialise_rest(model)

@@ -1,7 +1,7 @@
 """The trained central model on disk: a plain Hugging Face checkpoint plus TwIST's side files.
 
 `final/` loads with `AutoModelForCausalLM.from_pretrained` as the full-width model; `twist.json`
-records how it was trained (kappa, correction, shared layers) and `twist_stats.safetensors` holds
+records how it was trained (each group's kappa, correction, shared layers) and `twist_stats.safetensors` holds
 the unit activation means that correction='mean' folds into exported subnets.
 """
 
@@ -34,7 +34,7 @@ def training_record(cfg: RunConfig, topo: Topology, rounds: int, shared_layers: 
     """How the central model was trained: twist.json beside its weights, read by export and evaluation."""
     tokens_per_step = cfg.data.micro_batch_size * cfg.data.block_size * topo.world_size
     return {
-        "kappa": cfg.twist.kappa,
+        "kappas": list(cfg.twist.kappas),  # one per group
         "groups": topo.groups,
         "rounds": rounds,
         "correction": cfg.twist.correction,

@@ -10,6 +10,7 @@ Both files are logged back as artifacts of a run named 'comparison' in the same 
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,9 +60,11 @@ def training_of(params: dict[str, str]) -> str:
     if "twist.kappa" not in params:
         return "external"
     kappa, groups = float(params["twist.kappa"]), int(params.get("twist.groups", "1"))
-    if kappa == 1.0 and groups == 1:
+    mixed = json.loads(params.get("twist.group_kappas", "[]"))  # flat_params writes lists as JSON
+    if not mixed and kappa == 1.0 and groups == 1:
         return "dense"
-    return f"twist κ={kappa:g} G={groups} {params.get('twist.correction', 'none')}"
+    sizes = ",".join(f"{k:g}" for k in mixed) if mixed else f"{kappa:g}"
+    return f"twist κ={sizes} G={groups} {params.get('twist.correction', 'none')}"
 
 
 def collect(tracking_uri: str, experiment: str) -> list[Series]:

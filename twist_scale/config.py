@@ -87,6 +87,11 @@ class ParallelConfig:
 class TwistConfig:
     groups: int = _doc("G: data-parallel groups, each training its own subnet; must divide world size.", 1)
     kappa: float = _doc("Keep ratio in (0, 1]: fraction of attention units and MLP neurons per subnet.", 1.0)
+    group_kappas: list[float] = _doc(
+        "One keep ratio per group, in place of kappa: mixed kappa (e.g. 0.75,0.5 trains two deployment sizes in "
+        "one run) or a sandwich (1.0,0.5: group 0 always trains the full width). Empty: every group uses kappa.",
+        factory=list,
+    )
     local_steps: int = _doc("H: local steps between aggregations (the paper uses 15).", 15)
     rounds: int = _doc("Rounds of dispatch -> H steps -> aggregate; total steps = rounds * H.", 10)
     shared_layers: list[int] | None = _doc(
@@ -111,6 +116,11 @@ class TwistConfig:
         "Precision of the packed payload on the wire; owners accumulate in fp32 either way.", "fp32"
     )
     stat_momentum: float = _doc("EMA momentum of unit activation means used by correction='mean'.", 0.99)
+
+    @property
+    def kappas(self) -> tuple[float, ...]:
+        """Each group's keep ratio."""
+        return tuple(self.group_kappas) if self.group_kappas else (self.kappa,) * self.groups
 
 
 @dataclass
@@ -157,7 +167,7 @@ class RunConfig:
     @property
     def is_dense(self) -> bool:
         """One group training the whole model: TwIST's machinery reduces to the identity."""
-        return self.twist.groups == 1 and self.twist.kappa == 1.0
+        return self.twist.kappas == (1.0,)
 
 
 def to_dict(cfg: RunConfig) -> dict[str, Any]:

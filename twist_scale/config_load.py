@@ -233,11 +233,21 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
         raise ConfigError(f"--parallel.timeout_s {cfg.parallel.timeout_s} must be > 0")
     if cfg.optim.lr <= 0:
         raise ConfigError(f"--optim.lr {cfg.optim.lr} must be > 0")
-    if t.kappa * t.groups < 1 and not t.allow_uncovered:
+    if t.group_kappas:
+        if len(t.group_kappas) != t.groups:
+            raise ConfigError(
+                f"--twist.group_kappas has {len(t.group_kappas)} values for --twist.groups {t.groups}: "
+                "give one keep ratio per group, or leave it empty to use --twist.kappa for every group"
+            )
+        for g, kappa in enumerate(t.group_kappas):
+            if not 0.0 < kappa <= 1.0:
+                raise ConfigError(f"--twist.group_kappas value {kappa} (group {g}) must be in (0, 1]")
+    if sum(t.kappas) < 1 and not t.allow_uncovered:
+        flag = "group_kappas" if t.group_kappas else "kappa"
         raise ConfigError(
-            f"--twist.kappa {t.kappa} with --twist.groups {t.groups} leaves units that no group trains "
-            f"(kappa*groups = {t.kappa * t.groups:.2f} < 1); raise kappa or groups, or set "
-            "--twist.allow_uncovered true"
+            f"--twist.{flag} {','.join(map(str, t.kappas)) if t.group_kappas else t.kappa} with --twist.groups "
+            f"{t.groups} leaves units that no group trains (the groups' keep ratios sum to {sum(t.kappas):.2f} < 1); "
+            f"raise {flag} or groups, or set --twist.allow_uncovered true"
         )
     if t.bucket_mb <= 0:
         raise ConfigError(f"--twist.bucket_mb {t.bucket_mb} must be > 0")

@@ -55,12 +55,15 @@ class RunMetrics:
             return {}
         group_losses = [total / count for total, count in per_group]
         mean_loss = sum(group_losses) / len(group_losses)
-        kappa = self.cfg.twist.kappa
-        metrics = {f"eval/ppl_kappa_{kappa:.2f}": math.exp(mean_loss), "eval/loss": mean_loss}
+        metrics: dict[str, float] = {"eval/loss": mean_loss}
+        kappas = self.cfg.twist.kappas
+        for kappa in sorted(set(kappas), reverse=True):  # mixed kappa: one perplexity per trained size
+            at_kappa = [loss for loss, k in zip(group_losses, kappas, strict=True) if k == kappa]
+            metrics[f"eval/ppl_kappa_{kappa:.2f}"] = math.exp(sum(at_kappa) / len(at_kappa))
+            log.info("round %d eval: ppl %.2f (kappa %.2f)", round_, metrics[f"eval/ppl_kappa_{kappa:.2f}"], kappa)
         if topo.groups > 1:
             metrics |= {f"eval/ppl_group{g}": math.exp(v) for g, v in enumerate(group_losses)}
         self.tracker.log_metrics(metrics, round_ * self.cfg.twist.local_steps)
-        log.info("round %d eval: ppl %.2f (kappa %.2f)", round_, math.exp(mean_loss), kappa)
         return metrics
 
     def log_round(

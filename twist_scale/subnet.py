@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -42,35 +42,46 @@ def partitioned_blocks(unit_blocks: list[UnitBlock], shared_layers: Iterable[int
     return [g for g in unit_blocks if g.layer not in shared]
 
 
-def coverage_draw(rng: random.Random, num_units: int, groups: int, keep: int) -> list[tuple[int, ...]]:
-    """Deal shuffled units round-robin (each lands somewhere when keep*groups >= n), then top up."""
+def coverage_draw(rng: random.Random, num_units: int, keeps: Sequence[int]) -> list[tuple[int, ...]]:
+    """Deal shuffled units round-robin over the groups with room, then top each group up to its keep.
+
+    Every unit lands somewhere when sum(keeps) >= n. With equal keeps the deal is plain round-robin
+    (unit i to group i mod G); unequal keeps (mixed kappa) skip groups that are full.
+    """
     order = list(range(num_units))
     rng.shuffle(order)
-    held: list[set[int]] = [set() for _ in range(groups)]
-    for i, unit in enumerate(order):
-        if len(held[i % groups]) < keep:
-            held[i % groups].add(unit)
+    groups = len(keeps)
+    held: list[set[int]] = [set() for _ in keeps]
+    turn = 0
+    for unit in order:
+        with_room = [(g - turn) % groups for g in range(groups) if len(held[g]) < keeps[g]]
+        if not with_room:
+            break
+        g = (turn + min(with_room)) % groups
+        held[g].add(unit)
+        turn = g + 1
     for g in range(groups):
         missing = [u for u in order if u not in held[g]]
         rng.shuffle(missing)
-        held[g].update(missing[: keep - len(held[g])])
+        held[g].update(missing[: keeps[g] - len(held[g])])
     return [tuple(sorted(h)) for h in held]
 
 
 @dataclass(frozen=True)
 class SubnetSampler:
+    """Draws every group's subnet; group g keeps a fraction kappas[g] of each partitioned block's units."""
+
     unit_blocks: tuple[UnitBlock, ...]  # partitioned groups only
-    groups: int
-    kappa: float
+    kappas: tuple[float, ...]  # one per group: equal for plain TwIST, unequal for mixed kappa or a sandwich
     seed: int
 
     def specs(self, round_: int) -> list[SubnetSpec]:
         """Every group's spec for this round; a pure function of (seed, round, layer, kind)."""
-        kept: list[dict[tuple[int, str], tuple[int, ...]]] = [{} for _ in range(self.groups)]
+        kept: list[dict[tuple[int, str], tuple[int, ...]]] = [{} for _ in self.kappas]
         for ug in self.unit_blocks:
             rng = random.Random(f"twist:{self.seed}:{round_}:{ug.layer}:{ug.kind}")
-            draws = coverage_draw(rng, ug.num_units, self.groups, units_to_keep(ug.num_units, self.kappa))
-            for g, ids in enumerate(draws):
+            keeps = [units_to_keep(ug.num_units, kappa) for kappa in self.kappas]
+            for g, ids in enumerate(coverage_draw(rng, ug.num_units, keeps)):
                 kept[g][ug.key] = ids
         return [SubnetSpec(k) for k in kept]
 

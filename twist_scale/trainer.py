@@ -49,7 +49,7 @@ class Trainer:
         self.data = load_run_data(cfg, topo, dist.barrier)
         torch.manual_seed(cfg.seed)  # the same stream on every rank (weights are seeded per block: startup.fill)
         self.model = build_run_model(cfg, len(self.data.tokenizer))
-        self.sampler = SubnetSampler(tuple(self.model.unit_blocks), topo.groups, cfg.twist.kappa, cfg.seed)
+        self.sampler = SubnetSampler(tuple(self.model.unit_blocks), cfg.twist.kappas, cfg.seed)
         self.engine, self.sync = build_engine_and_sync(
             self.model.model, cfg, topo, self.model.unit_blocks, self.sampler.specs(0)
         )
@@ -66,7 +66,7 @@ class Trainer:
             topo.groups,
             topo.ranks_per_group,
             self.model.parameters / 1e6,
-            "dense" if cfg.is_dense else f"kappa={cfg.twist.kappa}",
+            "dense" if cfg.is_dense else f"kappa={','.join(map(str, cfg.twist.kappas))}",
         )
 
     def train(self) -> None:

@@ -6,7 +6,7 @@ import pytest
 from helpers.dist import run_on_ranks
 from workers.aggregation import check_cases
 
-ALL = ["disjoint", "overlapping", "uncovered"]
+ALL = ["disjoint", "overlapping", "uncovered", "mixed"]  # mixed: a sandwich of unequal kappas
 
 
 @pytest.mark.slow
@@ -16,7 +16,7 @@ ALL = ["disjoint", "overlapping", "uncovered"]
         (2, [*(f"2:1:{kind}" for kind in ALL), "2:3:overlapping"]),  # G=2, R=1
         # G=2 with R=2 (the dp position inside a group) and G=4 with R=1; the rank arithmetic of
         # every G x R is tested on 64 fake ranks in unit/test_topology.py.
-        (4, ["2:1:overlapping", "2:3:uncovered", "4:1:uncovered", "4:3:overlapping"]),
+        (4, ["2:1:overlapping", "2:2:mixed", "2:3:uncovered", "4:1:uncovered", "4:3:overlapping"]),
     ],
 )
 def test_aggregation_matches_holder_mean(world, cases):

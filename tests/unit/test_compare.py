@@ -157,3 +157,12 @@ def test_chart_panels_grow_so_a_long_legend_stays_inside_its_panel():
     assert legends[0].y0 >= legends[1].y1 - 1  # the top panel's legend does not run into the next one
     assert all(legend.height <= fig.bbox.height / len(panels) for legend in legends)
     plt.close(fig)
+
+
+def test_training_names_each_groups_kappa():
+    from twist_scale.compare import training_of
+
+    assert training_of({"twist.kappa": "1.0", "twist.groups": "1"}) == "dense"
+    plain = {"twist.kappa": "0.5", "twist.groups": "2", "twist.correction": "mean", "twist.group_kappas": "[]"}
+    assert training_of(plain) == "twist κ=0.5 G=2 mean"
+    assert training_of({**plain, "twist.group_kappas": "[1.0, 0.5]"}) == "twist κ=1,0.5 G=2 mean"

@@ -60,6 +60,9 @@ def test_yaml_file_and_launcher_local_rank(tmp_path):
         (["--twist.kappa", "0"], "--twist.kappa 0.0 must be in (0, 1]"),
         (["--twist.kappa", "1.5"], "--twist.kappa 1.5 must be in (0, 1]"),
         (["--twist.kappa", "0.25", "--twist.groups", "2"], "leaves units that no group trains"),
+        (["--twist.group_kappas", "1.0,0.5"], "has 2 values for --twist.groups 1: give one keep ratio per group"),
+        (["--twist.groups", "2", "--twist.group_kappas", "1.0,0"], "value 0.0 (group 1) must be in (0, 1]"),
+        (["--twist.groups", "2", "--twist.group_kappas", "0.5,0.25"], "keep ratios sum to 0.75 < 1"),
         (["--twist.correction", "magic"], "choose one of none, scale, mean"),
         (["--twist.rounds", "x"], "twist.rounds: expected int, got 'x'"),
         (["--twist.rounds", "0"], "--twist.rounds 0 must be >= 1"),
@@ -78,6 +81,14 @@ def test_bad_values_name_the_flag(args, message):
 def test_uncovered_units_allowed_explicitly():
     cfg = load_config([*BASE, "--twist.kappa", "0.25", "--twist.groups", "2", "--twist.allow_uncovered", "true"])
     assert cfg.twist.kappa * cfg.twist.groups < 1
+
+
+def test_group_kappas_give_each_group_its_own_kappa():
+    plain = load_config([*BASE, "--twist.groups", "2", "--twist.kappa", "0.5"])
+    assert plain.twist.kappas == (0.5, 0.5) and not plain.is_dense
+    sandwich = load_config([*BASE, "--twist.groups", "2", "--twist.group_kappas", "1.0,0.5"])
+    assert sandwich.twist.kappas == (1.0, 0.5) and not sandwich.is_dense
+    assert load_config([*BASE, "--twist.group_kappas", "1"]).is_dense
 
 
 def test_empty_data_file(tmp_path):

@@ -54,7 +54,7 @@ CASES = [
 def test_export_matches_masked_model_with_correction(tmp_path, tokenizer, arch, shared, correction):
     model = random_model(arch)
     groups = partitioned_blocks(architecture_of(model).unit_blocks(model.config), shared)
-    spec = SubnetSampler(tuple(groups), 1, 0.5, seed=3).specs(0)[0]
+    spec = SubnetSampler(tuple(groups), (0.5,), seed=3).specs(0)[0]
     means = random_means(model, groups)
     ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
 
@@ -101,7 +101,7 @@ def gpt2_params(cfg, heads: int, neurons: int) -> int:
 def test_parameter_counts_match_formula(kappa, correction):
     llama = random_model("llama")
     groups = architecture_of(llama).unit_blocks(llama.config)
-    spec = SubnetSampler(tuple(groups), 1, kappa, seed=0).specs(0)[0]
+    spec = SubnetSampler(tuple(groups), (kappa,), seed=0).specs(0)[0]
     sub, plain = build_subnet(llama, spec, correction, random_means(llama, groups))
     cfg = llama.config
     kv, neurons = math.ceil(kappa * cfg.num_key_value_heads), math.ceil(kappa * cfg.intermediate_size)
@@ -111,7 +111,7 @@ def test_parameter_counts_match_formula(kappa, correction):
 
     gpt2 = random_model("gpt2")
     groups = architecture_of(gpt2).unit_blocks(gpt2.config)
-    spec = SubnetSampler(tuple(groups), 1, kappa, seed=0).specs(0)[0]
+    spec = SubnetSampler(tuple(groups), (kappa,), seed=0).specs(0)[0]
     sub, _ = build_subnet(gpt2, spec, correction, random_means(gpt2, groups))
     cfg = gpt2.config
     expected = gpt2_params(cfg, math.ceil(kappa * cfg.n_head), math.ceil(kappa * 4 * cfg.n_embd))
@@ -123,7 +123,7 @@ def test_uniform_llama_loads_plain_and_nonuniform_needs_load_exported(tmp_path, 
     all_groups = architecture_of(model).unit_blocks(model.config)
     ids = torch.randint(0, VOCAB, (1, 9))
 
-    uniform = SubnetSampler(tuple(all_groups), 1, 0.5, seed=0).specs(0)[0]
+    uniform = SubnetSampler(tuple(all_groups), (0.5,), seed=0).specs(0)[0]
     sub, plain = build_subnet(model, uniform, "mean", random_means(model, all_groups))
     record = {"kappa": 0.5, "widths": widths_of(model, uniform)}
     path = save_exported(tmp_path / "uniform", sub, tokenizer, plain, record)
@@ -135,7 +135,7 @@ def test_uniform_llama_loads_plain_and_nonuniform_needs_load_exported(tmp_path, 
         torch.testing.assert_close(hf(input_ids=ids).logits, sub(input_ids=ids).logits, rtol=0, atol=1e-5)
 
     groups = partitioned_blocks(all_groups, [0, 1, 4, 5])
-    spec = SubnetSampler(tuple(groups), 1, 0.5, seed=0).specs(0)[0]
+    spec = SubnetSampler(tuple(groups), (0.5,), seed=0).specs(0)[0]
     sub, plain = build_subnet(model, spec, "none")
     path = save_exported(tmp_path / "mixed", sub, tokenizer, plain, {"kappa": 0.5, "widths": widths_of(model, spec)})
     assert not plain
@@ -153,7 +153,7 @@ def test_uniform_llama_loads_plain_and_nonuniform_needs_load_exported(tmp_path, 
 def test_head_count_not_dividing_hidden_exports_through_load_exported(tmp_path, tokenizer):
     model = random_model("llama", "tiny-mha")  # 4 heads of 16: κ = 0.75 keeps 3, and 64 % 3 != 0
     groups = architecture_of(model).unit_blocks(model.config)
-    spec = SubnetSampler(tuple(groups), 1, 0.75, seed=0).specs(0)[0]
+    spec = SubnetSampler(tuple(groups), (0.75,), seed=0).specs(0)[0]
     sub, plain = build_subnet(model, spec, "scale")
     assert not plain and sub.model.layers[0].self_attn.q_proj.weight.shape == (48, 64)
     path = save_exported(tmp_path / "k75", sub, tokenizer, plain, {"kappa": 0.75, "widths": widths_of(model, spec)})

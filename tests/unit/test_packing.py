@@ -15,7 +15,7 @@ from twist_scale.subnet import SubnetSampler, axis_of, partitioned_blocks, slice
 def test_held_runs_and_positions_are_exactly_what_slicing_keeps(arch):
     model = random_model(arch)
     ugs = partitioned_blocks(architecture_of(model).unit_blocks(model.config), shared_layers=[])
-    spec = SubnetSampler(tuple(ugs), 2, 0.5, seed=3).specs(0)[1]
+    spec = SubnetSampler(tuple(ugs), (0.5,) * 2, seed=3).specs(0)[1]
     params = dict(model.named_parameters())
     gen = torch.Generator().manual_seed(0)
     for name, (ug, axis) in axis_of(ugs).items():

@@ -24,13 +24,49 @@ from twist_scale.subnet import (
 def test_coverage_and_exact_quotas(n, groups, kappa):
     keep = units_to_keep(n, kappa)
     for seed in range(20):
-        draws = coverage_draw(random.Random(seed), n, groups, keep)
+        draws = coverage_draw(random.Random(seed), n, [keep] * groups)
         assert all(len(d) == keep == len(set(d)) for d in draws)
         assert set().union(*map(set, draws)) == set(range(n))  # every unit trains somewhere
 
 
+def _round_robin(rng: random.Random, n: int, groups: int, keep: int) -> list[tuple[int, ...]]:
+    """The equal-kappa deal written out: unit order[i] to group i mod G, then each group topped up."""
+    order = list(range(n))
+    rng.shuffle(order)
+    held = [set(order[g::groups][:keep]) for g in range(groups)]
+    for h in held:
+        missing = [u for u in order if u not in h]
+        rng.shuffle(missing)
+        h.update(missing[: keep - len(h)])
+    return [tuple(sorted(h)) for h in held]
+
+
+@pytest.mark.parametrize(("n", "groups", "keep"), [(8, 2, 4), (10, 3, 4), (12, 4, 2), (7, 2, 6)])
+def test_equal_keeps_deal_round_robin(n, groups, keep):
+    """Mixed-kappa dealing leaves every equal-kappa draw exactly as it was."""
+    for seed in range(10):
+        expected = _round_robin(random.Random(seed), n, groups, keep)
+        assert coverage_draw(random.Random(seed), n, [keep] * groups) == expected
+
+
+@pytest.mark.parametrize(("n", "keeps"), [(8, [8, 4]), (10, [8, 2]), (12, [6, 4, 2]), (16, [4, 8, 3, 1]), (9, [1, 8])])
+def test_mixed_keeps_cover_every_unit_at_exact_quotas(n, keeps):
+    for seed in range(20):
+        draws = coverage_draw(random.Random(seed), n, keeps)
+        assert [len(set(d)) for d in draws] == [len(d) for d in draws] == keeps
+        assert set().union(*map(set, draws)) == set(range(n)), (seed, draws)
+
+
+def test_sandwich_sampler_keeps_group_zero_whole():
+    model = build_model("llama", "tiny", 64)
+    ugs = tuple(partitioned_blocks(architecture_of(model).unit_blocks(model.config), []))
+    full, half = SubnetSampler(ugs, (1.0, 0.5), seed=3).specs(2)
+    assert all(full.kept[ug.key] == tuple(range(ug.num_units)) for ug in ugs)
+    assert all(len(half.kept[ug.key]) == units_to_keep(ug.num_units, 0.5) for ug in ugs)
+
+
 def test_kappa_times_groups_one_is_a_partition():
-    draws = coverage_draw(random.Random(0), 12, 4, 3)
+    draws = coverage_draw(random.Random(0), 12, [3] * 4)
     assert sorted(u for d in draws for u in d) == list(range(12))
 
 
@@ -42,10 +78,10 @@ def test_keep_count_is_robust_to_float_noise():
 def test_sampling_is_a_pure_function_of_seed_and_round():
     model = build_model("llama", "tiny", 64)
     ugs = tuple(partitioned_blocks(architecture_of(model).unit_blocks(model.config), []))
-    a, b = SubnetSampler(ugs, 2, 0.5, seed=3), SubnetSampler(ugs, 2, 0.5, seed=3)
+    a, b = SubnetSampler(ugs, (0.5,) * 2, seed=3), SubnetSampler(ugs, (0.5,) * 2, seed=3)
     assert a.specs(5) == b.specs(5)
     assert a.specs(5) != a.specs(6)
-    assert a.specs(5) != SubnetSampler(ugs, 2, 0.5, seed=4).specs(5)
+    assert a.specs(5) != SubnetSampler(ugs, (0.5,) * 2, seed=4).specs(5)
     assert a.specs(5)[0].fingerprint() != a.specs(5)[1].fingerprint()
 
 
@@ -67,7 +103,7 @@ def _pair(arch, size, correction, kappa=0.5, shared=(0,)):
         if name.endswith(ACT_MEAN):
             buf.copy_(torch.randn_like(buf))
     means = {ug.output_module: full.get_buffer(f"{ug.output_module}.{ACT_MEAN}") for ug in ugs if correction == "mean"}
-    spec = SubnetSampler(tuple(ugs), 2, kappa, seed=1).specs(0)[1]
+    spec = SubnetSampler(tuple(ugs), (kappa,) * 2, seed=1).specs(0)[1]
     sub = copy.deepcopy(full)
     apply_subnet_shapes(sub, ugs, spec)
     params = dict(full.named_parameters())
@@ -132,7 +168,7 @@ def test_scale_correction_keeps_its_fp32_factor_in_a_bf16_model():
     ugs = partitioned_blocks(architecture_of(model).unit_blocks(model.config), [])
     scale = correction_of("scale")
     scale.install(model, ugs, 0.99)
-    spec = SubnetSampler(tuple(ugs), 1, 0.75, seed=0).specs(0)[0]
+    spec = SubnetSampler(tuple(ugs), (0.75,), seed=0).specs(0)[0]
     for ug in ugs:
         module = model.get_submodule(ug.output_module)
         scale.dispatch(module, ug, spec.units(ug), module.weight, {})

@@ -94,7 +94,7 @@ def _squared_weights(model: nn.Module) -> Callable[[str], torch.Tensor | None]:
 
 def select_random(inputs: PruneInputs) -> SubnetSpec:
     """TwIST's zero-cost export: a seeded uniform draw, as in training (one group, round = seed)."""
-    return SubnetSampler(tuple(inputs.unit_blocks), 1, inputs.kappa, inputs.seed).specs(inputs.seed)[0]
+    return SubnetSampler(tuple(inputs.unit_blocks), (inputs.kappa,), inputs.seed).specs(inputs.seed)[0]
 
 
 def select_magnitude(inputs: PruneInputs) -> SubnetSpec:

@@ -100,9 +100,9 @@ def trajectory(stage: int, topo: Topology) -> list[float]:
 def check_mask_hash(topo: Topology) -> None:
     model = build_model("llama", "tiny", VOCAB)
     ugs = tuple(partitioned_blocks(architecture_of(model).unit_blocks(model.config), []))
-    verify_same_masks(SubnetSampler(ugs, 2, 0.5, seed=5).specs(3), topo)
+    verify_same_masks(SubnetSampler(ugs, (0.5,) * 2, seed=5).specs(3), topo)
     with pytest.raises(RuntimeError, match="disagree on the subnet masks"):  # a rank with a corrupted seed
-        verify_same_masks(SubnetSampler(ugs, 2, 0.5, seed=5 + topo.rank).specs(3), topo)
+        verify_same_masks(SubnetSampler(ugs, (0.5,) * 2, seed=5 + topo.rank).specs(3), topo)
 
 
 def check_write_trajectories_and_mask_hash(rank: int, world: int) -> None:
