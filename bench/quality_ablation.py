@@ -14,6 +14,11 @@ changes the rounds, never the steps: every run trains the same tokens in the sam
              H=5 (18 rounds) and H=45 (2 rounds) -- the issue asks for 50, which does not divide 90
              steps: the divisor of the step budget nearest each asked H is used; G=4 (4 processes);
              the paper's shared layers (first 2 and last 2 layers whole in every subnet).
+  past the paper  (also ranked, each one factor off the reference: --twist.group_kappas)
+             sandwich: group 0 always trains the full width, group 1 κ=0.5 subnets;
+             mixed κ:  group 0 trains κ=0.75 subnets, group 1 κ=0.5: one run for two deployment sizes.
+             The mixed run, the reference and the dense run are also evaluated at κ=0.75, so the mixed run's
+             0.75 export is compared with FLAP at 0.75 and with the reference's 0.75 export.
   dense      dense fine-tuning (1 group x 2 ranks), pruned post hoc by random, magnitude and FLAP
              (the strongest baseline of bench/results/quality_finetune.md), calibrated on wikitext-2/valid.
 Every TwIST run is exported zero-cost at κ=0.5 by each criterion (random, magnitude,
@@ -42,6 +47,7 @@ from quality_finetune import DENSE, budgets, comparison, setting, tune_overrides
 
 EXPERIMENT = "bench-quality-ablation"
 KAPPA = 0.5
+MIXED = (0.75, KAPPA)  # the mixed-κ recipe's groups; its larger size is also evaluated
 CORRECTIONS = ("none", "scale", "mean")
 OPTIMIZER_STATES = ("reset", "aggregate")
 ISSUE_H = (5, 15, 50)  # asked at the reference's H = 15; scaled to the budget's H (quick: 5)
@@ -59,6 +65,8 @@ class Recipe(Run):
     optimizer_state: str = "aggregate"
     shared_layers: str = "none"  # in training: 'none' (every layer partitioned) or 'auto' (the paper's)
     export: tuple[str, ...] = ()  # the methods evaluated; () the Run's own
+    group_kappas: tuple[float, ...] = ()  # one κ per group (sandwich, mixed κ); () every group at `kappa`
+    kappas: tuple[float, ...] = (KAPPA,)  # the κ its exports are evaluated at
 
     @property
     def methods(self) -> tuple[str, ...]:
@@ -72,21 +80,25 @@ class Recipe(Run):
         return dataclasses.replace(budget, local_steps=self.local_steps, rounds=steps // self.local_steps)
 
     def overrides(self, base: Path) -> dict[str, object]:
+        mixed = {"twist.group_kappas": ",".join(map(str, self.group_kappas))} if self.group_kappas else {}
         return {
             **tune_overrides(base),
             "twist.optimizer_state": self.optimizer_state,
             "twist.shared_layers": self.shared_layers,
+            **mixed,
         }
 
 
 def dense(local_steps: int) -> Recipe:
     """Dense fine-tuning in the fine-tuning protocol's rounds, pruned post hoc by DENSE_METHODS."""
-    return Recipe(DENSE.name, "dense_brown.toml", 1, 1.0, 2, "none", "dense", local_steps, export=DENSE_METHODS)
+    return Recipe(
+        DENSE.name, "dense_brown.toml", 1, 1.0, 2, "none", "dense", local_steps, export=DENSE_METHODS, kappas=MIXED
+    )
 
 
 def reference(local_steps: int) -> Recipe:
     """The fine-tuning protocol's TwIST run (quality_finetune.TWIST), every factor stated."""
-    return Recipe("reference", "twist_brown.toml", 2, 0.5, 2, "scale", "reference", local_steps)
+    return Recipe("reference", "twist_brown.toml", 2, KAPPA, 2, "scale", "reference", local_steps, kappas=MIXED)
 
 
 def nearest_divisor(steps: int, wanted: float) -> int:
@@ -117,6 +129,9 @@ def variants(ref: Recipe, steps: int) -> list[Recipe]:
     out.append(change(ref, name="g4", groups=4, procs=4, changed="G=4 (4 processes)"))
     shared = "shared layers: the paper's (first 2 + last 2 whole in training)"
     out.append(change(ref, name="shared_auto", shared_layers="auto", changed=shared))
+    sandwich = "sandwich: group 0 always full width, group 1 κ=0.5"
+    out.append(change(ref, name="sandwich", group_kappas=(1.0, KAPPA), kappas=(KAPPA,), changed=sandwich))
+    out.append(change(ref, name="mixed", group_kappas=MIXED, changed="mixed κ: groups at 0.75 and 0.5"))
     return out
 
 
@@ -158,6 +173,39 @@ def kappa_parameters(report: dict) -> dict[int, list[str]]:
 def cell(by_test: dict, k: str, stat: str = "mean") -> str:
     """One result on every test set, 'brown / wikitext2'; k 'full' for the full width."""
     return " / ".join(f"{by_test[t][k][stat]:.1f}" for t in TESTS)
+
+
+def ratios(by_test: dict, key: str = "ratio") -> str:
+    """One comparison on every test set, 'brown / wikitext2'."""
+    return " / ".join(f"{by_test[t][key]:.3f}" for t in TESTS)
+
+
+def past_the_paper(report: dict) -> list[str]:
+    """The sandwich's full width and the mixed run's larger size, each next to the reference."""
+    summary, runs, lines = report["summary"], report["runs"], []
+    ref = summary["reference"]
+    if "sandwich" in summary:
+        lines += [
+            "",
+            f"Sandwich (group 0 always trains the full width): full width {ratios(summary['sandwich'], 'full_ratio')}x "
+            f"dense, the reference {ratios(ref, 'full_ratio')}x; best κ={KAPPA} export "
+            f"{ratios(summary['sandwich'])}x the best baseline, the reference {ratios(ref)}x; training "
+            f"{runs['sandwich']['train_seconds']:.0f} s against {runs['reference']['train_seconds']:.0f} s (its "
+            "full-width group does twice a subnet group's work per step, and the other group waits for it).",
+        ]
+    if "mixed" in report["mixed_at"]:
+        at, big = report["mixed_at"], f"κ={MIXED[0]}"
+        best = at["mixed"]
+        baselines = ", ".join(f"{t} {best[t]['best_baseline']} {best[t]['baseline_ppl']:.1f}" for t in TESTS)
+        lines += [
+            "",
+            f"Mixed κ (groups at {' and '.join(map(str, MIXED))}): best {big} export "
+            f"{ratios(at['mixed'])}x the best baseline at {big} "
+            f"({baselines}), "
+            f"the reference, trained at κ={KAPPA} only, {ratios(at['reference'])}x; at κ={KAPPA} "
+            f"{ratios(summary['mixed'])}x, the reference {ratios(ref)}x.",
+        ]
+    return lines
 
 
 def markdown(report: dict) -> str:
@@ -211,6 +259,7 @@ def markdown(report: dict) -> str:
         "",
         f"Export criterion: κ={KAPPA} perplexity / best baseline, averaged over every TwIST recipe and both test "
         "sets: " + ", ".join(f"{m} {v:.3f}" for m, v in report["criteria"].items()) + ".",
+        *past_the_paper(report),
         "",
         f"Parameters at κ={KAPPA}: {common:,} in every ranked cell but those named"
         + "".join(f"; {count:,} in {', '.join(cells)}" for count, cells in others)
@@ -249,7 +298,7 @@ def ablation(args: argparse.Namespace) -> None:
         entry = {
             **{f: getattr(recipe, f) for f in ("changed", "correction", "optimizer_state", "shared_layers")},
             "local_steps": own.local_steps,
-            **s.entry(recipe, own, [KAPPA], args.draws),
+            **s.entry(recipe, own, list(recipe.kappas), args.draws),
         }
         if recipe.shared_layers != "none":
             whole = dataclasses.replace(recipe, export=AS_TRAINED_METHODS)
@@ -259,6 +308,7 @@ def ablation(args: argparse.Namespace) -> None:
         print(f"{recipe.name} done at {time.perf_counter() - s.start:.0f}s", flush=True)
     report["summary"] = {r.name: comparison(report, KAPPA, r.name) for r in recipes if r.groups > 1}
     report["winner"] = winner(report["summary"])
+    report["mixed_at"] = {n: comparison(report, MIXED[0], n) for n in ("reference", "mixed") if n in report["runs"]}
     report["criteria"] = criterion_means(report)
     report["total_seconds"] = time.perf_counter() - s.start
     publish(report, markdown(report), s.uri, EXPERIMENT, s.out, f"quality_ablation{s.suffix}")

@@ -44,7 +44,7 @@ def test_ablation_variants_change_one_factor_each_on_equal_steps() -> None:
     recipes = variants(ref, steps=90)
     assert recipes[0] == ref
     assert len({r.name for r in recipes}) == len(recipes)
-    factors = ("correction", "optimizer_state", "local_steps", "groups", "shared_layers")
+    factors = ("correction", "optimizer_state", "local_steps", "groups", "shared_layers", "group_kappas")
     for recipe in recipes[1:]:
         changed = [f for f in factors if getattr(recipe, f) != getattr(ref, f)]
         assert len(changed) == 1, (recipe.name, changed)
@@ -55,6 +55,7 @@ def test_ablation_variants_change_one_factor_each_on_equal_steps() -> None:
     assert {r.correction for r in recipes} == {"none", "scale", "mean"}
     assert {(r.groups, r.procs) for r in recipes} == {(2, 2), (4, 4)}
     assert {r.optimizer_state for r in recipes} == {"reset", "aggregate"}
+    assert {r.group_kappas for r in recipes} == {(), (1.0, 0.5), (0.75, 0.5)}  # sandwich and mixed κ
 
 
 def test_recipe_budget_refuses_an_h_that_does_not_divide_the_steps() -> None:
