@@ -32,8 +32,9 @@ round starts from the central weights exactly.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
+from itertools import groupby
 
 import torch
 import torch.distributed as dist
@@ -75,7 +76,9 @@ class Held:
         if len(coords) > 1 and not bool((coords[1:] > coords[:-1]).all()):
             raise ValueError(f"{entry.name}: the packed exchange needs ascending unit ids, as sampled specs have")
         self.size, self.inner = entry.shape[axis.axis], math.prod(entry.shape[axis.axis + 1 :])
-        self.coords = coords
+        # int32 offsets where they fit: half the memory of int64 for index_select / index_add_
+        self.index_dtype = torch.int32 if entry.numel < 2**31 else torch.int64
+        self.coords = coords.to(self.index_dtype)
         self.along = torch.zeros(self.size, dtype=torch.bool)
         self.along[coords] = True
         self.below = torch.cat([torch.zeros(1, dtype=torch.long), self.along.cumsum(0)]).tolist()  # held coords < c
@@ -99,18 +102,38 @@ class Held:
         if self.along is None:
             return None
         if hi <= lo:
-            return torch.empty(0, dtype=torch.long)
+            return torch.empty(0, dtype=self.index_dtype)
         first, last = lo // self.inner, (hi - 1) // self.inner  # the rows the range touches
-        slabs = torch.arange(first // self.size, last // self.size + 1)
-        rows = (slabs[:, None] * self.size + self.coords[None, :]).flatten()  # held rows of those slabs, ascending
-        rows = rows[_at(rows, first) : _at(rows, last + 1)]
-        flat = rows if self.inner == 1 else (rows[:, None] * self.inner + torch.arange(self.inner)).flatten()
-        return flat[_at(flat, lo) : _at(flat, hi)] - lo  # only the first and last rows can be partial
+        base = first // self.size * self.size  # the first row of the first slab touched
+        slabs = torch.arange(last // self.size - first // self.size + 1, dtype=self.index_dtype)
+        # offsets from lo, the shift folded into the small operand so no pass runs over the large result
+        if self.inner == 1:  # a row is one element: the held rows are the offsets
+            flat = (slabs[:, None] * self.size + (self.coords + (base - lo))[None, :]).flatten()
+        else:
+            rows = (slabs[:, None] * self.size + self.coords[None, :]).flatten()  # held rows from `base`, ascending
+            rows = rows[_at(rows, first - base) : _at(rows, last + 1 - base)]
+            within = torch.arange(self.inner, dtype=self.index_dtype) + (base * self.inner - lo)
+            flat = (rows[:, None] * self.inner + within[None, :]).flatten()
+        return flat[_at(flat, 0) : _at(flat, hi - lo)]  # only the first and last rows can be partial
 
 
 def _at(ascending: torch.Tensor, value: int) -> int:
     """How many entries of an ascending tensor are below `value`."""
     return int(torch.searchsorted(ascending, torch.tensor(value)))
+
+
+def alike(bucket: list[Entry], dispatch: bool) -> Iterator[list[int]]:
+    """Runs of consecutive entries with the same holders over the same range: a weight and its moments.
+
+    They share one Held, one set of positions and (in aggregation) one holder count. In dispatch a
+    `whole` entry is held whole, unlike its moments.
+    """
+
+    def key(i: int) -> tuple:
+        return bucket[i].name.partition("@")[0], bucket[i].part, dispatch and bucket[i].whole
+
+    for _, run in groupby(range(len(bucket)), key):
+        yield list(run)
 
 
 def buckets(
@@ -179,19 +202,26 @@ class PackedExchange:
         lo, hi = self._range(entry, piece)
         return held.before(hi) - held.before(lo)
 
+    def _holders(self, bucket: list[Entry], spec: SubnetSpec, dispatch: bool) -> list[Held]:
+        """Per entry, which elements the group with `spec` holds (one Held per run of `alike` entries)."""
+        out = []
+        for run in alike(bucket, dispatch):
+            entry = bucket[run[0]]
+            out += [Held(entry, None if dispatch and entry.whole else entry.units(spec))] * len(run)
+        return out
+
     def _all_to_all(
         self,
-        send: list[torch.Tensor],
+        payload: torch.Tensor,
         in_splits: list[int],
         out_splits: list[int],
         group,  # noqa: ANN001
         dtype: torch.dtype,
         wire_elements: int,
     ) -> torch.Tensor:
-        """One all-to-all; `wire_elements` of it cross to or from other ranks (the rest is this rank's own)."""
+        """One all-to-all of the host `payload`; `wire_elements` of it cross to or from other ranks."""
         device = self.topo.device
-        payload = torch.cat(send).to(device, dtype) if send else torch.empty(0, device=device, dtype=dtype)
-        send.clear()  # the pieces are in the payload now
+        payload = payload.to(device, dtype)
         recv = torch.empty(sum(out_splits), device=device, dtype=dtype)
         dist.all_to_all_single(recv, payload, out_splits, in_splits, group=group)
         self.central.traffic.add(wire_elements * payload.element_size())
@@ -228,7 +258,7 @@ class PackedExchange:
         """
         topo = self.topo
         W, R = topo.world_size, topo.ranks_per_group
-        helds = [[Held(e, e.units(specs[g])) for e in bucket] for g in range(topo.groups)]
+        helds = [self._holders(bucket, specs[g], False) for g in range(topo.groups)]
         runs: list[list[torch.Tensor]] = [[] for _ in range(W)]  # per owner, in bucket order: views until sent
         for entry, held in zip(bucket, helds[topo.group], strict=True):
             start, values = read(entry)
@@ -255,29 +285,38 @@ class PackedExchange:
                     raise RuntimeError(f"{entry.name}: group {g}'s ranks store {end} of {held.before(entry.numel)}")
         out_splits = [sum(n for _, n in per_entry) for per_entry in chunks]
         sent = sum(in_splits) - in_splits[topo.rank]  # to the other owners
-        send = [run for owner in runs for run in owner]
-        received = self._all_to_all(send, in_splits, out_splits, None, self.wire, sent).split(
+        payload = torch.cat([run for owner in runs for run in owner] or [torch.empty(0)])
+        received = self._all_to_all(payload, in_splits, out_splits, None, self.wire, sent).split(
             [n for per_entry in chunks for _, n in per_entry]
         )
-        for i, entry in enumerate(bucket):
-            lo, hi = self._range(entry, topo.rank)
-            total, count = torch.zeros(hi - lo), torch.zeros(hi - lo)
-            for g in range(topo.groups):
-                at = helds[g][i].positions(lo, hi)  # where the group's run lands in the piece
+        del payload, runs  # sent: only what arrived is needed from here
+        count_dtype = torch.uint8 if topo.groups < 256 else torch.int32
+        for run in alike(bucket, False):
+            lo, hi = self._range(bucket[run[0]], topo.rank)
+            ats = [helds[g][run[0]].positions(lo, hi) for g in range(topo.groups)]  # where each group's run lands
+            count = torch.zeros(hi - lo, dtype=count_dtype)
+            for at in ats:
                 if at is None:
                     count += 1
                 else:
-                    count.index_add_(0, at, torch.ones(1).expand(len(at)))
-                for source in range(g * R, (g + 1) * R):
-                    offset, n = chunks[source][i]
-                    values = received[source * len(bucket) + i]
-                    if at is None:
-                        total[offset : offset + n] += values
-                    else:
-                        total.index_add_(0, at[offset : offset + n], values)
-            a = entry.part[0] if entry.part else 0
-            kept = self._shard(entry)[a : a + hi - lo]
-            kept.copy_(torch.where(count > 0, total / count.clamp(min=1), kept))  # nobody held: keep the value
+                    count.index_add_(0, at, torch.ones(1, dtype=count_dtype).expand(len(at)))
+            held = count > 0
+            count.clamp_(min=1)
+            for i in run:
+                total = torch.zeros(hi - lo)
+                for g, at in enumerate(ats):
+                    for source in range(g * R, (g + 1) * R):
+                        offset, n = chunks[source][i]
+                        values = received[source * len(bucket) + i]
+                        if at is None:
+                            total[offset : offset + n] += values
+                        else:
+                            total.index_add_(0, at[offset : offset + n], values)
+                a = bucket[i].part[0] if bucket[i].part else 0
+                kept = self._shard(bucket[i])[a : a + hi - lo]
+                # in place, so no piece-sized temporary beyond total and count: where nobody held, total
+                # is 0 and the value stays; elsewhere it becomes the holder mean
+                kept.masked_fill_(held, 0.0).add_(total.div_(count))
 
     def dispatch(self, bucket: list[Entry], specs: list[SubnetSpec]) -> dict[str, torch.Tensor]:
         """This group's subnet tensor (the full tensor for `whole` entries; this rank's flat shard where
@@ -287,25 +326,36 @@ class PackedExchange:
         shard is one range of it: each rank gets the run's overlap with its shard.
         """
         topo = self.topo
-        send, in_splits = [], []
+        cuts, in_splits = [], []  # per destination rank, per entry: (piece, held positions or None, [a, b) of them)
         for group in range(topo.groups):  # what each rank gets from this owner's pieces
-            held_runs = []  # per entry: the piece's elements this group holds, and where they start in its subnet
-            for entry in bucket:
-                lo, hi = self._range(entry, topo.rank)
-                held = Held(entry, None if entry.whole else entry.units(specs[group]))
-                at, a = held.positions(lo, hi), entry.part[0] if entry.part else 0
-                piece = self.central.shards[entry.name][a : a + hi - lo]
-                held_runs.append((piece if at is None else piece.index_select(0, at), held.before(lo)))
+            held_runs = []  # per entry: this owner's piece, where the group holds in it, where its run starts
+            helds = self._holders(bucket, specs[group], True)
+            for run in alike(bucket, True):
+                lo, hi = self._range(bucket[run[0]], topo.rank)
+                held = helds[run[0]]
+                at, start = held.positions(lo, hi), held.before(lo)
+                for i in run:
+                    a = bucket[i].part[0] if bucket[i].part else 0
+                    held_runs.append((self.central.shards[bucket[i].name][a : a + hi - lo], at, start))
             for dp_rank in range(topo.ranks_per_group):
-                runs = []
-                for entry, (values, start) in zip(bucket, held_runs, strict=True):
+                sent = 0
+                for entry, (piece, at, start) in zip(bucket, held_runs, strict=True):
                     s, t = self._target(entry, specs[group], dp_rank)
-                    first, last = max(start, s), min(start + len(values), t)
-                    runs.append(values[first - start : max(first, last) - start])
-                in_splits.append(sum(len(run) for run in runs))
-                send += runs
+                    first, last = max(start, s), min(start + (len(piece) if at is None else len(at)), t)
+                    cuts.append((piece, at, first - start, max(first, last) - start))
+                    sent += max(0, last - first)
+                in_splits.append(sent)
+        # the held elements are gathered straight into the payload: no per-entry copy to concatenate after
+        payload, offset = torch.empty(sum(in_splits), pin_memory=self.central.pin), 0
+        for piece, at, a, b in cuts:
+            into = payload[offset : offset + b - a]
+            if at is None:
+                into.copy_(piece[a:b])
+            else:
+                torch.index_select(piece, 0, at[a:b], out=into)
+            offset += b - a
         spec = specs[topo.group]
-        mine = [Held(e, None if e.whole else e.units(spec)) for e in bucket]
+        mine = self._holders(bucket, spec, True)
         targets = [self._target(e, spec, topo.dp_rank) for e in bucket]
         starts = [
             [h.before(self._range(e, owner)[0]) for h, e in zip(mine, bucket, strict=True)]
@@ -321,7 +371,8 @@ class PackedExchange:
         out_splits = [sum(owner) for owner in lengths]
         incoming = sum(out_splits) - out_splits[topo.rank]  # from the other owners
         # fp32 always: the engines' master weights start every round from these values exactly
-        received = self._all_to_all(send, in_splits, out_splits, None, torch.float32, incoming)
+        received = self._all_to_all(payload, in_splits, out_splits, None, torch.float32, incoming)
+        del payload, cuts  # sent: only what arrived is needed from here
         runs = received.split([n for owner in lengths for n in owner])
         out = {}
         for i, entry in enumerate(bucket):
