@@ -159,16 +159,33 @@ class PackedExchange:
         self.shard_range = shard_range  # the engine's (Engine.shard_range), where it shards parameters
         self.assembling: dict[str, torch.Tensor] = {}  # subnet tensors whose parts are still arriving
         self.layout: dict[str, list[list[int]]] = {}  # name -> per world rank: [start, stop) of its subnet tensor
+        self.ranged_state: dict[str, list[bool]] = {}  # name -> per world rank: stores only that range of moments
 
     def is_local(self, entry: Entry) -> bool:
-        """Whether dispatch delivers only this rank's shard of `entry` (flat), not the whole subnet tensor."""
+        """Whether dispatch delivers only this rank's range of `entry` (flat), not the whole subnet tensor."""
+        return self._ranged(entry, self.topo.rank)
+
+    def _sharded(self, entry: Entry) -> bool:
+        """The engine shards the parameter itself (ZeRO-3, FSDP): every rank's range follows from the shape."""
         return self.shard_range is not None and not entry.whole and self.shard_range(entry.shape, 0) is not None
 
-    def _target(self, entry: Entry, spec: SubnetSpec, dp_rank: int) -> tuple[int, int]:
-        """The flat range of a group's subnet tensor that its dp rank `dp_rank` receives."""
+    def _ranged(self, entry: Entry, rank: int) -> bool:
+        """Whether world rank `rank` stores, and so receives, only a flat range of `entry`'s subnet tensor.
+
+        Sharded parameters, and the moments of an engine that partitions only its optimizer state
+        (ZeRO-1/2: the rank's fragment of the flat fp32 partition, from `learn_layout`).
+        """
+        name, _, key = entry.name.partition("@")
+        return self._sharded(entry) or (bool(key) and self.ranged_state.get(name, [False] * (rank + 1))[rank])
+
+    def _target(self, entry: Entry, spec: SubnetSpec, rank: int) -> tuple[int, int]:
+        """The flat range of a group's subnet tensor that its world rank `rank` receives."""
         shape = self._received_shape(entry, spec)
-        if self.is_local(entry):
-            return self.shard_range(torch.Size(shape), dp_rank)
+        if self._sharded(entry):
+            return self.shard_range(torch.Size(shape), rank % self.topo.ranks_per_group)
+        if self._ranged(entry, rank):
+            start, stop = self.layout[entry.name.partition("@")[0]][rank]
+            return start, stop
         return 0, math.prod(shape)
 
     def plan(self, entries: list[Entry], bucket_bytes: int) -> list[list[Entry]]:
@@ -227,20 +244,27 @@ class PackedExchange:
         self.central.traffic.add(wire_elements * payload.element_size())
         return recv.to("cpu", torch.float32)
 
-    def learn_layout(self, entries: list[Entry], local_range: Callable[[str], tuple[int, int]]) -> None:
+    def learn_layout(
+        self,
+        entries: list[Entry],
+        local_range: Callable[[str], tuple[int, int]],
+        ranged_state: Callable[[str], bool] = lambda name: False,
+    ) -> None:
         """Learn which flat range of its group's subnet tensor every rank stores (one collective, once).
 
-        `local_range(name)` is that range [start, stop) on this rank. A ZeRO-1/2 partition's layout
+        `local_range(name)` is that range [start, stop) on this rank, and `ranged_state(name)` whether
+        it stores only that range of the moments (`Engine.ranged_state`). A ZeRO-1/2 partition's layout
         depends on every parameter of the group, so it is gathered rather than derived; it never changes
         afterwards (subnet shapes are fixed for the run), so no round pays for it.
         """
         names = list(dict.fromkeys(e.name.partition("@")[0] for e in entries))
-        mine = torch.tensor([local_range(n) for n in names], dtype=torch.long).view(len(names), 2)
-        every = torch.empty(self.topo.world_size * len(names), 2, dtype=torch.long, device=self.topo.device)
+        mine = torch.tensor([[*local_range(n), ranged_state(n)] for n in names], dtype=torch.long).view(len(names), 3)
+        every = torch.empty(self.topo.world_size * len(names), 3, dtype=torch.long, device=self.topo.device)
         dist.all_gather_into_tensor(every, mine.to(self.topo.device))
-        every = every.cpu().view(self.topo.world_size, len(names), 2)
+        every = every.cpu().view(self.topo.world_size, len(names), 3)
         R = self.topo.ranks_per_group
-        self.layout = {name: every[:, i].tolist() for i, name in enumerate(names)}
+        self.layout = {name: every[:, i, :2].tolist() for i, name in enumerate(names)}
+        self.ranged_state = {name: every[:, i, 2].bool().tolist() for i, name in enumerate(names)}
         for name, spans in self.layout.items():
             for g in range(self.topo.groups):
                 mine = sorted(spans[g * R : (g + 1) * R])
@@ -340,7 +364,7 @@ class PackedExchange:
             for dp_rank in range(topo.ranks_per_group):
                 sent = 0
                 for entry, (piece, at, start) in zip(bucket, held_runs, strict=True):
-                    s, t = self._target(entry, specs[group], dp_rank)
+                    s, t = self._target(entry, specs[group], group * topo.ranks_per_group + dp_rank)
                     first, last = max(start, s), min(start + (len(piece) if at is None else len(at)), t)
                     cuts.append((piece, at, first - start, max(first, last) - start))
                     sent += max(0, last - first)
@@ -356,7 +380,7 @@ class PackedExchange:
             offset += b - a
         spec = specs[topo.group]
         mine = self._holders(bucket, spec, True)
-        targets = [self._target(e, spec, topo.dp_rank) for e in bucket]
+        targets = [self._target(e, spec, topo.rank) for e in bucket]
         starts = [
             [h.before(self._range(e, owner)[0]) for h, e in zip(mine, bucket, strict=True)]
             for owner in range(topo.world_size)

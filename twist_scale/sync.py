@@ -153,7 +153,7 @@ class SubnetSync:
             if not is_statistic(name):
                 self.entries += [Entry(f"{name}@{key}", shape, unit) for key in moments]
         if isinstance(self.exchange, PackedExchange):
-            self.exchange.learn_layout(self.entries, self._local_range)
+            self.exchange.learn_layout(self.entries, self._local_range, self._ranged_state)
 
     def full_state(self) -> Iterator[tuple[str, torch.Tensor]]:
         """The full-width central model, one tensor at a time (collective over the world)."""
@@ -194,7 +194,7 @@ class SubnetSync:
     def _write(self, entry: Entry, value: torch.Tensor, spec: SubnetSpec, means: dict[str, torch.Tensor]) -> None:
         name, _, key = entry.name.partition("@")
         sub = slice_tensor(value, entry.unit[1], entry.units(spec)) if entry.whole and entry.unit else value
-        if self.exchange.is_local(entry):  # this rank's flat shard of the subnet tensor
+        if self.exchange.is_local(entry):  # this rank's flat range of the subnet tensor
             self.engine.write_shard(name, key, value)
         elif key:
             self.engine.write_state(name, key, sub)
@@ -228,6 +228,10 @@ class SubnetSync:
         if is_statistic(name):  # every rank of the group holds the group's average: each sends an equal part
             return even_range(self.engine.read_buffer(name).numel(), self.topo.ranks_per_group, self.topo.dp_rank)
         return self.engine.local_range(name)
+
+    def _ranged_state(self, name: str) -> bool:
+        """Whether this rank stores only its `_local_range` of the moments of `name` (statistics have none)."""
+        return not is_statistic(name) and self.engine.ranged_state(name)
 
     def _read_local(self, entry: Entry) -> tuple[int, torch.Tensor]:
         """Where this rank's stored range of the subnet tensor starts, and its values (in place where possible)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from helpers.dist import run_on_ranks
-from workers.aggregation import check_cases
+from workers.aggregation import check_cases, check_moment_dispatch
 
 ALL = ["disjoint", "overlapping", "uncovered", "mixed"]  # mixed: a sandwich of unequal kappas
 
@@ -21,3 +21,8 @@ ALL = ["disjoint", "overlapping", "uncovered", "mixed"]  # mixed: a sandwich of 
 )
 def test_aggregation_matches_holder_mean(world, cases):
     run_on_ranks(check_cases, world, cases)
+
+
+@pytest.mark.slow
+def test_moments_aggregate_and_dispatch_only_the_range_each_rank_stores():
+    run_on_ranks(check_moment_dispatch, 4, [2, 3])

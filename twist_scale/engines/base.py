@@ -138,8 +138,14 @@ class Engine(abc.ABC):
         start, stop = self.local_range(name)
         return (self.read_state(name, key) if key else self.read(name)).reshape(-1)[start:stop]
 
+    def ranged_state(self, name: str) -> bool:
+        """Whether this rank stores only `local_range` of the moments of `name` (ZeRO-1/2's partitioned
+        optimizer state, ZeRO-3, FSDP): dispatch then sends it only that range, for `write_shard`."""
+        return False
+
     def write_shard(self, name: str, key: str, flat: torch.Tensor) -> None:
-        """Set this rank's `shard_range` of parameter `name` (of its moment `key`, if not empty)."""
+        """Set this rank's `local_range` of parameter `name` (of its moment `key`, if not empty): where
+        the engine shards parameters (`shard_range`), or, for a moment, where `ranged_state`."""
         raise NotImplementedError(f"{type(self).__name__} keeps whole parameters: use write/write_state")
 
     @abc.abstractmethod

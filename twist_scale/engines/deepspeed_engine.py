@@ -180,9 +180,18 @@ class DeepSpeedEngine(Engine):
             return super().read_local(name, key)
         return p.detach().view(-1)[start:stop]
 
+    def ranged_state(self, name: str) -> bool:
+        """ZeRO-1/2 keep only this rank's fragment of each moment, ZeRO-3 only its partition."""
+        return not self._plain(self.params[name])
+
     @torch.no_grad()
     def write_shard(self, name: str, key: str, flat: torch.Tensor) -> None:
         p = self.params[name]
+        if self.stage != 3 and key and hasattr(p, "_hp_mapping"):  # ZeRO-1/2: the moment's fragment
+            self._link_optimizer_states()
+            if p._hp_mapping is not None:
+                p._hp_mapping.get_hp_fragment(key).view(-1).copy_(flat)
+            return
         if self.stage != 3:
             super().write_shard(name, key, flat)
         padded = torch.zeros(p.ds_tensor.numel(), device=self.engine.device)  # the last partition is padded

@@ -142,6 +142,9 @@ class FSDPEngine(Engine):
             return torch.zeros(stop - start, device=self.device)
         return value.to_local().detach().view(-1)
 
+    def ranged_state(self, name: str) -> bool:
+        return True  # the moments are DTensors sharded like their parameter
+
     @torch.no_grad()
     def write_shard(self, name: str, key: str, flat: torch.Tensor) -> None:
         p = self.params[name]

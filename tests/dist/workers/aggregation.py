@@ -135,3 +135,71 @@ def check_cases(rank: int, world: int, cases: list[str]) -> None:
         parts_dispatch, parts_agg = traffic["parts"]  # the same elements travel, in many more collectives
         assert (parts_dispatch[0], parts_agg[0]) == (packed_dispatch[0], packed_agg[0]), f"{case}: {traffic}"
         assert parts_agg[1] > 10 * packed_agg[1], f"{case}: 4 kB buckets issued only {parts_agg[1]} collectives"
+
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def check_moment_dispatch(rank: int, world: int, stages: list[int]) -> None:
+    """Adam moments aggregate to the holder mean and dispatch back exactly, each rank receiving only the
+    range its engine stores (ZeRO-2: its fragment of the fp32 partition; ZeRO-3: its partition)."""
+    groups = 2
+    for stage in stages:
+        topo = Topology.from_dist(groups)
+        torch.manual_seed(0)
+        model = build_model("llama", "tiny", 64)
+        ugs = partitioned_blocks(architecture_of(model).unit_blocks(model.config), shared_layers=[0, 5])
+        shapes = {n: t.shape for n, t in central_tensors(model).items()}
+        initial = {n: t.detach().clone() for n, t in central_tensors(model).items()}
+        specs = SubnetSampler(tuple(ugs), (0.5, 0.5), seed=11).specs(0)
+        apply_subnet_shapes(model, ugs, specs[topo.group])
+        cfg = RunConfig()
+        cfg.parallel.ds_config = str(REPO / "ds_configs" / f"zero{stage}.json")
+        cfg.data.micro_batch_size = 1
+        engine = DeepSpeedEngine(model, cfg, topo)
+        engine.train_step(torch.randint(0, 64, (1, 16)))  # DeepSpeed creates the moments at the first step
+        central = CentralShards(topo, shapes)
+        for n, t in initial.items():
+            central.set_full(n, t)
+        exchange = PackedExchange(central, "fp32", engine.shard_range)
+        sync = SubnetSync(central, engine, ugs, topo, MOMENTS, correction_of("none"), False, exchange)
+        axes = axis_of(ugs)
+
+        def sub_of(full: torch.Tensor, name: str) -> torch.Tensor:
+            units = specs[topo.group].units(axes[name][0]) if name in axes else None
+            return full if units is None else slice_tensor(full, axes[name][1], units)
+
+        def moment(name: str, key: str, group: int) -> torch.Tensor:
+            return delta(f"{name}@{key}", group, shapes[name]).abs()  # exp_avg_sq must stay >= 0
+
+        sync.dispatch(specs)  # no central moments yet: weights only
+        for name in engine.params:
+            for key in MOMENTS:
+                engine.write_state(name, key, sub_of(moment(name, key, topo.group), name))
+        sync.aggregate(specs)
+        sync.take_traffic()
+        for name in engine.params:  # overwrite, so only dispatch can restore them
+            for key in MOMENTS:
+                engine.write_state(name, key, torch.full_like(sub_of(moment(name, key, 0), name), 7.0))
+        sync.dispatch(specs)
+        received = sync.take_traffic().bytes
+        where = f"G=2 R={topo.ranks_per_group} zero={stage}"
+        subnet = 0
+        for name in engine.params:
+            subnet += sub_of(initial[name], name).numel()
+            for key in MOMENTS:
+                total, count = torch.zeros(shapes[name]), torch.zeros(shapes[name])
+                for g, s in enumerate(specs):
+                    ones = torch.ones(shapes[name])
+                    mask = ones if name not in axes else unit_mask(shapes[name], axes[name][1], s.units(axes[name][0]))
+                    total += mask * moment(name, key, g)
+                    count += mask
+                expected = torch.where(count > 0, total / count.clamp(min=1), 0.0)  # moments start at zero
+                got = engine.read_state(name, key)
+                assert (got - sub_of(expected, name)).abs().max() <= 1e-6, f"{where}: {name}@{key} after dispatch"
+        # ZeRO-2 keeps whole working weights on every rank but only a fragment of each moment: 1 + 2/R
+        # subnets, not 3 (moments sent whole); ZeRO-3 shards all three: 3/R
+        R = topo.ranks_per_group
+        share = (1 + len(MOMENTS)) / R if stage == 3 else 1 + len(MOMENTS) / R
+        assert received <= 4 * share * subnet * 1.02 + 4096, f"{where}: dispatch received {received} bytes"
+        del engine, sync
