@@ -19,7 +19,9 @@ only the owner of a piece needs the held elements' positions, and only over its 
   value. Bytes ∝ κ/R of the model.
 - Dispatch: each owner sends to every rank the elements of its piece that rank's group holds (one
   all-to-all over the world); a rank receives its group's subnet, ∝ κ of the model, and the runs
-  from owners 0, 1, ... concatenate into the flattened subnet tensor.
+  from owners 0, 1, ... concatenate into the flattened subnet tensor. Where the rank stores only a
+  range of a tensor (a ZeRO-3/FSDP shard; a ZeRO-1/2 fragment of a moment), it receives only that
+  range: ∝ κ/R.
 
 Tensors travel in buckets of about `bucket_bytes` of full-width fp32 data: one all-to-all per
 bucket. A tensor larger than a bucket is cut into parts, each the same sub-range of every owner's
