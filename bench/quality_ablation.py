@@ -17,8 +17,8 @@ changes the rounds, never the steps: every run trains the same tokens in the sam
   past the paper  (also ranked, each one factor off the reference: --twist.group_kappas)
              sandwich: group 0 always trains the full width, group 1 κ=0.5 subnets;
              mixed κ:  group 0 trains κ=0.75 subnets, group 1 κ=0.5: one run for two deployment sizes.
-             The mixed run, the reference and the dense run are also evaluated at κ=0.75, so the mixed run's
-             0.75 export is compared with FLAP at 0.75 and with the reference's 0.75 export.
+             Every run but the sandwich (whose sizes are 1 and 0.5) is also evaluated at κ=0.75, so the
+             mixed run's 0.75 export is compared with the baselines at 0.75 and the reference's 0.75 export.
   dense      dense fine-tuning (1 group x 2 ranks), pruned post hoc by random, magnitude and FLAP
              (the strongest baseline of bench/results/quality_finetune.md), calibrated on wikitext-2/valid.
 Every TwIST run is exported zero-cost at κ=0.5 by each criterion (random, magnitude,
