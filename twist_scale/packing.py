@@ -178,7 +178,7 @@ class PackedExchange:
         (ZeRO-1/2: the rank's fragment of the flat fp32 partition, from `learn_layout`).
         """
         name, _, key = entry.name.partition("@")
-        return self._sharded(entry) or (bool(key) and self.ranged_state.get(name, [False] * (rank + 1))[rank])
+        return self._sharded(entry) or (bool(key) and name in self.ranged_state and self.ranged_state[name][rank])
 
     def _target(self, entry: Entry, spec: SubnetSpec, rank: int) -> tuple[int, int]:
         """The flat range of a group's subnet tensor that its world rank `rank` receives."""
@@ -327,22 +327,21 @@ class PackedExchange:
                 else:
                     count.index_add_(0, at, torch.ones(1, dtype=count_dtype).expand(len(at)))
             held = count > 0
-            count.clamp_(min=1)
+            count.clamp_(min=1)  # 1 where nobody held: dividing leaves those values as they are
             for i in run:
-                total = torch.zeros(hi - lo)
+                # summed in the piece itself, so no piece-sized temporary but the count: held elements
+                # restart from 0, take every holder's value and are divided by the holder count
+                a = bucket[i].part[0] if bucket[i].part else 0
+                kept = self._shard(bucket[i])[a : a + hi - lo].masked_fill_(held, 0.0)
                 for g, at in enumerate(ats):
                     for source in range(g * R, (g + 1) * R):
                         offset, n = chunks[source][i]
                         values = received[source * len(bucket) + i]
                         if at is None:
-                            total[offset : offset + n] += values
+                            kept[offset : offset + n] += values
                         else:
-                            total.index_add_(0, at[offset : offset + n], values)
-                a = bucket[i].part[0] if bucket[i].part else 0
-                kept = self._shard(bucket[i])[a : a + hi - lo]
-                # in place, so no piece-sized temporary beyond total and count: where nobody held, total
-                # is 0 and the value stays; elsewhere it becomes the holder mean
-                kept.masked_fill_(held, 0.0).add_(total.div_(count))
+                            kept.index_add_(0, at[offset : offset + n], values)
+                kept.div_(count)
 
     def dispatch(self, bucket: list[Entry], specs: list[SubnetSpec]) -> dict[str, torch.Tensor]:
         """This group's subnet tensor (the full tensor for `whole` entries; this rank's flat shard where

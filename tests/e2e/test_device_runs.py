@@ -31,7 +31,7 @@ TWIST = dict(
     parallel__backend="strict",
     parallel__engine="local",  # one process per group: every collective in the run is the trainer's
     twist__groups=2,
-    twist__kappa=0.5,
+    twist__group_kappas="1.0,0.5",  # a sandwich: group 0 trains the full width, group 1 half
     twist__correction="mean",
     twist__optimizer_state="aggregate",
     twist__local_steps=2,
@@ -50,7 +50,12 @@ def test_twist_run_resume_and_export_under_single_device_backend(tmp_path):
     client, run = mlflow_run(out)
     assert len(history(client, run, "train/loss")) == 6  # 3 rounds of 2 steps, in the one MLflow run
     assert {"eval/ppl_kappa_0.50", "eval/ppl_group1", "twist/sync_bytes"} <= set(run.data.metrics)
-    assert json.loads((out / "final" / "twist.json").read_text())["rounds"] == 3
+    metrics = run.data.metrics  # one perplexity per trained size
+    assert metrics["eval/ppl_kappa_1.00"] == pytest.approx(metrics["eval/ppl_group0"])
+    assert metrics["eval/ppl_kappa_0.50"] == pytest.approx(metrics["eval/ppl_group1"])
+    assert metrics["eval/ppl_kappa_1.00"] != pytest.approx(metrics["eval/ppl_kappa_0.50"])
+    record = json.loads((out / "final" / "twist.json").read_text())
+    assert record["rounds"] == 3 and record["kappas"] == [1.0, 0.5]
     assert (out / "final" / "twist_stats.safetensors").exists()  # correction=mean statistics exported
 
 

@@ -71,16 +71,3 @@ def test_two_groups_of_two_ranks_train(tmp_path):
     assert run.data.metrics["twist/sync_bytes"] > 0
     assert (out / "checkpoints" / "round_000004" / "manifest.json").exists()
     assert_fp32_checkpoint(out / "final")
-
-
-@pytest.mark.slow
-def test_sandwich_run_logs_each_trained_size(tmp_path):
-    """--twist.group_kappas 1.0,0.5: group 0 trains the full width, group 1 half; each size has its perplexity."""
-    out = tmp_path / "sandwich"
-    overrides = dict(twist__groups=2, twist__group_kappas="1.0,0.5", twist__rounds=2, twist__local_steps=2)
-    run_deepspeed(2, TRAIN, tiny_args(out, parallel__engine="local", twist__correction="mean", **overrides))
-    metrics = mlflow_run(out)[1].data.metrics
-    assert metrics["eval/ppl_kappa_1.00"] == pytest.approx(metrics["eval/ppl_group0"])
-    assert metrics["eval/ppl_kappa_0.50"] == pytest.approx(metrics["eval/ppl_group1"])
-    assert metrics["eval/ppl_kappa_1.00"] != pytest.approx(metrics["eval/ppl_kappa_0.50"])
-    assert json.loads((out / "final" / "twist.json").read_text())["kappas"] == [1.0, 0.5]
