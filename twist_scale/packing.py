@@ -250,7 +250,7 @@ class PackedExchange:
         self,
         entries: list[Entry],
         local_range: Callable[[str], tuple[int, int]],
-        ranged_state: Callable[[str], bool] = lambda name: False,
+        ranged_state: Callable[[str], bool],
     ) -> None:
         """Learn which flat range of its group's subnet tensor every rank stores (one collective, once).
 

@@ -52,14 +52,16 @@ def coverage_draw(rng: random.Random, num_units: int, keeps: Sequence[int]) -> l
     rng.shuffle(order)
     groups = len(keeps)
     held: list[set[int]] = [set() for _ in keeps]
-    turn = 0
+    turn = 0  # the group dealt to next, unless it is full
     for unit in order:
-        with_room = [(g - turn) % groups for g in range(groups) if len(held[g]) < keeps[g]]
-        if not with_room:
-            break
-        g = (turn + min(with_room)) % groups
-        held[g].add(unit)
-        turn = g + 1
+        for _ in range(groups):  # full groups are passed over; with equal keeps none is until all are
+            if len(held[turn]) < keeps[turn]:
+                break
+            turn = (turn + 1) % groups
+        else:
+            break  # every group is full
+        held[turn].add(unit)
+        turn = (turn + 1) % groups
     for g in range(groups):
         missing = [u for u in order if u not in held[g]]
         rng.shuffle(missing)

@@ -11,6 +11,7 @@ wire), 'parts' (packed with 4 kB buckets: most tensors are cut into parts, as a 
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 
 import torch
 from helpers import REPO
@@ -19,9 +20,9 @@ from twist_scale.aggregate import CentralShards, DenseExchange
 from twist_scale.config import RunConfig
 from twist_scale.correction import correction_of
 from twist_scale.engines.deepspeed_engine import DeepSpeedEngine
-from twist_scale.models import architecture_of, build_model
+from twist_scale.models import AxisSlice, UnitBlock, architecture_of, build_model
 from twist_scale.packing import PackedExchange
-from twist_scale.subnet import SubnetSampler, apply_subnet_shapes, axis_of, partitioned_blocks, slice_tensor, unit_mask
+from twist_scale.subnet import SubnetSampler, SubnetSpec, apply_subnet_shapes, axis_of, partitioned_blocks, slice_tensor, unit_mask
 from twist_scale.sync import SubnetSync, central_tensors
 from twist_scale.topology import Topology
 
@@ -41,6 +42,28 @@ EXCHANGES = {  # name: (exchange of the central model and the engine, bucket MB)
 }
 
 
+Axes = dict[str, tuple[UnitBlock, AxisSlice]]  # tensor name -> its unit block and unit axis (subnet.axis_of)
+
+
+def subnet_of(full: torch.Tensor, name: str, axes: Axes, spec: SubnetSpec) -> torch.Tensor:
+    """The slice of a full tensor that a group with `spec` trains."""
+    return full if name not in axes else slice_tensor(full, axes[name][1], spec.units(axes[name][0]))
+
+
+def holder_mean(
+    name: str, axes: Axes, specs: list[SubnetSpec], value: Callable[[int], torch.Tensor], unheld: torch.Tensor
+) -> torch.Tensor:
+    """The reference formula from masks: the mean of `value(g)` over the groups g holding each element,
+    `unheld` where no group does."""
+    shape = unheld.shape
+    total, count = torch.zeros(shape), torch.zeros(shape)
+    for g, s in enumerate(specs):
+        mask = torch.ones(shape) if name not in axes else unit_mask(shape, axes[name][1], s.units(axes[name][0]))
+        total += mask * value(g)
+        count += mask
+    return torch.where(count > 0, total / count.clamp(min=1), unheld)
+
+
 def run_case(groups: int, stage: int, kappas: tuple[float, ...]) -> dict[str, tuple[float, float, list[tuple[int, int]]]]:
     """Per exchange: (max |error|, max |expected|, (bytes, collectives) of dispatch and of aggregation)."""
     topo = Topology.from_dist(groups)
@@ -58,7 +81,7 @@ def run_case(groups: int, stage: int, kappas: tuple[float, ...]) -> dict[str, tu
     axes = axis_of(ugs)
 
     def sub_of(full: torch.Tensor, name: str) -> torch.Tensor:
-        return full if name not in axes else slice_tensor(full, axes[name][1], spec.units(axes[name][0]))
+        return subnet_of(full, name, axes, spec)
 
     results = {}
     for exchange, (build, bucket_mb) in EXCHANGES.items():
@@ -78,16 +101,7 @@ def run_case(groups: int, stage: int, kappas: tuple[float, ...]) -> dict[str, tu
 
         worst = largest = 0.0
         for name, full in initial.items():
-            total, count = torch.zeros_like(full), torch.zeros_like(full)
-            for g, s in enumerate(specs):
-                mask = (
-                    torch.ones_like(full)
-                    if name not in axes
-                    else unit_mask(full.shape, axes[name][1], s.units(axes[name][0]))
-                )
-                total += mask * (full + delta(name, g, full.shape))
-                count += mask
-            expected = torch.where(count > 0, total / count.clamp(min=1), full)
+            expected = holder_mean(name, axes, specs, lambda g: full + delta(name, g, full.shape), full)
             worst = max(worst, (central.gather(name) - expected).abs().max().item())
             largest = max(largest, expected.abs().max().item())
         results[exchange] = worst, largest, [(t.bytes, t.collectives) for t in traffic]
@@ -166,8 +180,7 @@ def check_moment_dispatch(rank: int, world: int, stages: list[int]) -> None:
         axes = axis_of(ugs)
 
         def sub_of(full: torch.Tensor, name: str) -> torch.Tensor:
-            units = specs[topo.group].units(axes[name][0]) if name in axes else None
-            return full if units is None else slice_tensor(full, axes[name][1], units)
+            return subnet_of(full, name, axes, specs[topo.group])
 
         def moment(name: str, key: str, group: int) -> torch.Tensor:
             return delta(f"{name}@{key}", group, shapes[name]).abs()  # exp_avg_sq must stay >= 0
@@ -187,14 +200,8 @@ def check_moment_dispatch(rank: int, world: int, stages: list[int]) -> None:
         subnet = 0
         for name in engine.params:
             subnet += sub_of(initial[name], name).numel()
-            for key in MOMENTS:
-                total, count = torch.zeros(shapes[name]), torch.zeros(shapes[name])
-                for g, s in enumerate(specs):
-                    ones = torch.ones(shapes[name])
-                    mask = ones if name not in axes else unit_mask(shapes[name], axes[name][1], s.units(axes[name][0]))
-                    total += mask * moment(name, key, g)
-                    count += mask
-                expected = torch.where(count > 0, total / count.clamp(min=1), 0.0)  # moments start at zero
+            for key in MOMENTS:  # moments nobody held stay at zero, where central moments start
+                expected = holder_mean(name, axes, specs, lambda g: moment(name, key, g), torch.zeros(shapes[name]))
                 got = engine.read_state(name, key)
                 assert (got - sub_of(expected, name)).abs().max() <= 1e-6, f"{where}: {name}@{key} after dispatch"
         # ZeRO-2 keeps whole working weights on every rank but only a fragment of each moment: 1 + 2/R
