@@ -4,6 +4,7 @@
     python bench/quality.py --quick    # tiny Llama, a few rounds: the whole pipeline in ~6 min
     python bench/quality.py --protocol finetune [--quick]   # from one pretrained base: bench/quality_finetune.py
     python bench/quality.py --protocol ablation [--quick]   # one factor of the recipe at a time: quality_ablation.py
+    python bench/quality.py --protocol spread [--quick]     # random draws of the ablation's runs: quality_spread.py
 
 Trains on brown/train, one run after another under the real `deepspeed` launcher, every run on the
 same number of tokens and optimizer steps:
@@ -14,7 +15,8 @@ same number of tokens and optimizer steps:
       κ=0.25 with 4 groups (G x 1 rank), then exported zero-cost at each κ, with no calibration text:
       a seeded random draw, unit weight norms (magnitude), standardised weight norms with adaptive
       widths (adaptive_magnitude) and, for the 'mean' run, FLAP's ranking on the activation
-      statistics kept in training (adaptive_stats).
+      statistics kept in training (adaptive_stats); and once with a look at data, random_best: of 8
+      random draws, the one with the lowest loss on 8 windows of the training text (forward passes only).
 Every layer is partitioned (no shared layers) in training and pruning, so at a given κ every method's
 model has the same parameter count. Perplexity on brown/test and wikitext-2/test (out of domain)
 with twist_scale.evaluate's protocol on an evenly spaced subset of windows (--max_windows: the
@@ -42,13 +44,16 @@ TESTS = {"brown": DATA / "brown" / "test.txt", "wikitext2": DATA / "wikitext-2" 
 BASELINES = ("random", "magnitude", "wanda_sp", "flap", "flap_uniform")
 TWIST_METHODS = ("random", "magnitude", "adaptive_magnitude")  # zero-cost: no calibration text
 STATS_METHODS = ("adaptive_stats",)  # zero-cost from the statistics a correction 'mean' run keeps
+PICKED_METHODS = ("random_best",)  # TwIST's draws, the best of 8 on a few windows of the training text
 QUICK_WINDOW = 64
 EXPERIMENT = "bench-quality"
 TRAIN_SECONDS = "bench_train_seconds"
 PROTOCOLS = (
     "scratch: every run from a random initialisation on brown/train (this docstring); finetune: every run from "
     "one dense base pretrained on brown/train, fine-tuned on wikitext-2/valid (bench/quality_finetune.py); ablation: "
-    "the fine-tuning protocol's TwIST run with one factor of its recipe changed at a time (bench/quality_ablation.py)"
+    "the fine-tuning protocol's TwIST run with one factor of its recipe changed at a time (bench/quality_ablation.py); "
+    "spread: how far apart random draws of the ablation's runs are, and what random_best picks "
+    "(bench/quality_spread.py)"
 )
 
 
@@ -69,7 +74,7 @@ class Run:
     def methods(self) -> tuple[str, ...]:
         if self.dense:
             return BASELINES
-        return TWIST_METHODS + (STATS_METHODS if self.correction == "mean" else ())
+        return TWIST_METHODS + PICKED_METHODS + (STATS_METHODS if self.correction == "mean" else ())
 
 
 RUNS = (
@@ -126,6 +131,19 @@ def train(
     return seconds
 
 
+def calibration_for(method: str, text: Path, tokenizer: object, window: int) -> list | None:
+    """The calibration batches a method reads from `text` (None if it reads none): its reference setting, or
+    32 windows of the quick protocol's length when the evaluation window is that short."""
+    from twist_scale.pruning.calibration import calibration_from_files
+    from twist_scale.pruning.methods import method as prune_method
+
+    chosen = prune_method(method)
+    if not chosen.calibrated:
+        return None
+    samples, seqlen = chosen.calibration if window > QUICK_WINDOW else (32, QUICK_WINDOW)
+    return calibration_from_files([str(text)], tokenizer, samples=samples, seqlen=seqlen)
+
+
 def evaluate_run(
     run: Run,
     out: Path,
@@ -146,8 +164,6 @@ def evaluate_run(
     """
     from twist_scale.data import token_stream
     from twist_scale.evaluate import log_sweep, sweep
-    from twist_scale.pruning.calibration import calibration_from_files
-    from twist_scale.pruning.methods import method as prune_method
     from twist_scale.pruning.pruner import SavedCentral, build_pruner
 
     central = SavedCentral.load(out / run.name / "final")
@@ -155,12 +171,7 @@ def evaluate_run(
     run_id = (out / run.name / "mlflow_run_id").read_text().strip()
     results: dict = {}
     for method in run.methods:
-        calibration = None
-        if prune_method(method).calibrated:
-            samples, seqlen = prune_method(method).calibration if window > QUICK_WINDOW else (32, QUICK_WINDOW)
-            calibration = calibration_from_files(
-                [str(calibration_file)], central.tokenizer, samples=samples, seqlen=seqlen
-            )
+        calibration = calibration_for(method, calibration_file, central.tokenizer, window)
         pruner = build_pruner(central, method, shared_layers=shared_layers, calibration=calibration)
         for test, stream in streams.items():
             start = time.perf_counter()
@@ -314,7 +325,8 @@ def scratch(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--protocol", choices=("scratch", "finetune", "ablation"), default="scratch", help=PROTOCOLS)
+    protocols = ("scratch", "finetune", "ablation", "spread")
+    parser.add_argument("--protocol", choices=protocols, default="scratch", help=PROTOCOLS)
     parser.add_argument("--quick", action="store_true", help="tiny model, few rounds: minutes")
     parser.add_argument("--rounds", type=int, help="rounds of --local-steps steps, every run (scratch 16, finetune 6)")
     parser.add_argument("--local-steps", type=int, default=15, help="H: steps between aggregations")
@@ -339,6 +351,10 @@ def main() -> None:
         from quality_ablation import ablation
 
         ablation(args)
+    elif args.protocol == "spread":
+        from quality_spread import spread
+
+        spread(args)
     else:
         scratch(args)
 

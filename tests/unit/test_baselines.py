@@ -10,13 +10,15 @@ from helpers.models import VOCAB, oracle_logits, random_model, word_tokenizer
 
 from twist_scale.models import architecture_of, units_to_keep
 from twist_scale.pruning import load_exported
+from twist_scale.pruning.build import build_subnet
 from twist_scale.pruning.calibration import (
     ActivationStats,
     calibration_batches,
+    calibration_loss,
     collect_activation_stats,
     collect_gradients,
 )
-from twist_scale.pruning.methods import METHODS, PruneInputs, method
+from twist_scale.pruning.methods import BEST_OF, METHODS, PruneInputs, method
 from twist_scale.pruning.pruner import SavedCentral, build_pruner, export_subnet
 from twist_scale.subnet import partitioned_blocks
 
@@ -72,6 +74,25 @@ def test_random_is_seeded_and_magnitude_ignores_seed():
     assert draw("random", 0) != draw("random", 1)
     assert draw("magnitude", 0) == draw("magnitude", 7)
     assert METHODS["random"].seeded and not METHODS["magnitude"].seeded
+
+
+def test_random_best_exports_the_draw_with_the_lowest_calibration_loss():
+    """The oracle: build every candidate draw as the export would (correction folded), score it on the
+    calibration batches, keep the lowest; seed s owns random's seeds 8s..8s+7."""
+    model = random_model("llama")
+    batches = calibration()
+    pruner = build_pruner(
+        central(model, {"shared_layers": [], "correction": "scale"}), "random_best", calibration=batches
+    )
+    draws = build_pruner(central(model, {"shared_layers": [], "correction": "scale"}), "random")
+    for seed in (0, 1):
+        candidates = [draws.spec(0.5, s) for s in range(BEST_OF * seed, BEST_OF * (seed + 1))]
+        losses = [calibration_loss(build_subnet(model, c, "scale")[0], batches) for c in candidates]
+        assert len(set(losses)) == BEST_OF  # distinct draws: the pick is not a tie
+        assert pruner.spec(0.5, seed) == candidates[losses.index(min(losses))]
+    assert pruner.spec(0.5, 0) != pruner.spec(0.5, 1)
+    with pytest.raises(ValueError, match="needs calibration text"):
+        build_pruner(central(model), "random_best")
 
 
 def test_magnitude_keeps_the_largest_units():

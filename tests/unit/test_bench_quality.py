@@ -1,4 +1,4 @@
-"""The quality benchmarks' pure helpers: equal wall-clock budget, draw picking summary, ablation recipes."""
+"""The quality benchmarks' pure helpers: equal wall-clock budget, the picked draw's summary, ablation recipes."""
 
 from __future__ import annotations
 
@@ -17,13 +17,13 @@ def test_wall_rounds_scales_by_the_time_ratio_and_never_shrinks() -> None:
     assert wall_rounds(6, dense_seconds=90.0, twist_seconds=100.0) == 6
 
 
-def test_pick_summary_ranks_the_draw_with_the_lowest_picking_loss() -> None:
-    summary = pick_summary([120.0, 100.0, 110.0, 130.0], pick_losses=[4.0, 4.2, 3.9, 4.5])
-    assert summary["picked"] == 2
+def test_pick_summary_ranks_the_picked_draw_among_the_others() -> None:
+    summary = pick_summary([120.0, 100.0, 110.0, 130.0], picked=2)
     assert summary["picked_ppl"] == 110.0
     assert summary["picked_rank"] == 2
     assert summary["mean"] == pytest.approx(115.0)
     assert summary["pm_pct"] == pytest.approx(50 * 30 / 115)
+    assert summary["picked_to_mean"] == pytest.approx(110 / 115)
 
 
 def test_nearest_divisor_keeps_the_step_budget() -> None:

@@ -3,8 +3,9 @@
 `ActivationStats` are gathered at the input of each output projection (o_proj / down_proj /
 c_proj) — the same place where TwIST's 'mean' correction keeps its running means, so FLAP's bias
 compensation is exactly the 'mean' fold with calibration means (`PruneMethod.correction`).
-`collect_gradients` gives the loss gradients `taylor` reads. Calibration batches are random windows
-of a tokenized stream (`calibration_batches`, `calibration_from_files`).
+`collect_gradients` gives the loss gradients `taylor` reads; `calibration_loss` the loss a candidate
+subnet scores (`random_best`). Calibration batches are random windows of a tokenized stream
+(`calibration_batches`, `calibration_from_files`).
 """
 
 from __future__ import annotations
@@ -105,6 +106,20 @@ def collect_gradients(
     if tokens == 0:
         raise ValueError("no calibration tokens: the calibration text is empty or shorter than one window")
     return {n: (s / tokens).to(params[n].dtype) for n, s in sums.items()}
+
+
+@torch.no_grad()
+def calibration_loss(model: nn.Module, batches: Iterable[torch.Tensor]) -> float:
+    """Mean next-token NLL (nats) over every calibration token: float64 sums, so batch order cannot matter."""
+    total, tokens = torch.zeros((), dtype=torch.float64), 0
+    model.eval()
+    for batch in batches:
+        logits = model(input_ids=batch).logits[:, :-1].float()
+        total += F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").double()
+        tokens += batch[:, 1:].numel()
+    if tokens == 0:
+        raise ValueError("no calibration tokens: the calibration text is empty or shorter than one window")
+    return total.item() / tokens
 
 
 def calibration_batches(

@@ -12,6 +12,11 @@ Two zero-cost methods choose adaptive widths from the central model alone, under
 the activation statistics that training under correction 'mean' kept (running E[x] and E[x²]), so
 no calibration pass, and the dropped units' means are folded as in training.
 
+`random_best` keeps TwIST's draws but looks before it exports: of `BEST_OF` seeded draws, the one
+whose folded subnet has the lowest loss on a few calibration windows. Forward passes only, no
+weight changes: after fine-tuning a pretrained model its units keep the base's unequal importance,
+so single draws differ by ±10-20% in perplexity, and a few thousand tokens tell the good ones apart.
+
 Calibrated methods say in the registry what they read from the calibration batches
 (`calibration.py`); the exporter computes it once per pruner. `taylor` reads loss gradients.
 `wanda_sp` reads the batches themselves: FLAP's Wanda-sp measures each layer on the model whose
@@ -22,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 import torch
@@ -56,6 +61,7 @@ class PruneInputs:
     stats: ActivationStats | None = None  # PruneMethod.needs_stats (or needs_training_stats)
     grads: dict[str, torch.Tensor] | None = None  # PruneMethod.needs_grads: full-width, by parameter name
     calibration: list[torch.Tensor] | None = None  # PruneMethod.needs_batches: the batches of token ids
+    subnet_loss: Callable[[SubnetSpec], float] | None = None  # needs_subnet_loss: calibration loss, as exported
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,7 @@ class PruneMethod:
     needs_grads: bool = False  # loss gradients of the full model on calibration text
     needs_batches: bool = False  # the calibration batches, for passes that depend on κ
     needs_training_stats: bool = False  # ActivationStats kept while training (correction 'mean'), not calibration
+    needs_subnet_loss: bool = False  # the calibration loss of a candidate subnet, built as it would be exported
     seeded: bool = False  # different seeds give different subnets (evaluation draws several)
     correction: str | None = None  # folded at export instead of the model's own; None = the trained one
     calibration: tuple[int, int] = (32, 256)  # default (windows, tokens each): the reference's own setting
@@ -74,7 +81,7 @@ class PruneMethod:
     @property
     def calibrated(self) -> bool:
         """Whether the method needs calibration text at all (export and evaluation then require it)."""
-        return self.needs_stats or self.needs_grads or self.needs_batches
+        return self.needs_stats or self.needs_grads or self.needs_batches or self.needs_subnet_loss
 
 
 def check_kappa(kappa: float) -> None:
@@ -95,6 +102,18 @@ def _squared_weights(model: nn.Module) -> Callable[[str], torch.Tensor | None]:
 def select_random(inputs: PruneInputs) -> SubnetSpec:
     """TwIST's zero-cost export: a seeded uniform draw, as in training (one group, round = seed)."""
     return SubnetSampler(tuple(inputs.unit_blocks), (inputs.kappa,), inputs.seed).specs(inputs.seed)[0]
+
+
+BEST_OF = 8  # candidates `random_best` scores: the draws a seed owns
+
+
+def select_best_draw(inputs: PruneInputs) -> SubnetSpec:
+    """Of the draws `random` gives for seeds BEST_OF·seed .. BEST_OF·seed + BEST_OF - 1 (seed 0: random's
+    seeds 0..7), the one with the lowest calibration loss; ties go to the lower seed."""
+    loss = _needs(inputs.subnet_loss, "the calibration loss of a subnet")
+    first = BEST_OF * inputs.seed
+    draws = [select_random(replace(inputs, seed=s)) for s in range(first, first + BEST_OF)]
+    return min(draws, key=loss)
 
 
 def select_magnitude(inputs: PruneInputs) -> SubnetSpec:
@@ -214,6 +233,13 @@ FLAP_CALIBRATION = (1024, 128)  # FLAP's published runs: --nsamples 1024, model.
 
 METHODS: dict[str, PruneMethod] = {
     "random": PruneMethod(select_random, "seeded uniform draw (TwIST zero-cost export)", seeded=True),
+    "random_best": PruneMethod(
+        select_best_draw,
+        f"the best of {BEST_OF} seeded draws by loss on a few calibration windows (forward passes only)",
+        needs_subnet_loss=True,
+        seeded=True,
+        calibration=(8, 256),  # ~2k tokens: they rank the draws as 32 windows do (bench/quality_spread.py)
+    ),
     "magnitude": PruneMethod(select_magnitude, "unit weight norm, no data"),
     "wanda_sp": PruneMethod(
         select_wanda_sp,

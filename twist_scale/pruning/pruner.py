@@ -18,7 +18,12 @@ from twist_scale.central_io import load_central
 from twist_scale.correction import ACT_MEAN, ACT_SQ_MEAN, correction_of
 from twist_scale.models import UnitBlock, Widths, architecture_of
 from twist_scale.pruning.build import build_subnet, layer_widths
-from twist_scale.pruning.calibration import ActivationStats, collect_activation_stats, collect_gradients
+from twist_scale.pruning.calibration import (
+    ActivationStats,
+    calibration_loss,
+    collect_activation_stats,
+    collect_gradients,
+)
 from twist_scale.pruning.format import save_exported
 from twist_scale.pruning.methods import PruneInputs, PruneMethod, check_kappa, method
 from twist_scale.subnet import SubnetSpec, default_shared_layers, partitioned_blocks
@@ -89,10 +94,16 @@ class Pruner:
 
     def spec(self, kappa: float, seed: int = 0) -> SubnetSpec:
         check_kappa(kappa)
+        loss = self._subnet_loss if self.method.needs_subnet_loss else None
         inputs = PruneInputs(
-            self.central.model, self.unit_blocks, kappa, seed, self.stats, self.grads, self.calibration
+            self.central.model, self.unit_blocks, kappa, seed, self.stats, self.grads, self.calibration, loss
         )
         return self.method.select(inputs)
+
+    def _subnet_loss(self, spec: SubnetSpec) -> float:
+        """The spec's calibration loss as the export would score it: sliced, with this pruner's correction."""
+        model, _ = build_subnet(self.central.model, spec, self.correction, self.means)
+        return calibration_loss(model, self.calibration or [])
 
     def subnet(self, kappa: float, seed: int = 0) -> tuple[nn.Module, bool, SubnetSpec]:
         spec = self.spec(kappa, seed)
@@ -138,7 +149,7 @@ def build_pruner(
     fix = correction if correction != "auto" else (chosen.correction if own else central.correction)
     correction_of(fix)
     means = stats.mean if own and stats is not None else central.means
-    batches = calibration if chosen.needs_batches else None
+    batches = calibration if chosen.needs_batches or chosen.needs_subnet_loss else None
     return Pruner(central, chosen, method_name, groups, shared, fix, means, stats, grads, batches)
 
 
