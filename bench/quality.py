@@ -342,7 +342,15 @@ def main() -> None:
         "--retrain-base", action="store_true", help="finetune, ablation: pretrain the base again even if cached"
     )
     parser.add_argument("--drop", nargs="+", default=[], help="ablation: leave these recipes out (e.g. g4)")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="finetune, ablation: seed of every fine-tuning run (the base stays); not 0: runs and results *_seed<N>",
+    )
     args = parser.parse_args()
+    if args.seed and args.protocol not in ("finetune", "ablation"):
+        parser.error(f"--seed applies to the finetune and ablation protocols, not {args.protocol}")
     if args.protocol == "finetune":
         from quality_finetune import finetune  # imports this module: the protocols share its runs and tables
 

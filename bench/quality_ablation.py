@@ -79,10 +79,10 @@ class Recipe(Run):
             raise ValueError(f"{self.name}: H={self.local_steps} does not divide the budget's {steps} steps")
         return dataclasses.replace(budget, local_steps=self.local_steps, rounds=steps // self.local_steps)
 
-    def overrides(self, base: Path) -> dict[str, object]:
+    def overrides(self, base: Path, seed: int) -> dict[str, object]:
         mixed = {"twist.group_kappas": ",".join(map(str, self.group_kappas))} if self.group_kappas else {}
         return {
-            **tune_overrides(base),
+            **tune_overrides(base, seed),
             "twist.optimizer_state": self.optimizer_state,
             "twist.shared_layers": self.shared_layers,
             **mixed,
@@ -294,7 +294,7 @@ def ablation(args: argparse.Namespace) -> None:
     for recipe in recipes:
         own = recipe.budget(budget)
         if not (args.reuse_runs and (s.out / recipe.name / TRAIN_SECONDS).is_file()):
-            train(recipe, s.out, own, s.uri, EXPERIMENT, recipe.overrides(s.base))
+            train(recipe, s.out, own, s.uri, EXPERIMENT, recipe.overrides(s.base, s.seed))
         entry = {
             **{f: getattr(recipe, f) for f in ("changed", "correction", "optimizer_state", "shared_layers")},
             "local_steps": own.local_steps,

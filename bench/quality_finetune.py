@@ -87,9 +87,12 @@ def pretrained_base(root: Path, budget: Budget, retrain: bool) -> tuple[Path, fl
     return run_dir / "final", training_seconds(run_dir), False
 
 
-def tune_overrides(base: Path) -> dict[str, object]:
-    """Load the base exactly as a user loads a checkpoint, and fine-tune on the fine-tuning text."""
-    return {"model.pretrained": base, "data.tokenizer": base, "data.train_files": TUNE_TEXT}
+def tune_overrides(base: Path, seed: int) -> dict[str, object]:
+    """Load the base exactly as a user loads a checkpoint, and fine-tune on the fine-tuning text.
+
+    `seed` changes the fine-tuning's data order and subnet draws, never the base: repeats of a protocol at
+    other seeds measure how much of a difference between recipes is one run's luck."""
+    return {"model.pretrained": base, "data.tokenizer": base, "data.train_files": TUNE_TEXT, "seed": seed}
 
 
 def training_seconds(run_dir: Path) -> float:
@@ -267,12 +270,13 @@ class Setting:
     budget: Budget
     window: int
     max_windows: int
-    suffix: str  # '_quick' or ''
+    suffix: str  # '_quick' or '', then '_seed<N>' for a seed other than 0
     out: Path
     uri: str
     base: Path
     start: float
     base_report: dict
+    seed: int  # of every fine-tuning run (tune_overrides)
 
     def report(self, args: argparse.Namespace) -> dict:
         """The report's opening: protocol, base, budget and evaluation settings."""
@@ -302,7 +306,8 @@ def setting(args: argparse.Namespace, protocol: str) -> Setting:
 
     base_budget, budget, window, max_windows = budgets(args)
     suffix = "_quick" if args.quick else ""
-    out = args.out or REPO / "runs" / f"bench_quality_{protocol}{suffix}"
+    seeded = f"_seed{args.seed}" if args.seed else ""
+    out = args.out or REPO / "runs" / f"bench_quality_{protocol}{suffix}{seeded}"
     print(f"configuration: base {base_budget}, fine-tuning {budget}, window {window}, max_windows {max_windows}")
     start = time.perf_counter()
     base, base_seconds, cached = pretrained_base(
@@ -320,21 +325,32 @@ def setting(args: argparse.Namespace, protocol: str) -> Setting:
         "ppl": base_perplexity(base, window, max_windows),
     }
     return Setting(
-        protocol, base_budget, budget, window, max_windows, suffix, out, default_uri(out), base, start, base_report
+        protocol,
+        base_budget,
+        budget,
+        window,
+        max_windows,
+        suffix + seeded,
+        out,
+        default_uri(out),
+        base,
+        start,
+        base_report,
+        args.seed,
     )
 
 
 def finetune(args: argparse.Namespace) -> None:
     """The protocol in the module docstring."""
     s = setting(args, "finetune")
-    out, budget, uri, base = s.out, s.budget, s.uri, s.base
+    out, budget, uri = s.out, s.budget, s.uri
     runs = {run: budget for run in (DENSE, TWIST)}
     for run in runs:
-        fit(run, out, budget, uri, base, args.reuse_runs)
+        fit(run, s, budget, args.reuse_runs)
     seconds = {run: training_seconds(out / run.name) for run in runs}
     wall = dataclasses.replace(budget, rounds=wall_rounds(budget.rounds, seconds[DENSE], seconds[TWIST]))
     runs[TWIST_WALL] = wall
-    fit(TWIST_WALL, out, wall, uri, base, args.reuse_runs)
+    fit(TWIST_WALL, s, wall, args.reuse_runs)
     report = s.report(args)
     report["runs"] = {run.name: s.entry(run, b, args.kappa, args.draws) for run, b in runs.items()}
     report["spread"] = draw_spread(out / TWIST.name, s.window, s.max_windows)
@@ -348,7 +364,7 @@ def finetune(args: argparse.Namespace) -> None:
     publish(report, markdown(report, args.kappa), uri, EXPERIMENT, out, f"quality_finetune{s.suffix}")
 
 
-def fit(run: Run, out: Path, budget: Budget, uri: str, base: Path, reuse: bool) -> None:
+def fit(run: Run, s: Setting, budget: Budget, reuse: bool) -> None:
     """Fine-tune one run from the base, unless --reuse-runs finds it already trained."""
-    if not (reuse and (out / run.name / TRAIN_SECONDS).is_file()):
-        train(run, out, budget, uri, EXPERIMENT, tune_overrides(base))
+    if not (reuse and (s.out / run.name / TRAIN_SECONDS).is_file()):
+        train(run, s.out, budget, s.uri, EXPERIMENT, tune_overrides(s.base, s.seed))
