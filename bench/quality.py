@@ -346,11 +346,12 @@ def main() -> None:
         "--seed",
         type=int,
         default=0,
-        help="finetune, ablation: seed of every fine-tuning run (the base stays); not 0: runs and results *_seed<N>",
+        help="finetune, ablation: seed of every fine-tuning run (the base stays); not 0: runs and results *_seed<N> "
+        "(spread: reads the ablation's runs at that seed)",
     )
     args = parser.parse_args()
-    if args.seed and args.protocol not in ("finetune", "ablation"):
-        parser.error(f"--seed applies to the finetune and ablation protocols, not {args.protocol}")
+    if args.seed and args.protocol == "scratch":
+        parser.error("--seed applies to the finetune, ablation and spread protocols, not scratch")
     if args.protocol == "finetune":
         from quality_finetune import finetune  # imports this module: the protocols share its runs and tables
 

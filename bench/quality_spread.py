@@ -1,7 +1,8 @@
 """Spread: how far apart TwIST's random κ=0.5 draws are, run by run, and how good random_best's pick is.
 
     python bench/quality.py --protocol spread            # the ablation's runs: ~12 min on 2 cores
-    python bench/quality.py --protocol spread --quick    # the quick ablation's runs: ~1 min
+    python bench/quality.py --protocol spread --quick    # the quick ablation's runs: ~2 min
+    python bench/quality.py --protocol spread --seed 1   # the runs of `--protocol ablation --seed 1`
 
 Trains nothing: it reads every TwIST run of the ablation (bench/quality_ablation.py, run first; --out picks
 another runs directory) that has groups at κ=0.5, draws random's seeds 0..7 at κ=0.5 pruning every layer,
@@ -62,7 +63,7 @@ def markdown(report: dict) -> str:
 
 
 def spread(args: argparse.Namespace) -> None:
-    suffix = "_quick" if args.quick else ""
+    suffix = ("_quick" if args.quick else "") + (f"_seed{args.seed}" if args.seed else "")
     runs_dir = args.out or REPO / "runs" / f"bench_quality_ablation{suffix}"
     window, max_windows = (QUICK_WINDOW, 16) if args.quick else (256, args.max_windows)
     runs = sorted(
@@ -73,7 +74,8 @@ def spread(args: argparse.Namespace) -> None:
     if not runs:
         quick = " --quick" if args.quick else ""
         raise SystemExit(
-            f"no TwIST run at κ={SPREAD_KAPPA} in {runs_dir}: run `python bench/quality.py --protocol ablation{quick}` "
+            f"no TwIST run at κ={SPREAD_KAPPA} in {runs_dir}: run `python bench/quality.py --protocol ablation{quick}"
+            f"{f' --seed {args.seed}' if args.seed else ''}` "
             "first, or pass --out with a runs directory that has them"
         )
     start = time.perf_counter()
