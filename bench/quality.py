@@ -330,7 +330,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny model, few rounds: minutes")
     parser.add_argument("--rounds", type=int, help="rounds of --local-steps steps, every run (scratch 16, finetune 6)")
     parser.add_argument("--local-steps", type=int, default=15, help="H: steps between aggregations")
-    parser.add_argument("--lr", type=float, help="peak learning rate (scratch 2e-3, finetune 1e-3)")
+    parser.add_argument(
+        "--lr", type=float, help="peak learning rate (scratch 2e-3, finetune 1e-3); finetune, ablation: *_lr<LR>"
+    )
     parser.add_argument("--draws", type=int, default=2, help="random draws per κ")
     parser.add_argument("--kappa", type=float, nargs="+", default=[0.75, 0.5, 0.25])
     parser.add_argument("--max_windows", type=int, default=64, help="windows scored per test set (0: all)")

@@ -270,7 +270,7 @@ class Setting:
     budget: Budget
     window: int
     max_windows: int
-    suffix: str  # '_quick' or '', then '_seed<N>' for a seed other than 0
+    suffix: str  # '_quick' or '', then '_seed<N>' for a seed other than 0 and '_lr<LR>' for a given --lr
     out: Path
     uri: str
     base: Path
@@ -306,7 +306,7 @@ def setting(args: argparse.Namespace, protocol: str) -> Setting:
 
     base_budget, budget, window, max_windows = budgets(args)
     suffix = "_quick" if args.quick else ""
-    seeded = f"_seed{args.seed}" if args.seed else ""
+    seeded = (f"_seed{args.seed}" if args.seed else "") + (f"_lr{args.lr:g}" if args.lr else "")
     out = args.out or REPO / "runs" / f"bench_quality_{protocol}{suffix}{seeded}"
     print(f"configuration: base {base_budget}, fine-tuning {budget}, window {window}, max_windows {max_windows}")
     start = time.perf_counter()
