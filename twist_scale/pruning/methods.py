@@ -14,8 +14,9 @@ no calibration pass, and the dropped units' means are folded as in training.
 
 `random_best` keeps TwIST's draws but looks before it exports: of `BEST_OF` seeded draws, the one
 whose folded subnet has the lowest loss on a few calibration windows. Forward passes only, no
-weight changes: after fine-tuning a pretrained model its units keep the base's unequal importance,
-so single draws differ by ±10-20% in perplexity, and a few thousand tokens tell the good ones apart.
+weight changes. Single draws of a short fine-tuning run differ by ±6-33% in perplexity, and which
+draw is best differs from run to run, so the pick must look at the run; a few thousand tokens of
+its text find the best or second-best draw almost every time (bench/quality_spread.py).
 
 Calibrated methods say in the registry what they read from the calibration batches
 (`calibration.py`); the exporter computes it once per pruner. `taylor` reads loss gradients.
@@ -238,7 +239,7 @@ METHODS: dict[str, PruneMethod] = {
         f"the best of {BEST_OF} seeded draws by loss on a few calibration windows (forward passes only)",
         needs_subnet_loss=True,
         seeded=True,
-        calibration=(8, 256),  # ~2k tokens: they rank the draws as 32 windows do (bench/quality_spread.py)
+        calibration=(8, 256),  # ~2k tokens: the best or second-best draw in 25 of 26 measured cells
     ),
     "magnitude": PruneMethod(select_magnitude, "unit weight norm, no data"),
     "wanda_sp": PruneMethod(
