@@ -26,13 +26,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from twist_scale.data import token_stream
 from twist_scale.logs import setup_logging
 from twist_scale.metric_names import LABEL, STATS, MetricName, eval_run_name
 from twist_scale.pruning.build import parameter_count
+from twist_scale.pruning.calibration import mean_token_nll
 from twist_scale.pruning.cli import add_pruning_args, pruner_from_args
 from twist_scale.pruning.methods import check_kappa
 from twist_scale.pruning.pruner import Pruner
@@ -74,14 +74,8 @@ def perplexity(
     if 0 < max_windows < n:
         windows = windows[torch.linspace(0, n - 1, max_windows).round().long()]
         n = max_windows
-    total = torch.zeros((), dtype=torch.float64)
-    model.eval()
-    for batch in windows.split(batch_size):
-        logits = model(input_ids=batch).logits[:, :-1].float()  # (B, window - 1, vocab)
-        total += F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").double()
-    tokens = n * (window - 1)
-    nll = total.item() / tokens
-    return Perplexity(math.exp(nll), nll, tokens, n)
+    nll = mean_token_nll(model, windows.split(batch_size))
+    return Perplexity(math.exp(nll), nll, n * (window - 1), n)
 
 
 @dataclass

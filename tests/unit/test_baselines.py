@@ -14,9 +14,9 @@ from twist_scale.pruning.build import build_subnet
 from twist_scale.pruning.calibration import (
     ActivationStats,
     calibration_batches,
-    calibration_loss,
     collect_activation_stats,
     collect_gradients,
+    mean_token_nll,
 )
 from twist_scale.pruning.methods import BEST_OF, METHODS, PruneInputs, method
 from twist_scale.pruning.pruner import SavedCentral, build_pruner, export_subnet
@@ -87,7 +87,7 @@ def test_random_best_exports_the_draw_with_the_lowest_calibration_loss():
     draws = build_pruner(central(model, {"shared_layers": [], "correction": "scale"}), "random")
     for seed in (0, 1):
         candidates = [draws.spec(0.5, s) for s in range(BEST_OF * seed, BEST_OF * (seed + 1))]
-        losses = [calibration_loss(build_subnet(model, c, "scale")[0], batches) for c in candidates]
+        losses = [mean_token_nll(build_subnet(model, c, "scale")[0], batches) for c in candidates]
         assert len(set(losses)) == BEST_OF  # distinct draws: the pick is not a tie
         assert pruner.spec(0.5, seed) == candidates[losses.index(min(losses))]
     assert pruner.spec(0.5, 0) != pruner.spec(0.5, 1)

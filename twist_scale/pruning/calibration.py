@@ -3,9 +3,9 @@
 `ActivationStats` are gathered at the input of each output projection (o_proj / down_proj /
 c_proj) — the same place where TwIST's 'mean' correction keeps its running means, so FLAP's bias
 compensation is exactly the 'mean' fold with calibration means (`PruneMethod.correction`).
-`collect_gradients` gives the loss gradients `taylor` reads; `calibration_loss` the loss a candidate
-subnet scores (`random_best`). Calibration batches are random windows of a tokenized stream
-(`calibration_batches`, `calibration_from_files`).
+`collect_gradients` gives the loss gradients `taylor` reads; `mean_token_nll` the loss a candidate
+subnet scores (`random_best`), the one loss loop evaluation's perplexity uses too. Calibration
+batches are random windows of a tokenized stream (`calibration_batches`, `calibration_from_files`).
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ def collect_gradients(
 
 
 @torch.no_grad()
-def calibration_loss(model: nn.Module, batches: Iterable[torch.Tensor]) -> float:
+def mean_token_nll(model: nn.Module, batches: Iterable[torch.Tensor]) -> float:
     """Mean next-token NLL (nats) over every calibration token: float64 sums, so batch order cannot matter."""
     total, tokens = torch.zeros((), dtype=torch.float64), 0
     model.eval()

@@ -20,9 +20,9 @@ from twist_scale.models import UnitBlock, Widths, architecture_of
 from twist_scale.pruning.build import build_subnet, layer_widths
 from twist_scale.pruning.calibration import (
     ActivationStats,
-    calibration_loss,
     collect_activation_stats,
     collect_gradients,
+    mean_token_nll,
 )
 from twist_scale.pruning.format import save_exported
 from twist_scale.pruning.methods import PruneInputs, PruneMethod, check_kappa, method
@@ -103,7 +103,7 @@ class Pruner:
     def _subnet_loss(self, spec: SubnetSpec) -> float:
         """The spec's calibration loss as the export would score it: sliced, with this pruner's correction."""
         model, _ = build_subnet(self.central.model, spec, self.correction, self.means)
-        return calibration_loss(model, self.calibration or [])
+        return mean_token_nll(model, self.calibration or [])
 
     def subnet(self, kappa: float, seed: int = 0) -> tuple[nn.Module, bool, SubnetSpec]:
         spec = self.spec(kappa, seed)
