@@ -349,7 +349,7 @@ def main() -> None:
         type=int,
         default=0,
         help="finetune, ablation: seed of every fine-tuning run (the base stays); not 0: runs and results *_seed<N> "
-        "(spread: reads the ablation's runs at that seed)",
+        "(spread: reads the ablation's runs at that seed and --lr)",
     )
     args = parser.parse_args()
     if args.seed and args.protocol == "scratch":

@@ -300,13 +300,19 @@ class Setting:
         return evaluate_run(run, self.out, kappas, draws, self.window, self.max_windows, self.uri, TUNE_TEXT, **options)
 
 
+def variant(args: argparse.Namespace) -> str:
+    """'_seed<N>' for a seed other than 0, then '_lr<LR>' for a given --lr: a repeat's runs and results never
+    overwrite the protocol's own."""
+    return (f"_seed{args.seed}" if args.seed else "") + (f"_lr{args.lr:g}" if args.lr else "")
+
+
 def setting(args: argparse.Namespace, protocol: str) -> Setting:
     """Budgets, the cached base (pretrained if missing), and a fresh runs directory (kept with --reuse-runs)."""
     from twist_scale.tracking import default_uri
 
     base_budget, budget, window, max_windows = budgets(args)
     suffix = "_quick" if args.quick else ""
-    seeded = (f"_seed{args.seed}" if args.seed else "") + (f"_lr{args.lr:g}" if args.lr else "")
+    seeded = variant(args)
     out = args.out or REPO / "runs" / f"bench_quality_{protocol}{suffix}{seeded}"
     print(f"configuration: base {base_budget}, fine-tuning {budget}, window {window}, max_windows {max_windows}")
     start = time.perf_counter()

@@ -1,8 +1,8 @@
 """Spread: how far apart TwIST's random κ=0.5 draws are, run by run, and how good random_best's pick is.
 
-    python bench/quality.py --protocol spread            # the ablation's runs: ~12 min on 2 cores
+    python bench/quality.py --protocol spread            # the ablation's runs: ~7 min on 2 cores
     python bench/quality.py --protocol spread --quick    # the quick ablation's runs: ~2 min
-    python bench/quality.py --protocol spread --seed 1   # the runs of `--protocol ablation --seed 1`
+    python bench/quality.py --protocol spread --seed 1   # the runs of `--protocol ablation --seed 1` (also --lr)
 
 Trains nothing: it reads every TwIST run of the ablation (bench/quality_ablation.py, run first; --out picks
 another runs directory) that has groups at κ=0.5, draws random's seeds 0..7 at κ=0.5 pruning every layer,
@@ -10,7 +10,7 @@ and scores each draw on both test sets with the fine-tuning protocol's settings.
 scores exactly those 8 draws on calibration windows of wikitext-2/valid (the fine-tuning text) and exports
 the lowest: the report says which draw that was, its rank among the 8 on each test set, and its
 perplexity over the draws' mean. Many runs, one base: whether the pick is reliable, not lucky once.
-Writes bench/results/quality_spread{,_quick}.{json,md}.
+Writes bench/results/quality_spread{,_quick}{,_seed<N>}{,_lr<LR>}.{json,md}.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import time
 
 from measure import REPO, RESULTS
 from quality import QUICK_WINDOW, TESTS
-from quality_finetune import SPREAD_KAPPA, draw_spread, spread_lines
+from quality_finetune import SPREAD_KAPPA, draw_spread, spread_lines, variant
 
 
 def trained_at_kappa(meta: dict) -> bool:
@@ -63,7 +63,7 @@ def markdown(report: dict) -> str:
 
 
 def spread(args: argparse.Namespace) -> None:
-    suffix = ("_quick" if args.quick else "") + (f"_seed{args.seed}" if args.seed else "")
+    suffix = ("_quick" if args.quick else "") + variant(args)
     runs_dir = args.out or REPO / "runs" / f"bench_quality_ablation{suffix}"
     window, max_windows = (QUICK_WINDOW, 16) if args.quick else (256, args.max_windows)
     runs = sorted(
@@ -72,11 +72,9 @@ def spread(args: argparse.Namespace) -> None:
         if (d / "twist.json").is_file() and trained_at_kappa(json.loads((d / "twist.json").read_text()))
     )
     if not runs:
-        quick = " --quick" if args.quick else ""
         raise SystemExit(
-            f"no TwIST run at κ={SPREAD_KAPPA} in {runs_dir}: run `python bench/quality.py --protocol ablation{quick}"
-            f"{f' --seed {args.seed}' if args.seed else ''}` "
-            "first, or pass --out with a runs directory that has them"
+            f"no TwIST run at κ={SPREAD_KAPPA} in {runs_dir}: run `python bench/quality.py --protocol ablation` with "
+            "the same --quick, --seed and --lr first, or pass --out with a runs directory that has them"
         )
     start = time.perf_counter()
     spreads = []
