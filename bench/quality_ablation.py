@@ -17,6 +17,9 @@ changes the rounds, never the steps: every run trains the same tokens in the sam
   past the paper  (also ranked, each one factor off the reference: --twist.group_kappas)
              sandwich: group 0 always trains the full width, group 1 κ=0.5 subnets;
              mixed κ:  group 0 trains κ=0.75 subnets, group 1 κ=0.5: one run for two deployment sizes.
+             nested:   the sandwich with --twist.sampling nested (one factor off the sandwich): the base's
+                       units sorted by weight norm at the start, group 1 always trains the first half,
+                       exported by --method prefix as well as the sandwich's criteria.
              Every run but the sandwich (whose sizes are 1 and 0.5) is also evaluated at κ=0.75, so the
              mixed run's 0.75 export is compared with the baselines at 0.75 and the reference's 0.75 export.
   dense      dense fine-tuning (1 group x 2 ranks), pruned post hoc by random, magnitude and FLAP
@@ -42,7 +45,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from quality import TESTS, TRAIN_SECONDS, Budget, Run, publish, train
+from quality import PICKED_METHODS, TESTS, TRAIN_SECONDS, TWIST_METHODS, Budget, Run, publish, train
 from quality_finetune import DENSE, budgets, comparison, setting, tune_overrides
 
 EXPERIMENT = "bench-quality-ablation"
@@ -67,6 +70,7 @@ class Recipe(Run):
     export: tuple[str, ...] = ()  # the methods evaluated; () the Run's own
     group_kappas: tuple[float, ...] = ()  # one κ per group (sandwich, mixed κ); () every group at `kappa`
     kappas: tuple[float, ...] = (KAPPA,)  # the κ its exports are evaluated at
+    sampling: str = "independent"  # --twist.sampling: fresh draws, or nested prefixes
 
     @property
     def methods(self) -> tuple[str, ...]:
@@ -85,6 +89,7 @@ class Recipe(Run):
             **tune_overrides(base, seed),
             "twist.optimizer_state": self.optimizer_state,
             "twist.shared_layers": self.shared_layers,
+            "twist.sampling": self.sampling,
             **mixed,
         }
 
@@ -131,6 +136,9 @@ def variants(ref: Recipe, steps: int) -> list[Recipe]:
     out.append(change(ref, name="shared_auto", shared_layers="auto", changed=shared))
     sandwich = "sandwich: group 0 always full width, group 1 κ=0.5"
     out.append(change(ref, name="sandwich", group_kappas=(1.0, KAPPA), kappas=(KAPPA,), changed=sandwich))
+    nested = "nested sandwich: group 1 always the first half (units sorted by weight norm)"
+    prefix = (*TWIST_METHODS, *PICKED_METHODS, "prefix")
+    out.append(change(out[-1], name="nested", sampling="nested", export=prefix, changed=nested))
     out.append(change(ref, name="mixed", group_kappas=MIXED, changed="mixed κ: groups at 0.75 and 0.5"))
     return out
 
@@ -192,6 +200,15 @@ def past_the_paper(report: dict) -> list[str]:
             f"{ratios(summary['sandwich'])}x the best baseline, the reference {ratios(ref)}x; training "
             f"{runs['sandwich']['train_seconds']:.0f} s against {runs['reference']['train_seconds']:.0f} s (its "
             "full-width group does twice a subnet group's work per step, and the other group waits for it).",
+        ]
+    if "nested" in summary:
+        nested = report["runs"]["nested"]["eval"]["prefix"]
+        lines += [
+            "",
+            f"Nested sandwich (group 1 always trains the first half of units sorted by weight norm at the start): "
+            f"prefix export {cell(nested, f'{KAPPA:.2f}')} at κ={KAPPA}; best export "
+            f"{ratios(summary['nested'])}x the best baseline, the sandwich's {ratios(summary.get('sandwich', ref))}x; "
+            f"full width {ratios(summary['nested'], 'full_ratio')}x dense.",
         ]
     if "mixed" in report["mixed_at"]:
         at, big = report["mixed_at"], f"κ={MIXED[0]}"

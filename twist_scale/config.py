@@ -92,6 +92,12 @@ class TwistConfig:
         "one run) or a sandwich (1.0,0.5: group 0 always trains the full width). Empty: every group uses kappa.",
         factory=list,
     )
+    sampling: Literal["independent", "nested"] = _doc(
+        "How subnets are drawn: 'independent' (TwIST: every round a fresh draw that covers every unit) or "
+        "'nested' (each block's units are sorted by weight norm at the start, and a group at kappa always trains "
+        "the first ceil(kappa*n): export those with --method prefix; needs a group at 1.0, e.g. group_kappas 1.0,0.5).",
+        "independent",
+    )
     local_steps: int = _doc("H: local steps between aggregations (the paper uses 15).", 15)
     rounds: int = _doc("Rounds of dispatch -> H steps -> aggregate; total steps = rounds * H.", 10)
     shared_layers: list[int] | None = _doc(

@@ -249,6 +249,12 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
             f"{t.groups} leaves units that no group trains (the groups' keep ratios sum to {sum(t.kappas):.2f} < 1); "
             f"raise {flag} or groups, or set --twist.allow_uncovered true"
         )
+    if t.sampling == "nested" and max(t.kappas) < 1 and not t.allow_uncovered:
+        raise ConfigError(
+            f"--twist.sampling nested with keep ratios {','.join(map(str, t.kappas))}: every group trains the same "
+            "first units, so the rest would never train; give one group the full width (e.g. --twist.groups 2 "
+            "--twist.group_kappas 1.0,0.5), or set --twist.allow_uncovered true"
+        )
     if t.bucket_mb <= 0:
         raise ConfigError(f"--twist.bucket_mb {t.bucket_mb} must be > 0")
     if t.wire_dtype != "fp32" and t.aggregation == "dense":

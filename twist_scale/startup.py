@@ -21,6 +21,7 @@ from safetensors import safe_open
 from torch import nn
 
 Keep = Callable[[str, torch.Tensor], bool]  # called with each filled tensor; True: release it afterwards
+Arrange = Callable[[dict[str, torch.Tensor]], None]  # called with each filled block's tensors, before `keep`
 
 
 def blocks(model: nn.Module) -> Iterator[tuple[str, nn.Module, bool]]:
@@ -57,13 +58,16 @@ def pretrained_files(pretrained: str) -> dict[str, Path]:
         return {name: single for name in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
 
 
-def fill(model: nn.Module, seed: int, pretrained: str, keep: Keep | None = None) -> None:
+def fill(
+    model: nn.Module, seed: int, pretrained: str, keep: Keep | None = None, arrange: Arrange | None = None
+) -> None:
     """Materialise and fill a meta-device `model` block by block on the host.
 
     Each block is initialised as Hugging Face does (children before their parents, so GPT-2's scaled
     residual init wins), seeded by its name; a pretrained checkpoint then overwrites the tensors it
-    holds. `keep` sees every filled tensor of the block; those it returns True for go back to the meta
-    device once the block is done.
+    holds. `arrange` may then rewrite the block's tensors in place (nested sampling sorts their units).
+    `keep` sees every filled tensor of the block; those it returns True for go back to the meta device
+    once the block is done.
     """
     files = pretrained_files(pretrained) if pretrained else {}
     prefix = getattr(model, "base_model_prefix", "") + "."
@@ -87,14 +91,14 @@ def fill(model: nn.Module, seed: int, pretrained: str, keep: Keep | None = None)
             torch.manual_seed(seed + zlib.crc32(block_name.encode()))
             for module in reversed(list(block.modules()) if recurse else [block]):
                 model._init_weights(module)
-            released = set()
             for name, t in tensors.items():
                 stored = name if name in files else name.removeprefix(prefix)  # older files omit the prefix
                 if stored in files:
                     with torch.no_grad():
                         t.copy_(handles[files[stored]].get_tensor(stored))
-                if keep is not None and keep(name, t):
-                    released.add(id(t))
+            if arrange is not None:
+                arrange(tensors)
+            released = {id(t) for name, t in tensors.items() if keep is not None and keep(name, t)}
             block._apply(lambda t, gone=released: t.to("meta") if id(t) in gone else t, recurse=recurse)
     model.tie_weights()  # materialising made new parameters: a tied head points at the embedding again
 

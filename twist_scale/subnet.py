@@ -76,11 +76,16 @@ class SubnetSampler:
     unit_blocks: tuple[UnitBlock, ...]  # partitioned groups only
     kappas: tuple[float, ...]  # one per group: equal for plain TwIST, unequal for mixed kappa or a sandwich
     seed: int
+    nested: bool = False  # every round, group g keeps the first ⌈κ_g·n⌉ units (unit_order sorted them)
 
     def specs(self, round_: int) -> list[SubnetSpec]:
         """Every group's spec for this round; a pure function of (seed, round, layer, kind)."""
         kept: list[dict[tuple[int, str], tuple[int, ...]]] = [{} for _ in self.kappas]
         for ug in self.unit_blocks:
+            if self.nested:
+                for g, kappa in enumerate(self.kappas):
+                    kept[g][ug.key] = tuple(range(units_to_keep(ug.num_units, kappa)))
+                continue
             rng = random.Random(f"twist:{self.seed}:{round_}:{ug.layer}:{ug.kind}")
             keeps = [units_to_keep(ug.num_units, kappa) for kappa in self.kappas]
             for g, ids in enumerate(coverage_draw(rng, ug.num_units, keeps)):

@@ -8,6 +8,7 @@ already holds the whole model, so the loop has no dense branches.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Iterable, Iterator
 
@@ -22,9 +23,10 @@ from twist_scale.engines import build_engine
 from twist_scale.engines.base import Engine, even_range, moment_keys
 from twist_scale.models import UnitBlock
 from twist_scale.packing import Entry, PackedExchange
-from twist_scale.startup import fill, materialise_rest
+from twist_scale.startup import Arrange, fill, materialise_rest
 from twist_scale.subnet import SubnetSpec, apply_subnet_shapes, axis_of, slice_tensor
 from twist_scale.topology import Topology
+from twist_scale.unit_order import sort_units_by_weight_norm
 
 
 def central_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -51,7 +53,9 @@ def verify_same_masks(specs: list[SubnetSpec], topo: Topology) -> None:
         )
 
 
-def central_from_model(model: nn.Module, topo: Topology, seed: int, pretrained: str = "") -> CentralShards:
+def central_from_model(
+    model: nn.Module, topo: Topology, seed: int, pretrained: str = "", arrange: Arrange | None = None
+) -> CentralShards:
     """This rank's pieces of the full-width meta-device `model`, filled block by block: no rank holds it whole."""
     central = CentralShards(topo, {n: t.shape for n, t in central_tensors(model).items()})
 
@@ -60,7 +64,7 @@ def central_from_model(model: nn.Module, topo: Topology, seed: int, pretrained: 
             central.set_full(name, value.detach())
         return name in central.shapes
 
-    fill(model, seed, pretrained, keep)
+    fill(model, seed, pretrained, keep, arrange)
     return central
 
 
@@ -77,7 +81,9 @@ def build_engine_and_sync(
         fill(model, cfg.seed, cfg.model.pretrained)
         engine = build_engine(model, cfg, topo)
         return engine, DenseSync(engine)
-    central = central_from_model(model, topo, cfg.seed, cfg.model.pretrained)
+    nested = functools.partial(sort_units_by_weight_norm, unit_blocks=unit_blocks)
+    arrange = nested if cfg.twist.sampling == "nested" else None
+    central = central_from_model(model, topo, cfg.seed, cfg.model.pretrained, arrange)
     apply_subnet_shapes(model, unit_blocks, first_specs[topo.group])
     materialise_rest(model)
     engine = build_engine(model, cfg, topo)

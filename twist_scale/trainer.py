@@ -49,7 +49,9 @@ class Trainer:
         self.data = load_run_data(cfg, topo, dist.barrier)
         torch.manual_seed(cfg.seed)  # the same stream on every rank (weights are seeded per block: startup.fill)
         self.model = build_run_model(cfg, len(self.data.tokenizer))
-        self.sampler = SubnetSampler(tuple(self.model.unit_blocks), cfg.twist.kappas, cfg.seed)
+        self.sampler = SubnetSampler(
+            tuple(self.model.unit_blocks), cfg.twist.kappas, cfg.seed, cfg.twist.sampling == "nested"
+        )
         self.engine, self.sync = build_engine_and_sync(
             self.model.model, cfg, topo, self.model.unit_blocks, self.sampler.specs(0)
         )

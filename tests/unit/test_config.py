@@ -63,6 +63,10 @@ def test_yaml_file_and_launcher_local_rank(tmp_path):
         (["--twist.group_kappas", "1.0,0.5"], "has 2 values for --twist.groups 1: give one keep ratio per group"),
         (["--twist.groups", "2", "--twist.group_kappas", "1.0,0"], "value 0.0 (group 1) must be in (0, 1]"),
         (["--twist.groups", "2", "--twist.group_kappas", "0.5,0.25"], "keep ratios sum to 0.75 < 1"),
+        (
+            ["--twist.groups", "2", "--twist.kappa", "0.5", "--twist.sampling", "nested"],
+            "the rest would never train; give one group the full width",
+        ),
         (["--twist.correction", "magic"], "choose one of none, scale, mean"),
         (["--twist.rounds", "x"], "twist.rounds: expected int, got 'x'"),
         (["--twist.rounds", "0"], "--twist.rounds 0 must be >= 1"),

@@ -1,13 +1,18 @@
-"""Start-up block by block: the same values a whole fill gives, never the whole model at once, and
-pretrained weights streamed from safetensors."""
+"""Start-up block by block: the same values a whole fill gives, never the whole model at once,
+pretrained weights streamed from safetensors, and nested sampling's unit sort."""
 
 from __future__ import annotations
+
+import functools
 
 import pytest
 import torch
 
-from twist_scale.models import build_model
+from twist_scale.models import architecture_of, build_model
+from twist_scale.pruning.scores import owned_sum
 from twist_scale.startup import blocks, fill, materialise_rest
+from twist_scale.subnet import partitioned_blocks
+from twist_scale.unit_order import sort_units_by_weight_norm
 
 
 def meta_model(arch: str, pretrained: str = "") -> torch.nn.Module:
@@ -67,3 +72,28 @@ def test_a_checkpoint_missing_tensors_is_refused_before_anything_is_filled(tmp_p
     with pytest.raises(ValueError, match=r"lacks 9 of the model's tensors \(e\.g\. model\.layers\.6\."):
         fill(model, seed=1, pretrained=str(tmp_path / "base"))
     assert all(t.is_meta for t in model.parameters())
+
+
+def unit_norms(model: torch.nn.Module, ug) -> torch.Tensor:
+    """Each unit's owned squared weight norm."""
+    params = dict(model.named_parameters())
+    return owned_sum(ug, lambda name: params[name].detach().double() ** 2 if name in params else None)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # gpt2: fused q/k/v columns, Conv1D layout
+def test_nested_start_sorts_each_blocks_units_by_weight_norm_and_changes_no_output(arch, tmp_path):
+    torch.manual_seed(0)
+    saved = build_model(arch, "tiny", 64)
+    saved.save_pretrained(tmp_path / "base")
+    ugs = partitioned_blocks(architecture_of(saved).unit_blocks(saved.config), [])
+    model = meta_model(arch, str(tmp_path / "base"))
+    sort = functools.partial(sort_units_by_weight_norm, unit_blocks=ugs)
+    fill(model, seed=1, pretrained=str(tmp_path / "base"), arrange=sort)
+
+    ids = torch.randint(0, 64, (2, 16))
+    with torch.no_grad():  # heads and neurons permuted: the same function
+        torch.testing.assert_close(model.eval()(input_ids=ids).logits, saved.eval()(input_ids=ids).logits)
+    for ug in ugs:
+        before, after = unit_norms(saved, ug), unit_norms(model, ug)
+        assert not torch.all(before[:-1] >= before[1:])  # the base was not sorted already
+        assert torch.equal(after, before.sort(descending=True).values), ug.key

@@ -65,6 +65,20 @@ def test_sandwich_sampler_keeps_group_zero_whole():
     assert all(len(half.kept[ug.key]) == units_to_keep(ug.num_units, 0.5) for ug in ugs)
 
 
+def test_nested_sampler_keeps_the_same_prefix_of_every_block_in_every_round():
+    model = build_model("llama", "tiny", 64)
+    ugs = tuple(partitioned_blocks(architecture_of(model).unit_blocks(model.config), []))
+    nested = SubnetSampler(ugs, (1.0, 0.5, 0.25), seed=3, nested=True)
+    for round_ in (0, 7):
+        full, half, quarter = nested.specs(round_)
+        for ug in ugs:
+            assert full.kept[ug.key] == tuple(range(ug.num_units))
+            assert half.kept[ug.key] == tuple(range(units_to_keep(ug.num_units, 0.5)))
+            assert quarter.kept[ug.key] == tuple(range(units_to_keep(ug.num_units, 0.25)))
+    independent = SubnetSampler(ugs, (1.0, 0.5, 0.25), seed=3)
+    assert independent.specs(0)[1] != independent.specs(1)[1] != nested.specs(0)[1]
+
+
 def test_kappa_times_groups_one_is_a_partition():
     draws = coverage_draw(random.Random(0), 12, [3] * 4)
     assert sorted(u for d in draws for u in d) == list(range(12))

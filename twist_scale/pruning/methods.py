@@ -7,6 +7,9 @@ zero-cost export (`random`) and the post-hoc baselines (`magnitude`, `wanda_sp`,
 own default (AL-AM): one global ranking over all layers and both kinds, so widths differ per layer,
 at the same total weight count as the uniform methods; `flap_uniform` is FLAP's uniform variant.
 
+`prefix` keeps the first ⌈κ·n⌉ units: a run trained with `--twist.sampling nested` sorted its units
+by weight norm at the start and trained exactly that subnet at each of its groups' κ.
+
 Two zero-cost methods choose adaptive widths from the central model alone, under the same budget:
 `adaptive_magnitude` ranks standardised weight norms; `adaptive_stats` is FLAP AL-AM's ranking with
 the activation statistics that training under correction 'mean' kept (running E[x] and E[x²]), so
@@ -34,7 +37,7 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from twist_scale.models import UnitBlock
+from twist_scale.models import UnitBlock, units_to_keep
 from twist_scale.pruning.calibration import ActivationStats, collect_activation_stats
 from twist_scale.pruning.scores import (
     global_ranking,
@@ -103,6 +106,12 @@ def _squared_weights(model: nn.Module) -> Callable[[str], torch.Tensor | None]:
 def select_random(inputs: PruneInputs) -> SubnetSpec:
     """TwIST's zero-cost export: a seeded uniform draw, as in training (one group, round = seed)."""
     return SubnetSampler(tuple(inputs.unit_blocks), (inputs.kappa,), inputs.seed).specs(inputs.seed)[0]
+
+
+def select_prefix(inputs: PruneInputs) -> SubnetSpec:
+    """The first ⌈κ·n⌉ unit ids of every group: under nested sampling, the subnet a group at κ trained
+    (units sorted by weight norm at the start); in any other run, one arbitrary fixed draw."""
+    return SubnetSpec({ug.key: tuple(range(units_to_keep(ug.num_units, inputs.kappa))) for ug in inputs.unit_blocks})
 
 
 BEST_OF = 8  # candidates `random_best` scores: the draws a seed owns
@@ -241,6 +250,7 @@ METHODS: dict[str, PruneMethod] = {
         seeded=True,
         calibration=(8, 256),  # ~2k tokens: the best or second-best draw in 25 of 26 measured cells
     ),
+    "prefix": PruneMethod(select_prefix, "the first units: what a group at κ trained under nested sampling"),
     "magnitude": PruneMethod(select_magnitude, "unit weight norm, no data"),
     "wanda_sp": PruneMethod(
         select_wanda_sp,
