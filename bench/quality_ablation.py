@@ -19,7 +19,8 @@ changes the rounds, never the steps: every run trains the same tokens in the sam
              mixed κ:  group 0 trains κ=0.75 subnets, group 1 κ=0.5: one run for two deployment sizes.
              nested:   the sandwich with --twist.sampling nested (one factor off the sandwich): the base's
                        units sorted by weight norm at the start, group 1 always trains the first half,
-                       exported by --method prefix as well as the sandwich's criteria.
+                       exported by --method prefix as well as the sandwich's criteria;
+                       nested_none, nested_mean: the nested run with the other corrections.
              Every run but the sandwich (whose sizes are 1 and 0.5) is also evaluated at κ=0.75, so the
              mixed run's 0.75 export is compared with the baselines at 0.75 and the reference's 0.75 export.
   dense      dense fine-tuning (1 group x 2 ranks), pruned post hoc by random, magnitude and FLAP
@@ -71,6 +72,7 @@ class Recipe(Run):
     group_kappas: tuple[float, ...] = ()  # one κ per group (sandwich, mixed κ); () every group at `kappa`
     kappas: tuple[float, ...] = (KAPPA,)  # the κ its exports are evaluated at
     sampling: str = "independent"  # --twist.sampling: fresh draws, or nested prefixes
+    origin: str = "reference"  # the recipe this one changes one factor of
 
     @property
     def methods(self) -> tuple[str, ...]:
@@ -138,7 +140,12 @@ def variants(ref: Recipe, steps: int) -> list[Recipe]:
     out.append(change(ref, name="sandwich", group_kappas=(1.0, KAPPA), kappas=(KAPPA,), changed=sandwich))
     nested = "nested sandwich: group 1 always the first half (units sorted by weight norm)"
     prefix = (*TWIST_METHODS, *PICKED_METHODS, "prefix")
-    out.append(change(out[-1], name="nested", sampling="nested", export=prefix, changed=nested))
+    out.append(change(out[-1], name="nested", origin="sandwich", sampling="nested", export=prefix, changed=nested))
+    out += [
+        change(out[-1], name=f"nested_{c}", origin="nested", correction=c, changed=f"nested, correction {c}")
+        for c in CORRECTIONS
+        if c != ref.correction
+    ]
     out.append(change(ref, name="mixed", group_kappas=MIXED, changed="mixed κ: groups at 0.75 and 0.5"))
     return out
 

@@ -47,7 +47,7 @@ def test_ablation_variants_change_one_factor_each_on_equal_steps() -> None:
     factors = ("correction", "optimizer_state", "local_steps", "groups", "shared_layers", "group_kappas", "sampling")
     by_name = {r.name: r for r in recipes}
     for recipe in recipes[1:]:
-        origin = by_name["sandwich"] if recipe.name == "nested" else ref  # nested: the sandwich, sampled nested
+        origin = by_name[recipe.origin]  # nested: the sandwich, sampled nested; nested_*: nested, corrected
         changed = [f for f in factors if getattr(recipe, f) != getattr(origin, f)]
         assert len(changed) == 1, (recipe.name, changed)
         own = recipe.budget(budget)
@@ -58,7 +58,9 @@ def test_ablation_variants_change_one_factor_each_on_equal_steps() -> None:
     assert {(r.groups, r.procs) for r in recipes} == {(2, 2), (4, 4)}
     assert {r.optimizer_state for r in recipes} == {"reset", "aggregate"}
     assert {r.group_kappas for r in recipes} == {(), (1.0, 0.5), (0.75, 0.5)}  # sandwich and mixed κ
-    assert by_name["nested"].sampling == "nested" and "prefix" in by_name["nested"].methods
+    nested = [r for r in recipes if r.sampling == "nested"]
+    assert [r.name for r in nested] == ["nested", "nested_none", "nested_mean"]
+    assert all("prefix" in r.methods and r.group_kappas == (1.0, 0.5) for r in nested)
 
 
 def test_recipe_budget_refuses_an_h_that_does_not_divide_the_steps() -> None:
