@@ -1,6 +1,6 @@
 """Ablation: TwIST's recipe one factor at a time, in the fine-tuning protocol, in one MLflow experiment.
 
-    python bench/quality.py --protocol ablation            # small Llama: 37 min on 2 cores, base included
+    python bench/quality.py --protocol ablation            # small Llama: about 51 min on 2 cores, base included
     python bench/quality.py --protocol ablation --quick    # tiny Llama: the whole pipeline in 4 min
     python bench/quality.py --protocol ablation --drop g4  # without the most expensive recipe
 

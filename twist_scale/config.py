@@ -50,7 +50,7 @@ class DataConfig:
     vocab_size: int = _doc("Vocabulary size when training a new tokenizer.", 4096)
     block_size: int = _doc("Tokens per training sequence (packed, no padding).", 128)
     micro_batch_size: int = _doc("Sequences per rank per step.", 8)
-    cache_dir: str = _doc("Tokenized-data cache; default <out_dir>/../.cache.", "")
+    cache_dir: str = _doc("Tokenized-data cache; default <out_dir>/cache.", "")
 
 
 @dataclass

@@ -38,11 +38,24 @@ def _empty_mlflow_store() -> Path:
     return path
 
 
+@functools.cache
+def _shared_tokenizer() -> Path:
+    """The tiny runs' tokenizer, trained once per session and passed as --data.tokenizer, as a user passes
+    one: the runs' token cache is then shared too (its key names the tokenizer), so no launch spends
+    seconds re-tokenising Tiny Shakespeare. Tests of tokenizer training and caching use their own dirs."""
+    from twist_scale.data import train_tokenizer
+
+    directory = Path(tempfile.mkdtemp(prefix="twist-tokenizer-"))
+    train_tokenizer([str(SHAKESPEARE)], directory, vocab_size=512)
+    return directory
+
+
 def tiny_args(out_dir: Path, **overrides: object) -> list[str]:
-    """CLI args for a seconds-long run of the tiny Llama on Tiny Shakespeare."""
+    """CLI args for a seconds-long run of the tiny Llama on Tiny Shakespeare (later flags win)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     if not (out_dir / "mlflow.db").exists():
         shutil.copy(_empty_mlflow_store(), out_dir / "mlflow.db")
+    tokenizer = _shared_tokenizer()
     args = [
         "--config",
         str(REPO / "configs" / "tiny_test.toml"),
@@ -52,8 +65,10 @@ def tiny_args(out_dir: Path, **overrides: object) -> list[str]:
         str(SHAKESPEARE),
         "--data.valid_files",
         str(BROWN_VALID),
+        "--data.tokenizer",
+        str(tokenizer),
         "--data.cache_dir",
-        str(out_dir.parent / "cache"),
+        str(tokenizer / "cache"),
     ]
     for key, value in overrides.items():
         args += [f"--{key.replace('__', '.')}", str(value)]
