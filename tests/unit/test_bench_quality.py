@@ -63,6 +63,22 @@ def test_ablation_variants_change_one_factor_each_on_equal_steps() -> None:
     assert all("prefix" in r.methods and r.group_kappas == (1.0, 0.5) for r in nested)
 
 
+def test_quick_leaves_out_only_repeats_so_every_code_path_still_runs() -> None:
+    from quality_ablation import reference, repeats, variants
+
+    ref = reference(5)  # --quick: 3 rounds x H=5
+    recipes = variants(ref, steps=15)
+    left_out = repeats(ref, recipes[1:])
+    assert left_out == {"correction_none", "nested_none", "nested_mean", "h15"}
+    kept = [r for r in recipes if r.name not in left_out]
+    assert {r.correction for r in kept} == {"scale", "mean"}  # mean: adaptive_stats' statistics
+    assert {r.local_steps for r in kept} == {1, 5}
+    assert {r.sampling for r in kept} == {"independent", "nested"}
+    assert {r.group_kappas for r in kept} == {(), (1.0, 0.5), (0.75, 0.5)}
+    assert {r.groups for r in kept} == {2, 4} and {r.shared_layers for r in kept} == {"none", "auto"}
+    assert {r.optimizer_state for r in kept} == {"reset", "aggregate"}
+
+
 def test_recipe_budget_refuses_an_h_that_does_not_divide_the_steps() -> None:
     import dataclasses
 
