@@ -1,7 +1,7 @@
 """Ablation: TwIST's recipe one factor at a time, in the fine-tuning protocol, in one MLflow experiment.
 
     python bench/quality.py --protocol ablation            # small Llama: about 51 min on 2 cores, base included
-    python bench/quality.py --protocol ablation --quick    # tiny Llama: the whole pipeline in 9 min (repeats left out)
+    python bench/quality.py --protocol ablation --quick    # tiny Llama: the whole pipeline in 7.5 min (repeats left out)
     python bench/quality.py --protocol ablation --drop g4  # without the most expensive recipe
 
 The setting of bench/quality_finetune.py: the cached dense base pretrained on brown/train (pretrained on
