@@ -26,7 +26,7 @@ def test_a_nested_run_trains_the_prefix_of_the_sorted_base_and_prefix_exports_it
     base = tmp_path / "base"
     build_model("llama", "tiny", 512).save_pretrained(base)
     out, train, valid = tmp_path / "run", tmp_path / "train.txt", tmp_path / "valid.txt"
-    train.write_text(SHAKESPEARE.read_text()[:40_000])  # a small corpus: the tokenizer trains in a moment
+    train.write_text(SHAKESPEARE.read_text()[:40_000])  # a small corpus: the run tokenises it in a moment
     valid.write_text(BROWN_VALID.read_text()[:8_000])
     overrides = dict(data__train_files=train, data__valid_files=valid, tracking__enabled="false")
     overrides |= dict(parallel__engine="local", model__pretrained=base, twist__sampling="nested", twist__kappa=0.5)
