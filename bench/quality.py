@@ -29,25 +29,30 @@ baseline at the same κ.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from measure import REPO, RESULTS, launch
+from measure import REPO
+from quality_ablation import ablation
+from quality_common import (
+    QUICK_WINDOW,
+    TESTS,
+    TRAIN_SECONDS,
+    Budget,
+    Run,
+    evaluate_run,
+    publish,
+    ratios_to_best_baseline,
+    report_header,
+    tables,
+    train,
+)
+from quality_finetune import finetune
+from quality_spread import spread
 
-DATA = (REPO / ".." / "shared" / "data").resolve()
-TRAIN = DATA / "brown" / "train.txt"
-TESTS = {"brown": DATA / "brown" / "test.txt", "wikitext2": DATA / "wikitext-2" / "test.txt"}
-BASELINES = ("random", "magnitude", "wanda_sp", "flap", "flap_uniform")
-TWIST_METHODS = ("random", "magnitude", "adaptive_magnitude")  # zero-cost: no calibration text
-STATS_METHODS = ("adaptive_stats",)  # zero-cost from the statistics a correction 'mean' run keeps
-PICKED_METHODS = ("random_best",)  # TwIST's draws, the best of 8 on a few windows of the training text
-QUICK_WINDOW = 64
 EXPERIMENT = "bench-quality"
-TRAIN_SECONDS = "bench_train_seconds"
 PROTOCOLS = (
     "scratch: every run from a random initialisation on brown/train (this docstring); finetune: every run from "
     "one dense base pretrained on brown/train, fine-tuned on wikitext-2/valid (bench/quality_finetune.py); ablation: "
@@ -55,26 +60,6 @@ PROTOCOLS = (
     "spread: how far apart random draws of the ablation's runs are, and what random_best picks "
     "(bench/quality_spread.py)"
 )
-
-
-@dataclass(frozen=True)
-class Run:
-    name: str
-    config: str
-    groups: int
-    kappa: float
-    procs: int
-    correction: str = "scale"
-
-    @property
-    def dense(self) -> bool:
-        return self.groups == 1
-
-    @property
-    def methods(self) -> tuple[str, ...]:
-        if self.dense:
-            return BASELINES
-        return TWIST_METHODS + PICKED_METHODS + (STATS_METHODS if self.correction == "mean" else ())
 
 
 RUNS = (
@@ -86,140 +71,6 @@ RUNS = (
 )
 
 
-@dataclass(frozen=True)
-class Budget:
-    """What every run shares: the same tokens in the same number of optimizer steps per process."""
-
-    size: str
-    block: int
-    tokens_per_step: int  # over all processes
-    local_steps: int
-    rounds: int
-    lr: float
-
-    @property
-    def tokens(self) -> int:
-        return self.rounds * self.local_steps * self.tokens_per_step
-
-
-def train(
-    run: Run, out: Path, budget: Budget, uri: str, experiment: str = EXPERIMENT, extra: dict[str, object] | None = None
-) -> float:
-    """Train one run to out/<name>/final; returns its wall seconds (launch included), also kept in the run.
-
-    `extra` adds overrides on top of the budget's (fine-tuning: the pretrained model, its tokenizer, the text).
-    """
-    overrides = {
-        "model.size": budget.size,
-        "data.block_size": budget.block,
-        "data.micro_batch_size": budget.tokens_per_step // (budget.block * run.procs),
-        "optim.lr": budget.lr,
-        "twist.groups": run.groups,
-        "twist.kappa": run.kappa,
-        "twist.correction": run.correction,
-        "twist.shared_layers": "",
-        "twist.local_steps": budget.local_steps,
-        "twist.rounds": budget.rounds,
-        "tracking.uri": uri,
-        "tracking.experiment": experiment,
-        **(extra or {}),
-    }
-    start = time.perf_counter()
-    launch(out / run.name, run.config, overrides, run.procs, quiet=False)
-    seconds = time.perf_counter() - start
-    (out / run.name / TRAIN_SECONDS).write_text(f"{seconds}\n")
-    return seconds
-
-
-def calibration_for(method: str, text: Path, tokenizer: object, window: int) -> list | None:
-    """The calibration batches a method reads from `text` (None if it reads none): its reference setting, or
-    32 windows of the quick protocol's length when the evaluation window is that short."""
-    from twist_scale.pruning.calibration import calibration_from_files
-    from twist_scale.pruning.methods import method as prune_method
-
-    chosen = prune_method(method)
-    if not chosen.calibrated:
-        return None
-    samples, seqlen = chosen.calibration if window > QUICK_WINDOW else (32, QUICK_WINDOW)
-    return calibration_from_files([str(text)], tokenizer, samples=samples, seqlen=seqlen)
-
-
-def evaluate_run(
-    run: Run,
-    out: Path,
-    kappas: list[float],
-    draws: int,
-    window: int,
-    max_windows: int,
-    uri: str,
-    calibration_file: Path = TRAIN,
-    shared_layers: str = "none",
-    log: bool = True,
-) -> dict:
-    """Every method at every κ on both test sets, in this process; logged onto the run's MLflow run when `log`.
-
-    Calibrated baselines read `calibration_file`: the text the run trained on, as a user pruning it would.
-    `shared_layers` 'none' prunes every layer (every method's model at a κ has the same parameter count);
-    'auto' keeps whole the layers training kept whole.
-    """
-    from twist_scale.data import token_stream
-    from twist_scale.evaluate import log_sweep, sweep
-    from twist_scale.pruning.pruner import SavedCentral, build_pruner
-
-    central = SavedCentral.load(out / run.name / "final")
-    streams = {name: token_stream([str(path)], central.tokenizer) for name, path in TESTS.items()}
-    run_id = (out / run.name / "mlflow_run_id").read_text().strip()
-    results: dict = {}
-    for method in run.methods:
-        calibration = calibration_for(method, calibration_file, central.tokenizer, window)
-        pruner = build_pruner(central, method, shared_layers=shared_layers, calibration=calibration)
-        for test, stream in streams.items():
-            start = time.perf_counter()
-            result = sweep(pruner, stream, kappas, draws, window, label=f"{method}_{test}", max_windows=max_windows)
-            if log:
-                log_sweep(result, uri, run_id)
-            results.setdefault(method, {})[test] = {
-                "full": {"ppl": result.full.ppl, "params": result.full_parameters, "windows": result.full.windows},
-                **{
-                    f"{r.kappa:.2f}": {**r.summary(), "draws": len(r.ppls), "params": r.parameters}
-                    for r in result.results
-                },
-            }
-            print(
-                f"{run.name} {method} {test}: full {result.full.ppl:.1f}, "
-                + ", ".join(f"κ={r.kappa:.2f} {r.summary()['mean']:.1f}" for r in result.results)
-                + f" ({time.perf_counter() - start:.0f}s)",
-                flush=True,
-            )
-    return results
-
-
-def ratios_to_best_baseline(report: dict, kappas: list[float]) -> dict:
-    """run -> method -> test -> κ -> TwIST perplexity / the best baseline's (dense run, any method)."""
-    dense = next(r["eval"] for r in report["runs"].values() if r["groups"] == 1)
-    best = {t: {f"{k:.2f}": min(m[t][f"{k:.2f}"]["mean"] for m in dense.values()) for k in kappas} for t in TESTS}
-    return {
-        name: {
-            method: {t: {k: by_test[t][k]["mean"] / best[t][k] for k in best[t]} for t in TESTS}
-            for method, by_test in run["eval"].items()
-        }
-        for name, run in report["runs"].items()
-        if run["groups"] > 1
-    }
-
-
-def report_header(budget: Budget, args: argparse.Namespace, window: int, max_windows: int) -> dict:
-    """What every protocol's report states first: the budget and the evaluation protocol."""
-    return {
-        "token_budget": budget.tokens,
-        "budget": budget.__dict__,
-        "quick": args.quick,
-        "window": window,
-        "windows": max_windows,
-        "draws": args.draws,
-    }
-
-
 def markdown(report: dict, kappas: list[float]) -> str:
     budget = report["budget"]
     header = (
@@ -229,57 +80,6 @@ def markdown(report: dict, kappas: list[float]) -> str:
         f"spaced; random: mean of {report['draws']} draws). Every layer partitioned."
     )
     return "\n".join([header, "", *tables(report, kappas)]) + "\n"
-
-
-def tables(report: dict, kappas: list[float]) -> list[str]:
-    """Perplexity of every run x method x κ, each TwIST export's ratio to the best baseline, parameter counts."""
-    tests = list(TESTS)
-    lines = [
-        "| run | method | train s | full | " + " | ".join(f"κ={k:.2f}" for k in kappas) + " |",
-        "| --- | --- | ---: | ---: |" + " ---: |" * len(kappas),
-    ]
-    for name, run in report["runs"].items():
-        for method, by_test in run["eval"].items():
-            full = " / ".join(f"{by_test[t]['full']['ppl']:.1f}" for t in tests)
-            cells = [" / ".join(f"{by_test[t][f'{k:.2f}']['mean']:.1f}" for t in tests) for k in kappas]
-            lines.append(f"| {name} | {method} | {run['train_seconds']:.0f} | {full} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        "Ratio to the best post-hoc baseline at the same κ (perplexity of the TwIST export / lowest perplexity "
-        "of any baseline on the dense run; below 1: TwIST wins):",
-        "",
-        "| run | method | " + " | ".join(f"κ={k:.2f}" for k in kappas) + " |",
-        "| --- | --- |" + " ---: |" * len(kappas),
-    ]
-    ratios = report["ratios"]
-    for name, by_method in ratios.items():
-        for method, cells in by_method.items():
-            lines.append(
-                f"| {name} | {method} | "
-                + " | ".join(" / ".join(f"{cells[t][f'{k:.2f}']:.2f}" for t in tests) for k in kappas)
-                + " |"
-            )
-    params = next(iter(next(iter(report["runs"].values()))["eval"].values()))[tests[0]]
-    lines += [
-        "",
-        "Parameters: full "
-        + f"{params['full']['params']:,}; "
-        + ", ".join(f"κ={k:.2f} {params[f'{k:.2f}']['params']:,}" for k in kappas),
-    ]
-    return lines
-
-
-def publish(report: dict, table: str, uri: str, experiment: str, out: Path, name: str) -> None:
-    """bench/results/<name>.{json,md,png}; the PNG is `twist-compare`'s chart over the runs' MLflow store."""
-    from twist_scale.compare import main as compare
-
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    compare(["--tracking.uri", uri, "--tracking.experiment", experiment, "--out", str(out / "compare")])
-    shutil.copy(out / "compare" / "ppl_vs_sparsity.png", RESULTS / f"{name}.png")
-    (RESULTS / f"{name}.json").write_text(json.dumps(report, indent=2))
-    (RESULTS / f"{name}.md").write_text(table)
-    print(table)
-    print(f"total {report['total_seconds']:.0f}s")
 
 
 def scratch(args: argparse.Namespace) -> None:
@@ -307,7 +107,9 @@ def scratch(args: argparse.Namespace) -> None:
     report: dict = {**report_header(budget, args, window, max_windows), "runs": {}}
     for run in RUNS:
         done = out / run.name / TRAIN_SECONDS
-        seconds = float(done.read_text()) if args.reuse_runs and done.is_file() else train(run, out, budget, uri)
+        seconds = (
+            float(done.read_text()) if args.reuse_runs and done.is_file() else train(run, out, budget, uri, EXPERIMENT)
+        )
         report["runs"][run.name] = {
             "groups": run.groups,
             "kappa": run.kappa,
@@ -325,7 +127,7 @@ def scratch(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    protocols = ("scratch", "finetune", "ablation", "spread")
+    protocols = {"scratch": scratch, "finetune": finetune, "ablation": ablation, "spread": spread}
     parser.add_argument("--protocol", choices=protocols, default="scratch", help=PROTOCOLS)
     parser.add_argument("--quick", action="store_true", help="tiny model, few rounds: minutes")
     parser.add_argument("--rounds", type=int, help="rounds of --local-steps steps, every run (scratch 16, finetune 6)")
@@ -354,20 +156,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.seed and args.protocol == "scratch":
         parser.error("--seed applies to the finetune, ablation and spread protocols, not scratch")
-    if args.protocol == "finetune":
-        from quality_finetune import finetune  # imports this module: the protocols share its runs and tables
-
-        finetune(args)
-    elif args.protocol == "ablation":
-        from quality_ablation import ablation
-
-        ablation(args)
-    elif args.protocol == "spread":
-        from quality_spread import spread
-
-        spread(args)
-    else:
-        scratch(args)
+    protocols[args.protocol](args)
 
 
 if __name__ == "__main__":

@@ -21,8 +21,8 @@ import statistics
 import time
 
 from measure import REPO, RESULTS
-from quality import QUICK_WINDOW, TESTS
-from quality_finetune import SPREAD_KAPPA, draw_spread, spread_lines, variant
+from quality_common import QUICK_WINDOW, TESTS
+from quality_tuning import SPREAD_KAPPA, draw_spread, spread_lines, variant
 
 
 def trained_at_kappa(meta: dict) -> bool:

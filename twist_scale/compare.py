@@ -11,48 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from twist_scale.metric_names import MetricName, label_of_eval_run, split_label
+from twist_scale.metric_names import MetricName, label_of_eval_run
 from twist_scale.run_store import PARENT_TAG, RunStore
-from twist_scale.sparsity_chart import plot
+from twist_scale.sparsity_chart import Series, plot
 
 KIND_TAG = "twist.kind"
 COMPARISON = "comparison"
-
-
-@dataclass
-class Series:
-    """One method's perplexity over κ on one run."""
-
-    run_id: str
-    run_name: str
-    training: str  # 'twist κ=0.5 G=2 scale', 'dense' or 'external'
-    label: str
-    full: float | None
-    ppl: dict[float, float] = field(default_factory=dict)
-    std: dict[float, float] = field(default_factory=dict)
-    method: str = ""  # the pruning method the label measured ('' if unknown)
-
-    @property
-    def baseline(self) -> bool:
-        """Pruned post hoc: a model trained dense, or one trained elsewhere."""
-        return not self.training.startswith("twist")
-
-    @property
-    def measured(self) -> str:
-        """The method (and variant) the label names, without its test set."""
-        return split_label(self.label, self.method)[0]
-
-    @property
-    def test_set(self) -> str:
-        return split_label(self.label, self.method)[1]
-
-    @property
-    def legend(self) -> str:
-        training = "" if self.training == "dense" else f" [{self.training.removeprefix('twist ')}]"
-        return f"{self.run_name}{training} · {self.measured}"
 
 
 def training_of(params: dict[str, str]) -> str:

@@ -4,20 +4,23 @@ x: sparsity 1 − κ (the full model at 0); y: perplexity on a log axis with lab
 baselines (models trained dense, or external ones) are dashed in muted colours, TwIST exports solid,
 one colour per TwIST run; the marker says the method. In each panel the best baseline and the best
 TwIST export are drawn thick and named first in the legend; the others recede.
+Its input, a Series per run × method × test set, is defined here rather than in compare.py, which collects
+the series from MLflow: the chart then imports nothing from the module that imports it.
 """
 
 from __future__ import annotations
 
 import math
 import statistics
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from twist_scale.metric_names import split_label
 
 if TYPE_CHECKING:
     from matplotlib.axis import Axis
     from matplotlib.figure import Figure
-
-    from twist_scale.compare import Series
 
 BEST_KAPPA = 0.5
 MARKERS = "os^DvP*X<>ph"
@@ -34,6 +37,39 @@ MIN_TICKS = 4
 THICK, THIN = 3.2, 1.2
 PANEL_INCHES = 4.8  # a panel's height, taller when its legend needs it:
 LEGEND_ROW_INCHES = 0.2  # one legend entry at fontsize 8, spacing included
+
+
+@dataclass
+class Series:
+    """One method's perplexity over κ on one run."""
+
+    run_id: str
+    run_name: str
+    training: str  # 'twist κ=0.5 G=2 scale', 'dense' or 'external'
+    label: str
+    full: float | None
+    ppl: dict[float, float] = field(default_factory=dict)
+    std: dict[float, float] = field(default_factory=dict)
+    method: str = ""  # the pruning method the label measured ('' if unknown)
+
+    @property
+    def baseline(self) -> bool:
+        """Pruned post hoc: a model trained dense, or one trained elsewhere."""
+        return not self.training.startswith("twist")
+
+    @property
+    def measured(self) -> str:
+        """The method (and variant) the label names, without its test set."""
+        return split_label(self.label, self.method)[0]
+
+    @property
+    def test_set(self) -> str:
+        return split_label(self.label, self.method)[1]
+
+    @property
+    def legend(self) -> str:
+        training = "" if self.training == "dense" else f" [{self.training.removeprefix('twist ')}]"
+        return f"{self.run_name}{training} · {self.measured}"
 
 
 def best(series: list[Series]) -> Series | None:

@@ -9,7 +9,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))  # bench scripts import each other by name
 
-from quality_finetune import pick_summary, wall_rounds  # noqa: E402
+from quality_finetune import wall_rounds  # noqa: E402
+from quality_tuning import pick_summary  # noqa: E402
 
 
 def test_wall_rounds_scales_by_the_time_ratio_and_never_shrinks() -> None:
@@ -27,7 +28,7 @@ def test_pick_summary_ranks_the_picked_draw_among_the_others() -> None:
 
 
 def test_nearest_divisor_keeps_the_step_budget() -> None:
-    from quality_ablation import nearest_divisor
+    from quality_ablation_recipes import nearest_divisor
 
     assert nearest_divisor(90, 50) == 45  # the H=50 does not divide 90 steps
     assert nearest_divisor(90, 5) == 5
@@ -36,8 +37,8 @@ def test_nearest_divisor_keeps_the_step_budget() -> None:
 
 
 def test_ablation_variants_change_one_factor_each_on_equal_steps() -> None:
-    from quality import Budget
-    from quality_ablation import reference, variants
+    from quality_ablation_recipes import reference, variants
+    from quality_common import Budget
 
     budget = Budget("small", 256, 2048, 15, 6, 1e-3)
     ref = reference(budget.local_steps)
@@ -64,7 +65,8 @@ def test_ablation_variants_change_one_factor_each_on_equal_steps() -> None:
 
 
 def test_quick_leaves_out_only_repeats_so_every_code_path_still_runs() -> None:
-    from quality_ablation import reference, repeats, variants
+    from quality_ablation import repeats
+    from quality_ablation_recipes import reference, variants
 
     ref = reference(5)  # --quick: 3 rounds x H=5
     recipes = variants(ref, steps=15)
@@ -82,8 +84,8 @@ def test_quick_leaves_out_only_repeats_so_every_code_path_still_runs() -> None:
 def test_recipe_budget_refuses_an_h_that_does_not_divide_the_steps() -> None:
     import dataclasses
 
-    from quality import Budget
-    from quality_ablation import reference
+    from quality_ablation_recipes import reference
+    from quality_common import Budget
 
     with pytest.raises(ValueError, match="does not divide"):
         dataclasses.replace(reference(15), local_steps=50).budget(Budget("small", 256, 2048, 15, 6, 1e-3))
