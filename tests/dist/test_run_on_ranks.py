@@ -33,3 +33,16 @@ def test_a_failing_rank_fails_the_test_with_its_assertion():
     message = str(failure.value)
     assert "rank_one_disagrees failed on rank(s) [0" in message and "-- rank 0 of 2:" in message
     assert "AssertionError: ranks disagree" in message and "assert [0, 1] == [0, 0]" in message  # pytest's diff
+
+
+def greet_then_fail_on_rank_one(rank: int, world: int) -> None:
+    print(f"hello from rank {rank}", flush=True)
+    dist.barrier()
+    if rank == 1:
+        raise FloatingPointError("rank one gives up")
+
+
+def test_ranks_output_and_allowed_failures_come_back_to_the_caller():
+    ranks = run_on_ranks(greet_then_fail_on_rank_one, 2, timeout=120, may_fail=True)
+    assert "hello from rank 0" in ranks.output and "hello from rank 1" in ranks.output
+    assert list(ranks.failures) == [1] and "FloatingPointError: rank one gives up" in ranks.failures[1]

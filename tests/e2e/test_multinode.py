@@ -7,40 +7,18 @@ a cluster where groups fit in a node.
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 from pathlib import Path
 from typing import IO
 
-import pytest
-from helpers import BIN, REPO, TRAIN, free_port, launch_env, tiny_args
-
-pytestmark = pytest.mark.slow
+from helpers import free_port, launch_background, stop, tiny_args
 
 
 def launch_node(node_rank: int, hostfile: Path, port: int, args: list[str], log: IO[str]) -> subprocess.Popen:
     """What each node runs on a cluster without ssh between nodes."""
-    cmd = [
-        str(BIN / "deepspeed"),
-        "--hostfile",
-        str(hostfile),
-        "--no_ssh",
-        "--num_nodes",
-        "2",
-        "--node_rank",
-        str(node_rank),
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(port),
-        str(TRAIN),
-        *args,
-    ]
-    # Its own session, so that the launcher and its ranks can be stopped together.
-    return subprocess.Popen(
-        cmd, cwd=REPO, env=launch_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
+    node = ["--hostfile", str(hostfile), "--no_ssh", "--num_nodes", "2", "--node_rank", str(node_rank)]
+    node += ["--master_addr", "127.0.0.1", "--master_port", str(port)]
+    return launch_background("deepspeed", 2, args, output=log, launcher_args=node)
 
 
 def test_two_nodes_aggregate_across_nodes(tmp_path):
@@ -57,9 +35,7 @@ def test_two_nodes_aggregate_across_nodes(tmp_path):
                 node.wait(timeout=150)
         finally:
             for node in nodes:  # a node left waiting for its peer must not outlive the test
-                if node.poll() is None:
-                    os.killpg(node.pid, signal.SIGKILL)
-                    node.wait()
+                stop(node)
     logs = [p.read_text() for p in log_paths]
     for n, (node, log) in enumerate(zip(nodes, logs, strict=True)):
         assert node.returncode == 0, f"node {n} exited {node.returncode}\n{log[-4000:]}"

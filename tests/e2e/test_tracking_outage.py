@@ -7,15 +7,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
 
-import pytest
-from helpers import BIN, REPO, TRAIN, free_port, launch_env, tiny_args
+from helpers import BIN, free_port, launch_background, stop, tiny_args
 from mlflow.tracking import MlflowClient
 
 from twist_scale import tracking
@@ -59,18 +56,10 @@ def wait_healthy(server: subprocess.Popen, port: int, timeout: float = 90) -> No
             time.sleep(0.2)
 
 
-def stop(proc: subprocess.Popen) -> None:
-    """Kill a process group started with start_new_session (killing only the leader leaves workers)."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-
-
 def rounds_logged(log: Path) -> int:
     return len(re.findall(r"round \d+/\d+ loss", log.read_text()))
 
 
-@pytest.mark.slow
 def test_server_killed_mid_run_then_restarted_loses_nothing(tmp_path):
     store, out, port = tmp_path / "server", tmp_path / "run", free_port()
     store.mkdir()
@@ -81,14 +70,7 @@ def test_server_killed_mid_run_then_restarted_loses_nothing(tmp_path):
     try:
         wait_healthy(server, port)
         with open(train_log, "w") as log:
-            trainer = subprocess.Popen(
-                [sys.executable, str(TRAIN), *tiny_args(out, tracking__uri=uri, **SLOW_STEPS)],
-                cwd=REPO,
-                env=launch_env(),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+            trainer = launch_background("python", 1, tiny_args(out, tracking__uri=uri, **SLOW_STEPS), output=log)
         client = MlflowClient(uri)
         deadline = time.time() + 90
         while not (

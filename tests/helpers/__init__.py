@@ -10,10 +10,13 @@ from __future__ import annotations
 import functools
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -25,7 +28,6 @@ SHAKESPEARE = DATA / "tinyshakespeare" / "input.txt"
 BROWN_VALID = DATA / "brown" / "valid.txt"
 BIN = Path(sys.executable).parent
 TRAIN = REPO / "launch" / "train.py"
-STRICT_DEVICE = Path(__file__).resolve().parent / "strict_device.py"
 
 
 @functools.cache
@@ -86,29 +88,60 @@ def leaked_shared_memory(port: int) -> list[Path]:
     return sorted(SHM_DIR.glob(deepspeed_shm_name("127.0.0.1", port, "*")))
 
 
-def run_deepspeed(
-    nproc: int, script: str | Path, args: list[str], timeout: float = 300, check: bool = True
+# How each launcher starts `nproc` ranks of a script on 127.0.0.1 (`python` starts one, with no launcher).
+LAUNCHERS: dict[str, Callable[[int, int], list[str]]] = {
+    "deepspeed": lambda nproc, port: [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(port)],
+    "torchrun": lambda nproc, port: [str(BIN / "torchrun"), f"--nproc_per_node={nproc}", f"--master_port={port}"],
+    "python": lambda nproc, port: [sys.executable],
+}
+
+
+def launch_command(launcher: str, nproc: int, args: list[str], port: int, script: Path = TRAIN) -> list[str]:
+    return [*LAUNCHERS[launcher](nproc, port), str(script), *args]
+
+
+def launch(
+    launcher: str, nproc: int, args: list[str], script: Path = TRAIN, timeout: float = 300, check: bool = True
 ) -> subprocess.CompletedProcess:
-    """A real `deepspeed --num_gpus N` launch on 127.0.0.1 with gloo; a clean run leaves no shared memory."""
+    """A real launch of `script` (launch/train.py) run to its end; a clean run leaves no shared memory behind."""
     port = free_port()
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(port), str(script), *args]
+    cmd = launch_command(launcher, nproc, args, port, script)
     proc = subprocess.run(cmd, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        pytest.fail(f"deepspeed exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+        pytest.fail(f"{launcher} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     if check:
         leaked = leaked_shared_memory(port)
         assert not leaked, f"the run left DeepSpeed's all-reduce workspaces in /dev/shm: {leaked}"
     return proc
 
 
-def run_torchrun(
-    nproc: int, script: str | Path, args: list[str], timeout: float = 300, check: bool = True
-) -> subprocess.CompletedProcess:
-    cmd = [str(BIN / "torchrun"), f"--nproc_per_node={nproc}", f"--master_port={free_port()}", str(script), *args]
-    proc = subprocess.run(cmd, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        pytest.fail(f"torchrun exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-    return proc
+def launch_background(
+    launcher: str,
+    nproc: int,
+    args: list[str],
+    output: IO[str] | int = subprocess.PIPE,
+    launcher_args: list[str] | None = None,
+) -> subprocess.Popen:
+    """A real launch left running, in its own session so the launcher and its ranks can be signalled together.
+
+    `launcher_args` replace the single-node options (e.g. a deepspeed hostfile and node rank).
+    """
+    cmd = launch_command(launcher, nproc, args, free_port())
+    if launcher_args is not None:
+        cmd = [cmd[0], *launcher_args, str(TRAIN), *args]
+    return subprocess.Popen(
+        cmd, cwd=REPO, env=launch_env(), stdout=output, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Kill a process group started with start_new_session: the leader and whatever it left behind (a rank
+    stopped by a test outlives its launcher otherwise)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass  # the whole group has exited
+    proc.wait()
 
 
 def mlflow_run(out_dir):

@@ -1,14 +1,13 @@
-"""End to end under the real `deepspeed` launcher, checked against oracles and the MLflow store."""
+"""Whole runs of the loop on in-process gloo ranks (DeepSpeed engines), checked against oracles and the MLflow store."""
 
 from __future__ import annotations
 
 import json
 
-import pytest
-from helpers import TRAIN, assert_fp32_checkpoint, history, mlflow_run, run_deepspeed, tiny_args
+from helpers import assert_fp32_checkpoint, history, mlflow_run, tiny_args
+from helpers.dist import train_on_ranks
 
 
-@pytest.mark.slow
 def test_kappa_one_sync_every_step_is_data_parallel(tmp_path):
     """G=2 groups holding every unit, averaging weights and momenta after each SGD step, equals
     2-rank data parallelism (mean of updates = update of the mean gradient): same losses."""
@@ -25,8 +24,8 @@ def test_kappa_one_sync_every_step_is_data_parallel(tmp_path):
         checkpoint__every_rounds=0,
     )
     dense_dir = tmp_path / "dense"
-    run_deepspeed(2, TRAIN, tiny_args(dense_dir, twist__groups=1, **common))
-    run_deepspeed(2, TRAIN, tiny_args(tmp_path / "twist", twist__groups=2, **common))
+    train_on_ranks(2, tiny_args(dense_dir, twist__groups=1, **common))
+    train_on_ranks(2, tiny_args(tmp_path / "twist", twist__groups=2, **common))
     client, run = mlflow_run(dense_dir)
     dp = history(client, run, "train/loss")
     twist = history(*mlflow_run(tmp_path / "twist"), "train/loss")
@@ -36,20 +35,18 @@ def test_kappa_one_sync_every_step_is_data_parallel(tmp_path):
 
     # the dense run also checks tracking: MLflow holds its params, metrics and artifacts
     assert run.data.params["twist.groups"] == "1" and "perf/tokens_per_s" in run.data.metrics
-    assert run.data.metrics["eval/ppl_kappa_1.00"] > 1
+    assert run.data.metrics["eval/ppl_kappa_1.00"] < 512  # below uniform over the vocabulary, an untrained model's
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.json", "tokenizer", "final"} <= artifacts
     assert json.loads((dense_dir / "config.json").read_text())["optim"]["name"] == "sgd"
     assert (dense_dir / "final" / "model.safetensors").exists()
 
 
-@pytest.mark.slow
 def test_two_groups_of_two_ranks_train(tmp_path):
     """2 x 2 under ZeRO-2 in bf16: the engine trains in bf16, the central model stays fp32."""
     out = tmp_path / "twist4"
-    run_deepspeed(
+    train_on_ranks(
         4,
-        TRAIN,
         tiny_args(
             out,
             twist__groups=2,
@@ -60,7 +57,6 @@ def test_two_groups_of_two_ranks_train(tmp_path):
             parallel__precision="bf16",
             twist__correction="scale",
         ),
-        timeout=600,
     )
     client, run = mlflow_run(out)
     losses = history(client, run, "train/loss")

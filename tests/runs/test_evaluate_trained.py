@@ -1,15 +1,14 @@
-"""Train once (launch/train.py) → export every κ → evaluate → MLflow on the training run."""
+"""Train once (one in-process rank) → export every κ → evaluate → MLflow on the training run."""
 
 from __future__ import annotations
 
 import json
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from helpers import BROWN_VALID, REPO, SHAKESPEARE, launch_env
+from helpers import BROWN_VALID, REPO, SHAKESPEARE
+from helpers.dist import train_on_ranks
 from mlflow.tracking import MlflowClient
 
 from twist_scale import evaluate
@@ -33,15 +32,7 @@ def trained_run(tmp_path_factory) -> Path:
     args += ["--data.train_files", str(train), "--data.valid_files", str(valid), "--data.cache_dir", str(tmp / "cache")]
     args += ["--parallel.engine", "local", "--twist.kappa", "0.5", "--twist.allow_uncovered", "true"]
     args += ["--twist.correction", "mean", "--twist.rounds", "2", "--twist.local_steps", "2"]
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "launch" / "train.py"), *args],
-        cwd=REPO,
-        env=launch_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    train_on_ranks(1, args)
     return out
 
 

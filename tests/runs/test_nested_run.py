@@ -1,16 +1,15 @@
-"""A nested run from a pretrained base (launch/train.py, local engine): start-up sorts the base's
+"""A nested run from a pretrained base (one in-process rank, local engine): start-up sorts the base's
 units by weight norm, training touches only the prefix, and `--method prefix` exports that prefix."""
 
 from __future__ import annotations
 
 import functools
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
-from helpers import BROWN_VALID, REPO, SHAKESPEARE, TRAIN, launch_env, tiny_args
+from helpers import BROWN_VALID, SHAKESPEARE, tiny_args
+from helpers.dist import train_on_ranks
 
 from twist_scale.models import architecture_of, build_model, units_to_keep
 from twist_scale.pruning.cli import main as export_main
@@ -32,10 +31,7 @@ def test_a_nested_run_trains_the_prefix_of_the_sorted_base_and_prefix_exports_it
     overrides |= dict(parallel__engine="local", model__pretrained=base, twist__sampling="nested", twist__kappa=0.5)
     overrides |= dict(twist__allow_uncovered="true", twist__shared_layers="none", twist__rounds=2)
     args = tiny_args(out, twist__local_steps=2, twist__correction="none", **overrides)
-    proc = subprocess.run(
-        [sys.executable, str(TRAIN), *args], cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    train_on_ranks(1, args)
 
     with torch.device("meta"):
         start = build_model("llama", "tiny", 512, str(base), weights=False)

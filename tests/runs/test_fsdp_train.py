@@ -1,4 +1,4 @@
-"""FSDP2 under a real torchrun: TwIST runs that must reproduce the DeepSpeed ZeRO-1 engine's losses
+"""FSDP2 on in-process ranks: TwIST runs that must reproduce the DeepSpeed ZeRO-1 engine's losses
 step for step (the engine's read/write against a single-process oracle is dist/test_fsdp_engine.py).
 """
 
@@ -8,9 +8,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import TRAIN, run_deepspeed, run_torchrun, tiny_args
-
-pytestmark = pytest.mark.slow
+from helpers import tiny_args
+from helpers.dist import train_on_ranks
 
 
 def loss_history(out_dir: Path) -> list[tuple[int, float]]:
@@ -52,13 +51,13 @@ def test_twist_losses_match_deepspeed(tmp_path, layout, resume):
     """
     common = {**layout, "eval__every_rounds": 0}
     ds_dir, fsdp_dir = tmp_path / "ds", tmp_path / "fsdp"
-    run_deepspeed(2, TRAIN, tiny_args(ds_dir, parallel__engine="deepspeed", **common), timeout=300)
-    run_torchrun(2, TRAIN, tiny_args(fsdp_dir, parallel__engine="fsdp", **common), timeout=300)
+    train_on_ranks(2, tiny_args(ds_dir, parallel__engine="deepspeed", **common))
+    train_on_ranks(2, tiny_args(fsdp_dir, parallel__engine="fsdp", **common))
     steps = list(range(1, 10))
     if resume:
         shutil.rmtree(fsdp_dir / "checkpoints" / "round_000003")
-        resumed = run_torchrun(2, TRAIN, tiny_args(fsdp_dir, parallel__engine="fsdp", **common), timeout=300)
-        assert "resumed from" in resumed.stdout + resumed.stderr
+        resumed = train_on_ranks(2, tiny_args(fsdp_dir, parallel__engine="fsdp", **common))
+        assert "resumed from" in resumed.output
         steps = [1, 2, 3, 4, 5, 6, 7, 7, 8, 8, 9, 9]  # round 3 logged by both attempts
 
     ds = dict(loss_history(ds_dir))

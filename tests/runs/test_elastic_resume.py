@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TRAIN, history, mlflow_run, run_deepspeed, tiny_args
+from helpers import history, mlflow_run, tiny_args
+from helpers.dist import train_on_ranks
 from safetensors.torch import load_file
 
 from twist_scale.config import OptimConfig
@@ -38,27 +39,25 @@ def scheduled_lr(steps: int, total: int) -> float:
     return schedule.get_last_lr()[0]
 
 
-@pytest.mark.slow
 def test_resharded_central_model_is_exact(tmp_path):
     """2 groups x 2 ranks -> 2 x 1 under DeepSpeed, at the saved round: nothing is left to train, so the
     export is the resharded central model, bit for bit."""
     out = tmp_path / "run"
-    run_deepspeed(4, TRAIN, tiny_args(out, **TWIST, twist__groups=2, twist__rounds=2))
+    train_on_ranks(4, tiny_args(out, **TWIST, twist__groups=2, twist__rounds=2))
     saved = exported(out / "final")
-    proc = run_deepspeed(2, TRAIN, tiny_args(out, **TWIST, twist__groups=2, twist__rounds=2))
-    assert "at round 2 (resharded)" in proc.stdout + proc.stderr
+    ranks = train_on_ranks(2, tiny_args(out, **TWIST, twist__groups=2, twist__rounds=2))
+    assert "at round 2 (resharded)" in ranks.output
     again = exported(out / "final")
     assert again.keys() == saved.keys()
     assert all(torch.equal(again[k], saved[k]) for k in saved), "resharding changed the central model"
 
 
-@pytest.mark.slow
 def test_training_goes_on_at_another_world_on_the_whole_runs_schedule(tmp_path):
     """2 groups x 1 rank -> 4 x 1 (one process per group): the round, the schedule and training carry on."""
     out = tmp_path / "run"
-    run_deepspeed(2, TRAIN, tiny_args(out, **TWIST, twist__groups=2, parallel__engine="local", twist__rounds=2))
-    proc = run_deepspeed(4, TRAIN, tiny_args(out, **TWIST, twist__groups=4, parallel__engine="local", twist__rounds=4))
-    assert "at round 2 (resharded)" in proc.stdout + proc.stderr
+    train_on_ranks(2, tiny_args(out, **TWIST, twist__groups=2, parallel__engine="local", twist__rounds=2))
+    ranks = train_on_ranks(4, tiny_args(out, **TWIST, twist__groups=4, parallel__engine="local", twist__rounds=4))
+    assert "at round 2 (resharded)" in ranks.output
     client, run = mlflow_run(out)
     assert history(client, run, "twist/round") == [1.0, 2.0, 3.0, 4.0]
     lr = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train/lr")}
