@@ -53,7 +53,8 @@ def _rank(rank: int, world: int, port: int, size: str, bucket_mb: float, zero: i
     import torch
     import torch.distributed as dist
 
-    from twist_scale.aggregate import DenseExchange
+    from twist_scale.aggregate import FullWidthExchange
+    from twist_scale.assembly import central_from_model
     from twist_scale.config import RunConfig
     from twist_scale.correction import correction_of
     from twist_scale.distributed import close_distributed, init_distributed
@@ -62,7 +63,7 @@ def _rank(rank: int, world: int, port: int, size: str, bucket_mb: float, zero: i
     from twist_scale.packing import PackedExchange
     from twist_scale.startup import materialise_rest
     from twist_scale.subnet import SubnetSampler, apply_subnet_shapes, partitioned_blocks
-    from twist_scale.sync import SubnetSync, central_from_model
+    from twist_scale.sync import SubnetSync
     from twist_scale.topology import Topology
 
     cfg = RunConfig()
@@ -84,7 +85,7 @@ def _rank(rank: int, world: int, port: int, size: str, bucket_mb: float, zero: i
         SubnetSync(central, engine, ugs, topo, (), correction_of("scale"), False).dispatch(specs)
         engine.train_step(torch.randint(0, 4096, (1, 32)))  # DeepSpeed creates the Adam moments at the first step
         packed = PackedExchange(central, "fp32", engine.shard_range)
-        for name, exchange in (("dense", DenseExchange(central)), ("packed", packed)):
+        for name, exchange in (("dense", FullWidthExchange(central)), ("packed", packed)):
             moments = ("exp_avg", "exp_avg_sq")
             sync = SubnetSync(central, engine, ugs, topo, moments, correction_of("scale"), False, exchange, bucket_mb)
             sync.aggregate(specs)  # the moments exist in the central model from here on, as after round 1

@@ -8,7 +8,7 @@ empty) subnet, which is what it keeps before the engine is built:
   - whole model: build the full-width model with its weights, cut this rank's pieces from every tensor,
     then shrink the model to the subnet (how every rank started before `startup.py`);
   - block by block: the model on the meta device, filled one block at a time, each block's pieces kept
-    and the block released (`sync.central_from_model`), then the subnet materialised.
+    and the block released (`assembly.central_from_model`), then the subnet materialised.
 Writes bench/results/startup.{json,md}.
 """
 
@@ -33,10 +33,10 @@ def _start(size: str, way: str, queue: mp.Queue) -> None:
     import torch
 
     from twist_scale.aggregate import CentralShards
+    from twist_scale.assembly import central_from_model, central_tensors
     from twist_scale.models import architecture_of, build_model
     from twist_scale.startup import materialise_rest
     from twist_scale.subnet import SubnetSampler, apply_subnet_shapes, partitioned_blocks
-    from twist_scale.sync import central_from_model, central_tensors
     from twist_scale.topology import Topology
 
     topo = Topology(world_size=4, rank=0, groups=2)

@@ -140,7 +140,7 @@ def masked_contribution(
     return scatter_tensor(sub, full_shape, axis, spec.units(ug))
 
 
-class DenseExchange:
+class FullWidthExchange:
     """Full-width tensors on the wire, one collective per tensor: the reference for `PackedExchange`."""
 
     def __init__(self, central: CentralShards) -> None:

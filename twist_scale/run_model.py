@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from twist_scale.config import ConfigError, RunConfig
-from twist_scale.correction import correction_of
+from twist_scale.correction import Correction, correction_of
 from twist_scale.models import UnitBlock, architecture_of, build_model
 from twist_scale.subnet import default_shared_layers, partitioned_blocks
 
@@ -20,6 +20,7 @@ class RunModel:
     model: nn.Module  # full width on the meta device, the correction installed (startup.fill fills it)
     unit_blocks: list[UnitBlock]  # what subnets slice: partitioned groups and the correction's statistics
     shared_layers: list[int]  # kept whole in every subnet
+    correction: Correction  # the run's activation-shift correction, installed in `model`
 
     @property
     def parameters(self) -> int:
@@ -42,4 +43,4 @@ def build_run_model(cfg: RunConfig, vocab_size: int) -> RunModel:
     correction = correction_of(cfg.twist.correction)
     unit_blocks = correction.unit_blocks(partitioned_blocks(arch.unit_blocks(model.config), shared))
     correction.install(model, unit_blocks, cfg.twist.stat_momentum)
-    return RunModel(model, unit_blocks, sorted(shared))
+    return RunModel(model, unit_blocks, sorted(shared), correction)

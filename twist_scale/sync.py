@@ -2,41 +2,28 @@
 
 SubnetSync dispatches (central model → one group's engine) and aggregates (engines → central model),
 bucket by bucket, so beside its shard of the central model and its group's subnet a rank holds about
-one bucket in flight. DenseSync is the same interface for plain data parallelism, where the engine
-already holds the whole model, so the loop has no dense branches.
+one bucket in flight. DataParallelSync is the same interface for plain data parallelism, where the
+engine already holds the whole model, so the loop has no data-parallel branches. Both see an engine
+only through its storage (`engines.storage.EngineStorage`); `assembly` builds them.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 from collections.abc import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
-from twist_scale.aggregate import CentralShards, DenseExchange, Traffic
-from twist_scale.config import DEFAULT_BUCKET_MB, RunConfig
-from twist_scale.correction import ACT_MEAN, Correction, correction_of, is_statistic
-from twist_scale.engines import build_engine
-from twist_scale.engines.base import Engine, even_range, moment_keys
+from twist_scale.aggregate import CentralShards, FullWidthExchange, Traffic
+from twist_scale.config import DEFAULT_BUCKET_MB
+from twist_scale.correction import ACT_MEAN, Correction, is_statistic
+from twist_scale.engines.base import even_range
+from twist_scale.engines.storage import EngineStorage
 from twist_scale.models import UnitBlock
 from twist_scale.packing import Entry, PackedExchange
-from twist_scale.startup import Arrange, fill, materialise_rest
-from twist_scale.subnet import SubnetSpec, apply_subnet_shapes, axis_of, slice_tensor
+from twist_scale.subnet import SubnetSpec, axis_of, slice_tensor
 from twist_scale.topology import Topology
-from twist_scale.unit_order import sort_units_by_weight_norm
-
-
-def central_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """What the central model holds: every parameter and the unit activation statistics (if any).
-
-    Statistics come first: dispatch needs the means before the output weights whose dropped units
-    they stand in for.
-    """
-    tensors = dict(model.named_parameters()) | {n: b for n, b in model.named_buffers() if is_statistic(n)}
-    return {n: tensors[n] for n in sorted(tensors, key=lambda n: not is_statistic(n))}
 
 
 def verify_same_masks(specs: list[SubnetSpec], topo: Topology) -> None:
@@ -53,58 +40,12 @@ def verify_same_masks(specs: list[SubnetSpec], topo: Topology) -> None:
         )
 
 
-def central_from_model(
-    model: nn.Module, topo: Topology, seed: int, pretrained: str = "", arrange: Arrange | None = None
-) -> CentralShards:
-    """This rank's pieces of the full-width meta-device `model`, filled block by block: no rank holds it whole."""
-    central = CentralShards(topo, {n: t.shape for n, t in central_tensors(model).items()})
-
-    def keep(name: str, value: torch.Tensor) -> bool:
-        if name in central.shapes:
-            central.set_full(name, value.detach())
-        return name in central.shapes
-
-    fill(model, seed, pretrained, keep, arrange)
-    return central
-
-
-def build_engine_and_sync(
-    model: nn.Module, cfg: RunConfig, topo: Topology, unit_blocks: list[UnitBlock], first_specs: list[SubnetSpec]
-) -> tuple[Engine, DenseSync | SubnetSync]:
-    """Wrap the full-width meta-device `model` in the run's engine, and the synchronisation its groups need.
-
-    TwIST keeps this rank's pieces of the full model as the central model, then shrinks the (still
-    empty) model to the group's first subnet, whose values the first dispatch sends; dense data
-    parallelism fills the model whole.
-    """
-    if cfg.is_dense:
-        fill(model, cfg.seed, cfg.model.pretrained)
-        engine = build_engine(model, cfg, topo)
-        return engine, DenseSync(engine)
-    nested = functools.partial(sort_units_by_weight_norm, unit_blocks=unit_blocks)
-    arrange = nested if cfg.twist.sampling == "nested" else None
-    central = central_from_model(model, topo, cfg.seed, cfg.model.pretrained, arrange)
-    apply_subnet_shapes(model, unit_blocks, first_specs[topo.group])
-    materialise_rest(model)
-    engine = build_engine(model, cfg, topo)
-    aggregate_moments = cfg.twist.optimizer_state == "aggregate"
-    moments = moment_keys(cfg.optim) if aggregate_moments else ()
-    correction = correction_of(cfg.twist.correction)
-    t = cfg.twist
-    packed = t.aggregation == "packed"
-    exchange = PackedExchange(central, t.wire_dtype, engine.shard_range) if packed else DenseExchange(central)
-    sync = SubnetSync(
-        central, engine, unit_blocks, topo, moments, correction, not aggregate_moments, exchange, t.bucket_mb
-    )
-    return engine, sync
-
-
-class DenseSync:
+class DataParallelSync:
     """Data parallelism: one group holds the whole model, so there is nothing to dispatch or aggregate."""
 
     moments: tuple[str, ...] = ()  # the engine keeps its own optimizer state
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: EngineStorage) -> None:
         self.engine = engine
 
     def dispatch(self, specs: list[SubnetSpec]) -> None: ...
@@ -131,18 +72,18 @@ class DenseSync:
 class SubnetSync:
     """TwIST's synchronisation: dispatch slices each group's subnet out of the sharded central model;
     aggregation averages the groups' subnets back into it. Both go bucket by bucket through an
-    exchange: packed (only held elements travel) or dense (full-width, the reference)."""
+    exchange: packed (only held elements travel) or full-width (the reference)."""
 
     def __init__(
         self,
         central: CentralShards,
-        engine: Engine,
+        engine: EngineStorage,
         unit_blocks: list[UnitBlock],
         topo: Topology,
         moments: tuple[str, ...],
         correction: Correction,
         reset_moments: bool,
-        exchange: PackedExchange | DenseExchange | None = None,
+        exchange: PackedExchange | FullWidthExchange | None = None,
         bucket_mb: float = DEFAULT_BUCKET_MB,
     ) -> None:
         self.central, self.engine, self.topo = central, engine, topo

@@ -1,10 +1,9 @@
 """The TwIST round loop: dispatch subnets, train H local steps, aggregate, resample.
 
-Everything else is a component built here: the model and its unit map (`run_model`), data
-(`data.load_run_data`), the engine (`engines/`), the synchronisation (`sync.SubnetSync`, or
-`sync.DenseSync` for plain data parallelism), metric collectives (`metrics.RunMetrics`), checkpoints
-of the stateful components (`checkpoint.Checkpointer`) and the central model's export
-(`central_io.export_central`).
+Everything else is a component built here: data (`data.load_run_data`); the model, its subnet
+sampler, the engine and the synchronisation, assembled once (`assembly.assemble`); metric collectives
+(`metrics.RunMetrics`), checkpoints of the stateful components (`checkpoint.Checkpointer`) and the
+central model's export (`central_io.export_central`).
 """
 
 from __future__ import annotations
@@ -18,6 +17,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from twist_scale import config as config_mod
+from twist_scale.assembly import assemble
 from twist_scale.central_io import TWIST_META, export_central, training_record
 from twist_scale.checkpoint import Checkpointer, RngState
 from twist_scale.config import RunConfig
@@ -27,9 +27,8 @@ from twist_scale.distributed import init_distributed
 from twist_scale.logs import setup_logging
 from twist_scale.metrics import RunMetrics
 from twist_scale.phases import Phases
-from twist_scale.run_model import build_run_model, full_model_builder
-from twist_scale.subnet import SubnetSampler
-from twist_scale.sync import build_engine_and_sync, verify_same_masks
+from twist_scale.run_model import full_model_builder
+from twist_scale.sync import verify_same_masks
 from twist_scale.topology import Topology
 from twist_scale.tracking import start_run_tracking
 
@@ -48,13 +47,8 @@ class Trainer:
             config_mod.save_resolved(cfg, self.out_dir / "config.json")
         self.data = load_run_data(cfg, topo, dist.barrier)
         torch.manual_seed(cfg.seed)  # the same stream on every rank (weights are seeded per block: startup.fill)
-        self.model = build_run_model(cfg, len(self.data.tokenizer))
-        self.sampler = SubnetSampler(
-            tuple(self.model.unit_blocks), cfg.twist.kappas, cfg.seed, cfg.twist.sampling == "nested"
-        )
-        self.engine, self.sync = build_engine_and_sync(
-            self.model.model, cfg, topo, self.model.unit_blocks, self.sampler.specs(0)
-        )
+        parts = assemble(cfg, topo, len(self.data.tokenizer))
+        self.model, self.sampler, self.engine, self.sync = parts.model, parts.sampler, parts.engine, parts.sync
         self.round = self.skipped_steps = 0
         self.checkpointer = Checkpointer.for_run(self.out_dir / "checkpoints", topo, cfg.checkpoint, cfg.twist.rounds)
         self.stateful = {"data": self.data.train, "rng": RngState(), "central": self.sync}

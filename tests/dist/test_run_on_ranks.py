@@ -45,4 +45,4 @@ def greet_then_fail_on_rank_one(rank: int, world: int) -> None:
 def test_ranks_output_and_allowed_failures_come_back_to_the_caller():
     ranks = run_on_ranks(greet_then_fail_on_rank_one, 2, timeout=120, may_fail=True)
     assert "hello from rank 0" in ranks.output and "hello from rank 1" in ranks.output
-    assert list(ranks.failures) == [1] and "FloatingPointError: rank one gives up" in ranks.failures[1]
+    assert "FloatingPointError: rank one gives up" in ranks.failures[1]  # rank 0 may fail after, at the barrier

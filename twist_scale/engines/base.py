@@ -1,4 +1,4 @@
-"""The engine interface and what every engine shares: optimizer, schedule, batch forward."""
+"""The trainer's engine interface and what every engine shares: optimizer, schedule, the guarded step."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from torch import nn
 from transformers import get_cosine_schedule_with_warmup
 
 from twist_scale.config import OptimConfig
+from twist_scale.engines.storage import EngineStorage
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -42,12 +43,20 @@ def moment_keys(cfg: OptimConfig) -> tuple[str, ...]:
 
 
 class Engine(abc.ABC):
-    """Trains one (sub-)model; reads and writes its full (group-gathered) tensors by name."""
+    """What the trainer sees of an engine: train and evaluate one (sub-)model, its schedule, its files.
+
+    Everything the synchronisation reads and writes (weights, moments, buffers, ranges) is the
+    engine's `storage`, a separate interface (`engines.storage.EngineStorage`) the trainer never calls.
+    """
 
     module: nn.Module
-    optimizer: torch.optim.Optimizer  # or the engine's wrapper of one (see torch_optimizer)
+    optimizer: torch.optim.Optimizer  # or the engine's wrapper of one (see _torch_optimizer)
     scheduler: torch.optim.lr_scheduler.LRScheduler  # stepped once per train_step, skipped or not
-    params: dict[str, nn.Parameter]  # the (sub-)model's parameters by name, as read/write address them
+
+    @property
+    @abc.abstractmethod
+    def storage(self) -> EngineStorage:
+        """The engine's tensors as dispatch and aggregation read and write them."""
 
     def train_step(self, input_ids: torch.Tensor) -> float:
         """Forward, backward and optimizer step on one micro-batch; returns the loss.
@@ -84,75 +93,7 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def _loss(self, input_ids: torch.Tensor) -> torch.Tensor: ...
 
-    def local_tensors(self) -> list[torch.Tensor]:
-        """The weights this rank stores (its shard where the engine shards them): a local check reads them."""
-        return [p.detach() for p in self.module.parameters()]
-
-    def submodule(self, name: str) -> nn.Module:
-        """A module of the trained (sub-)model: where a correction sets its factor or shift."""
-        return self.module.get_submodule(name)
-
-    def read_buffer(self, name: str) -> torch.Tensor:
-        """Buffers are never sharded: every rank holds its own full copy."""
-        return self.module.get_buffer(name).detach()
-
-    @torch.no_grad()
-    def write_buffer(self, name: str, value: torch.Tensor) -> None:
-        self.module.get_buffer(name).copy_(value)
-
-    @abc.abstractmethod
-    def read(self, name: str) -> torch.Tensor:
-        """The full fp32 value of parameter `name` (collective within the group)."""
-
-    @abc.abstractmethod
-    def write(self, name: str, value: torch.Tensor) -> None:
-        """Set parameter `name` everywhere the engine keeps a copy (master and working weights)."""
-
-    @abc.abstractmethod
-    def read_state(self, name: str, key: str) -> torch.Tensor:
-        """Optimizer moment `key` of parameter `name`, full shape (zeros before the first step)."""
-
-    @abc.abstractmethod
-    def write_state(self, name: str, key: str, value: torch.Tensor) -> None: ...
-
-    def shard_range(self, shape: torch.Size, dp_rank: int) -> tuple[int, int] | None:
-        """Where the engine shards every parameter (ZeRO-3, FSDP): the flat range of one of `shape`
-        that dp rank `dp_rank` of a group stores; None where each rank keeps parameters whole.
-
-        A function of the shape alone, so dispatch can send each rank of any group only its shard.
-        """
-        return None
-
-    def local_range(self, name: str) -> tuple[int, int]:
-        """The flat range of parameter `name` whose master values (and moments) this rank stores itself.
-
-        The ranges of a group's ranks tile the parameter, so aggregation can read each rank's own range
-        and send it, gathering nothing. An engine that keeps whole parameters on every rank splits them
-        evenly instead, so each element is still sent once; one that runs alone stores everything.
-        """
-        return 0, self.params[name].numel()
-
-    def read_local(self, name: str, key: str = "") -> torch.Tensor:
-        """The fp32 values of `local_range` (moment `key`, if not empty), flat: a view of the engine's
-        storage where it keeps them in fp32, so aggregation copies nothing it does not send."""
-        start, stop = self.local_range(name)
-        return (self.read_state(name, key) if key else self.read(name)).reshape(-1)[start:stop]
-
-    def ranged_state(self, name: str) -> bool:
-        """Whether this rank stores only `local_range` of the moments of `name` (ZeRO-1/2's partitioned
-        optimizer state, ZeRO-3, FSDP): dispatch then sends it only that range, for `write_shard`."""
-        return False
-
-    def write_shard(self, name: str, key: str, flat: torch.Tensor) -> None:
-        """Set this rank's `local_range` of parameter `name` (of its moment `key`, if not empty): where
-        the engine shards parameters (`shard_range`), or, for a moment, where `ranged_state`."""
-        raise NotImplementedError(f"{type(self).__name__} keeps whole parameters: use write/write_state")
-
-    @abc.abstractmethod
-    def reset_optimizer_state(self) -> None:
-        """Fresh moments and step counts, as if the optimizer had just been built."""
-
-    def torch_optimizer(self) -> torch.optim.Optimizer:
+    def _torch_optimizer(self) -> torch.optim.Optimizer:
         """The torch optimizer that holds the moments (inside any wrapper)."""
         return self.optimizer
 
@@ -167,7 +108,7 @@ class Engine(abc.ABC):
             for _ in range(steps):
                 self.scheduler.step()
         if moments:
-            optimizer = self.torch_optimizer()
+            optimizer = self._torch_optimizer()
             for group in optimizer.param_groups:
                 for p in group["params"]:
                     state = optimizer.state[p]
@@ -183,12 +124,3 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def load(self, directory: str) -> None: ...
-
-
-def zero_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
-    for state in optimizer.state.values():
-        for key, value in state.items():
-            if torch.is_tensor(value):
-                value.zero_()
-            elif key == "step":
-                state[key] = 0

@@ -28,7 +28,8 @@ from deepspeed.utils import (
 from torch import nn
 
 from twist_scale.config import ConfigError, RunConfig
-from twist_scale.engines.base import Engine, build_optimizer, build_scheduler, even_range, zero_optimizer_state
+from twist_scale.engines.base import Engine, build_optimizer, build_scheduler, even_range
+from twist_scale.engines.storage import EngineStorage, zero_optimizer_state
 from twist_scale.topology import Topology
 
 RUN_OWNED = ("optimizer", "scheduler")
@@ -68,7 +69,7 @@ def render_ds_config(path: str, cfg: RunConfig, ranks_per_group: int) -> dict[st
     return raw
 
 
-class DeepSpeedEngine(Engine):
+class DeepSpeedEngine(Engine, EngineStorage):
     def __init__(self, model: nn.Module, cfg: RunConfig, topo: Topology) -> None:
         self.topo = topo
         ds_config = render_ds_config(cfg.parallel.ds_config, cfg, topo.ranks_per_group)
@@ -81,6 +82,10 @@ class DeepSpeedEngine(Engine):
         self.stage = self.engine.zero_optimization_stage()
         self.params = dict(self.module.named_parameters())
         self._moments_linked = False
+
+    @property
+    def storage(self) -> EngineStorage:
+        return self
 
     def _loss(self, input_ids: torch.Tensor) -> torch.Tensor:
         input_ids = input_ids.to(self.engine.device)
@@ -211,9 +216,9 @@ class DeepSpeedEngine(Engine):
         self._moments_linked = True
 
     def reset_optimizer_state(self) -> None:
-        zero_optimizer_state(self.torch_optimizer())
+        zero_optimizer_state(self._torch_optimizer())
 
-    def torch_optimizer(self) -> torch.optim.Optimizer:
+    def _torch_optimizer(self) -> torch.optim.Optimizer:
         return getattr(self.optimizer, "optimizer", self.optimizer)
 
     def resume_at(self, steps: int, moments: tuple[str, ...]) -> None:

@@ -16,14 +16,15 @@ from collections.abc import Callable
 import torch
 from helpers import REPO
 
-from twist_scale.aggregate import CentralShards, DenseExchange
+from twist_scale.aggregate import CentralShards, FullWidthExchange
 from twist_scale.config import RunConfig
 from twist_scale.correction import correction_of
 from twist_scale.engines.deepspeed_engine import DeepSpeedEngine
 from twist_scale.models import AxisSlice, UnitBlock, architecture_of, build_model
 from twist_scale.packing import PackedExchange
 from twist_scale.subnet import SubnetSampler, SubnetSpec, apply_subnet_shapes, axis_of, partitioned_blocks, slice_tensor, unit_mask
-from twist_scale.sync import SubnetSync, central_tensors
+from twist_scale.assembly import central_tensors
+from twist_scale.sync import SubnetSync
 from twist_scale.topology import Topology
 
 
@@ -34,7 +35,7 @@ def delta(name: str, group: int, shape: torch.Size) -> torch.Tensor:
 
 
 EXCHANGES = {  # name: (exchange of the central model and the engine, bucket MB)
-    "dense": (lambda central, engine: DenseExchange(central), 32),
+    "dense": (lambda central, engine: FullWidthExchange(central), 32),
     "packed": (lambda central, engine: PackedExchange(central, "fp32", engine.shard_range), 32),
     "whole": (lambda central, engine: PackedExchange(central), 32),
     "bf16": (lambda central, engine: PackedExchange(central, "bf16", engine.shard_range), 32),

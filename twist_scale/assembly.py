@@ -1,0 +1,88 @@
+"""Start-up, in one place: the run's model → its engine → the central model → the synchronisation.
+
+The trainer calls `assemble` once. Dense data parallelism fills the model whole and wraps it in the
+engine. TwIST keeps this rank's shards of the full-width model as the central model, shrinks the (still
+empty) model to the group's first subnet, builds the engine around it and hands the synchronisation the
+engine's storage; the first dispatch fills the subnet's values.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from twist_scale.aggregate import CentralShards, FullWidthExchange
+from twist_scale.config import RunConfig
+from twist_scale.correction import is_statistic
+from twist_scale.engines import build_engine
+from twist_scale.engines.base import Engine, moment_keys
+from twist_scale.packing import PackedExchange
+from twist_scale.run_model import RunModel, build_run_model
+from twist_scale.startup import Arrange, fill, materialise_rest
+from twist_scale.subnet import SubnetSampler, apply_subnet_shapes
+from twist_scale.sync import DataParallelSync, SubnetSync
+from twist_scale.topology import Topology
+from twist_scale.unit_order import sort_units_by_weight_norm
+
+
+@dataclass(frozen=True)
+class Assembly:
+    model: RunModel  # the full-width architecture and its unit map (the model itself shrunk to the subnet)
+    sampler: SubnetSampler  # every group's subnet in every round
+    engine: Engine  # trains this rank's group's subnet
+    sync: DataParallelSync | SubnetSync  # moves values between the engine and the central model
+
+
+def central_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What the central model holds: every parameter and the unit activation statistics (if any).
+
+    Statistics come first: dispatch needs the means before the output weights whose dropped units
+    they stand in for.
+    """
+    tensors = dict(model.named_parameters()) | {n: b for n, b in model.named_buffers() if is_statistic(n)}
+    return {n: tensors[n] for n in sorted(tensors, key=lambda n: not is_statistic(n))}
+
+
+def central_from_model(
+    model: nn.Module, topo: Topology, seed: int, pretrained: str = "", arrange: Arrange | None = None
+) -> CentralShards:
+    """This rank's shards of the full-width meta-device `model`, filled block by block: no rank holds it whole."""
+    central = CentralShards(topo, {n: t.shape for n, t in central_tensors(model).items()})
+
+    def keep(name: str, value: torch.Tensor) -> bool:
+        if name in central.shapes:
+            central.set_full(name, value.detach())
+        return name in central.shapes
+
+    fill(model, seed, pretrained, keep, arrange)
+    return central
+
+
+def assemble(cfg: RunConfig, topo: Topology, vocab_size: int) -> Assembly:
+    """The run's model, sampler, engine and synchronisation, built once at start-up (see module doc)."""
+    run_model = build_run_model(cfg, vocab_size)
+    model, blocks = run_model.model, run_model.unit_blocks
+    sampler = SubnetSampler(tuple(blocks), cfg.twist.kappas, cfg.seed, cfg.twist.sampling == "nested")
+    if cfg.is_dense:
+        fill(model, cfg.seed, cfg.model.pretrained)
+        engine = build_engine(model, cfg, topo)
+        return Assembly(run_model, sampler, engine, DataParallelSync(engine.storage))
+    nested = functools.partial(sort_units_by_weight_norm, unit_blocks=blocks)
+    arrange = nested if cfg.twist.sampling == "nested" else None
+    central = central_from_model(model, topo, cfg.seed, cfg.model.pretrained, arrange)
+    apply_subnet_shapes(model, blocks, sampler.specs(0)[topo.group])
+    materialise_rest(model)
+    engine = build_engine(model, cfg, topo)
+    t = cfg.twist
+    aggregate_moments = t.optimizer_state == "aggregate"
+    moments = moment_keys(cfg.optim) if aggregate_moments else ()
+    storage = engine.storage
+    packed = t.aggregation == "packed"
+    exchange = PackedExchange(central, t.wire_dtype, storage.shard_range) if packed else FullWidthExchange(central)
+    sync = SubnetSync(
+        central, storage, blocks, topo, moments, run_model.correction, not aggregate_moments, exchange, t.bucket_mb
+    )
+    return Assembly(run_model, sampler, engine, sync)
