@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from twist_scale.exchange_plan import Entry, buckets
 from twist_scale.models import AxisSlice, UnitBlock
-from twist_scale.packing import Entry, buckets
 from twist_scale.subnet import SubnetSpec, scatter_tensor, slice_tensor
 from twist_scale.topology import Topology
 

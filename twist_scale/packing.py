@@ -1,14 +1,8 @@
 """Packed, bucketed exchange between the groups' subnets and the sharded central model.
 
-The dense exchange moves full-width tensors: a zero-filled masked reduce-scatter to aggregate and an
-all-gather of every full tensor to dispatch, so its traffic ignores κ. Here only held elements
-travel, and no rank needs a handshake to know how many: every rank knows every group's spec.
-
-Unit ids are ascending in a spec, so a subnet tensor lists its elements in the order of their flat
-index in the full tensor. A group's elements inside any flat range [lo, hi) of a full tensor are
-therefore one contiguous run of its flattened subnet, whose ends are counted in O(1) (`Held.before`);
-only the owner of a piece needs the held elements' positions, and only over its piece
-(`Held.positions`).
+The full-width exchange (`aggregate.FullWidthExchange`) moves whole tensors, so its traffic ignores κ.
+Here only held elements travel, and no rank needs a handshake to know how many: every rank knows every
+group's spec, and `exchange_plan` says which elements a group holds in any range.
 
 - Aggregation: every rank reads only the flat range of its group's subnet tensor that its engine
   stores (its ZeRO partition or FSDP shard, a view of the master values; `learn_layout` gathers who
@@ -23,134 +17,25 @@ only the owner of a piece needs the held elements' positions, and only over its 
   range of a tensor (a ZeRO-3/FSDP shard; a ZeRO-1/2 fragment of a moment), it receives only that
   range: ∝ κ/R.
 
-Tensors travel in buckets of about `bucket_bytes` of full-width fp32 data: one all-to-all per
-bucket. A tensor larger than a bucket is cut into parts, each the same sub-range of every owner's
-piece (a group's elements in it are still one run per owner), so the exchange's temporaries are
-bounded by the bucket, not by the largest tensor, and aggregation reads the engine's storage in place. The
-aggregation payload can travel in bf16 (owners accumulate in fp32); dispatch is always fp32, so a
-round starts from the central weights exactly.
+One all-to-all per bucket (`exchange_plan.buckets`); a tensor larger than a bucket is cut into parts,
+the same sub-range of every owner's piece, so temporaries are bounded by the bucket. The aggregation
+payload can travel in bf16 (owners accumulate in fp32); dispatch is always fp32, so a round starts
+from the central weights exactly.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
-from itertools import groupby
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 
-from twist_scale.models import AxisSlice, UnitBlock
+from twist_scale.exchange_plan import Entry, Held, alike, plan_buckets
 from twist_scale.subnet import SubnetSpec
 
 WIRE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 ShardRange = Callable[[torch.Size, int], "tuple[int, int] | None"]  # Engine.shard_range
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One central tensor as the exchange sees it: a parameter, a statistic or a moment (`name@key`)."""
-
-    name: str
-    shape: torch.Size
-    unit: tuple[UnitBlock, AxisSlice] | None  # None: every group holds it whole
-    whole: bool = False  # dispatch it full-width (a correction needs the dropped units too)
-    part: tuple[int, int] | None = None  # [a, b) of every owner's piece; None: the whole piece
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    def units(self, spec: SubnetSpec) -> torch.Tensor | None:
-        return None if self.unit is None else spec.units(self.unit[0])
-
-
-class Held:
-    """Which elements of one full tensor a group holds: every element whose unit-axis coordinate it keeps."""
-
-    def __init__(self, entry: Entry, units: torch.Tensor | None) -> None:
-        self.along: torch.Tensor | None = None  # None: the whole tensor
-        if units is None:
-            return
-        axis = entry.unit[1]
-        coords = axis.index(units)
-        if len(coords) > 1 and not bool((coords[1:] > coords[:-1]).all()):
-            raise ValueError(f"{entry.name}: the packed exchange needs ascending unit ids, as sampled specs have")
-        self.size, self.inner = entry.shape[axis.axis], math.prod(entry.shape[axis.axis + 1 :])
-        # int32 offsets where they fit: half the memory of int64 for index_select / index_add_
-        self.index_dtype = torch.int32 if entry.numel < 2**31 else torch.int64
-        self.coords = coords.to(self.index_dtype)
-        self.along = torch.zeros(self.size, dtype=torch.bool)
-        self.along[coords] = True
-        self.below = torch.cat([torch.zeros(1, dtype=torch.long), self.along.cumsum(0)]).tolist()  # held coords < c
-
-    def before(self, position: int) -> int:
-        """How many held elements have a flat index below `position`: where a range starts in the subnet."""
-        if self.along is None:
-            return position
-        outer, rest = divmod(position, self.size * self.inner)
-        coord, i = divmod(rest, self.inner)
-        partial = i if bool(self.along[coord]) else 0  # the held elements of a held row before `position`
-        return (outer * self.below[-1] + self.below[coord]) * self.inner + partial
-
-    def positions(self, lo: int, hi: int) -> torch.Tensor | None:
-        """Offsets from `lo` of the held elements of flat range [lo, hi), ascending (None: all of them).
-
-        Built from the held rows (one unit-axis coordinate of one outer index, `inner` elements each)
-        of the slabs the range touches, never from a mask over the range: index_select and index_add_
-        on these offsets are several times faster than boolean indexing, which scans the range twice.
-        """
-        if self.along is None:
-            return None
-        if hi <= lo:
-            return torch.empty(0, dtype=self.index_dtype)
-        first, last = lo // self.inner, (hi - 1) // self.inner  # the rows the range touches
-        base = first // self.size * self.size  # the first row of the first slab touched
-        slabs = torch.arange(last // self.size - first // self.size + 1, dtype=self.index_dtype)
-        # offsets from lo, the shift folded into the small operand so no pass runs over the large result
-        if self.inner == 1:  # a row is one element: the held rows are the offsets
-            flat = (slabs[:, None] * self.size + (self.coords + (base - lo))[None, :]).flatten()
-        else:
-            rows = (slabs[:, None] * self.size + self.coords[None, :]).flatten()  # held rows from `base`, ascending
-            rows = rows[_at(rows, first - base) : _at(rows, last + 1 - base)]
-            within = torch.arange(self.inner, dtype=self.index_dtype) + (base * self.inner - lo)
-            flat = (rows[:, None] * self.inner + within[None, :]).flatten()
-        return flat[_at(flat, 0) : _at(flat, hi - lo)]  # only the first and last rows can be partial
-
-
-def _at(ascending: torch.Tensor, value: int) -> int:
-    """How many entries of an ascending tensor are below `value`."""
-    return int(torch.searchsorted(ascending, torch.tensor(value)))
-
-
-def alike(bucket: list[Entry], dispatch: bool) -> Iterator[list[int]]:
-    """Runs of consecutive entries with the same holders over the same range: a weight and its moments.
-
-    They share one Held, one set of positions and (in aggregation) one holder count. In dispatch a
-    `whole` entry is held whole, unlike its moments.
-    """
-
-    def key(i: int) -> tuple:
-        return bucket[i].name.partition("@")[0], bucket[i].part, dispatch and bucket[i].whole
-
-    for _, run in groupby(range(len(bucket)), key):
-        yield list(run)
-
-
-def buckets(
-    entries: list[Entry], bucket_bytes: int, elements: Callable[[Entry], int] = lambda e: e.numel
-) -> list[list[Entry]]:
-    """Consecutive entries whose full-width fp32 size (`elements` of each) adds up to about `bucket_bytes`."""
-    out: list[list[Entry]] = [[]]
-    size = 0
-    for entry in entries:
-        if out[-1] and size + 4 * elements(entry) > bucket_bytes:
-            out.append([])
-            size = 0
-        out[-1].append(entry)
-        size += 4 * elements(entry)
-    return [b for b in out if b]
 
 
 class PackedExchange:
@@ -191,17 +76,7 @@ class PackedExchange:
         return 0, math.prod(shape)
 
     def plan(self, entries: list[Entry], bucket_bytes: int) -> list[list[Entry]]:
-        """Buckets of about `bucket_bytes`, a tensor larger than one cut into parts of about a bucket."""
-        world = self.topo.world_size
-        step = max(1, bucket_bytes // (4 * world))  # elements of each owner's piece per part
-        parts = []
-        for entry in entries:
-            k = self.central.piece_len(entry.name)
-            if 4 * entry.numel <= bucket_bytes or step >= k:
-                parts.append(entry)
-            else:
-                parts += [replace(entry, part=(a, min(a + step, k))) for a in range(0, k, step)]
-        return buckets(parts, bucket_bytes, lambda e: e.numel if e.part is None else (e.part[1] - e.part[0]) * world)
+        return plan_buckets(entries, bucket_bytes, self.topo.world_size, self.central.piece_len)
 
     def _range(self, entry: Entry, piece: int) -> tuple[int, int]:
         """The flat range of the full tensor that `entry` covers in owner `piece`'s piece."""

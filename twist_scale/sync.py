@@ -20,8 +20,9 @@ from twist_scale.config import DEFAULT_BUCKET_MB
 from twist_scale.correction import ACT_MEAN, Correction, is_statistic
 from twist_scale.engines.base import even_range
 from twist_scale.engines.storage import EngineStorage
+from twist_scale.exchange_plan import Entry
 from twist_scale.models import UnitBlock
-from twist_scale.packing import Entry, PackedExchange
+from twist_scale.packing import PackedExchange
 from twist_scale.subnet import SubnetSpec, axis_of, slice_tensor
 from twist_scale.topology import Topology
 

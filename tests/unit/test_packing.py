@@ -6,8 +6,8 @@ import pytest
 import torch
 from helpers.models import random_model
 
+from twist_scale.exchange_plan import Entry, Held, buckets
 from twist_scale.models import architecture_of
-from twist_scale.packing import Entry, Held, buckets
 from twist_scale.subnet import SubnetSampler, axis_of, partitioned_blocks, slice_tensor
 
 
