@@ -76,18 +76,20 @@ def _rank(rank: int, world: int, port: int, size: str, bucket_mb: float, zero: i
             model = build_model("llama", size, 4096)
         params = sum(p.numel() for p in model.parameters())
         largest = max(p.numel() for p in model.parameters()) * 4
-        ugs = partitioned_blocks(architecture_of(model).unit_blocks(model.config), shared_layers=[])
-        specs = SubnetSampler(tuple(ugs), (kappa,) * GROUPS, seed=0).specs(0)
+        unit_blocks = partitioned_blocks(architecture_of(model).unit_blocks(model.config), shared_layers=[])
+        specs = SubnetSampler(tuple(unit_blocks), (kappa,) * GROUPS, seed=0).specs(0)
         central = central_from_model(model, topo, seed=0)
-        apply_subnet_shapes(model, ugs, specs[topo.group])
+        apply_subnet_shapes(model, unit_blocks, specs[topo.group])
         materialise_rest(model)
         engine = DeepSpeedEngine(model, cfg, topo)
-        SubnetSync(central, engine, ugs, topo, (), correction_of("scale"), False).dispatch(specs)
+        SubnetSync(central, engine, unit_blocks, topo, (), correction_of("scale"), False).dispatch(specs)
         engine.train_step(torch.randint(0, 4096, (1, 32)))  # DeepSpeed creates the Adam moments at the first step
         packed = PackedExchange(central, "fp32", engine.shard_range)
         for name, exchange in (("dense", FullWidthExchange(central)), ("packed", packed)):
             moments = ("exp_avg", "exp_avg_sq")
-            sync = SubnetSync(central, engine, ugs, topo, moments, correction_of("scale"), False, exchange, bucket_mb)
+            sync = SubnetSync(
+                central, engine, unit_blocks, topo, moments, correction_of("scale"), False, exchange, bucket_mb
+            )
             sync.aggregate(specs)  # the moments exist in the central model from here on, as after round 1
             sync.take_traffic()
             dispatch_s, _ = _measure(sync.dispatch, specs)

@@ -221,7 +221,7 @@ def tables(report: dict, kappas: list[float]) -> list[str]:
 
 def publish(report: dict, table: str, uri: str, experiment: str, out: Path, name: str) -> None:
     """bench/results/<name>.{json,md,png}; the PNG is `twist-compare`'s chart over the runs' MLflow store."""
-    from twist_scale.compare import main as compare
+    from twist_scale.commands.compare import main as compare
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     compare(["--tracking.uri", uri, "--tracking.experiment", experiment, "--out", str(out / "compare")])

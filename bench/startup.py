@@ -51,8 +51,8 @@ def _start(size: str, way: str, queue: mp.Queue) -> None:
         with torch.device("meta"):
             model = build_model("llama", size, 4096)
         central = central_from_model(model, topo, seed=0)
-    ugs = partitioned_blocks(architecture_of(model).unit_blocks(model.config), shared_layers=[])
-    apply_subnet_shapes(model, ugs, SubnetSampler(tuple(ugs), (0.5,) * 2, seed=0).specs(0)[0])
+    unit_blocks = partitioned_blocks(architecture_of(model).unit_blocks(model.config), shared_layers=[])
+    apply_subnet_shapes(model, unit_blocks, SubnetSampler(tuple(unit_blocks), (0.5,) * 2, seed=0).specs(0)[0])
     materialise_rest(model)
     full_mb = sum(math.prod(s) for s in central.shapes.values()) * 4 / 2**20
     queue.put({"size": size, "way": way, "full_model_mb": full_mb, "startup_mb": _peak_mb() - baseline})

@@ -5,7 +5,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without install
 
-from twist_scale.evaluate import main  # noqa: E402
+from twist_scale.commands.evaluate import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

@@ -45,12 +45,12 @@ def holder_counts(shape: torch.Size, unit: tuple[UnitBlock, AxisSlice] | None, s
     """How many groups hold each element: G for shared tensors, the per-unit holder count otherwise."""
     if unit is None:
         return torch.full(shape, float(len(specs)))
-    ug, axis = unit
-    per_unit = torch.zeros(ug.num_units)
+    unit_block, axis = unit
+    per_unit = torch.zeros(unit_block.num_units)
     for spec in specs:
-        per_unit[spec.units(ug)] += 1
+        per_unit[spec.units(unit_block)] += 1
     along = torch.zeros(shape[axis.axis])
-    along[axis.index(torch.arange(ug.num_units))] = per_unit.repeat_interleave(axis.width).repeat(axis.segments)
+    along[axis.index(torch.arange(unit_block.num_units))] = per_unit.repeat_interleave(axis.width).repeat(axis.segments)
     view = [1] * len(shape)
     view[axis.axis] = shape[axis.axis]
     return along.view(view).expand(shape)
@@ -136,8 +136,8 @@ def masked_contribution(
     sub = sub.detach().to("cpu", torch.float32)
     if unit is None:
         return sub
-    ug, axis = unit
-    return scatter_tensor(sub, full_shape, axis, spec.units(ug))
+    unit_block, axis = unit
+    return scatter_tensor(sub, full_shape, axis, spec.units(unit_block))
 
 
 class FullWidthExchange:
@@ -149,7 +149,7 @@ class FullWidthExchange:
     def plan(self, entries: list[Entry], bucket_bytes: int) -> list[list[Entry]]:
         return buckets(entries, bucket_bytes)  # whole tensors: each is one collective anyway
 
-    def is_local(self, entry: Entry) -> bool:
+    def receives_shard(self, entry: Entry) -> bool:
         return False  # every rank receives whole subnet tensors
 
     def aggregate(self, bucket: list[Entry], read: Callable[[Entry], torch.Tensor], specs: list[SubnetSpec]) -> None:

@@ -9,13 +9,12 @@ Both files are logged back as artifacts of a run named 'comparison' in the same 
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 from twist_scale.metric_names import MetricName, label_of_eval_run
 from twist_scale.run_store import PARENT_TAG, RunStore
-from twist_scale.sparsity_chart import Series, plot
+from twist_scale.sparsity_chart import Series
 
 KIND_TAG = "twist.kind"
 COMPARISON = "comparison"
@@ -97,31 +96,3 @@ def log_comparison(tracking_uri: str, experiment: str, files: list[Path]) -> str
         store.log_artifact(run_id, f)
     store.end(run_id)
     return run_id
-
-
-def main(argv: list[str] | None = None) -> None:
-    """`twist-compare --tracking.uri sqlite:///runs/mlflow.db`: table + PNG of perplexity vs sparsity."""
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument(
-        "--tracking.uri", dest="tracking_uri", required=True, help="the MLflow store the runs logged to"
-    )
-    parser.add_argument("--tracking.experiment", dest="experiment", default="twist-scale")
-    parser.add_argument("--out", type=Path, default=Path("runs/compare"), help="directory for the table and PNG")
-    parser.add_argument("--no_log", action="store_true", help="do not log the files back to MLflow")
-    args = parser.parse_args(argv)
-    try:
-        series = collect(args.tracking_uri, args.experiment)
-    except ValueError as err:
-        parser.exit(2, f"error: {err}\n")
-    if not series:
-        parser.exit(2, f"error: no run in {args.experiment!r} has test/*/ppl_kappa_* metrics; run launch/evaluate.py\n")
-    table = format_table(series)
-    print(table)
-    table_file = args.out / "ppl_vs_sparsity.md"
-    table_file.parent.mkdir(parents=True, exist_ok=True)
-    table_file.write_text(table + "\n")
-    png = plot(series, args.out / "ppl_vs_sparsity.png", f"{args.experiment}: perplexity vs sparsity")
-    print(f"wrote {table_file} and {png}")
-    if not args.no_log:
-        run_id = log_comparison(args.tracking_uri, args.experiment, [table_file, png])
-        print(f"logged to run {run_id} ({COMPARISON})")

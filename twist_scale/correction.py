@@ -44,7 +44,7 @@ class Correction:
     needs_full_weight = False  # dispatch reads the dropped units' columns of the output projection
 
     def unit_blocks(self, unit_blocks: list[UnitBlock]) -> list[UnitBlock]:
-        """The unit map training slices and averages: the partitioned groups plus any statistics."""
+        """The unit map training slices and averages: the partitioned unit blocks plus any statistics."""
         return unit_blocks
 
     def install(self, model: nn.Module, unit_blocks: list[UnitBlock], momentum: float) -> None:
@@ -53,7 +53,7 @@ class Correction:
     def dispatch(
         self,
         module: nn.Module,
-        ug: UnitBlock,
+        unit_block: UnitBlock,
         kept: torch.Tensor,
         full_weight: torch.Tensor | None,
         means: dict[str, torch.Tensor],
@@ -64,7 +64,9 @@ class Correction:
         dispatch then sends it whole), `means` the full-width activation means by output module.
         """
 
-    def fold(self, module: nn.Module, ug: UnitBlock, kept: torch.Tensor, means: dict[str, torch.Tensor]) -> None:
+    def fold(
+        self, module: nn.Module, unit_block: UnitBlock, kept: torch.Tensor, means: dict[str, torch.Tensor]
+    ) -> None:
         """Bake what `dispatch` set into the full-width projection, before its dropped units are sliced away."""
 
 
@@ -72,24 +74,28 @@ class ScaleCorrection(Correction):
     name = "scale"
 
     def install(self, model: nn.Module, unit_blocks: list[UnitBlock], momentum: float) -> None:
-        for ug in unit_blocks:
-            module = model.get_submodule(ug.output_module)
+        for unit_block in unit_blocks:
+            module = model.get_submodule(unit_block.output_module)
             module.twist_input_scale = 1.0
             module.register_forward_pre_hook(_scale_input)
 
     def dispatch(
         self,
         module: nn.Module,
-        ug: UnitBlock,
+        unit_block: UnitBlock,
         kept: torch.Tensor,
         full_weight: torch.Tensor | None,
         means: dict[str, torch.Tensor],
     ) -> None:
-        module.twist_input_scale = ug.num_units / len(kept)
+        module.twist_input_scale = unit_block.num_units / len(kept)
 
     @torch.no_grad()
-    def fold(self, module: nn.Module, ug: UnitBlock, kept: torch.Tensor, means: dict[str, torch.Tensor]) -> None:
-        module.weight.mul_(ug.num_units / len(kept))  # dropped channels are sliced away, so scaling all is the same
+    def fold(
+        self, module: nn.Module, unit_block: UnitBlock, kept: torch.Tensor, means: dict[str, torch.Tensor]
+    ) -> None:
+        module.weight.mul_(
+            unit_block.num_units / len(kept)
+        )  # dropped channels are sliced away, so scaling all is the same
 
 
 class MeanCorrection(Correction):
@@ -100,18 +106,26 @@ class MeanCorrection(Correction):
     def unit_blocks(self, unit_blocks: list[UnitBlock]) -> list[UnitBlock]:
         return [
             dataclasses.replace(
-                ug,
-                axes=(*ug.axes, *(AxisSlice(f"{ug.output_module}.{s}", 0, ug.output_axis.width) for s in STATISTICS)),
+                unit_block,
+                axes=(
+                    *unit_block.axes,
+                    *(
+                        AxisSlice(f"{unit_block.output_module}.{s}", 0, unit_block.output_axis.width)
+                        for s in STATISTICS
+                    ),
+                ),
             )
-            for ug in unit_blocks
+            for unit_block in unit_blocks
         ]
 
     def install(self, model: nn.Module, unit_blocks: list[UnitBlock], momentum: float) -> None:
-        for ug in unit_blocks:
-            module = model.get_submodule(ug.output_module)
+        for unit_block in unit_blocks:
+            module = model.get_submodule(unit_block.output_module)
             for stat in STATISTICS:
-                module.register_buffer(stat, torch.zeros(module.weight.shape[ug.output_input_axis]))
-            module.register_buffer(SHIFT, torch.zeros(module.weight.shape[1 - ug.output_input_axis]), persistent=False)
+                module.register_buffer(stat, torch.zeros(module.weight.shape[unit_block.output_input_axis]))
+            module.register_buffer(
+                SHIFT, torch.zeros(module.weight.shape[1 - unit_block.output_input_axis]), persistent=False
+            )
             module.twist_momentum = momentum
             module.register_forward_pre_hook(_track_statistics)
             module.register_forward_hook(_add_shift)
@@ -120,22 +134,26 @@ class MeanCorrection(Correction):
     def dispatch(
         self,
         module: nn.Module,
-        ug: UnitBlock,
+        unit_block: UnitBlock,
         kept: torch.Tensor,
         full_weight: torch.Tensor | None,
         means: dict[str, torch.Tensor],
     ) -> None:
-        module.get_buffer(SHIFT).copy_(dropped_contribution(full_weight, means[ug.output_module], ug, kept))
+        module.get_buffer(SHIFT).copy_(
+            dropped_contribution(full_weight, means[unit_block.output_module], unit_block, kept)
+        )
 
     @torch.no_grad()
-    def fold(self, module: nn.Module, ug: UnitBlock, kept: torch.Tensor, means: dict[str, torch.Tensor]) -> None:
-        if ug.output_module not in means:
+    def fold(
+        self, module: nn.Module, unit_block: UnitBlock, kept: torch.Tensor, means: dict[str, torch.Tensor]
+    ) -> None:
+        if unit_block.output_module not in means:
             raise ValueError(
-                f"no activation means for {ug.output_module}: correction 'mean' needs them. The layer was probably "
-                "kept whole in training; export with the training's shared layers (--shared_layers auto) or "
+                f"no activation means for {unit_block.output_module}: correction 'mean' needs them. The layer was "
+                "probably kept whole in training; export with the training's shared layers (--shared_layers auto) or "
                 "pass --correction none/scale"
             )
-        shift = dropped_contribution(module.weight, means[ug.output_module], ug, kept)
+        shift = dropped_contribution(module.weight, means[unit_block.output_module], unit_block, kept)
         module.bias.add_(shift.to(module.bias.dtype))
 
 
@@ -165,18 +183,18 @@ def _add_shift(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Te
 
 
 def dropped_contribution(
-    full_weight: torch.Tensor, full_mean: torch.Tensor, ug: UnitBlock, kept: torch.Tensor
+    full_weight: torch.Tensor, full_mean: torch.Tensor, unit_block: UnitBlock, kept: torch.Tensor
 ) -> torch.Tensor:
     """W[:, dropped] @ E[a_dropped]: what the dropped units add to the residual on average."""
-    keep = torch.ones(ug.num_units, dtype=torch.bool)
+    keep = torch.ones(unit_block.num_units, dtype=torch.bool)
     keep[kept] = False
     dropped = keep.nonzero().flatten()
     if dropped.numel() == 0:
-        return full_weight.new_zeros(full_weight.shape[1 - ug.output_input_axis])
-    idx = ug.output_axis.index(dropped)
-    w = full_weight.index_select(ug.output_input_axis, idx)
+        return full_weight.new_zeros(full_weight.shape[1 - unit_block.output_input_axis])
+    idx = unit_block.output_axis.index(dropped)
+    w = full_weight.index_select(unit_block.output_input_axis, idx)
     mu = full_mean[idx].to(w.dtype)
-    return w @ mu if ug.output_input_axis == 1 else mu @ w
+    return w @ mu if unit_block.output_input_axis == 1 else mu @ w
 
 
 def keep_statistics_fp32(model: nn.Module) -> None:

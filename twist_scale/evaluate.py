@@ -17,23 +17,19 @@ draws: the spread (mean, std, min, max) is the "golden ticket" claim, measured.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
 import statistics
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from twist_scale.data import token_stream
-from twist_scale.logs import setup_logging
 from twist_scale.metric_names import LABEL, STATS, MetricName, eval_run_name
 from twist_scale.pruning.build import parameter_count
 from twist_scale.pruning.calibration import mean_token_nll
-from twist_scale.pruning.cli import add_pruning_args, pruner_from_args
 from twist_scale.pruning.methods import check_kappa
 from twist_scale.pruning.pruner import Pruner
 from twist_scale.run_store import RunStore
@@ -213,49 +209,3 @@ def format_sweep(result: Sweep) -> str:
             f"{s['max']:>10.3f}  {len(r.ppls)}"
         )
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """`twist-evaluate RUN/final --data TEST.txt [--kappa ...] [--draws N]`: perplexity vs κ, logged to MLflow."""
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    add_pruning_args(parser)
-    parser.add_argument("--data", nargs="+", required=True, help="held-out text files (the test split)")
-    parser.add_argument("--kappa", type=float, nargs="+", default=list(DEFAULT_KAPPAS), help="keep ratios")
-    parser.add_argument("--draws", type=int, default=5, help="random draws per κ for a seeded method")
-    parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--max_windows", type=int, default=0, help="score an evenly spaced subset (0: every window)")
-    parser.add_argument("--label", default="", help="metric label (default: the method); use one per variant")
-    parser.add_argument(
-        "--tracking.uri", dest="tracking_uri", default="", help="MLflow store (default sqlite:///<run>/mlflow.db)"
-    )
-    parser.add_argument("--run_id", default="", help="run to log onto (default <run>/mlflow_run_id)")
-    parser.add_argument(
-        "--tracking.experiment",
-        dest="experiment",
-        default="twist-scale",
-        help="experiment for a new run when none is found",
-    )
-    parser.add_argument("--no_mlflow", action="store_true", help="print only")
-    parser.add_argument("--json", type=Path, help="also write the results here")
-    args = parser.parse_args(argv)
-    setup_logging()
-    try:
-        for kappa in args.kappa:
-            check_kappa(kappa)
-        for f in args.data:
-            if not Path(f).is_file():
-                raise FileNotFoundError(f"test file {f} does not exist; fix --data")
-        pruner = pruner_from_args(args)
-        run = None if args.no_mlflow else resolve_run(args.central, args.tracking_uri, args.run_id, args.experiment)
-        stream = token_stream(args.data, pruner.central.tokenizer)
-        result = sweep(
-            pruner, stream, args.kappa, args.draws, args.window, args.batch_size, args.label or None, args.max_windows
-        )
-    except (ValueError, FileNotFoundError) as err:
-        parser.exit(2, f"error: {err}\n")
-    print(format_sweep(result))
-    if args.json:
-        args.json.write_text(json.dumps(asdict(result), indent=2))
-    if run is not None:
-        log_sweep(result, *run)
-        print(f"logged to run {run[1]} in {run[0]}")

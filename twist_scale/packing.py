@@ -48,7 +48,7 @@ class PackedExchange:
         self.layout: dict[str, list[list[int]]] = {}  # name -> per world rank: [start, stop) of its subnet tensor
         self.ranged_state: dict[str, list[bool]] = {}  # name -> per world rank: stores only that range of moments
 
-    def is_local(self, entry: Entry) -> bool:
+    def receives_shard(self, entry: Entry) -> bool:
         """Whether dispatch delivers only this rank's range of `entry` (flat), not the whole subnet tensor."""
         return self._ranged(entry, self.topo.rank)
 
@@ -124,18 +124,18 @@ class PackedExchange:
     def learn_layout(
         self,
         entries: list[Entry],
-        local_range: Callable[[str], tuple[int, int]],
+        shard_of: Callable[[str], tuple[int, int]],
         ranged_state: Callable[[str], bool],
     ) -> None:
         """Learn which flat range of its group's subnet tensor every rank stores (one collective, once).
 
-        `local_range(name)` is that range [start, stop) on this rank, and `ranged_state(name)` whether
+        `shard_of(name)` is that range [start, stop) on this rank, and `ranged_state(name)` whether
         it stores only that range of the moments (`Engine.ranged_state`). A ZeRO-1/2 partition's layout
         depends on every parameter of the group, so it is gathered rather than derived; it never changes
         afterwards (subnet shapes are fixed for the run), so no round pays for it.
         """
         names = list(dict.fromkeys(e.name.partition("@")[0] for e in entries))
-        mine = torch.tensor([[*local_range(n), ranged_state(n)] for n in names], dtype=torch.long).view(len(names), 3)
+        mine = torch.tensor([[*shard_of(n), ranged_state(n)] for n in names], dtype=torch.long).view(len(names), 3)
         every = torch.empty(self.topo.world_size * len(names), 3, dtype=torch.long, device=self.topo.device)
         dist.all_gather_into_tensor(every, mine.to(self.topo.device))
         every = every.cpu().view(self.topo.world_size, len(names), 3)
@@ -220,7 +220,7 @@ class PackedExchange:
 
     def dispatch(self, bucket: list[Entry], specs: list[SubnetSpec]) -> dict[str, torch.Tensor]:
         """This group's subnet tensor (the full tensor for `whole` entries; this rank's flat shard where
-        `is_local`) of every tensor whose last part is in `bucket`, by name, in bucket order.
+        `receives_shard`) of every tensor whose last part is in `bucket`, by name, in bucket order.
 
         An owner's held elements of a piece are one run of the group's flattened subnet, and a rank's
         shard is one range of it: each rank gets the run's overlap with its shard.
@@ -277,7 +277,7 @@ class PackedExchange:
         out = {}
         for i, entry in enumerate(bucket):
             s, t = targets[i]
-            shape = [t - s] if self.is_local(entry) else self._received_shape(entry, spec)
+            shape = [t - s] if self.receives_shard(entry) else self._received_shape(entry, spec)
             if entry.part is None:  # owners 0, 1, ... hold ascending flat ranges: their runs concatenate
                 out[entry.name] = torch.cat([runs[owner * len(bucket) + i] for owner in range(topo.world_size)])
                 out[entry.name] = out[entry.name].view(shape)

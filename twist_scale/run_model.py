@@ -18,7 +18,7 @@ from twist_scale.subnet import default_shared_layers, partitioned_blocks
 @dataclass(frozen=True)
 class RunModel:
     model: nn.Module  # full width on the meta device, the correction installed (startup.fill fills it)
-    unit_blocks: list[UnitBlock]  # what subnets slice: partitioned groups and the correction's statistics
+    unit_blocks: list[UnitBlock]  # what subnets slice: partitioned unit blocks and the correction's statistics
     shared_layers: list[int]  # kept whole in every subnet
     correction: Correction  # the run's activation-shift correction, installed in `model`
 

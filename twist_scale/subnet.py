@@ -73,7 +73,7 @@ def coverage_draw(rng: random.Random, num_units: int, keeps: Sequence[int]) -> l
 class SubnetSampler:
     """Draws every group's subnet; group g keeps a fraction kappas[g] of each partitioned block's units."""
 
-    unit_blocks: tuple[UnitBlock, ...]  # partitioned groups only
+    unit_blocks: tuple[UnitBlock, ...]  # partitioned unit blocks only
     kappas: tuple[float, ...]  # one per group: equal for plain TwIST, unequal for mixed kappa or a sandwich
     seed: int
     nested: bool = False  # every round, group g keeps the first ⌈κ_g·n⌉ units (unit_order sorted them)
@@ -81,15 +81,15 @@ class SubnetSampler:
     def specs(self, round_: int) -> list[SubnetSpec]:
         """Every group's spec for this round; a pure function of (seed, round, layer, kind)."""
         kept: list[dict[tuple[int, str], tuple[int, ...]]] = [{} for _ in self.kappas]
-        for ug in self.unit_blocks:
+        for unit_block in self.unit_blocks:
             if self.nested:
                 for g, kappa in enumerate(self.kappas):
-                    kept[g][ug.key] = tuple(range(units_to_keep(ug.num_units, kappa)))
+                    kept[g][unit_block.key] = tuple(range(units_to_keep(unit_block.num_units, kappa)))
                 continue
-            rng = random.Random(f"twist:{self.seed}:{round_}:{ug.layer}:{ug.kind}")
-            keeps = [units_to_keep(ug.num_units, kappa) for kappa in self.kappas]
-            for g, ids in enumerate(coverage_draw(rng, ug.num_units, keeps)):
-                kept[g][ug.key] = ids
+            rng = random.Random(f"twist:{self.seed}:{round_}:{unit_block.layer}:{unit_block.kind}")
+            keeps = [units_to_keep(unit_block.num_units, kappa) for kappa in self.kappas]
+            for g, ids in enumerate(coverage_draw(rng, unit_block.num_units, keeps)):
+                kept[g][unit_block.key] = ids
         return [SubnetSpec(k) for k in kept]
 
 
@@ -113,7 +113,7 @@ def unit_mask(full_shape: torch.Size, axis: AxisSlice, units: torch.Tensor) -> t
 
 def axis_of(unit_blocks: Iterable[UnitBlock]) -> dict[str, tuple[UnitBlock, AxisSlice]]:
     """tensor name -> (its unit block, its unit axis) for every unit-owned tensor."""
-    return {ax.name: (ug, ax) for ug in unit_blocks for ax in ug.axes}
+    return {ax.name: (unit_block, ax) for unit_block in unit_blocks for ax in unit_block.axes}
 
 
 @torch.no_grad()
@@ -123,12 +123,12 @@ def apply_subnet_shapes(model: nn.Module, unit_blocks: list[UnitBlock], spec: Su
     Values are sliced from the current (full) values, so this is also the reference export.
     """
     tensors = dict(model.named_parameters()) | dict(model.named_buffers())
-    for name, (ug, axis) in axis_of(unit_blocks).items():
+    for name, (unit_block, axis) in axis_of(unit_blocks).items():
         if name not in tensors:
             continue
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
-        sub = slice_tensor(tensors[name].data, axis, spec.units(ug))
+        sub = slice_tensor(tensors[name].data, axis, spec.units(unit_block))
         if isinstance(tensors[name], nn.Parameter):
             setattr(module, attr, nn.Parameter(sub, requires_grad=tensors[name].requires_grad))
         else:
@@ -140,6 +140,6 @@ def apply_subnet_shapes(model: nn.Module, unit_blocks: list[UnitBlock], spec: Su
 def apply_unit_masks(model: nn.Module, unit_blocks: list[UnitBlock], spec: SubnetSpec) -> None:
     """Zero every unit the spec drops (full shapes kept): the test oracle for the sliced model."""
     params = dict(model.named_parameters())
-    for name, (ug, axis) in axis_of(unit_blocks).items():
+    for name, (unit_block, axis) in axis_of(unit_blocks).items():
         if name in params:
-            params[name].mul_(unit_mask(params[name].shape, axis, spec.units(ug)))
+            params[name].mul_(unit_mask(params[name].shape, axis, spec.units(unit_block)))

@@ -101,7 +101,7 @@ class SubnetSync:
             if not is_statistic(name):
                 self.entries += [Entry(f"{name}@{key}", shape, unit) for key in moments]
         if isinstance(self.exchange, PackedExchange):
-            self.exchange.learn_layout(self.entries, self._local_range, self._ranged_state)
+            self.exchange.learn_layout(self.entries, self._shard_of, self._ranged_state)
 
     def full_state(self) -> Iterator[tuple[str, torch.Tensor]]:
         """The full-width central model, one tensor at a time (collective over the world)."""
@@ -142,7 +142,7 @@ class SubnetSync:
     def _write(self, entry: Entry, value: torch.Tensor, spec: SubnetSpec, means: dict[str, torch.Tensor]) -> None:
         name, _, key = entry.name.partition("@")
         sub = slice_tensor(value, entry.unit[1], entry.units(spec)) if entry.whole and entry.unit else value
-        if self.exchange.is_local(entry):  # this rank's flat range of the subnet tensor
+        if self.exchange.receives_shard(entry):  # this rank's flat range of the subnet tensor
             self.engine.write_shard(name, key, value)
         elif key:
             self.engine.write_state(name, key, sub)
@@ -153,14 +153,16 @@ class SubnetSync:
         else:
             self.engine.write(name, sub)
         if not key and entry.unit is not None and name == entry.unit[0].output_axis.name:
-            ug = entry.unit[0]
+            unit_block = entry.unit[0]
             full = value if entry.whole else None
-            self.correction.dispatch(self.engine.submodule(ug.output_module), ug, spec.units(ug), full, means)
+            self.correction.dispatch(
+                self.engine.submodule(unit_block.output_module), unit_block, spec.units(unit_block), full, means
+            )
 
     def aggregate(self, specs: list[SubnetSpec]) -> None:
         """Holder mean of every group's subnet (and moments) into the central model."""
         last: dict[str, object] = {}  # a tensor cut into parts is read from the engine once
-        reader = self._read_local if isinstance(self.exchange, PackedExchange) else self._read
+        reader = self._read_shard if isinstance(self.exchange, PackedExchange) else self._read
 
         def read(entry: Entry):  # noqa: ANN202 - the exchange's own reader's result
             if entry.name not in last:
@@ -171,23 +173,23 @@ class SubnetSync:
         for bucket in self.exchange.plan(self.entries, self.bucket_bytes):
             self.exchange.aggregate(bucket, read, specs)
 
-    def _local_range(self, name: str) -> tuple[int, int]:
+    def _shard_of(self, name: str) -> tuple[int, int]:
         """The flat range [start, stop) of this group's subnet tensor `name` that this rank sends."""
         if is_statistic(name):  # every rank of the group holds the group's average: each sends an equal part
             return even_range(self.engine.read_buffer(name).numel(), self.topo.ranks_per_group, self.topo.dp_rank)
-        return self.engine.local_range(name)
+        return self.engine.shard_of(name)
 
     def _ranged_state(self, name: str) -> bool:
-        """Whether this rank stores only its `_local_range` of the moments of `name` (statistics have none)."""
+        """Whether this rank stores only its shard (`_shard_of`) of the moments of `name` (statistics have none)."""
         return not is_statistic(name) and self.engine.ranged_state(name)
 
-    def _read_local(self, entry: Entry) -> tuple[int, torch.Tensor]:
+    def _read_shard(self, entry: Entry) -> tuple[int, torch.Tensor]:
         """Where this rank's stored range of the subnet tensor starts, and its values (in place where possible)."""
         name, _, key = entry.name.partition("@")
-        start, stop = self._local_range(name)
+        start, stop = self._shard_of(name)
         if is_statistic(name):
             return start, self._read(entry).reshape(-1)[start:stop]
-        return start, self.engine.read_local(name, key)
+        return start, self.engine.read_shard(name, key)
 
     def _read(self, entry: Entry) -> torch.Tensor:
         name, _, key = entry.name.partition("@")

@@ -10,23 +10,20 @@ in memory and in the append-only spill file `<out_dir>/mlflow_backlog.jsonl` (so
 outage loses nothing either), and is replayed in order by the next call that reaches the server and
 by close(). A server that is down at start only delays creating (or resuming) the run. What a crash
 or a server still down at close() leaves behind is replayed by the next attempt of the job, or by
-`python -m twist_scale.tracking replay <out_dir>`.
+`python launch/replay.py <out_dir>`.
 Short jobs outside training (evaluation, comparison) use run_store.RunStore, unbuffered, instead.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from twist_scale.backlog import SPILL_FILE, Record, SpillFile, brief, next_call, read_spill, refused
 from twist_scale.config import RunConfig, TrackingConfig, flat_params
-from twist_scale.logs import setup_logging
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -143,7 +140,7 @@ class MLflowTracker(NullTracker):
         if not self.drain(CLOSE_WAIT_S):
             log.warning(
                 "MLflow at %s still unreachable after %.0f s: %d record(s) of run %s are kept in %s. Replay them "
-                "once it answers with `python -m twist_scale.tracking replay %s` (a requeued job replays them too).",
+                "once it answers with `python launch/replay.py %s` (a requeued job replays them too).",
                 self.uri,
                 CLOSE_WAIT_S,
                 len(self.pending),
@@ -247,20 +244,3 @@ def replay(out_dir: Path, uri: str | None = None) -> bool:
         return True
     cfg = TrackingConfig(uri=uri or header["uri"], experiment=header["experiment"], run_name=header["run_name"])
     return MLflowTracker(cfg, out_dir).drain(0)
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m twist_scale.tracking", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    cmd = commands.add_parser("replay", help=f"send the records kept in <out_dir>/{SPILL_FILE} to MLflow")
-    cmd.add_argument("out_dir", type=Path)
-    cmd.add_argument("--tracking.uri", dest="uri", help="tracking URI, if not the one the run used (the server moved)")
-    args = parser.parse_args(argv)
-    setup_logging()
-    if not replay(args.out_dir, args.uri):
-        sys.exit(f"MLflow backlog not (fully) sent; it is still in {args.out_dir / SPILL_FILE}")
-    log.info("MLflow backlog of %s replayed", args.out_dir)
-
-
-if __name__ == "__main__":
-    main()

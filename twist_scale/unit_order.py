@@ -23,19 +23,19 @@ from twist_scale.subnet import slice_tensor
 def sort_units_by_weight_norm(tensors: dict[str, torch.Tensor], unit_blocks: list[UnitBlock]) -> None:
     """Permute, in place, the units of every unit block held in `tensors` (one start-up block's tensors,
     by full name) into descending owned squared weight norm; ties keep the lower id first."""
-    for ug in unit_blocks:
-        held = [axis.name in tensors for axis in ug.axes]
+    for unit_block in unit_blocks:
+        held = [axis.name in tensors for axis in unit_block.axes]
         if not any(held):
             continue
         if not all(held):
-            missing = next(a.name for a, h in zip(ug.axes, held, strict=True) if not h)
-            raise RuntimeError(f"unit block {ug.key} spans start-up blocks: {missing} is filled elsewhere")
+            missing = next(a.name for a, h in zip(unit_block.axes, held, strict=True) if not h)
+            raise RuntimeError(f"unit block {unit_block.key} spans start-up blocks: {missing} is filled elsewhere")
 
         def square(name: str) -> torch.Tensor | None:
             t = tensors[name]
             return t.double() ** 2 if isinstance(t, nn.Parameter) else None  # buffers (statistics) do not score
 
-        order = torch.sort(-owned_sum(ug, square), stable=True).indices
-        for axis in ug.axes:
+        order = torch.sort(-owned_sum(unit_block, square), stable=True).indices
+        for axis in unit_block.axes:
             t = tensors[axis.name]
             t.copy_(slice_tensor(t, axis, order))

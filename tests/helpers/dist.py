@@ -201,7 +201,7 @@ def _train(rank: int, world: int, argv: list[str], backend: str) -> None:
         from helpers.strict_device import install
 
         install()
-    from twist_scale.cli import train
+    from twist_scale.commands.train import main as train
 
     train(argv)
 

@@ -41,9 +41,9 @@ def oracle_logits(model, groups, spec: SubnetSpec, correction: str, means, ids: 
     ref = copy.deepcopy(model)
     strategy = correction_of(correction)
     strategy.install(ref, groups, momentum=0.9)
-    for ug in groups:
-        module = ref.get_submodule(ug.output_module)
-        strategy.dispatch(module, ug, spec.units(ug), module.weight.detach().clone(), means)
+    for unit_block in groups:
+        module = ref.get_submodule(unit_block.output_module)
+        strategy.dispatch(module, unit_block, spec.units(unit_block), module.weight.detach().clone(), means)
     apply_unit_masks(ref, architecture_of(ref).unit_blocks(ref.config), spec)
     with torch.no_grad():
         return ref.eval()(input_ids=ids).logits

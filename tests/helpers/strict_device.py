@@ -94,6 +94,6 @@ def install() -> None:
 if __name__ == "__main__":
     install()
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from twist_scale.cli import train
+    from twist_scale.commands.train import main as train
 
     train(sys.argv[1:])

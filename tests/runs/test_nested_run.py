@@ -12,7 +12,7 @@ from helpers import BROWN_VALID, SHAKESPEARE, tiny_args
 from helpers.dist import train_on_ranks
 
 from twist_scale.models import architecture_of, build_model, units_to_keep
-from twist_scale.pruning.cli import main as export_main
+from twist_scale.commands.export import main as export_main
 from twist_scale.pruning.format import SUBNET_FILE
 from twist_scale.pruning.pruner import SavedCentral
 from twist_scale.startup import fill
@@ -35,17 +35,17 @@ def test_a_nested_run_trains_the_prefix_of_the_sorted_base_and_prefix_exports_it
 
     with torch.device("meta"):
         start = build_model("llama", "tiny", 512, str(base), weights=False)
-    ugs = partitioned_blocks(architecture_of(start).unit_blocks(start.config), [])
-    fill(start, seed=0, pretrained=str(base), arrange=functools.partial(sort_units_by_weight_norm, unit_blocks=ugs))
+    unit_blocks = partitioned_blocks(architecture_of(start).unit_blocks(start.config), [])
+    fill(start, seed=0, pretrained=str(base), arrange=functools.partial(sort_units_by_weight_norm, unit_blocks=unit_blocks))
     begun, trained = dict(start.named_parameters()), dict(SavedCentral.load(out / "final").model.named_parameters())
-    for ug in ugs:
-        keep = units_to_keep(ug.num_units, 0.5)
-        prefix, rest = torch.arange(keep), torch.arange(keep, ug.num_units)
-        for axis in ug.axes:
+    for unit_block in unit_blocks:
+        keep = units_to_keep(unit_block.num_units, 0.5)
+        prefix, rest = torch.arange(keep), torch.arange(keep, unit_block.num_units)
+        for axis in unit_block.axes:
             before, after = begun[axis.name].detach(), trained[axis.name].detach()
             assert torch.equal(slice_tensor(after, axis, rest), slice_tensor(before, axis, rest)), axis.name
             assert not torch.equal(slice_tensor(after, axis, prefix), slice_tensor(before, axis, prefix)), axis.name
 
     export_main([str(out / "final"), "--method", "prefix", "--kappa", "0.5", "--out", str(tmp_path / "exports")])
     record = json.loads((Path(capsys.readouterr().out.split()[0]) / SUBNET_FILE).read_text())
-    assert record["kept"] == {f"{ug.layer}.{ug.kind}": list(range(units_to_keep(ug.num_units, 0.5))) for ug in ugs}
+    assert record["kept"] == {f"{unit_block.layer}.{unit_block.kind}": list(range(units_to_keep(unit_block.num_units, 0.5))) for unit_block in unit_blocks}

@@ -47,14 +47,14 @@ def test_every_method_exports_a_loadable_subnet(tmp_path, arch, name):
         source = SavedCentral(Path("in-memory"), model, word_tokenizer(), stats.mean, meta, training_stats=stats)
     pruner = build_pruner(source, name, calibration=calibration())
     spec = pruner.spec(0.5, seed=1)
-    for ug in pruner.unit_blocks:
-        kept = spec.kept[ug.key]
+    for unit_block in pruner.unit_blocks:
+        kept = spec.kept[unit_block.key]
         assert len(kept) == len(set(kept))
         if METHODS[name].adaptive:  # per-layer widths (test_faithfulness checks their total)
-            assert 1 <= len(kept) <= ug.num_units
+            assert 1 <= len(kept) <= unit_block.num_units
         else:
-            assert len(kept) == units_to_keep(ug.num_units, 0.5)
-        assert all(0 <= u < ug.num_units for u in kept)
+            assert len(kept) == units_to_keep(unit_block.num_units, 0.5)
+        assert all(0 <= u < unit_block.num_units for u in kept)
     path = export_subnet(pruner, tmp_path, 0.5, seed=1)
     loaded = load_exported(path)
     sub, _, _ = pruner.subnet(0.5, seed=1)
@@ -119,13 +119,13 @@ def test_flap_follows_activation_variance():
     model = random_model("gpt2")
     groups = architecture_of(model).unit_blocks(model.config)
     with torch.no_grad():
-        for ug in groups:
-            model.get_submodule(ug.output_module).weight.fill_(0.1)
+        for unit_block in groups:
+            model.get_submodule(unit_block.output_module).weight.fill_(0.1)
     var, mean = {}, {}
-    for ug in groups:
-        n = model.get_submodule(ug.output_module).weight.shape[0]  # Conv1D: (unit channels, out)
-        var[ug.output_module] = torch.full((n,), 0.01)
-        mean[ug.output_module] = torch.zeros(n)
+    for unit_block in groups:
+        n = model.get_submodule(unit_block.output_module).weight.shape[0]  # Conv1D: (unit channels, out)
+        var[unit_block.output_module] = torch.full((n,), 0.01)
+        mean[unit_block.output_module] = torch.zeros(n)
     mlp = "transformer.h.1.mlp.c_proj"
     var[mlp][[9, 200]] = 5.0  # high fluctuation
     mean[mlp][[50, 60]] = 30.0  # large but constant
@@ -164,7 +164,7 @@ def test_gradients_leave_the_model_as_it_was():
     assert model.training and not model.get_parameter(frozen).requires_grad
     assert all(p.grad is None for p in model.parameters())
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-    assert set(grads) == {a.name for ug in groups for a in ug.axes}  # layers 0 and 5 are not scored
+    assert set(grads) == {a.name for unit_block in groups for a in unit_block.axes}  # layers 0 and 5 are not scored
     assert grads[frozen].abs().sum() > 0
     with pytest.raises(ValueError, match="calibration"):
         METHODS["taylor"].select(PruneInputs(model, groups, 0.5, 0))

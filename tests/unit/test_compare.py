@@ -8,7 +8,7 @@ from matplotlib import image
 from matplotlib import pyplot as plt
 from mlflow.tracking import MlflowClient
 
-from twist_scale import compare
+from twist_scale.commands import compare as compare_command
 from twist_scale.compare import Series
 from twist_scale.evaluate import KappaResult, Perplexity, Sweep, log_sweep
 from twist_scale.metric_names import split_label
@@ -45,7 +45,7 @@ def test_compare_prints_table_and_logs_png(tmp_path, capsys):
     log_sweep(sweep("magnitude", 25.0, {1.0: [25.0], 0.5: [80.0]}), uri, dense)
 
     out = tmp_path / "cmp"
-    compare.main(["--tracking.uri", uri, "--tracking.experiment", "exp", "--out", str(out)])
+    compare_command.main(["--tracking.uri", uri, "--tracking.experiment", "exp", "--out", str(out)])
     printed = capsys.readouterr().out
     rows = [line for line in printed.splitlines() if line.startswith("| ") and "---" not in line]
     assert rows[0].startswith("| run | training | method | full | κ=1.00 (0% sparse) | κ=0.50 (50% sparse)")
@@ -65,14 +65,14 @@ def test_compare_prints_table_and_logs_png(tmp_path, capsys):
     logged = {a.path for a in client.list_artifacts(comparison[0].info.run_id)}
     assert logged == {"ppl_vs_sparsity.png", "ppl_vs_sparsity.md"}
 
-    compare.main(
+    compare_command.main(
         ["--tracking.uri", uri, "--tracking.experiment", "exp", "--out", str(out)]
     )  # reuses the comparison run
     assert len(client.search_runs([exp_id], "tags.`twist.kind` = 'comparison'")) == 1
     assert capsys.readouterr().out.count("| twist-run |") == 1
 
     with pytest.raises(SystemExit) as exit_:
-        compare.main(["--tracking.uri", uri, "--tracking.experiment", "nope", "--out", str(out)])
+        compare_command.main(["--tracking.uri", uri, "--tracking.experiment", "nope", "--out", str(out)])
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert "no experiment 'nope'" in err and "one of: exp, Default" in err

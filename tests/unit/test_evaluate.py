@@ -10,7 +10,7 @@ import torch
 from helpers import BROWN_VALID
 from torch import nn
 
-from twist_scale import evaluate
+from twist_scale.commands import evaluate as evaluate_command
 from twist_scale.evaluate import KappaResult, perplexity
 
 
@@ -71,5 +71,5 @@ def test_cli_names_what_to_fix(tmp_path, capsys):
         ([], "no config.json"),
     ]:
         with pytest.raises(SystemExit):
-            evaluate.main([str(tmp_path / "final"), "--data", str(BROWN_VALID), *args, "--no_mlflow"])
+            evaluate_command.main([str(tmp_path / "final"), "--data", str(BROWN_VALID), *args, "--no_mlflow"])
         assert message in capsys.readouterr().err

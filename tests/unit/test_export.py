@@ -15,9 +15,9 @@ import torch
 from helpers.models import VOCAB, oracle_logits, random_model, word_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
+from twist_scale.commands.export import main
 from twist_scale.models import architecture_of
 from twist_scale.pruning.build import build_subnet, layer_widths
-from twist_scale.pruning.cli import main
 from twist_scale.pruning.format import SUBNET_FILE, TWIST_LOADER, load_exported, save_exported
 from twist_scale.pruning.pruner import SavedCentral
 from twist_scale.subnet import SubnetSampler, SubnetSpec, partitioned_blocks
@@ -30,7 +30,10 @@ def tokenizer() -> PreTrainedTokenizerFast:
 
 def random_means(model: torch.nn.Module, groups) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
-    weights = {ug.output_module: (model.get_submodule(ug.output_module).weight, ug.output_input_axis) for ug in groups}
+    weights = {
+        unit_block.output_module: (model.get_submodule(unit_block.output_module).weight, unit_block.output_input_axis)
+        for unit_block in groups
+    }
     return {name: torch.randn(w.shape[axis], generator=g) for name, (w, axis) in weights.items()}
 
 

@@ -196,7 +196,7 @@ def test_flap_adapts_widths_at_the_uniform_methods_size(arch, kappa):
     spec, uniform = flap.spec(kappa), pruner(model, "flap_uniform", [], batches).spec(kappa)
     sizes = [parameter_count(build_subnet(model, s)[0]) for s in (spec, uniform)]
     assert abs(sizes[0] - sizes[1]) <= UNIT_PARAMS[arch] / 2
-    widths = {ug.key: len(spec.kept[ug.key]) for ug in flap.unit_blocks}
+    widths = {unit_block.key: len(spec.kept[unit_block.key]) for unit_block in flap.unit_blocks}
     assert any(widths[key] != len(uniform.kept[key]) for key in widths)
     assert min(widths.values()) >= 1
 
@@ -209,7 +209,7 @@ def test_flap_keeps_one_unit_of_every_group_where_the_ranking_would_keep_none():
     assert not all(expected.values())
     pr = pruner(model, "flap", shared, batches)
     spec = pr.spec(kappa)
-    assert all(len(spec.kept[ug.key]) >= 1 for ug in pr.unit_blocks)
+    assert all(len(spec.kept[unit_block.key]) >= 1 for unit_block in pr.unit_blocks)
     for key, ids in expected.items():
         if not ids:
             assert int(scores[key].argmax()) in spec.kept[key]

@@ -7,11 +7,11 @@ import torch
 
 def test_skipped_step_leaves_the_model_untouched():
     from twist_scale.config import RunConfig
-    from twist_scale.engines.local import LocalEngine
+    from twist_scale.engines.single_process import SingleProcessEngine
     from twist_scale.models import build_model
 
     torch.manual_seed(0)
-    engine = LocalEngine(build_model("llama", "tiny", 64), RunConfig())
+    engine = SingleProcessEngine(build_model("llama", "tiny", 64), RunConfig())
     batch = torch.randint(1, 64, (2, 16))
     assert torch.isfinite(torch.tensor(engine.train_step(batch)))
     with torch.no_grad():
@@ -27,13 +27,13 @@ def test_skipped_step_leaves_the_model_untouched():
 def test_skipped_steps_keep_the_lr_schedule_in_step():
     """A group that skips a step must stay on the schedule of groups that did not (same LR at step 3)."""
     from twist_scale.config import RunConfig
-    from twist_scale.engines.local import LocalEngine
+    from twist_scale.engines.single_process import SingleProcessEngine
     from twist_scale.models import build_model
 
     cfg = RunConfig()
     cfg.optim.warmup_steps = 4  # the LR still changes every step
     torch.manual_seed(0)
-    skipping, steady = (LocalEngine(build_model("llama", "tiny", 64), cfg) for _ in range(2))
+    skipping, steady = (SingleProcessEngine(build_model("llama", "tiny", 64), cfg) for _ in range(2))
     batch = torch.randint(1, 64, (2, 16))
     with torch.no_grad():
         skipping.module.lm_head.weight[0] = float("inf")

@@ -14,19 +14,19 @@ from twist_scale.subnet import SubnetSampler, axis_of, partitioned_blocks, slice
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])  # gpt2: fused qkv, units in three segments
 def test_held_runs_and_positions_are_exactly_what_slicing_keeps(arch):
     model = random_model(arch)
-    ugs = partitioned_blocks(architecture_of(model).unit_blocks(model.config), shared_layers=[])
-    spec = SubnetSampler(tuple(ugs), (0.5,) * 2, seed=3).specs(0)[1]
+    unit_blocks = partitioned_blocks(architecture_of(model).unit_blocks(model.config), shared_layers=[])
+    spec = SubnetSampler(tuple(unit_blocks), (0.5,) * 2, seed=3).specs(0)[1]
     params = dict(model.named_parameters())
     gen = torch.Generator().manual_seed(0)
-    for name, (ug, axis) in axis_of(ugs).items():
+    for name, (unit_block, axis) in axis_of(unit_blocks).items():
         if name not in params:
             continue
         shape = params[name].shape
-        entry = Entry(name, shape, (ug, axis))
+        entry = Entry(name, shape, (unit_block, axis))
         numbered = torch.arange(entry.numel).view(shape)
-        sub = slice_tensor(numbered, axis, spec.units(ug)).flatten()  # each kept element's full index, in order
+        sub = slice_tensor(numbered, axis, spec.units(unit_block)).flatten()  # each kept element's full index, in order
         assert torch.equal(sub, sub.sort().values), f"{name}: the subnet lists elements in full flat order"
-        held = Held(entry, spec.units(ug))
+        held = Held(entry, spec.units(unit_block))
         for lo, hi in [
             (0, entry.numel),
             *(sorted(torch.randint(0, entry.numel + 1, (2,), generator=gen).tolist()) for _ in range(5)),
@@ -41,11 +41,11 @@ def test_held_runs_and_positions_are_exactly_what_slicing_keeps(arch):
 
 def test_unsorted_units_are_refused():
     model = random_model("llama")
-    ug = partitioned_blocks(architecture_of(model).unit_blocks(model.config), shared_layers=[])[0]
-    axis = ug.axes[0]
+    unit_block = partitioned_blocks(architecture_of(model).unit_blocks(model.config), shared_layers=[])[0]
+    axis = unit_block.axes[0]
     shape = dict(model.named_parameters())[axis.name].shape
     with pytest.raises(ValueError, match="ascending unit ids"):
-        Held(Entry(axis.name, shape, (ug, axis)), torch.tensor([1, 0]))
+        Held(Entry(axis.name, shape, (unit_block, axis)), torch.tensor([1, 0]))
 
 
 def test_buckets_keep_order_and_size_and_isolate_large_tensors():

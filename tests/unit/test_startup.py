@@ -76,10 +76,10 @@ def test_a_checkpoint_missing_tensors_is_refused_before_anything_is_filled(tmp_p
     assert all(t.is_meta for t in model.parameters())
 
 
-def unit_norms(model: torch.nn.Module, ug) -> torch.Tensor:
+def unit_norms(model: torch.nn.Module, unit_block) -> torch.Tensor:
     """Each unit's owned squared weight norm."""
     params = dict(model.named_parameters())
-    return owned_sum(ug, lambda name: params[name].detach().double() ** 2 if name in params else None)
+    return owned_sum(unit_block, lambda name: params[name].detach().double() ** 2 if name in params else None)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])  # gpt2: fused q/k/v columns, Conv1D layout
@@ -87,18 +87,18 @@ def test_nested_start_sorts_each_blocks_units_by_weight_norm_and_changes_no_outp
     torch.manual_seed(0)
     saved = build_model(arch, "tiny", 64)
     saved.save_pretrained(tmp_path / "base")
-    ugs = partitioned_blocks(architecture_of(saved).unit_blocks(saved.config), [])
+    unit_blocks = partitioned_blocks(architecture_of(saved).unit_blocks(saved.config), [])
     model = meta_model(arch, str(tmp_path / "base"))
-    sort = functools.partial(sort_units_by_weight_norm, unit_blocks=ugs)
+    sort = functools.partial(sort_units_by_weight_norm, unit_blocks=unit_blocks)
     fill(model, seed=1, pretrained=str(tmp_path / "base"), arrange=sort)
 
     ids = torch.randint(0, 64, (2, 16))
     with torch.no_grad():  # heads and neurons permuted: the same function
         torch.testing.assert_close(model.eval()(input_ids=ids).logits, saved.eval()(input_ids=ids).logits)
-    for ug in ugs:
-        before, after = unit_norms(saved, ug), unit_norms(model, ug)
+    for unit_block in unit_blocks:
+        before, after = unit_norms(saved, unit_block), unit_norms(model, unit_block)
         assert not torch.all(before[:-1] >= before[1:])  # the base was not sorted already
-        assert torch.equal(after, before.sort(descending=True).values), ug.key
+        assert torch.equal(after, before.sort(descending=True).values), unit_block.key
 
 
 def test_a_tokenizer_larger_than_the_pretrained_vocabulary_is_refused_before_training(tmp_path):

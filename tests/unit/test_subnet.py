@@ -59,23 +59,23 @@ def test_mixed_keeps_cover_every_unit_at_exact_quotas(n, keeps):
 
 def test_sandwich_sampler_keeps_group_zero_whole():
     model = build_model("llama", "tiny", 64)
-    ugs = tuple(partitioned_blocks(architecture_of(model).unit_blocks(model.config), []))
-    full, half = SubnetSampler(ugs, (1.0, 0.5), seed=3).specs(2)
-    assert all(full.kept[ug.key] == tuple(range(ug.num_units)) for ug in ugs)
-    assert all(len(half.kept[ug.key]) == units_to_keep(ug.num_units, 0.5) for ug in ugs)
+    unit_blocks = tuple(partitioned_blocks(architecture_of(model).unit_blocks(model.config), []))
+    full, half = SubnetSampler(unit_blocks, (1.0, 0.5), seed=3).specs(2)
+    assert all(full.kept[unit_block.key] == tuple(range(unit_block.num_units)) for unit_block in unit_blocks)
+    assert all(len(half.kept[unit_block.key]) == units_to_keep(unit_block.num_units, 0.5) for unit_block in unit_blocks)
 
 
 def test_nested_sampler_keeps_the_same_prefix_of_every_block_in_every_round():
     model = build_model("llama", "tiny", 64)
-    ugs = tuple(partitioned_blocks(architecture_of(model).unit_blocks(model.config), []))
-    nested = SubnetSampler(ugs, (1.0, 0.5, 0.25), seed=3, nested=True)
+    unit_blocks = tuple(partitioned_blocks(architecture_of(model).unit_blocks(model.config), []))
+    nested = SubnetSampler(unit_blocks, (1.0, 0.5, 0.25), seed=3, nested=True)
     for round_ in (0, 7):
         full, half, quarter = nested.specs(round_)
-        for ug in ugs:
-            assert full.kept[ug.key] == tuple(range(ug.num_units))
-            assert half.kept[ug.key] == tuple(range(units_to_keep(ug.num_units, 0.5)))
-            assert quarter.kept[ug.key] == tuple(range(units_to_keep(ug.num_units, 0.25)))
-    independent = SubnetSampler(ugs, (1.0, 0.5, 0.25), seed=3)
+        for unit_block in unit_blocks:
+            assert full.kept[unit_block.key] == tuple(range(unit_block.num_units))
+            assert half.kept[unit_block.key] == tuple(range(units_to_keep(unit_block.num_units, 0.5)))
+            assert quarter.kept[unit_block.key] == tuple(range(units_to_keep(unit_block.num_units, 0.25)))
+    independent = SubnetSampler(unit_blocks, (1.0, 0.5, 0.25), seed=3)
     assert independent.specs(0)[1] != independent.specs(1)[1] != nested.specs(0)[1]
 
 
@@ -91,11 +91,11 @@ def test_keep_count_is_robust_to_float_noise():
 
 def test_sampling_is_a_pure_function_of_seed_and_round():
     model = build_model("llama", "tiny", 64)
-    ugs = tuple(partitioned_blocks(architecture_of(model).unit_blocks(model.config), []))
-    a, b = SubnetSampler(ugs, (0.5,) * 2, seed=3), SubnetSampler(ugs, (0.5,) * 2, seed=3)
+    unit_blocks = tuple(partitioned_blocks(architecture_of(model).unit_blocks(model.config), []))
+    a, b = SubnetSampler(unit_blocks, (0.5,) * 2, seed=3), SubnetSampler(unit_blocks, (0.5,) * 2, seed=3)
     assert a.specs(5) == b.specs(5)
     assert a.specs(5) != a.specs(6)
-    assert a.specs(5) != SubnetSampler(ugs, (0.5,) * 2, seed=4).specs(5)
+    assert a.specs(5) != SubnetSampler(unit_blocks, (0.5,) * 2, seed=4).specs(5)
     assert a.specs(5)[0].fingerprint() != a.specs(5)[1].fingerprint()
 
 
@@ -111,28 +111,34 @@ def _pair(arch, size, correction, kappa=0.5, shared=(0,)):
     torch.manual_seed(0)
     full = build_model(arch, size, 97).eval()
     strategy = correction_of(correction)
-    ugs = strategy.unit_blocks(partitioned_blocks(architecture_of(full).unit_blocks(full.config), shared))
-    strategy.install(full, ugs, momentum=0.9)
+    unit_blocks = strategy.unit_blocks(partitioned_blocks(architecture_of(full).unit_blocks(full.config), shared))
+    strategy.install(full, unit_blocks, momentum=0.9)
     for name, buf in full.named_buffers():
         if name.endswith(ACT_MEAN):
             buf.copy_(torch.randn_like(buf))
-    means = {ug.output_module: full.get_buffer(f"{ug.output_module}.{ACT_MEAN}") for ug in ugs if correction == "mean"}
-    spec = SubnetSampler(tuple(ugs), (kappa,) * 2, seed=1).specs(0)[1]
+    means = {
+        unit_block.output_module: full.get_buffer(f"{unit_block.output_module}.{ACT_MEAN}")
+        for unit_block in unit_blocks
+        if correction == "mean"
+    }
+    spec = SubnetSampler(tuple(unit_blocks), (kappa,) * 2, seed=1).specs(0)[1]
     sub = copy.deepcopy(full)
-    apply_subnet_shapes(sub, ugs, spec)
+    apply_subnet_shapes(sub, unit_blocks, spec)
     params = dict(full.named_parameters())
-    for ug in ugs:  # what dispatch does, from the full-width weights
-        weight = params[ug.output_axis.name].detach()
+    for unit_block in unit_blocks:  # what dispatch does, from the full-width weights
+        weight = params[unit_block.output_axis.name].detach()
         for model in (sub, full):
-            strategy.dispatch(model.get_submodule(ug.output_module), ug, spec.units(ug), weight, means)
-    apply_unit_masks(full, ugs, spec)
-    return full, sub, ugs, spec
+            strategy.dispatch(
+                model.get_submodule(unit_block.output_module), unit_block, spec.units(unit_block), weight, means
+            )
+    apply_unit_masks(full, unit_blocks, spec)
+    return full, sub, unit_blocks, spec
 
 
 @pytest.mark.parametrize(("arch", "size"), CASES)
 @pytest.mark.parametrize("correction", ["none", "scale", "mean"])
 def test_sliced_submodel_equals_masked_full_model(arch, size, correction):
-    masked, sub, ugs, spec = _pair(arch, size, correction)
+    masked, sub, unit_blocks, spec = _pair(arch, size, correction)
     ids = torch.randint(0, 97, (2, 16))
     with torch.no_grad():
         expected, got = masked(ids).logits, sub(ids).logits
@@ -142,9 +148,9 @@ def test_sliced_submodel_equals_masked_full_model(arch, size, correction):
     n_sub = sum(p.numel() for p in sub.parameters())
     params = dict(masked.named_parameters())
     dropped = sum(
-        params[ax.name].numel() * (1 - len(spec.units(ug)) / ug.num_units)
-        for ug in ugs
-        for ax in ug.axes
+        params[ax.name].numel() * (1 - len(spec.units(unit_block)) / unit_block.num_units)
+        for unit_block in unit_blocks
+        for ax in unit_block.axes
         if ax.name in params
     )
     assert n_sub == n_full - round(dropped)
@@ -160,8 +166,8 @@ def test_correction_changes_the_forward():
 
 def test_mean_correction_tracks_activations_in_training_only():
     """Running E[x] and E[x²] of the output projection's input: one momentum step per training forward."""
-    _, sub, ugs, _ = _pair("llama", "tiny", "mean")
-    module = sub.get_submodule(ugs[0].output_module)
+    _, sub, unit_blocks, _ = _pair("llama", "tiny", "mean")
+    module = sub.get_submodule(unit_blocks[0].output_module)
     mean, sq_mean = module.get_buffer(ACT_MEAN), module.get_buffer(ACT_SQ_MEAN)
     before = mean.clone(), sq_mean.clone()
     seen = []
@@ -179,17 +185,17 @@ def test_mean_correction_tracks_activations_in_training_only():
 def test_scale_correction_keeps_its_fp32_factor_in_a_bf16_model():
     """A bf16 engine casts the module; 1/kappa must still be the exact factor export folds (4/3, not 1.3359)."""
     model = build_model("llama", "tiny", 97)
-    ugs = partitioned_blocks(architecture_of(model).unit_blocks(model.config), [])
+    unit_blocks = partitioned_blocks(architecture_of(model).unit_blocks(model.config), [])
     scale = correction_of("scale")
-    scale.install(model, ugs, 0.99)
-    spec = SubnetSampler(tuple(ugs), (0.75,), seed=0).specs(0)[0]
-    for ug in ugs:
-        module = model.get_submodule(ug.output_module)
-        scale.dispatch(module, ug, spec.units(ug), module.weight, {})
+    scale.install(model, unit_blocks, 0.99)
+    spec = SubnetSampler(tuple(unit_blocks), (0.75,), seed=0).specs(0)[0]
+    for unit_block in unit_blocks:
+        module = model.get_submodule(unit_block.output_module)
+        scale.dispatch(module, unit_block, spec.units(unit_block), module.weight, {})
     model.bfloat16()  # what DeepSpeed's bf16 engine does to the module and its buffers
-    ug = ugs[-1]  # an MLP group: 1/kappa is a non-dyadic 4/3
-    module = model.get_submodule(ug.output_module)
-    factor = ug.num_units / len(spec.units(ug))
+    unit_block = unit_blocks[-1]  # an MLP group: 1/kappa is a non-dyadic 4/3
+    module = model.get_submodule(unit_block.output_module)
+    factor = unit_block.num_units / len(spec.units(unit_block))
     assert abs(factor - 4 / 3) < 1e-12
     x = torch.randn(2, 5, module.in_features).bfloat16()
     with torch.no_grad():
@@ -198,10 +204,10 @@ def test_scale_correction_keeps_its_fp32_factor_in_a_bf16_model():
 
 
 def test_activation_means_stay_fp32_in_a_bf16_model():
-    _, sub, ugs, _ = _pair("llama", "tiny", "mean")
+    _, sub, unit_blocks, _ = _pair("llama", "tiny", "mean")
     sub.bfloat16()
     keep_statistics_fp32(sub)
-    module = sub.get_submodule(ugs[0].output_module)
+    module = sub.get_submodule(unit_blocks[0].output_module)
     assert module.get_buffer(ACT_MEAN).dtype == torch.float32 and module.twist_shift.dtype == torch.float32
     sub.train()(torch.randint(0, 97, (1, 8)))  # the running mean accumulates in fp32 beside bf16 activations
     assert module.get_buffer(ACT_MEAN).dtype == torch.float32

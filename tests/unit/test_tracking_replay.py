@@ -37,7 +37,7 @@ def test_server_down_from_start_then_replay_cli(tmp_path, monkeypatch):
 
     store = tracking.default_uri(tmp_path)
     subprocess.run(
-        [sys.executable, "-m", "twist_scale.tracking", "replay", str(out), "--tracking.uri", store],
+        [sys.executable, str(REPO / "launch" / "replay.py"), str(out), "--tracking.uri", store],
         cwd=REPO,
         check=True,
         timeout=120,

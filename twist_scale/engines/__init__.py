@@ -21,9 +21,9 @@ def build_engine(model: nn.Module, cfg: RunConfig, topo: Topology) -> Engine:
 
         engine = FSDPEngine(model, cfg, topo)
     else:
-        from twist_scale.engines.local import LocalEngine
+        from twist_scale.engines.single_process import SingleProcessEngine
 
-        engine = LocalEngine(model, cfg)
+        engine = SingleProcessEngine(model, cfg)
     keep_statistics_fp32(engine.module)
     return engine
 

@@ -156,7 +156,7 @@ class DeepSpeedEngine(Engine, EngineStorage):
             return None
         return even_range(math.prod(shape), self.topo.ranks_per_group, dp_rank)
 
-    def local_range(self, name: str) -> tuple[int, int]:
+    def shard_of(self, name: str) -> tuple[int, int]:
         """ZeRO-3: the partition; ZeRO-1/2: the fragment of the fp32 partition; stage 0 in fp32: an equal split."""
         p = self.params[name]
         if hasattr(p, "ds_id"):
@@ -168,10 +168,10 @@ class DeepSpeedEngine(Engine, EngineStorage):
             return address.start, address.start + address.numel
         return even_range(p.numel(), self.topo.ranks_per_group, self.topo.dp_rank)
 
-    def read_local(self, name: str, key: str = "") -> torch.Tensor:
+    def read_shard(self, name: str, key: str = "") -> torch.Tensor:
         """Views of DeepSpeed's fp32 master partition and its moments: nothing is gathered or copied."""
         p = self.params[name]
-        start, stop = self.local_range(name)
+        start, stop = self.shard_of(name)
         if key:
             self._link_optimizer_states()
         if hasattr(p, "ds_id"):  # the partition is padded at the end
@@ -182,7 +182,7 @@ class DeepSpeedEngine(Engine, EngineStorage):
                 return torch.empty(0, device=self.engine.device)
             return p._hp_mapping.get_hp_fragment(key or None).view(-1)
         if key:
-            return super().read_local(name, key)
+            return super().read_shard(name, key)
         return p.detach().view(-1)[start:stop]
 
     def ranged_state(self, name: str) -> bool:

@@ -135,15 +135,15 @@ class FSDPEngine(Engine, EngineStorage):
         inner = math.prod(shape[1:])
         return first * inner, last * inner
 
-    def local_range(self, name: str) -> tuple[int, int]:
+    def shard_of(self, name: str) -> tuple[int, int]:
         return self.shard_range(self.params[name].shape, self.topo.dp_rank)
 
-    def read_local(self, name: str, key: str = "") -> torch.Tensor:
+    def read_shard(self, name: str, key: str = "") -> torch.Tensor:
         """A view of this rank's fp32 shard (mixed precision casts copies; the sharded parameter stays fp32)."""
         p = self.params[name]
         value = self.optimizer.state[p].get(key) if key else p
         if value is None:  # no step yet
-            start, stop = self.local_range(name)
+            start, stop = self.shard_of(name)
             return torch.zeros(stop - start, device=self.device)
         return value.to_local().detach().view(-1)
 

@@ -58,7 +58,7 @@ class EngineStorage(abc.ABC):
         """
         return None
 
-    def local_range(self, name: str) -> tuple[int, int]:
+    def shard_of(self, name: str) -> tuple[int, int]:
         """The flat range of parameter `name` whose master values (and moments) this rank stores itself.
 
         The ranges of a group's ranks tile the parameter, so aggregation can read each rank's own range
@@ -67,19 +67,19 @@ class EngineStorage(abc.ABC):
         """
         return 0, self.params[name].numel()
 
-    def read_local(self, name: str, key: str = "") -> torch.Tensor:
-        """The fp32 values of `local_range` (moment `key`, if not empty), flat: a view of the engine's
-        storage where it keeps them in fp32, so aggregation copies nothing it does not send."""
-        start, stop = self.local_range(name)
+    def read_shard(self, name: str, key: str = "") -> torch.Tensor:
+        """The fp32 values of this rank's shard (`shard_of`; of moment `key`, if not empty), flat: a view
+        of the engine's storage where it keeps them in fp32, so aggregation copies nothing it does not send."""
+        start, stop = self.shard_of(name)
         return (self.read_state(name, key) if key else self.read(name)).reshape(-1)[start:stop]
 
     def ranged_state(self, name: str) -> bool:
-        """Whether this rank stores only `local_range` of the moments of `name` (ZeRO-1/2's partitioned
-        optimizer state, ZeRO-3, FSDP): dispatch then sends it only that range, for `write_shard`."""
+        """Whether this rank stores only its shard (`shard_of`) of the moments of `name` (ZeRO-1/2's
+        partitioned optimizer state, ZeRO-3, FSDP): dispatch then sends it only that range, for `write_shard`."""
         return False
 
     def write_shard(self, name: str, key: str, flat: torch.Tensor) -> None:
-        """Set this rank's `local_range` of parameter `name` (of its moment `key`, if not empty): where
+        """Set this rank's shard (`shard_of`) of parameter `name` (of its moment `key`, if not empty): where
         the engine shards parameters (`shard_range`), or, for a moment, where `ranged_state`."""
         raise NotImplementedError(f"{type(self).__name__} keeps whole parameters: use write/write_state")
 

@@ -23,8 +23,8 @@ from twist_scale.subnet import SubnetSpec, apply_subnet_shapes
 
 def layer_widths(unit_blocks: list[UnitBlock], spec: SubnetSpec) -> Widths:
     widths: Widths = {}
-    for ug in unit_blocks:
-        widths.setdefault(ug.layer, {})[ug.kind] = len(spec.units(ug))
+    for unit_block in unit_blocks:
+        widths.setdefault(unit_block.layer, {})[unit_block.kind] = len(spec.units(unit_block))
     return widths
 
 
@@ -41,13 +41,13 @@ def build_subnet(
     sub = copy.deepcopy(model).eval()
     arch = architecture_of(sub)
     groups = arch.unit_blocks(sub.config)
-    pruned = [ug for ug in groups if len(spec.units(ug)) < ug.num_units]
+    pruned = [unit_block for unit_block in groups if len(spec.units(unit_block)) < unit_block.num_units]
     if fold.folds_bias and pruned:
         arch.enable_bias(sub)
         groups = arch.unit_blocks(sub.config)  # the unit map now owns the new q/k/v/gate/up biases too
-        pruned = [ug for ug in groups if len(spec.units(ug)) < ug.num_units]
-    for ug in pruned:  # from full-width weights, before slicing
-        fold.fold(sub.get_submodule(ug.output_module), ug, spec.units(ug), means or {})
+        pruned = [unit_block for unit_block in groups if len(spec.units(unit_block)) < unit_block.num_units]
+    for unit_block in pruned:  # from full-width weights, before slicing
+        fold.fold(sub.get_submodule(unit_block.output_module), unit_block, spec.units(unit_block), means or {})
     apply_subnet_shapes(sub, groups, spec)
     config = arch.shrunk_config(sub.config, layer_widths(groups, spec))
     if config is not None:

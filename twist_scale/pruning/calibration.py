@@ -51,7 +51,7 @@ def collect_activation_stats(
 
         return pre_hook
 
-    modules = sorted({ug.output_module for ug in unit_blocks})
+    modules = sorted({unit_block.output_module for unit_block in unit_blocks})
     handles = [model.get_submodule(m).register_forward_pre_hook(hook(m)) for m in modules]
     was_training = model.training
     model.eval()
@@ -81,7 +81,7 @@ def collect_gradients(
     The model is left as it was: gradients come from `torch.autograd.grad`, so no `.grad` is written;
     `requires_grad` and train mode are restored; eval mode meanwhile, so dropout does not add noise.
     """
-    names = {a.name for ug in unit_blocks for a in ug.axes}
+    names = {a.name for unit_block in unit_blocks for a in unit_block.axes}
     params = {n: p for n, p in model.named_parameters() if n in names}
     flags = {n: p.requires_grad for n, p in params.items()}
     sums = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}

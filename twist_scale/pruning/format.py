@@ -93,7 +93,11 @@ def load_exported(directory: str | Path) -> nn.Module:
     model.tie_weights()  # init_weights, skipped above, is also what ties the LM head to the embeddings
     widths = {int(layer): w for layer, w in record["widths"].items()}
     groups = architecture_of(model).unit_blocks(config)
-    apply_subnet_shapes(model, groups, SubnetSpec({ug.key: tuple(range(widths[ug.layer][ug.kind])) for ug in groups}))
+    apply_subnet_shapes(
+        model,
+        groups,
+        SubnetSpec({unit_block.key: tuple(range(widths[unit_block.layer][unit_block.kind])) for unit_block in groups}),
+    )
     state: dict[str, torch.Tensor] = {}
     for file in sorted(directory.glob("*.safetensors")):
         state |= load_file(str(file))

@@ -59,7 +59,7 @@ class PruneInputs:
     """Everything a method may look at; what a method reads from calibration text, the registry says."""
 
     model: nn.Module  # full width, not modified
-    unit_blocks: list[UnitBlock]  # the partitioned groups: the ones a subnet shrinks
+    unit_blocks: list[UnitBlock]  # the partitioned unit blocks: the ones a subnet shrinks
     kappa: float
     seed: int = 0
     stats: ActivationStats | None = None  # PruneMethod.needs_stats (or needs_training_stats)
@@ -111,7 +111,12 @@ def select_random(inputs: PruneInputs) -> SubnetSpec:
 def select_prefix(inputs: PruneInputs) -> SubnetSpec:
     """The first ⌈κ·n⌉ unit ids of every group: under nested sampling, the subnet a group at κ trained
     (units sorted by weight norm at the start); in any other run, one arbitrary fixed draw."""
-    return SubnetSpec({ug.key: tuple(range(units_to_keep(ug.num_units, inputs.kappa))) for ug in inputs.unit_blocks})
+    return SubnetSpec(
+        {
+            unit_block.key: tuple(range(units_to_keep(unit_block.num_units, inputs.kappa)))
+            for unit_block in inputs.unit_blocks
+        }
+    )
 
 
 BEST_OF = 8  # candidates `random_best` scores: the draws a seed owns
@@ -129,7 +134,7 @@ def select_best_draw(inputs: PruneInputs) -> SubnetSpec:
 def select_magnitude(inputs: PruneInputs) -> SubnetSpec:
     """Data-free: the squared L2 norm of all weights a unit owns (q/k/v rows and o columns, or one neuron)."""
     square = _squared_weights(inputs.model)
-    return top_units(inputs.unit_blocks, inputs.kappa, lambda ug: owned_sum(ug, square))
+    return top_units(inputs.unit_blocks, inputs.kappa, lambda unit_block: owned_sum(unit_block, square))
 
 
 def _needs(value: T | None, what: str) -> T:
@@ -148,10 +153,10 @@ def _without_dropped(model: nn.Module, unit_blocks: list[UnitBlock], spec: Subne
     """Run the full-width model as if the spec's dropped units were removed, with no correction: their
     channels at the output projection's input are zeroed, which is what slicing them away gives."""
     handles = []
-    for ug in unit_blocks:
-        module = model.get_submodule(ug.output_module)
-        keep = module.weight.new_zeros(module.weight.shape[ug.output_input_axis])
-        keep[ug.output_axis.index(spec.units(ug))] = 1.0
+    for unit_block in unit_blocks:
+        module = model.get_submodule(unit_block.output_module)
+        keep = module.weight.new_zeros(module.weight.shape[unit_block.output_input_axis])
+        keep[unit_block.output_axis.index(spec.units(unit_block))] = 1.0
         handles.append(module.register_forward_pre_hook(lambda m, args, keep=keep: (args[0] * keep, *args[1:])))
     try:
         yield
@@ -171,15 +176,17 @@ def select_wanda_sp(inputs: PruneInputs) -> SubnetSpec:
     """
     batches = _needs(inputs.calibration, "calibration batches")
     kept: dict[tuple[int, str], tuple[int, ...]] = {}
-    for layer in sorted({ug.layer for ug in inputs.unit_blocks}):
-        groups = [ug for ug in inputs.unit_blocks if ug.layer == layer]
-        done = [ug for ug in inputs.unit_blocks if ug.key in kept]
+    for layer in sorted({unit_block.layer for unit_block in inputs.unit_blocks}):
+        groups = [unit_block for unit_block in inputs.unit_blocks if unit_block.layer == layer]
+        done = [unit_block for unit_block in inputs.unit_blocks if unit_block.key in kept]
         with _without_dropped(inputs.model, done, SubnetSpec(kept)):
             stats = collect_activation_stats(inputs.model, groups, batches)
-        for ug in groups:
-            w = output_weight_columns(inputs.model, ug)
-            channel = w.abs().sum(0).double() * stats.sq_mean[ug.output_module].double().sqrt()
-            kept[ug.key] = top(per_unit(channel, ug, f"{ug.output_module}.weight"), inputs.kappa)
+        for unit_block in groups:
+            w = output_weight_columns(inputs.model, unit_block)
+            channel = w.abs().sum(0).double() * stats.sq_mean[unit_block.output_module].double().sqrt()
+            kept[unit_block.key] = top(
+                per_unit(channel, unit_block, f"{unit_block.output_module}.weight"), inputs.kappa
+            )
     return SubnetSpec(kept)
 
 
@@ -193,14 +200,14 @@ def select_taylor(inputs: PruneInputs) -> SubnetSpec:
     def saliency(name: str) -> torch.Tensor | None:
         return (params[name].detach().double() * grads[name].double()).abs() if name in grads else None
 
-    return top_units(inputs.unit_blocks, inputs.kappa, lambda ug: owned_sum(ug, saliency))
+    return top_units(inputs.unit_blocks, inputs.kappa, lambda unit_block: owned_sum(unit_block, saliency))
 
 
-def _fluctuation(inputs: PruneInputs, ug: UnitBlock) -> torch.Tensor:
+def _fluctuation(inputs: PruneInputs, unit_block: UnitBlock) -> torch.Tensor:
     """FLAP's WIFV per unit channel j of the output projection: Var(X_j) · ‖W_:,j‖² — how much the
     output moves when channel j is removed and its mean is compensated by a bias (export, 'mean')."""
-    w = output_weight_columns(inputs.model, ug)
-    return (w**2).sum(0).double() * _stats(inputs).variance(ug.output_module).double()
+    w = output_weight_columns(inputs.model, unit_block)
+    return (w**2).sum(0).double() * _stats(inputs).variance(unit_block.output_module).double()
 
 
 def select_flap_uniform(inputs: PruneInputs) -> SubnetSpec:
@@ -208,16 +215,18 @@ def select_flap_uniform(inputs: PruneInputs) -> SubnetSpec:
     return top_units(
         inputs.unit_blocks,
         inputs.kappa,
-        lambda ug: per_unit(_fluctuation(inputs, ug), ug, f"{ug.output_module}.weight"),
+        lambda unit_block: per_unit(_fluctuation(inputs, unit_block), unit_block, f"{unit_block.output_module}.weight"),
     )
 
 
-def _standardized_unit_scores(inputs: PruneInputs, ug: UnitBlock) -> torch.Tensor:
+def _standardized_unit_scores(inputs: PruneInputs, unit_block: UnitBlock) -> torch.Tensor:
     """FLAP AL-AM's comparable score: WIFV (squared for attention, as the reference does), standardised
     over the group's channels so layers and kinds share one scale, then averaged over each unit's
     channels (FLAP: per head). A group whose channels all score alike has no spread: all zeros."""
-    channels = unit_channels(_fluctuation(inputs, ug), ug, f"{ug.output_module}.weight")  # (segments, units, width)
-    if ug.kind == "attn":
+    channels = unit_channels(
+        _fluctuation(inputs, unit_block), unit_block, f"{unit_block.output_module}.weight"
+    )  # (segments, units, width)
+    if unit_block.kind == "attn":
         channels = channels**2
     return standardized(channels).mean(dim=(0, 2))
 
@@ -225,7 +234,7 @@ def _standardized_unit_scores(inputs: PruneInputs, ug: UnitBlock) -> torch.Tenso
 def select_flap(inputs: PruneInputs) -> SubnetSpec:
     """FLAP's default (AL-AM): the global ranking of standardised WIFV scores (`scores.global_ranking`)."""
     return global_ranking(
-        inputs.model, inputs.unit_blocks, inputs.kappa, lambda ug: _standardized_unit_scores(inputs, ug)
+        inputs.model, inputs.unit_blocks, inputs.kappa, lambda unit_block: _standardized_unit_scores(inputs, unit_block)
     )
 
 
@@ -235,7 +244,7 @@ def select_adaptive_magnitude(inputs: PruneInputs) -> SubnetSpec:
     global ranking under the same weight budget as FLAP AL-AM."""
     square = _squared_weights(inputs.model)
     return global_ranking(
-        inputs.model, inputs.unit_blocks, inputs.kappa, lambda ug: standardized(owned_sum(ug, square))
+        inputs.model, inputs.unit_blocks, inputs.kappa, lambda unit_block: standardized(owned_sum(unit_block, square))
     )
 
 

@@ -24,39 +24,39 @@ def top(scores: torch.Tensor, kappa: float) -> tuple[int, ...]:
 
 def top_units(unit_blocks: list[UnitBlock], kappa: float, score: Callable[[UnitBlock], torch.Tensor]) -> SubnetSpec:
     """Keep the ⌈κ·n⌉ highest-scoring units of every partitioned group."""
-    return SubnetSpec({ug.key: top(score(ug), kappa) for ug in unit_blocks})
+    return SubnetSpec({unit_block.key: top(score(unit_block), kappa) for unit_block in unit_blocks})
 
 
-def unit_channels(values: torch.Tensor, ug: UnitBlock, tensor_name: str) -> torch.Tensor:
+def unit_channels(values: torch.Tensor, unit_block: UnitBlock, tensor_name: str) -> torch.Tensor:
     """A per-channel vector (one entry per index along a unit axis) as (segments, units, width)."""
-    axis = next(a for a in ug.axes if a.name == tensor_name)
-    channels = values.index_select(0, axis.index(torch.arange(ug.num_units)))
-    return channels.view(axis.segments, ug.num_units, axis.width)
+    axis = next(a for a in unit_block.axes if a.name == tensor_name)
+    channels = values.index_select(0, axis.index(torch.arange(unit_block.num_units)))
+    return channels.view(axis.segments, unit_block.num_units, axis.width)
 
 
-def per_unit(values: torch.Tensor, ug: UnitBlock, tensor_name: str) -> torch.Tensor:
+def per_unit(values: torch.Tensor, unit_block: UnitBlock, tensor_name: str) -> torch.Tensor:
     """Sum a per-channel vector (one entry per index along a unit axis) into one value per unit."""
-    return unit_channels(values, ug, tensor_name).sum(dim=(0, 2))
+    return unit_channels(values, unit_block, tensor_name).sum(dim=(0, 2))
 
 
-def owned_sum(ug: UnitBlock, elementwise: Callable[[str], torch.Tensor | None]) -> torch.Tensor:
+def owned_sum(unit_block: UnitBlock, elementwise: Callable[[str], torch.Tensor | None]) -> torch.Tensor:
     """Σ of an element-wise score over every element a unit owns: its slice of each tensor in the unit
     map (q/k/v rows and o columns, or a neuron's gate/up rows and down column). `elementwise` gives
     the score of a whole tensor by name, or None for a tensor it does not score."""
-    total = torch.zeros(ug.num_units, dtype=torch.float64)
-    for axis in ug.axes:
+    total = torch.zeros(unit_block.num_units, dtype=torch.float64)
+    for axis in unit_block.axes:
         values = elementwise(axis.name)
         if values is None:
             continue
         other = [d for d in range(values.dim()) if d != axis.axis]
-        total += per_unit(values.sum(dim=other) if other else values, ug, axis.name)
+        total += per_unit(values.sum(dim=other) if other else values, unit_block, axis.name)
     return total
 
 
-def output_weight_columns(model: nn.Module, ug: UnitBlock) -> torch.Tensor:
+def output_weight_columns(model: nn.Module, unit_block: UnitBlock) -> torch.Tensor:
     """The output projection's weight as (out features, unit channels), whatever its layout."""
-    w = model.get_submodule(ug.output_module).weight.detach().float()
-    return w if ug.output_input_axis == 1 else w.T
+    w = model.get_submodule(unit_block.output_module).weight.detach().float()
+    return w if unit_block.output_input_axis == 1 else w.T
 
 
 def standardized(scores: torch.Tensor) -> torch.Tensor:
@@ -65,12 +65,12 @@ def standardized(scores: torch.Tensor) -> torch.Tensor:
     return (scores - scores.mean()) / std if std > 0 else torch.zeros_like(scores)
 
 
-def unit_weight(model: nn.Module, ug: UnitBlock) -> int:
+def unit_weight(model: nn.Module, unit_block: UnitBlock) -> int:
     """Parameters one unit of the group owns: its share of every sliced parameter tensor."""
     params = dict(model.named_parameters())
     return sum(
         params[a.name].numel() // params[a.name].shape[a.axis] * a.width * a.segments
-        for a in ug.axes
+        for a in unit_block.axes
         if a.name in params
     )
 
@@ -95,14 +95,19 @@ def global_ranking(
     rest of the ranking fills the same budget.
     """
     groups = unit_blocks
-    sizes = [unit_weight(model, ug) for ug in groups]
-    budget = float(sum(units_to_keep(ug.num_units, kappa) * w for ug, w in zip(groups, sizes, strict=True)))
-    weight = torch.cat(
-        [torch.full((ug.num_units,), w, dtype=torch.float64) for ug, w in zip(groups, sizes, strict=True)]
+    sizes = [unit_weight(model, unit_block) for unit_block in groups]
+    budget = float(
+        sum(units_to_keep(unit_block.num_units, kappa) * w for unit_block, w in zip(groups, sizes, strict=True))
     )
-    group_of = torch.cat([torch.full((ug.num_units,), g) for g, ug in enumerate(groups)])
-    unit_id = torch.cat([torch.arange(ug.num_units) for ug in groups])
-    scores = torch.cat([score(ug) for ug in groups])
+    weight = torch.cat(
+        [
+            torch.full((unit_block.num_units,), w, dtype=torch.float64)
+            for unit_block, w in zip(groups, sizes, strict=True)
+        ]
+    )
+    group_of = torch.cat([torch.full((unit_block.num_units,), g) for g, unit_block in enumerate(groups)])
+    unit_id = torch.cat([torch.arange(unit_block.num_units) for unit_block in groups])
+    scores = torch.cat([score(unit_block) for unit_block in groups])
     order = torch.sort(-scores, stable=True).indices
     kept = order[: _nearest_prefix(weight[order], budget, 1)]
     if group_of[kept].unique().numel() < len(groups):
@@ -110,5 +115,8 @@ def global_ranking(
         order = torch.cat([best, order[~torch.isin(order, best)]])
         kept = order[: _nearest_prefix(weight[order], budget, len(groups))]
     return SubnetSpec(
-        {ug.key: tuple(sorted(unit_id[kept[group_of[kept] == g]].tolist())) for g, ug in enumerate(groups)}
+        {
+            unit_block.key: tuple(sorted(unit_id[kept[group_of[kept] == g]].tolist()))
+            for g, unit_block in enumerate(groups)
+        }
     )

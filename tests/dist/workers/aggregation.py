@@ -70,16 +70,16 @@ def run_case(groups: int, stage: int, kappas: tuple[float, ...]) -> dict[str, tu
     topo = Topology.from_dist(groups)
     torch.manual_seed(0)
     model = build_model("llama", "tiny", 64)  # 6 layers, GQA
-    ugs = partitioned_blocks(architecture_of(model).unit_blocks(model.config), shared_layers=[0, 5])
+    unit_blocks = partitioned_blocks(architecture_of(model).unit_blocks(model.config), shared_layers=[0, 5])
     initial = {n: t.detach().clone() for n, t in central_tensors(model).items()}
-    specs = SubnetSampler(tuple(ugs), kappas, seed=11).specs(0)
+    specs = SubnetSampler(tuple(unit_blocks), kappas, seed=11).specs(0)
     spec = specs[topo.group]
-    apply_subnet_shapes(model, ugs, spec)
+    apply_subnet_shapes(model, unit_blocks, spec)
     cfg = RunConfig()
     cfg.parallel.ds_config = str(REPO / "ds_configs" / f"zero{stage}.json")
     cfg.optim.name, cfg.data.micro_batch_size = "sgd", 1
     engine = DeepSpeedEngine(model, cfg, topo)  # one engine for every exchange: dispatch resets its weights
-    axes = axis_of(ugs)
+    axes = axis_of(unit_blocks)
 
     def sub_of(full: torch.Tensor, name: str) -> torch.Tensor:
         return subnet_of(full, name, axes, spec)
@@ -90,7 +90,7 @@ def run_case(groups: int, stage: int, kappas: tuple[float, ...]) -> dict[str, tu
         for n, t in initial.items():
             central.set_full(n, t)
         sync = SubnetSync(
-            central, engine, ugs, topo, (), correction_of("none"), False, build(central, engine), bucket_mb
+            central, engine, unit_blocks, topo, (), correction_of("none"), False, build(central, engine), bucket_mb
         )
         sync.dispatch(specs)
         traffic = [sync.take_traffic()]
@@ -163,11 +163,11 @@ def check_moment_dispatch(rank: int, world: int, stages: list[int]) -> None:
         topo = Topology.from_dist(groups)
         torch.manual_seed(0)
         model = build_model("llama", "tiny", 64)
-        ugs = partitioned_blocks(architecture_of(model).unit_blocks(model.config), shared_layers=[0, 5])
+        unit_blocks = partitioned_blocks(architecture_of(model).unit_blocks(model.config), shared_layers=[0, 5])
         shapes = {n: t.shape for n, t in central_tensors(model).items()}
         initial = {n: t.detach().clone() for n, t in central_tensors(model).items()}
-        specs = SubnetSampler(tuple(ugs), (0.5, 0.5), seed=11).specs(0)
-        apply_subnet_shapes(model, ugs, specs[topo.group])
+        specs = SubnetSampler(tuple(unit_blocks), (0.5, 0.5), seed=11).specs(0)
+        apply_subnet_shapes(model, unit_blocks, specs[topo.group])
         cfg = RunConfig()
         cfg.parallel.ds_config = str(REPO / "ds_configs" / f"zero{stage}.json")
         cfg.data.micro_batch_size = 1
@@ -177,8 +177,8 @@ def check_moment_dispatch(rank: int, world: int, stages: list[int]) -> None:
         for n, t in initial.items():
             central.set_full(n, t)
         exchange = PackedExchange(central, "fp32", engine.shard_range)
-        sync = SubnetSync(central, engine, ugs, topo, MOMENTS, correction_of("none"), False, exchange)
-        axes = axis_of(ugs)
+        sync = SubnetSync(central, engine, unit_blocks, topo, MOMENTS, correction_of("none"), False, exchange)
+        axes = axis_of(unit_blocks)
 
         def sub_of(full: torch.Tensor, name: str) -> torch.Tensor:
             return subnet_of(full, name, axes, specs[topo.group])

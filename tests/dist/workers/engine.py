@@ -2,8 +2,8 @@
 
 1. write() reaches the weights the forward uses and survives the next step, for ZeRO 0-3
    (the ZeRO trap: setting only the fp32 master, or only p.data, is silently wrong);
-2. optimizer moments round-trip through write_state/read_state; each rank's read_local is exactly
-   its local_range of the full weights and moments, and the ranks' ranges tile every parameter;
+2. optimizer moments round-trip through write_state/read_state; each rank's read_shard is exactly
+   its shard (shard_of) of the full weights and moments, and the ranks' ranges tile every parameter;
 3. ZeRO stages 1-3 follow stage 0's loss trajectory;
 4. a rank that computed different masks is caught by the hash check.
 """
@@ -59,7 +59,7 @@ def check_write(stage: int, topo: Topology) -> None:
     moment = torch.rand_like(new[name])
     engine.write_state(name, "exp_avg", moment)
     assert torch.allclose(engine.read_state(name, "exp_avg"), moment), f"zero={stage}: moment round trip"
-    check_read_local(engine, stage, topo)
+    check_read_shard(engine, stage, topo)
     if engine.shard_range(new[name].shape, topo.dp_rank) is None:
         assert stage < 3, "ZeRO-3 shards every parameter"
         return
@@ -77,14 +77,14 @@ def check_write(stage: int, topo: Topology) -> None:
         assert torch.equal(engine.read_state(name, "exp_avg"), 2 * value), f"zero=3: moment shard of {name}"
 
 
-def check_read_local(engine: DeepSpeedEngine, stage: int, topo: Topology) -> None:
+def check_read_shard(engine: DeepSpeedEngine, stage: int, topo: Topology) -> None:
     """Each rank's local range holds exactly those values of the full tensor, and the ranks' ranges tile it."""
     for name in engine.params:
-        lo, hi = engine.local_range(name)
+        lo, hi = engine.shard_of(name)
         for key in ("", "exp_avg", "exp_avg_sq"):
             full = engine.read_state(name, key) if key else engine.read(name)
-            got = engine.read_local(name, key)
-            assert torch.equal(got, full.flatten()[lo:hi]), f"zero={stage}: read_local({name!r}, {key!r})"
+            got = engine.read_shard(name, key)
+            assert torch.equal(got, full.flatten()[lo:hi]), f"zero={stage}: read_shard({name!r}, {key!r})"
         spans = [None] * topo.world_size
         torch.distributed.all_gather_object(spans, (lo, hi))
         spans.sort()
@@ -99,10 +99,10 @@ def trajectory(stage: int, topo: Topology) -> list[float]:
 
 def check_mask_hash(topo: Topology) -> None:
     model = build_model("llama", "tiny", VOCAB)
-    ugs = tuple(partitioned_blocks(architecture_of(model).unit_blocks(model.config), []))
-    verify_same_masks(SubnetSampler(ugs, (0.5,) * 2, seed=5).specs(3), topo)
+    unit_blocks = tuple(partitioned_blocks(architecture_of(model).unit_blocks(model.config), []))
+    verify_same_masks(SubnetSampler(unit_blocks, (0.5,) * 2, seed=5).specs(3), topo)
     with pytest.raises(RuntimeError, match="disagree on the subnet masks"):  # a rank with a corrupted seed
-        verify_same_masks(SubnetSampler(ugs, (0.5,) * 2, seed=5 + topo.rank).specs(3), topo)
+        verify_same_masks(SubnetSampler(unit_blocks, (0.5,) * 2, seed=5 + topo.rank).specs(3), topo)
 
 
 def check_write_trajectories_and_mask_hash(rank: int, world: int) -> None:

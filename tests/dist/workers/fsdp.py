@@ -1,4 +1,4 @@
-"""Run on 2 ranks by `helpers.dist.run_on_ranks`: the FSDP2 engine against the single-process LocalEngine."""
+"""Run on 2 ranks by `helpers.dist.run_on_ranks`: the FSDP2 engine against the single-process SingleProcessEngine."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from twist_scale.config import RunConfig
 from twist_scale.engines.fsdp_engine import FSDPEngine
-from twist_scale.engines.local import LocalEngine
+from twist_scale.engines.single_process import SingleProcessEngine
 from twist_scale.topology import Topology
 
 
 def check_against_local(rank: int, world: int, out: str) -> None:
-    """Write, train, read back, reset, save/load: each checked against LocalEngine."""
+    """Write, train, read back, reset, save/load: each checked against SingleProcessEngine."""
     torch.manual_seed(0)
     # Odd sizes everywhere, so every dim-0 shard is uneven over two ranks (FSDP pads them).
     config = LlamaConfig(
@@ -26,7 +26,7 @@ def check_against_local(rank: int, world: int, out: str) -> None:
     cfg = RunConfig()
     cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.grad_clip = 1e-2, 0, 0.5  # clipping active
     fsdp = FSDPEngine(model, cfg, Topology.from_dist(groups=1))
-    local = LocalEngine(reference, cfg)
+    local = SingleProcessEngine(reference, cfg)
     assert set(fsdp.params) == set(local.params)
 
     gen = torch.Generator().manual_seed(1)  # the same values on both ranks
@@ -66,10 +66,10 @@ def check_against_local(rank: int, world: int, out: str) -> None:
                 moment, expected = fsdp.read_state(name, key), local.read_state(name, key)
                 torch.testing.assert_close(moment, expected, rtol=1e-5, atol=1e-8)
         for name in local.params:  # what aggregation sends: this rank's shard, read in place
-            lo, hi = fsdp.local_range(name)
+            lo, hi = fsdp.shard_of(name)
             assert (lo, hi) == fsdp.shard_range(fsdp.params[name].shape, rank), name
-            assert torch.equal(fsdp.read_local(name), fsdp.read(name).flatten()[lo:hi]), name
-            assert torch.equal(fsdp.read_local(name, "exp_avg"), fsdp.read_state(name, "exp_avg").flatten()[lo:hi])
+            assert torch.equal(fsdp.read_shard(name), fsdp.read(name).flatten()[lo:hi]), name
+            assert torch.equal(fsdp.read_shard(name, "exp_avg"), fsdp.read_state(name, "exp_avg").flatten()[lo:hi])
 
     write_everything(sharded=True)  # before the first step: the optimizer state does not exist yet
     train_and_compare()

@@ -12,7 +12,7 @@ from twist_scale.engines.base import Engine, build_optimizer, build_scheduler
 from twist_scale.engines.storage import EngineStorage, zero_optimizer_state
 
 
-class LocalEngine(Engine, EngineStorage):
+class SingleProcessEngine(Engine, EngineStorage):
     def __init__(self, model: nn.Module, cfg: RunConfig) -> None:
         self.module = model.train()
         self.cfg = cfg

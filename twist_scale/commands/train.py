@@ -1,4 +1,4 @@
-"""Console scripts. Training itself is launched through `deepspeed launch/train.py` or torchrun."""
+"""`twist-train`: one process per rank, under any launcher (`deepspeed launch/train.py`, torchrun, srun)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from twist_scale.config import ConfigError
 from twist_scale.config_load import help_text, load_config
 
 
-def train(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     """`twist-train --config FILE [--section.key V]`: one process per rank, under any launcher."""
     argv = sys.argv[1:] if argv is None else argv
     if {"-h", "--help"} & set(argv):

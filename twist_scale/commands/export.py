@@ -1,4 +1,5 @@
-"""The command line of pruning: flags shared by export and evaluation, and `twist-export`."""
+"""`twist-export`: one dense checkpoint per κ (and seed) of a trained central model; flags export and
+evaluate share."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from twist_scale.commands import parser_for
 from twist_scale.logs import setup_logging
 from twist_scale.pruning.calibration import calibration_from_files
 from twist_scale.pruning.methods import METHODS, PruneMethod, check_kappa, method
@@ -27,7 +29,6 @@ def add_pruning_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--calibration_window", type=int, default=None, help="tokens per calibration window (default: as above)"
     )
-    parser.add_argument("--window", type=int, default=256, help="tokens per perplexity window")
 
 
 def calibration_setting(chosen: PruneMethod, samples: int | None, window: int | None) -> tuple[int, int]:
@@ -48,7 +49,7 @@ def pruner_from_args(args: argparse.Namespace) -> Pruner:
 
 def main(argv: list[str] | None = None) -> None:
     """`twist-export RUN/final --kappa 0.75 0.5 0.25 --out exports/`: one dense checkpoint per κ (and seed)."""
-    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser = parser_for("twist-export", main.__doc__)
     add_pruning_args(parser)
     parser.add_argument("--kappa", type=float, nargs="+", required=True, help="keep ratios in (0, 1]")
     parser.add_argument("--seed", type=int, nargs="+", default=[0], help="draws of a seeded method (random)")
