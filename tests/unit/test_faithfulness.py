@@ -1,64 +1,24 @@
-"""`flap`, `wanda_sp` and `taylor` against their reference methods, recomputed here with plain torch.
+"""`flap` and the adaptive methods against their reference formulas, recomputed here with plain torch.
 
 Each reference below reads the model's weights, its own hooks' activations or its own autograd
 gradients; it shares no code with twist_scale.pruning, so a drift in the metric, the statistics, the
 per-unit reduction, the order of the passes, the budget or the cut shows up as a different kept set.
-FLAP follows the paper's formulas (AL-AM); Wanda-sp follows FLAP's `prune_wanda_sp` and Taylor
-LLM-Pruner's block-wise `TaylorImportance` (docs/pruning.md quotes the lines).
+FLAP follows the paper's formulas (AL-AM). The uniform methods: test_faithfulness_uniform.py.
 """
 
 from __future__ import annotations
 
-import copy
 import math
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from helpers.models import random_model, word_tokenizer
+from helpers.pruning import calibration, kv_groups, projection_inputs, pruner, tiny_llama
 
-from twist_scale.models import build_model
 from twist_scale.pruning.build import build_subnet, parameter_count
-from twist_scale.pruning.calibration import ActivationStats, calibration_batches
-from twist_scale.pruning.pruner import Pruner, SavedCentral, build_pruner
-
-VOCAB = 97
-
-
-def tiny_llama() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return build_model("llama", "tiny", VOCAB).eval()
-
-
-def calibration(vocab: int = VOCAB) -> list[torch.Tensor]:
-    stream = torch.randint(0, vocab, (2000,), generator=torch.Generator().manual_seed(1))
-    return calibration_batches(stream, samples=16, seqlen=32, batch_size=8, seed=0)
-
-
-def pruner(model: torch.nn.Module, name: str, shared: list[int], batches: list[torch.Tensor]) -> Pruner:
-    meta = {"shared_layers": shared, "correction": "none"}
-    return build_pruner(SavedCentral(Path("in-memory"), model, word_tokenizer(), {}, meta), name, calibration=batches)
-
-
-@torch.no_grad()
-def projection_inputs(model: torch.nn.Module, layers: list[int], batches: list[torch.Tensor]) -> dict:
-    """Every calibration token's input to o_proj and down_proj of the given layers, in float64."""
-    seen: dict[tuple[int, str], list[torch.Tensor]] = {}
-
-    def record(key: tuple[int, str]) -> Callable:
-        return lambda module, args: seen.setdefault(key, []).append(args[0].reshape(-1, args[0].shape[-1]))
-
-    handles = []
-    for i in layers:
-        block = model.model.layers[i]
-        handles.append(block.self_attn.o_proj.register_forward_pre_hook(record((i, "attn"))))
-        handles.append(block.mlp.down_proj.register_forward_pre_hook(record((i, "mlp"))))
-    for batch in batches:
-        model(input_ids=batch)
-    for h in handles:
-        h.remove()
-    return {key: torch.cat(xs).double() for key, xs in seen.items()}
+from twist_scale.pruning.calibration import ActivationStats
+from twist_scale.pruning.pruner import SavedCentral, build_pruner
 
 
 def flap_reference(
@@ -216,99 +176,3 @@ def test_flap_keeps_one_unit_of_every_group_where_the_ranking_would_keep_none():
     uniform = pruner(model, "flap_uniform", shared, batches).spec(kappa)
     sizes = [parameter_count(build_subnet(model, s)[0]) for s in (spec, uniform)]
     assert abs(sizes[0] - sizes[1]) <= UNIT_PARAMS["llama"] / 2
-
-
-def kv_groups(model: torch.nn.Module) -> tuple[int, int, int]:
-    """(KV groups, query heads per group, head_dim): a unit here is one KV group with its query heads."""
-    cfg = model.config
-    return cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads, cfg.head_dim
-
-
-def wanda_sp_reference(
-    model: torch.nn.Module, layers: list[int], batches: list[torch.Tensor], kappa: float, sequential: bool = True
-) -> dict:
-    """FLAP's `prune_wanda_sp` on Llama, step by step from its code.
-
-    Layer by layer: scaler_row_j = running mean over calibration samples of Σ_tokens x_j² at the
-    input of o_proj / down_proj (wanda's WrappedGPT); metric = (|W| · sqrt(scaler_row)).mean over
-    output rows; per head the sum over its channels (here per KV group: its heads' sums added);
-    prune the int(ratio·n) lowest: keep metric >= sort(metric)[int(ratio·n)], ratio = 1 − κ. Then the
-    layer is pruned as `compress(..., unstr=True)` does — q/k/v rows and gate/up rows zeroed, no bias —
-    and the next layer is measured on that model (`sequential`; False measures all on the dense one).
-    """
-    groups, q_per_kv, head_dim = kv_groups(model)
-    pruned, ratio, kept = copy.deepcopy(model), 1 - kappa, {}
-    samples = sum(b.shape[0] for b in batches)
-    for i in layers:
-        inputs = projection_inputs(pruned if sequential else model, [i], batches)
-        attn, mlp = pruned.model.layers[i].self_attn, pruned.model.layers[i].mlp
-        for kind, proj in (("attn", attn.o_proj), ("mlp", mlp.down_proj)):
-            scaler_row = inputs[i, kind].pow(2).sum(0) / samples
-            metric = (proj.weight.double().abs() * scaler_row.sqrt().reshape(1, -1)).mean(0)
-            if kind == "attn":
-                metric = metric.reshape(-1, head_dim).sum(1).reshape(groups, q_per_kv).sum(1)
-            thresh = torch.sort(metric)[0][int(ratio * metric.numel())]
-            kept[i, kind] = tuple((metric >= thresh).nonzero().flatten().tolist())
-        with torch.no_grad():
-            for g in set(range(groups)) - set(kept[i, "attn"]):
-                attn.q_proj.weight[g * q_per_kv * head_dim : (g + 1) * q_per_kv * head_dim] = 0
-                attn.k_proj.weight[g * head_dim : (g + 1) * head_dim] = 0
-                attn.v_proj.weight[g * head_dim : (g + 1) * head_dim] = 0
-            dropped = sorted(set(range(mlp.gate_proj.out_features)) - set(kept[i, "mlp"]))
-            mlp.gate_proj.weight[dropped] = 0
-            mlp.up_proj.weight[dropped] = 0
-    return kept
-
-
-def test_wanda_sp_reference_depends_on_the_pruned_prefix():
-    """On this model the order of the passes changes the kept units, so the exact match below checks it."""
-    model, batches, layers = tiny_llama(), calibration(), [1, 2, 3, 4]
-    assert wanda_sp_reference(model, layers, batches, 0.5) != wanda_sp_reference(
-        model, layers, batches, 0.5, sequential=False
-    )
-
-
-def taylor_reference(model: torch.nn.Module, layers: list[int], batches: list[torch.Tensor], kappa: float) -> dict:
-    """LLM-Pruner's block-wise Taylor pruning of Llama ('param_first', group reduction 'sum'), from its code.
-
-    One forward of all calibration examples as one batch with labels = inputs and one backward of
-    that mean loss; salience = W ⊙ ∂L/∂W per parameter; per channel |salience| summed over the
-    row (q/k/v, gate/up: output channels) or column (o, down: input channels); summed over the
-    group's layers and over a head's channels (here a KV group: its query heads, its K and V head);
-    per layer the lowest n − ⌈κ·n⌉ units by argsort are pruned.
-    """
-    groups, q_per_kv, head_dim = kv_groups(model)
-    ref = copy.deepcopy(model)
-    ids = torch.cat(batches)
-    ref(input_ids=ids, labels=ids).loss.backward()
-
-    def salience(linear: torch.nn.Linear, dim: int) -> torch.Tensor:
-        return (linear.weight * linear.weight.grad).abs().sum(dim).double()
-
-    kept = {}
-    for i in layers:
-        attn, mlp = ref.model.layers[i].self_attn, ref.model.layers[i].mlp
-        per_head = salience(attn.q_proj, 1).reshape(groups * q_per_kv, head_dim).sum(1)
-        scores = {
-            "attn": per_head.reshape(groups, q_per_kv).sum(1)
-            + salience(attn.k_proj, 1).reshape(groups, head_dim).sum(1)
-            + salience(attn.v_proj, 1).reshape(groups, head_dim).sum(1)
-            + salience(attn.o_proj, 0).reshape(groups, q_per_kv * head_dim).sum(1),
-            "mlp": salience(mlp.gate_proj, 1) + salience(mlp.up_proj, 1) + salience(mlp.down_proj, 0),
-        }
-        for kind, imp in scores.items():
-            pruned = torch.argsort(imp)[: imp.numel() - math.ceil(kappa * imp.numel())]
-            kept[i, kind] = tuple(sorted(set(range(imp.numel())) - set(pruned.tolist())))
-    return kept
-
-
-UNIFORM_REFERENCES = {"wanda_sp": wanda_sp_reference, "taylor": taylor_reference}
-
-
-@pytest.mark.parametrize("name", sorted(UNIFORM_REFERENCES))
-@pytest.mark.parametrize(("shared", "kappa"), [([], 0.5), ([0, 5], 0.5), ([0, 5], 0.75)])
-def test_uniform_methods_keep_exactly_the_units_of_their_reference(name, shared, kappa):
-    model, batches = tiny_llama(), calibration()
-    layers = [i for i in range(model.config.num_hidden_layers) if i not in shared]
-    expected = UNIFORM_REFERENCES[name](model, layers, batches, kappa)
-    assert dict(pruner(model, name, shared, batches).spec(kappa).kept) == expected

@@ -10,8 +10,18 @@ from __future__ import annotations
 import argparse
 
 
+class _DefaultsShown(argparse.HelpFormatter):
+    """Appends `(default: X)` to a flag's help, unless the help already says what the default is or it
+    has none (a required flag, a switch, or a flag whose absence the help explains)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        unset = action.default is None or action.default is False or action.default is argparse.SUPPRESS
+        if "(default" in text or unset or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def parser_for(command: str, doc: str | None) -> argparse.ArgumentParser:
     """An argument parser in the commands' dialect: the command's docstring, defaults shown in --help."""
-    return argparse.ArgumentParser(
-        prog=command, description=doc, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    return argparse.ArgumentParser(prog=command, description=doc, formatter_class=_DefaultsShown)

@@ -3,7 +3,7 @@
 Every method maps a `PruneInputs` to a `SubnetSpec` over the partitioned unit blocks, so TwIST's
 zero-cost export (`random`) and the post-hoc baselines (`magnitude`, `wanda_sp`, `taylor`, `flap`,
 `flap_uniform`) go through the same exporter and the same perplexity protocol. Most methods keep
-⌈κ·n⌉ units in every partitioned group, so their exports have the same widths. `flap` is FLAP's
+⌈κ·n⌉ units in every partitioned unit block, so their exports have the same widths. `flap` is FLAP's
 own default (AL-AM): one global ranking over all layers and both kinds, so widths differ per layer,
 at the same total weight count as the uniform methods; `flap_uniform` is FLAP's uniform variant.
 
@@ -16,10 +16,9 @@ the activation statistics that training under correction 'mean' kept (running E[
 no calibration pass, and the dropped units' means are folded as in training.
 
 `random_best` keeps TwIST's draws but looks before it exports: of `BEST_OF` seeded draws, the one
-whose folded subnet has the lowest loss on a few calibration windows. Forward passes only, no
-weight changes. Single draws of a short fine-tuning run differ by ±6-33% in perplexity, and which
-draw is best differs from run to run, so the pick must look at the run; a few thousand tokens of
-its text find the best or second-best draw almost every time (bench/quality_spread.py).
+whose folded subnet has the lowest loss on a few calibration windows (forward passes only). Draws
+differ by ±6-33% in perplexity and the best one differs from run to run, so the pick looks at the run
+(bench/quality_spread.py).
 
 Calibrated methods say in the registry what they read from the calibration batches
 (`calibration.py`); the exporter computes it once per pruner. `taylor` reads loss gradients.
@@ -80,7 +79,7 @@ class PruneMethod:
     seeded: bool = False  # different seeds give different subnets (evaluation draws several)
     correction: str | None = None  # folded at export instead of the model's own; None = the trained one
     calibration: tuple[int, int] = (32, 256)  # default (windows, tokens each): the reference's own setting
-    adaptive: bool = False  # widths differ per group (same total weight); else every group keeps ⌈κ·n⌉ units
+    adaptive: bool = False  # widths differ per unit block (same total weight); else each keeps ⌈κ·n⌉ units
 
     @property
     def calibrated(self) -> bool:
@@ -109,13 +108,10 @@ def select_random(inputs: PruneInputs) -> SubnetSpec:
 
 
 def select_prefix(inputs: PruneInputs) -> SubnetSpec:
-    """The first ⌈κ·n⌉ unit ids of every group: under nested sampling, the subnet a group at κ trained
+    """The first ⌈κ·n⌉ unit ids of every unit block: under nested sampling, the subnet a group at κ trained
     (units sorted by weight norm at the start); in any other run, one arbitrary fixed draw."""
     return SubnetSpec(
-        {
-            unit_block.key: tuple(range(units_to_keep(unit_block.num_units, inputs.kappa)))
-            for unit_block in inputs.unit_blocks
-        }
+        {block.key: tuple(range(units_to_keep(block.num_units, inputs.kappa))) for block in inputs.unit_blocks}
     )
 
 
@@ -134,7 +130,7 @@ def select_best_draw(inputs: PruneInputs) -> SubnetSpec:
 def select_magnitude(inputs: PruneInputs) -> SubnetSpec:
     """Data-free: the squared L2 norm of all weights a unit owns (q/k/v rows and o columns, or one neuron)."""
     square = _squared_weights(inputs.model)
-    return top_units(inputs.unit_blocks, inputs.kappa, lambda unit_block: owned_sum(unit_block, square))
+    return top_units(inputs.unit_blocks, inputs.kappa, lambda block: owned_sum(block, square))
 
 
 def _needs(value: T | None, what: str) -> T:
@@ -144,19 +140,15 @@ def _needs(value: T | None, what: str) -> T:
     return value
 
 
-def _stats(inputs: PruneInputs) -> ActivationStats:
-    return _needs(inputs.stats, "calibration statistics")
-
-
 @contextmanager
 def _without_dropped(model: nn.Module, unit_blocks: list[UnitBlock], spec: SubnetSpec) -> Iterator[None]:
     """Run the full-width model as if the spec's dropped units were removed, with no correction: their
     channels at the output projection's input are zeroed, which is what slicing them away gives."""
     handles = []
-    for unit_block in unit_blocks:
-        module = model.get_submodule(unit_block.output_module)
-        keep = module.weight.new_zeros(module.weight.shape[unit_block.output_input_axis])
-        keep[unit_block.output_axis.index(spec.units(unit_block))] = 1.0
+    for block in unit_blocks:
+        module = model.get_submodule(block.output_module)
+        keep = module.weight.new_zeros(module.weight.shape[block.output_input_axis])
+        keep[block.output_axis.index(spec.units(block))] = 1.0
         handles.append(module.register_forward_pre_hook(lambda m, args, keep=keep: (args[0] * keep, *args[1:])))
     try:
         yield
@@ -167,7 +159,7 @@ def _without_dropped(model: nn.Module, unit_blocks: list[UnitBlock], spec: Subne
 
 def select_wanda_sp(inputs: PruneInputs) -> SubnetSpec:
     """Wanda-sp (structured Wanda, FLAP's `prune_wanda_sp`): Σ_j Σ_i |W_ij| · ‖X_j‖ over a unit's
-    input channels j of the output projection, ⌈κ·n⌉ units per group.
+    input channels j of the output projection, ⌈κ·n⌉ units per unit block.
 
     Layer by layer, as the reference: X is measured on the calibration batches with every earlier
     partitioned layer already pruned to its kept units (removed, not compensated), attention and MLP
@@ -176,23 +168,21 @@ def select_wanda_sp(inputs: PruneInputs) -> SubnetSpec:
     """
     batches = _needs(inputs.calibration, "calibration batches")
     kept: dict[tuple[int, str], tuple[int, ...]] = {}
-    for layer in sorted({unit_block.layer for unit_block in inputs.unit_blocks}):
-        groups = [unit_block for unit_block in inputs.unit_blocks if unit_block.layer == layer]
-        done = [unit_block for unit_block in inputs.unit_blocks if unit_block.key in kept]
+    for layer in sorted({block.layer for block in inputs.unit_blocks}):
+        in_layer = [block for block in inputs.unit_blocks if block.layer == layer]
+        done = [block for block in inputs.unit_blocks if block.key in kept]
         with _without_dropped(inputs.model, done, SubnetSpec(kept)):
-            stats = collect_activation_stats(inputs.model, groups, batches)
-        for unit_block in groups:
-            w = output_weight_columns(inputs.model, unit_block)
-            channel = w.abs().sum(0).double() * stats.sq_mean[unit_block.output_module].double().sqrt()
-            kept[unit_block.key] = top(
-                per_unit(channel, unit_block, f"{unit_block.output_module}.weight"), inputs.kappa
-            )
+            stats = collect_activation_stats(inputs.model, in_layer, batches)
+        for block in in_layer:
+            w = output_weight_columns(inputs.model, block)
+            channel = w.abs().sum(0).double() * stats.sq_mean[block.output_module].double().sqrt()
+            kept[block.key] = top(per_unit(channel, block, f"{block.output_module}.weight"), inputs.kappa)
     return SubnetSpec(kept)
 
 
 def select_taylor(inputs: PruneInputs) -> SubnetSpec:
     """LLM-Pruner's block-wise Taylor importance ('param_first', group reduction 'sum'): Σ |w · ∂L/∂w|
-    over every parameter a unit owns, ⌈κ·n⌉ units per group. |w · ∂L/∂w| is the first-order estimate
+    over every parameter a unit owns, ⌈κ·n⌉ units per unit block. |w · ∂L/∂w| is the first-order estimate
     of how much the loss changes when w is set to zero, so a unit scores what removing it costs."""
     grads = _needs(inputs.grads, "loss gradients on calibration text")
     params = dict(inputs.model.named_parameters())
@@ -200,33 +190,35 @@ def select_taylor(inputs: PruneInputs) -> SubnetSpec:
     def saliency(name: str) -> torch.Tensor | None:
         return (params[name].detach().double() * grads[name].double()).abs() if name in grads else None
 
-    return top_units(inputs.unit_blocks, inputs.kappa, lambda unit_block: owned_sum(unit_block, saliency))
+    return top_units(inputs.unit_blocks, inputs.kappa, lambda block: owned_sum(block, saliency))
 
 
-def _fluctuation(inputs: PruneInputs, unit_block: UnitBlock) -> torch.Tensor:
+def _fluctuation(inputs: PruneInputs, block: UnitBlock) -> torch.Tensor:
     """FLAP's WIFV per unit channel j of the output projection: Var(X_j) · ‖W_:,j‖² — how much the
     output moves when channel j is removed and its mean is compensated by a bias (export, 'mean')."""
-    w = output_weight_columns(inputs.model, unit_block)
-    return (w**2).sum(0).double() * _stats(inputs).variance(unit_block.output_module).double()
+    w = output_weight_columns(inputs.model, block)
+    return (w**2).sum(0).double() * _needs(inputs.stats, "calibration statistics").variance(
+        block.output_module
+    ).double()
 
 
 def select_flap_uniform(inputs: PruneInputs) -> SubnetSpec:
-    """FLAP's uniform variant (UL-UM): Σ_j WIFV_j over a unit's channels, ⌈κ·n⌉ units per group."""
+    """FLAP's uniform variant (UL-UM): Σ_j WIFV_j over a unit's channels, ⌈κ·n⌉ units per unit block."""
     return top_units(
         inputs.unit_blocks,
         inputs.kappa,
-        lambda unit_block: per_unit(_fluctuation(inputs, unit_block), unit_block, f"{unit_block.output_module}.weight"),
+        lambda block: per_unit(_fluctuation(inputs, block), block, f"{block.output_module}.weight"),
     )
 
 
-def _standardized_unit_scores(inputs: PruneInputs, unit_block: UnitBlock) -> torch.Tensor:
+def _standardized_unit_scores(inputs: PruneInputs, block: UnitBlock) -> torch.Tensor:
     """FLAP AL-AM's comparable score: WIFV (squared for attention, as the reference does), standardised
-    over the group's channels so layers and kinds share one scale, then averaged over each unit's
-    channels (FLAP: per head). A group whose channels all score alike has no spread: all zeros."""
+    over the unit block's channels so layers and kinds share one scale, then averaged over each unit's
+    channels (FLAP: per head). A unit block whose channels all score alike has no spread: all zeros."""
     channels = unit_channels(
-        _fluctuation(inputs, unit_block), unit_block, f"{unit_block.output_module}.weight"
+        _fluctuation(inputs, block), block, f"{block.output_module}.weight"
     )  # (segments, units, width)
-    if unit_block.kind == "attn":
+    if block.kind == "attn":
         channels = channels**2
     return standardized(channels).mean(dim=(0, 2))
 
@@ -234,17 +226,17 @@ def _standardized_unit_scores(inputs: PruneInputs, unit_block: UnitBlock) -> tor
 def select_flap(inputs: PruneInputs) -> SubnetSpec:
     """FLAP's default (AL-AM): the global ranking of standardised WIFV scores (`scores.global_ranking`)."""
     return global_ranking(
-        inputs.model, inputs.unit_blocks, inputs.kappa, lambda unit_block: _standardized_unit_scores(inputs, unit_block)
+        inputs.model, inputs.unit_blocks, inputs.kappa, lambda block: _standardized_unit_scores(inputs, block)
     )
 
 
 def select_adaptive_magnitude(inputs: PruneInputs) -> SubnetSpec:
     """Zero-cost and data-free, with adaptive widths: each unit's owned squared weight norm (as
-    `magnitude`), standardised within its group so layers and kinds share one scale, then the same
+    `magnitude`), standardised within its unit block so layers and kinds share one scale, then the same
     global ranking under the same weight budget as FLAP AL-AM."""
     square = _squared_weights(inputs.model)
     return global_ranking(
-        inputs.model, inputs.unit_blocks, inputs.kappa, lambda unit_block: standardized(owned_sum(unit_block, square))
+        inputs.model, inputs.unit_blocks, inputs.kappa, lambda block: standardized(owned_sum(block, square))
     )
 
 
