@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 HERE = Path(__file__).resolve().parent
-# Whole runs: in-process on gloo ranks (tests/runs) or under a real launcher (tests/e2e).
-SLOW_TIERS = (HERE / "runs", HERE / "e2e")
+# Whole runs: in-process on gloo ranks (tests/loop) or under a real launcher (tests/e2e).
+SLOW_TIERS = (HERE / "loop", HERE / "e2e")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -143,6 +143,8 @@ def masked_contribution(
 class FullWidthExchange:
     """Full-width tensors on the wire, one collective per tensor: the reference for `PackedExchange`."""
 
+    sends_changes = False  # values, always in fp32
+
     def __init__(self, central: CentralShards) -> None:
         self.central, self.topo = central, central.topo
 

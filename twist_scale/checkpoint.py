@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from twist_scale.atomic import atomic_directory, temp_sibling
-from twist_scale.config import CheckpointConfig
+from twist_scale.config import CheckpointConfig, RunConfig, to_dict
 from twist_scale.topology import Topology
 
 log = logging.getLogger(__name__)
@@ -215,3 +215,37 @@ class Checkpointer:
         dist.broadcast(choice, src=0)
         round_ = int(choice.item())
         return None if round_ < 0 else self.root / self._name(round_)
+
+
+def resume_conflict(cfg: RunConfig) -> str | None:
+    """Why this run cannot resume the checkpoints in its out_dir (None: it can, or there are none).
+
+    Another engine cannot read the engine's files, another model cannot load the central shards, and a
+    dense run keeps its model where a TwIST run does not: refused before anything is written, from the
+    newest manifest alone (no process group needed). Another G x R is not a conflict (elastic resume).
+    """
+    manifests = sorted((Path(cfg.out_dir) / "checkpoints").glob(f"round_*/{MANIFEST}"))
+    if not cfg.checkpoint.resume or not manifests:
+        return None
+    saved, wanted = json.loads(manifests[-1].read_text())["config"], to_dict(cfg)
+
+    def kind(c: dict[str, Any]) -> str:
+        kappas = list(c["twist"]["group_kappas"] or [c["twist"]["kappa"]] * c["twist"]["groups"])
+        return "dense" if kappas == [1.0] else "TwIST"
+
+    differences = []
+    if saved["parallel"]["engine"] != wanted["parallel"]["engine"]:
+        differences.append(f"--parallel.engine {saved['parallel']['engine']}, not {wanted['parallel']['engine']}")
+    differences += [
+        f"--model.{key} {saved['model'][key]!r}, not {wanted['model'][key]!r}"
+        for key in saved["model"]
+        if saved["model"][key] != wanted["model"].get(key)
+    ]
+    if kind(saved) != kind(wanted):
+        differences.append(f"a {kind(saved)} run, not a {kind(wanted)} one")
+    if not differences:
+        return None
+    return (
+        f"--out_dir {cfg.out_dir} holds checkpoints of another run ({'; '.join(differences)}): resume it with "
+        "its own settings, give this run its own --out_dir, or pass --checkpoint.resume false to start afresh there"
+    )

@@ -119,7 +119,9 @@ class TwistConfig:
     )
     bucket_mb: float = _doc("Full-width MB of tensors per collective in dispatch and aggregation.", DEFAULT_BUCKET_MB)
     wire_dtype: Literal["fp32", "bf16"] = _doc(
-        "Precision of the packed payload on the wire; owners accumulate in fp32 either way.", "fp32"
+        "Precision of the packed aggregation payload; bf16 sends each rank's change since dispatch (so small "
+        "updates survive) and owners accumulate in fp32 either way.",
+        "fp32",
     )
     stat_momentum: float = _doc("EMA momentum of unit activation means used by correction='mean'.", 0.99)
 

@@ -213,14 +213,18 @@ class ShardedBatches:
 
 
 def eval_batches(blocks: np.ndarray, index: int, count: int, batch_size: int, max_batches: int) -> list[torch.Tensor]:
-    """A fixed list of validation batches for shard `index` of `count` (no shuffling)."""
+    """A fixed list of validation batches for shard `index` of `count` (no shuffling).
+
+    Every shard gets the same number of batches, as many as the shard with the fewest rows fills: under
+    ZeRO-3 and FSDP a forward all-gathers inside the group, so a rank with one batch more than its
+    peers would wait for them until the collective timeout.
+    """
     rows = np.arange(index, len(blocks), count)
-    out = []
-    for start in range(0, len(rows) - batch_size + 1, batch_size):
-        if len(out) >= max_batches:
-            break
-        out.append(torch.from_numpy(np.asarray(blocks[rows[start : start + batch_size]], dtype=np.int64)))
-    return out
+    batches = min(max_batches, len(blocks) // count // batch_size)
+    return [
+        torch.from_numpy(np.asarray(blocks[rows[i * batch_size : (i + 1) * batch_size]], dtype=np.int64))
+        for i in range(batches)
+    ]
 
 
 @dataclass

@@ -123,3 +123,11 @@ class RunMetrics:
         flag = torch.tensor([float(ok)], device=self.topo.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         return flag.item() == 1.0
+
+    def groups_that_diverged(self, diverged: bool) -> list[int]:
+        """Every group whose ranks saw a non-finite loss this round, the same list on every rank (one
+        all-reduce of G flags over the world, once per round): all groups stop at the same point."""
+        flags = torch.zeros(self.topo.groups, device=self.topo.device)
+        flags[self.topo.group] = float(diverged)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return [g for g, flag in enumerate(flags.tolist()) if flag]

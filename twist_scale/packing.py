@@ -4,23 +4,22 @@ The full-width exchange (`aggregate.FullWidthExchange`) moves whole tensors, so 
 Here only held elements travel, and no rank needs a handshake to know how many: every rank knows every
 group's spec, and `exchange_plan` says which elements a group holds in any range.
 
-- Aggregation: every rank reads only the flat range of its group's subnet tensor that its engine
-  stores (its ZeRO partition or FSDP shard, a view of the master values; `learn_layout` gathers who
-  stores what once per run), and sends each owner the part of that range that falls in the owner's
-  piece: one all-to-all over the world, nothing gathered first, every element sent by exactly one rank
-  of its group. An owner adds what each group sent where the group holds, and divides by how many
-  groups did (the holder count, never materialised beyond its piece); elements nobody held keep their
-  value. Bytes ∝ κ/R of the model.
-- Dispatch: each owner sends to every rank the elements of its piece that rank's group holds (one
-  all-to-all over the world); a rank receives its group's subnet, ∝ κ of the model, and the runs
-  from owners 0, 1, ... concatenate into the flattened subnet tensor. Where the rank stores only a
-  range of a tensor (a ZeRO-3/FSDP shard; a ZeRO-1/2 fragment of a moment), it receives only that
-  range: ∝ κ/R.
+- Aggregation: every rank reads only its shard of its group's subnet tensor (a view of the engine's
+  master values; `learn_layout` gathers who stores what once per run) and sends each owner the part in
+  the owner's piece: one all-to-all over the world, nothing gathered first, every element sent by one
+  rank of its group. An owner adds what each group sent where the group holds and divides by the holder
+  count; elements nobody held keep their value. Bytes ∝ κ/R of the model.
+- Dispatch: each owner sends every rank the elements of its piece that rank's group holds (one
+  all-to-all over the world); the runs from owners 0, 1, ... concatenate into the flattened subnet
+  tensor, ∝ κ of the model, or only the rank's shard where it stores one (ZeRO-3/FSDP; a ZeRO-1/2
+  fragment of a moment): ∝ κ/R.
 
 One all-to-all per bucket (`exchange_plan.buckets`); a tensor larger than a bucket is cut into parts,
-the same sub-range of every owner's piece, so temporaries are bounded by the bucket. The aggregation
-payload can travel in bf16 (owners accumulate in fp32); dispatch is always fp32, so a round starts
-from the central weights exactly.
+the same sub-range of every owner's piece, so temporaries are bounded by the bucket. Dispatch is always
+fp32, so a round starts from the central weights exactly. The aggregation payload can travel in bf16:
+then each rank sends the change since dispatch, not the value (owners add the holder mean of the
+changes in fp32), so an update smaller than half a bf16 ulp of its weight still arrives; the rank keeps
+its stored shard as dispatched for that (fp32, ∝ κ/R of the model).
 """
 
 from __future__ import annotations
@@ -35,7 +34,8 @@ from twist_scale.exchange_plan import Entry, Held, alike, plan_buckets
 from twist_scale.subnet import SubnetSpec
 
 WIRE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-ShardRange = Callable[[torch.Size, int], "tuple[int, int] | None"]  # Engine.shard_range
+ShardRange = Callable[[torch.Size, int], "tuple[int, int] | None"]  # EngineStorage.shard_range
+ShardOf = Callable[[str], tuple[int, int]]  # EngineStorage.shard_of
 
 
 class PackedExchange:
@@ -43,10 +43,12 @@ class PackedExchange:
 
     def __init__(self, central, wire: str = "fp32", shard_range: ShardRange | None = None) -> None:  # noqa: ANN001
         self.central, self.topo, self.wire = central, central.topo, WIRE_DTYPES[wire]
-        self.shard_range = shard_range  # the engine's (Engine.shard_range), where it shards parameters
+        self.shard_range = shard_range  # the engine's, where it shards parameters
         self.assembling: dict[str, torch.Tensor] = {}  # subnet tensors whose parts are still arriving
         self.layout: dict[str, list[list[int]]] = {}  # name -> per world rank: [start, stop) of its subnet tensor
         self.ranged_state: dict[str, list[bool]] = {}  # name -> per world rank: stores only that range of moments
+        self.sends_changes = self.wire != torch.float32  # see module doc
+        self.dispatched: dict[str, torch.Tensor] = {}  # entry -> this rank's stored shard as dispatched (bf16 wire)
 
     def receives_shard(self, entry: Entry) -> bool:
         """Whether dispatch delivers only this rank's range of `entry` (flat), not the whole subnet tensor."""
@@ -121,18 +123,13 @@ class PackedExchange:
         self.central.traffic.add(wire_elements * payload.element_size())
         return recv.to("cpu", torch.float32)
 
-    def learn_layout(
-        self,
-        entries: list[Entry],
-        shard_of: Callable[[str], tuple[int, int]],
-        ranged_state: Callable[[str], bool],
-    ) -> None:
+    def learn_layout(self, entries: list[Entry], shard_of: ShardOf, ranged_state: Callable[[str], bool]) -> None:
         """Learn which flat range of its group's subnet tensor every rank stores (one collective, once).
 
-        `shard_of(name)` is that range [start, stop) on this rank, and `ranged_state(name)` whether
-        it stores only that range of the moments (`Engine.ranged_state`). A ZeRO-1/2 partition's layout
-        depends on every parameter of the group, so it is gathered rather than derived; it never changes
-        afterwards (subnet shapes are fixed for the run), so no round pays for it.
+        `shard_of(name)` is that range [start, stop) on this rank, `ranged_state(name)` whether it stores
+        only that range of the moments (`EngineStorage.ranged_state`). A ZeRO-1/2 partition's layout
+        depends on every parameter of the group, so it is gathered, not derived; it never changes
+        afterwards (subnet shapes are fixed for the run).
         """
         names = list(dict.fromkeys(e.name.partition("@")[0] for e in entries))
         mine = torch.tensor([[*shard_of(n), ranged_state(n)] for n in names], dtype=torch.long).view(len(names), 3)
@@ -151,11 +148,10 @@ class PackedExchange:
     def aggregate(
         self, bucket: list[Entry], read: Callable[[Entry], tuple[int, torch.Tensor]], specs: list[SubnetSpec]
     ) -> None:
-        """Holder mean of the groups' subnet tensors into the shards.
+        """Holder mean of the groups' subnet tensors into the shards, one all-to-all over the world.
 
-        `read(entry)` gives (start, values): the flat range of this group's subnet tensor that this rank
-        stores itself (a view of the engine's master values where it can be), so nothing is gathered and
-        each element leaves exactly one rank of its group. One all-to-all over the world per bucket.
+        `read(entry)` gives (start, values): this rank's shard of its group's subnet tensor (a view of the
+        engine's master values where it can be), so nothing is gathered and each element leaves one rank.
         """
         topo = self.topo
         W, R = topo.world_size, topo.ranks_per_group
@@ -163,10 +159,12 @@ class PackedExchange:
         runs: list[list[torch.Tensor]] = [[] for _ in range(W)]  # per owner, in bucket order: views until sent
         for entry, held in zip(bucket, helds[topo.group], strict=True):
             start, values = read(entry)
+            base = self.dispatched.get(entry.name)  # None: the change is the value (or the wire is fp32)
             for owner in range(W):
                 lo, hi = self._range(entry, owner)
                 a, b = max(held.before(lo), start), min(held.before(hi), start + len(values))
-                runs[owner].append(values[a - start : max(a, b) - start])
+                run = values[a - start : max(a, b) - start]
+                runs[owner].append(run if base is None else run - base[a - start : max(a, b) - start])
         in_splits = [sum(len(run) for run in owner) for owner in runs]
         # from each rank s of group s // R: the overlap of its group's run in my piece with the range s stores
         chunks = []  # per source rank, per entry: (where the chunk starts in the run, its length)
@@ -204,10 +202,12 @@ class PackedExchange:
             held = count > 0
             count.clamp_(min=1)  # 1 where nobody held: dividing leaves those values as they are
             for i in run:
-                # summed in the piece itself, so no piece-sized temporary but the count: held elements
-                # restart from 0, take every holder's value and are divided by the holder count
+                # values are summed in the piece itself, so no piece-sized temporary but the count: held
+                # elements restart from 0, take every holder's value and are divided by the holder count;
+                # changes are summed apart and their holder mean added
                 a = bucket[i].part[0] if bucket[i].part else 0
-                kept = self._shard(bucket[i])[a : a + hi - lo].masked_fill_(held, 0.0)
+                piece = self._shard(bucket[i])[a : a + hi - lo]
+                kept = torch.zeros(hi - lo) if self.sends_changes else piece.masked_fill_(held, 0.0)
                 for g, at in enumerate(ats):
                     for source in range(g * R, (g + 1) * R):
                         offset, n = chunks[source][i]
@@ -217,6 +217,8 @@ class PackedExchange:
                         else:
                             kept.index_add_(0, at[offset : offset + n], values)
                 kept.div_(count)
+                if self.sends_changes:
+                    piece.add_(kept)
 
     def dispatch(self, bucket: list[Entry], specs: list[SubnetSpec]) -> dict[str, torch.Tensor]:
         """This group's subnet tensor (the full tensor for `whole` entries; this rank's flat shard where

@@ -138,6 +138,17 @@ class SubnetSync:
                 self._write(by_name[name], value, spec, means)
         if self.reset_moments:
             self.engine.reset_optimizer_state()
+        if self.exchange.sends_changes:
+            self.exchange.dispatched = {e.name: self._dispatched_shard(e) for e in present}
+
+    def _dispatched_shard(self, entry: Entry) -> torch.Tensor:
+        """A copy of what aggregation will read of `entry`, as dispatch just wrote it. Every rank of the
+        group holds the same statistics now, so they need no average inside the group (`_read`)."""
+        name, _, key = entry.name.partition("@")
+        if is_statistic(name):
+            start, stop = self._shard_of(name)
+            return self.engine.read_buffer(name).reshape(-1)[start:stop].float().clone()
+        return self.engine.read_shard(name, key).clone()
 
     def _write(self, entry: Entry, value: torch.Tensor, spec: SubnetSpec, means: dict[str, torch.Tensor]) -> None:
         name, _, key = entry.name.partition("@")

@@ -86,7 +86,7 @@ class Trainer:
                 with phase("evaluation"):
                     self.metrics.evaluate(self.engine, self.data.valid, self.round)
             with phase("local step"):
-                losses = [self.train_step(bar) for _ in range(cfg.twist.local_steps)]
+                losses = self.local_steps(bar)
             with phase("aggregation"):
                 self.sync.aggregate(specs)
             self.round += 1
@@ -121,14 +121,27 @@ class Trainer:
             log.info("central model saved to %s", final)
             self.tracker.log_artifact(final / TWIST_META, "final")
 
+    def local_steps(self, bar: tqdm) -> list[float]:
+        """H steps. Under `--on_nonfinite stop` a group stops at its first non-finite loss (never stepped
+        on), and at the round's end every group learns which groups did and stops with the same error."""
+        losses = []
+        for _ in range(self.cfg.twist.local_steps):
+            losses.append(self.train_step(bar))
+            if self.cfg.on_nonfinite == "stop" and not math.isfinite(losses[-1]):
+                break
+        if self.cfg.on_nonfinite == "stop":
+            diverged = self.metrics.groups_that_diverged(not math.isfinite(losses[-1]))
+            if diverged:
+                raise FloatingPointError(
+                    f"non-finite loss in group(s) {', '.join(map(str, diverged))}; the step was not applied and the "
+                    "last checkpoint is intact. Lower --optim.lr, raise --optim.warmup_steps, or pass "
+                    "--on_nonfinite skip"
+                )
+        return losses
+
     def train_step(self, bar: tqdm) -> float:
         loss = self.engine.train_step(next(self.data.train))
-        if not math.isfinite(loss):
-            if self.cfg.on_nonfinite == "stop":
-                raise FloatingPointError(
-                    f"non-finite loss in group {self.topo.group}; the step was not applied and the last "
-                    "checkpoint is intact. Lower --optim.lr, raise --optim.warmup_steps, or pass --on_nonfinite skip"
-                )
+        if not math.isfinite(loss) and self.cfg.on_nonfinite == "skip":
             self.skipped_steps += 1
             log.warning("rank %d: non-finite loss, step skipped (%d so far)", self.topo.rank, self.skipped_steps)
         bar.update(1)

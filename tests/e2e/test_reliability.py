@@ -1,5 +1,5 @@
 """A rank SIGKILLed under the real `deepspeed` launcher loses no work: the job ends, and the rerun resumes
-step for step. (A stuck rank, non-finite steps and weights: runs/test_failures.py; corrupted
+step for step. (A stuck rank, non-finite steps and weights: loop/test_failures.py; corrupted
 checkpoints: dist/test_checkpoint.py.)"""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """FSDP2 under a real `torchrun`: TwIST in bf16 with an fp32 central model. (FSDP2 against DeepSpeed, step
-for step, in-process: runs/test_fsdp_train.py.)"""
+for step, in-process: loop/test_fsdp_train.py.)"""
 
 from __future__ import annotations
 

@@ -76,3 +76,11 @@ def test_eval_batches_are_fixed_and_sharded():
     a = eval_batches(blocks, 0, 2, 4, max_batches=3)
     b = eval_batches(blocks, 1, 2, 4, max_batches=3)
     assert len(a) == 3 and not set(a[0][:, 0].tolist()) & set(b[0][:, 0].tolist())
+
+
+def test_every_validation_shard_gets_the_same_batch_count():
+    """15 blocks over 2 ranks are 8 and 7 rows: one full batch of 4 each, never 2 against 1."""
+    blocks = np.arange(15 * 2).reshape(15, 2)
+    shards = [eval_batches(blocks, i, 2, 4, max_batches=10) for i in range(2)]
+    assert [len(s) for s in shards] == [1, 1]
+    assert not set(shards[0][0][:, 0].tolist()) & set(shards[1][0][:, 0].tolist())

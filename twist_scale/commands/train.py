@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+from twist_scale.checkpoint import resume_conflict
 from twist_scale.config import ConfigError
 from twist_scale.config_load import help_text, load_config
 
@@ -18,6 +19,9 @@ def main(argv: list[str] | None = None) -> None:
         cfg = load_config(argv)
     except ConfigError as err:
         sys.exit(f"config error: {err}")
+    conflict = resume_conflict(cfg)
+    if conflict:
+        sys.exit(f"error: {conflict}")
     from twist_scale.distributed import close_distributed
     from twist_scale.trainer import Trainer
 

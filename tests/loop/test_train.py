@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from helpers import assert_fp32_checkpoint, history, mlflow_run, tiny_args
 from helpers.dist import train_on_ranks
+from safetensors.torch import load_file
 
 
 def test_kappa_one_sync_every_step_is_data_parallel(tmp_path):
@@ -67,3 +69,23 @@ def test_two_groups_of_two_ranks_train(tmp_path):
     assert run.data.metrics["twist/sync_bytes"] > 0
     assert (out / "checkpoints" / "round_000004" / "manifest.json").exists()
     assert_fp32_checkpoint(out / "final")
+
+
+def norm_movement(final: Path) -> float:
+    """How far the exported model's norm weights (all 1.0 at initialisation) moved, summed."""
+    weights = {k: v for f in final.glob("*.safetensors") for k, v in load_file(f).items()}
+    return sum(float((v - 1).abs().sum()) for k, v in weights.items() if "norm" in k)
+
+
+def test_the_bf16_wire_carries_updates_smaller_than_half_a_bf16_ulp(tmp_path):
+    """At lr 1e-5 a norm weight of 1.0 moves far less than half a bf16 ulp (2^-8) in a round: sent as a
+    value it would round back to 1.0 every round; sent as the change since dispatch it adds up as over
+    the fp32 wire."""
+    common = dict(parallel__engine="local", twist__kappa=0.5, twist__allow_uncovered="true", optim__lr=1e-5)
+    common |= dict(optim__warmup_steps=0, twist__rounds=3, twist__local_steps=3, eval__every_rounds=0)
+    moved = {}
+    for wire in ("fp32", "bf16"):
+        train_on_ranks(1, tiny_args(tmp_path / wire, twist__wire_dtype=wire, **common))
+        moved[wire] = norm_movement(tmp_path / wire / "final")
+    assert moved["fp32"] > 0
+    assert abs(moved["bf16"] - moved["fp32"]) <= 0.01 * moved["fp32"], moved

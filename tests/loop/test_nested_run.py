@@ -11,8 +11,8 @@ import torch
 from helpers import BROWN_VALID, SHAKESPEARE, tiny_args
 from helpers.dist import train_on_ranks
 
-from twist_scale.models import architecture_of, build_model, units_to_keep
 from twist_scale.commands.export import main as export_main
+from twist_scale.models import architecture_of, build_model, units_to_keep
 from twist_scale.pruning.format import SUBNET_FILE
 from twist_scale.pruning.pruner import SavedCentral
 from twist_scale.startup import fill
@@ -36,7 +36,12 @@ def test_a_nested_run_trains_the_prefix_of_the_sorted_base_and_prefix_exports_it
     with torch.device("meta"):
         start = build_model("llama", "tiny", 512, str(base), weights=False)
     unit_blocks = partitioned_blocks(architecture_of(start).unit_blocks(start.config), [])
-    fill(start, seed=0, pretrained=str(base), arrange=functools.partial(sort_units_by_weight_norm, unit_blocks=unit_blocks))
+    fill(
+        start,
+        seed=0,
+        pretrained=str(base),
+        arrange=functools.partial(sort_units_by_weight_norm, unit_blocks=unit_blocks),
+    )
     begun, trained = dict(start.named_parameters()), dict(SavedCentral.load(out / "final").model.named_parameters())
     for unit_block in unit_blocks:
         keep = units_to_keep(unit_block.num_units, 0.5)
@@ -48,4 +53,7 @@ def test_a_nested_run_trains_the_prefix_of_the_sorted_base_and_prefix_exports_it
 
     export_main([str(out / "final"), "--method", "prefix", "--kappa", "0.5", "--out", str(tmp_path / "exports")])
     record = json.loads((Path(capsys.readouterr().out.split()[0]) / SUBNET_FILE).read_text())
-    assert record["kept"] == {f"{unit_block.layer}.{unit_block.kind}": list(range(units_to_keep(unit_block.num_units, 0.5))) for unit_block in unit_blocks}
+    assert record["kept"] == {
+        f"{unit_block.layer}.{unit_block.kind}": list(range(units_to_keep(unit_block.num_units, 0.5)))
+        for unit_block in unit_blocks
+    }

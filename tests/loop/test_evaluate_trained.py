@@ -12,9 +12,9 @@ from helpers.dist import train_on_ranks
 from mlflow.tracking import MlflowClient
 
 from twist_scale.commands import evaluate
+from twist_scale.commands.export import main as export_main
 from twist_scale.data import token_stream
 from twist_scale.evaluate import perplexity
-from twist_scale.commands.export import main as export_main
 from twist_scale.pruning.format import SUBNET_FILE, TWIST_LOADER, load_exported
 from twist_scale.pruning.pruner import SavedCentral
 from twist_scale.tracking import default_uri
