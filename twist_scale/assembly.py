@@ -34,6 +34,7 @@ class Assembly:
     sampler: SubnetSampler  # every group's subnet in every round
     engine: Engine  # trains this rank's group's subnet
     sync: DataParallelSync | SubnetSync  # moves values between the engine and the central model
+    full_parameters: int  # of the full-width model (`model.parameters` counts the subnet once shrunk)
 
 
 def central_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -66,10 +67,11 @@ def assemble(cfg: RunConfig, topo: Topology, vocab_size: int) -> Assembly:
     run_model = build_run_model(cfg, vocab_size)
     model, blocks = run_model.model, run_model.unit_blocks
     sampler = SubnetSampler(tuple(blocks), cfg.twist.kappas, cfg.seed, cfg.twist.sampling == "nested")
+    full_parameters = run_model.parameters
     if cfg.is_dense:
         fill(model, cfg.seed, cfg.model.pretrained)
         engine = build_engine(model, cfg, topo)
-        return Assembly(run_model, sampler, engine, DataParallelSync(engine.storage))
+        return Assembly(run_model, sampler, engine, DataParallelSync(engine.storage), full_parameters)
     nested = functools.partial(sort_units_by_weight_norm, unit_blocks=blocks)
     arrange = nested if cfg.twist.sampling == "nested" else None
     central = central_from_model(model, topo, cfg.seed, cfg.model.pretrained, arrange)
@@ -85,4 +87,4 @@ def assemble(cfg: RunConfig, topo: Topology, vocab_size: int) -> Assembly:
     sync = SubnetSync(
         central, storage, blocks, topo, moments, run_model.correction, not aggregate_moments, exchange, t.bucket_mb
     )
-    return Assembly(run_model, sampler, engine, sync)
+    return Assembly(run_model, sampler, engine, sync, full_parameters)

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from twist_scale import config as config_mod
 from twist_scale.assembly import assemble
@@ -28,6 +29,7 @@ from twist_scale.logs import setup_logging
 from twist_scale.metrics import RunMetrics
 from twist_scale.phases import Phases
 from twist_scale.run_model import full_model_builder
+from twist_scale.summary import run_summary
 from twist_scale.sync import verify_same_masks
 from twist_scale.topology import Topology
 from twist_scale.tracking import start_run_tracking
@@ -49,6 +51,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # the same stream on every rank (weights are seeded per block: startup.fill)
         parts = assemble(cfg, topo, len(self.data.tokenizer))
         self.model, self.sampler, self.engine, self.sync = parts.model, parts.sampler, parts.engine, parts.sync
+        self.full_parameters = parts.full_parameters
         self.round = self.skipped_steps = 0
         self.checkpointer = Checkpointer.for_run(self.out_dir / "checkpoints", topo, cfg.checkpoint, cfg.twist.rounds)
         self.stateful = {"data": self.data.train, "rng": RngState(), "central": self.sync}
@@ -61,8 +64,11 @@ class Trainer:
             topo.world_size,
             topo.groups,
             topo.ranks_per_group,
-            self.model.parameters / 1e6,
-            "dense" if cfg.is_dense else f"kappa={','.join(map(str, cfg.twist.kappas))}",
+            self.full_parameters / 1e6,
+            "dense"
+            if cfg.is_dense
+            else f"this group's subnet {self.model.parameters / 1e6:.2f}M params, "
+            f"kappa={','.join(map(str, cfg.twist.kappas))}",
         )
 
     def train(self) -> None:
@@ -74,6 +80,10 @@ class Trainer:
         self.tracker.close()
 
     def _train(self) -> None:
+        with logging_redirect_tqdm():  # log lines above the progress bar, never on its line
+            self._loop()
+
+    def _loop(self) -> None:
         cfg, phase, seconds = self.cfg, self.phases, self.phases.seconds
         with phase("resume"):
             self.resume()
@@ -107,7 +117,7 @@ class Trainer:
         bar.close()
         with phase("final evaluation and export"):
             self.sync.dispatch(self.sampler.specs(self.round))
-            self.metrics.evaluate(self.engine, self.data.valid, self.round)
+            metrics = self.metrics.evaluate(self.engine, self.data.valid, self.round)
             final, build = self.out_dir / "final", full_model_builder(cfg, len(self.data.tokenizer))
             export_central(
                 final,
@@ -118,8 +128,8 @@ class Trainer:
                 self.topo.rank == 0,
             )
             dist.barrier()
-            log.info("central model saved to %s", final)
             self.tracker.log_artifact(final / TWIST_META, "final")
+        log.info("%s", run_summary(cfg, final, metrics, self.full_parameters))
 
     def local_steps(self, bar: tqdm) -> list[float]:
         """H steps. Under `--on_nonfinite stop` a group stops at its first non-finite loss (never stepped

@@ -47,7 +47,7 @@ def test_kappa_one_sync_every_step_is_data_parallel(tmp_path):
 def test_two_groups_of_two_ranks_train(tmp_path):
     """2 x 2 under ZeRO-2 in bf16: the engine trains in bf16, the central model stays fp32."""
     out = tmp_path / "twist4"
-    train_on_ranks(
+    ranks = train_on_ranks(
         4,
         tiny_args(
             out,
@@ -69,6 +69,10 @@ def test_two_groups_of_two_ranks_train(tmp_path):
     assert run.data.metrics["twist/sync_bytes"] > 0
     assert (out / "checkpoints" / "round_000004" / "manifest.json").exists()
     assert_fp32_checkpoint(out / "final")
+    # the run ends with what it reached and this run's next commands
+    ppl = run.data.metrics["eval/ppl_kappa_0.50"]
+    assert f"validation perplexity at kappa 0.50 (subnet): {ppl:.2f}" in ranks.output
+    assert f"python launch/export.py {out / 'final'} --kappa" in ranks.output
 
 
 def norm_movement(final: Path) -> float:

@@ -1,4 +1,5 @@
-"""Training engines behind one narrow interface; the trainer never imports deepspeed or FSDP."""
+"""Training engines behind two narrow interfaces, the trainer's `Engine` and the synchronisation's
+`EngineStorage`; the trainer never imports deepspeed or FSDP."""
 
 from __future__ import annotations
 
