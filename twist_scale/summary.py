@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from twist_scale.config import RunConfig
@@ -18,12 +19,15 @@ def run_summary(cfg: RunConfig, final: Path, metrics: dict[str, float], full_par
             size = "full width" if float(kappa) == 1.0 else "subnet"
             lines.append(f"  validation perplexity at kappa {kappa} ({size}): {ppl:.2f}")
     lines.append(f"  central model, full width, {full_parameters / 1e6:.2f}M params: {final}")
+    scripts = Path(sys.executable).parent  # this environment's console scripts: the commands run as printed
     lines += [
         "next:",
-        f"  python launch/export.py {final} --kappa 0.75 0.5 0.25 --out {Path(cfg.out_dir) / 'exports'}",
-        f"  python launch/evaluate.py {final} --data TEST.txt --kappa 1.0 0.75 0.5 0.25",
+        f"  {scripts / 'twist-export'} {final} --kappa 0.75 0.5 0.25 --out {Path(cfg.out_dir) / 'exports'}",
+        f"  {scripts / 'twist-evaluate'} {final} --data TEST.txt --kappa 1.0 0.75 0.5 0.25",
     ]
     if cfg.tracking.enabled:
         uri = cfg.tracking.uri or default_uri(Path(cfg.out_dir))
-        lines.append(f"  python launch/compare.py --tracking.uri {uri} --tracking.experiment {cfg.tracking.experiment}")
+        lines.append(
+            f"  {scripts / 'twist-compare'} --tracking.uri {uri} --tracking.experiment {cfg.tracking.experiment}"
+        )
     return "\n".join(lines)

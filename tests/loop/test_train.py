@@ -72,7 +72,7 @@ def test_two_groups_of_two_ranks_train(tmp_path):
     # the run ends with what it reached and this run's next commands
     ppl = run.data.metrics["eval/ppl_kappa_0.50"]
     assert f"validation perplexity at kappa 0.50 (subnet): {ppl:.2f}" in ranks.output
-    assert f"python launch/export.py {out / 'final'} --kappa" in ranks.output
+    assert f"twist-export {out / 'final'} --kappa" in ranks.output
 
 
 def norm_movement(final: Path) -> float:
