@@ -1,4 +1,4 @@
-"""Synchronisation between the groups' engines: TwIST's dispatch and aggregation, or nothing (dense).
+"""Synchronisation between the groups' engines: TwIST's dispatch and aggregation, or nothing (data parallel).
 
 SubnetSync dispatches (central model → one group's engine) and aggregates (engines → central model),
 bucket by bucket, so beside its shard of the central model and its group's subnet a rank holds about
@@ -46,8 +46,8 @@ class DataParallelSync:
 
     moments: tuple[str, ...] = ()  # the engine keeps its own optimizer state
 
-    def __init__(self, engine: EngineStorage) -> None:
-        self.engine = engine
+    def __init__(self, storage: EngineStorage) -> None:
+        self.storage = storage
 
     def dispatch(self, specs: list[SubnetSpec]) -> None: ...
 
@@ -55,11 +55,11 @@ class DataParallelSync:
 
     def full_state(self) -> Iterator[tuple[str, torch.Tensor]]:
         """The full model, one tensor at a time (collective within the group)."""
-        for name in self.engine.params:
-            yield name, self.engine.read(name)
+        for name in self.storage.params:
+            yield name, self.storage.read(name)
 
     def local_tensors(self) -> Iterable[torch.Tensor]:
-        return self.engine.local_tensors()
+        return self.storage.local_tensors()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {}  # the engine's own checkpoint holds the model
@@ -78,7 +78,7 @@ class SubnetSync:
     def __init__(
         self,
         central: CentralShards,
-        engine: EngineStorage,
+        storage: EngineStorage,
         unit_blocks: list[UnitBlock],
         topo: Topology,
         moments: tuple[str, ...],
@@ -87,7 +87,7 @@ class SubnetSync:
         exchange: PackedExchange | FullWidthExchange | None = None,
         bucket_mb: float = DEFAULT_BUCKET_MB,
     ) -> None:
-        self.central, self.engine, self.topo = central, engine, topo
+        self.central, self.storage, self.topo = central, storage, topo
         self.correction, self.reset_moments, self.moments = correction, reset_moments, moments
         self.exchange = exchange or PackedExchange(central)
         self.bucket_bytes = int(bucket_mb * 2**20)
@@ -137,7 +137,7 @@ class SubnetSync:
             for name, value in self.exchange.dispatch(bucket, specs).items():
                 self._write(by_name[name], value, spec, means)
         if self.reset_moments:
-            self.engine.reset_optimizer_state()
+            self.storage.reset_optimizer_state()
         if self.exchange.sends_changes:
             self.exchange.dispatched = {e.name: self._dispatched_shard(e) for e in present}
 
@@ -147,27 +147,27 @@ class SubnetSync:
         name, _, key = entry.name.partition("@")
         if is_statistic(name):
             start, stop = self._shard_of(name)
-            return self.engine.read_buffer(name).reshape(-1)[start:stop].float().clone()
-        return self.engine.read_shard(name, key).clone()
+            return self.storage.read_buffer(name).reshape(-1)[start:stop].float().clone()
+        return self.storage.read_shard(name, key).clone()
 
     def _write(self, entry: Entry, value: torch.Tensor, spec: SubnetSpec, means: dict[str, torch.Tensor]) -> None:
         name, _, key = entry.name.partition("@")
         sub = slice_tensor(value, entry.unit[1], entry.units(spec)) if entry.whole and entry.unit else value
         if self.exchange.receives_shard(entry):  # this rank's flat range of the subnet tensor
-            self.engine.write_shard(name, key, value)
+            self.storage.write_shard(name, key, value)
         elif key:
-            self.engine.write_state(name, key, sub)
+            self.storage.write_state(name, key, sub)
         elif is_statistic(name):
             if name.endswith(ACT_MEAN):
                 means[name.rpartition(".")[0]] = value
-            self.engine.write_buffer(name, sub)
+            self.storage.write_buffer(name, sub)
         else:
-            self.engine.write(name, sub)
+            self.storage.write(name, sub)
         if not key and entry.unit is not None and name == entry.unit[0].output_axis.name:
             unit_block = entry.unit[0]
             full = value if entry.whole else None
             self.correction.dispatch(
-                self.engine.submodule(unit_block.output_module), unit_block, spec.units(unit_block), full, means
+                self.storage.submodule(unit_block.output_module), unit_block, spec.units(unit_block), full, means
             )
 
     def aggregate(self, specs: list[SubnetSpec]) -> None:
@@ -187,12 +187,12 @@ class SubnetSync:
     def _shard_of(self, name: str) -> tuple[int, int]:
         """The flat range [start, stop) of this group's subnet tensor `name` that this rank sends."""
         if is_statistic(name):  # every rank of the group holds the group's average: each sends an equal part
-            return even_range(self.engine.read_buffer(name).numel(), self.topo.ranks_per_group, self.topo.dp_rank)
-        return self.engine.shard_of(name)
+            return even_range(self.storage.read_buffer(name).numel(), self.topo.ranks_per_group, self.topo.dp_rank)
+        return self.storage.shard_of(name)
 
     def _ranged_state(self, name: str) -> bool:
         """Whether this rank stores only its shard (`_shard_of`) of the moments of `name` (statistics have none)."""
-        return not is_statistic(name) and self.engine.ranged_state(name)
+        return not is_statistic(name) and self.storage.ranged_state(name)
 
     def _read_shard(self, entry: Entry) -> tuple[int, torch.Tensor]:
         """Where this rank's stored range of the subnet tensor starts, and its values (in place where possible)."""
@@ -200,16 +200,16 @@ class SubnetSync:
         start, stop = self._shard_of(name)
         if is_statistic(name):
             return start, self._read(entry).reshape(-1)[start:stop]
-        return start, self.engine.read_shard(name, key)
+        return start, self.storage.read_shard(name, key)
 
     def _read(self, entry: Entry) -> torch.Tensor:
         name, _, key = entry.name.partition("@")
         if key:
-            return self.engine.read_state(name, key)
+            return self.storage.read_state(name, key)
         if not is_statistic(name):
-            return self.engine.read(name)
+            return self.storage.read(name)
         # each dp rank saw different data: average the statistic inside the group first
-        sub = self.engine.read_buffer(name).to(self.topo.device, torch.float32, copy=True)
+        sub = self.storage.read_buffer(name).to(self.topo.device, torch.float32, copy=True)
         dist.all_reduce(sub, group=self.topo.intra_group)
         self.central.traffic.add(sub.numel() * sub.element_size())
         return (sub / self.topo.ranks_per_group).cpu()

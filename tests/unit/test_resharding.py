@@ -55,6 +55,6 @@ def test_data_position_carries_the_fraction_of_an_epoch():
 def test_a_component_that_cannot_reshard_refuses_another_world_before_loading(tmp_path):
     (tmp_path / MANIFEST).write_text(json.dumps({"round": 3, "files": {}, "world_size": 4, "groups": 2}))
     checkpointer = Checkpointer(tmp_path.parent, rank=0, keep_last=1, device=torch.device("cpu"), layout=(2, 1))
-    dense = DataParallelSync(engine=None)  # a dense run: the model lives in the engine's own files
+    dense = DataParallelSync(storage=None)  # a dense run: the model lives in the engine's own files
     with pytest.raises(ValueError, match="written by 4 processes in 2 group.*launch 4 processes with --twist.groups 2"):
         checkpointer.load_run(tmp_path, {"central": dense, "rng": RngState()}, engine=None)
