@@ -9,7 +9,7 @@ import signal
 import subprocess
 import time
 
-from helpers import history, launch_background, mlflow_run, stop, tiny_args
+from helpers import free_port, history, launch_background, leaked_shared_memory, mlflow_run, stop, tiny_args
 from helpers.dist import train_on_ranks
 
 TWIST = dict(
@@ -65,12 +65,15 @@ def test_sigkill_mid_round_then_resume_is_exact(tmp_path):
     reference = history(*mlflow_run(tmp_path / "reference"), "train/loss")
 
     out = tmp_path / "killed"
-    proc = launch_background("deepspeed", 2, tiny_args(out, **TWIST))
+    port = free_port()
+    proc = launch_background("deepspeed", 2, tiny_args(out, **TWIST), port=port)
     wait_for(out / "checkpoints" / "round_000002" / "manifest.json", proc)
     os.kill(rank_pid(proc, 1), signal.SIGKILL)
     proc.wait(timeout=120)
     assert proc.returncode != 0  # killed mid-run, not finished
     stop(proc)  # rank 0 may outlive the launcher, spinning in DeepSpeed's shared-memory all-reduce
+    for path in leaked_shared_memory(port):  # the killed rank could not unlink its 69 MB workspace
+        path.unlink()
     assert not (out / "final").exists()
     train_on_ranks(2, tiny_args(out, **TWIST))  # resumes from the newest valid checkpoint
     resumed = losses_by_step(out)

@@ -121,12 +121,13 @@ def launch_background(
     args: list[str],
     output: IO[str] | int = subprocess.PIPE,
     launcher_args: list[str] | None = None,
+    port: int | None = None,
 ) -> subprocess.Popen:
     """A real launch left running, in its own session so the launcher and its ranks can be signalled together.
 
     `launcher_args` replace the single-node options (e.g. a deepspeed hostfile and node rank).
     """
-    cmd = launch_command(launcher, nproc, args, free_port())
+    cmd = launch_command(launcher, nproc, args, port or free_port())
     if launcher_args is not None:
         cmd = [cmd[0], *launcher_args, str(TRAIN), *args]
     return subprocess.Popen(
