@@ -123,11 +123,10 @@ def _failures(error_files: list[str]) -> dict[int, str]:
     return found
 
 
-def _fork_server_context() -> multiprocessing.context.BaseContext:
-    """The forkserver context, its server preloading PRELOAD with the ranks' environment (once per session)."""
+def _preload_fork_server() -> None:
+    """Have the fork server, started by the first run of the session, import PRELOAD in the ranks' environment."""
     os.environ.update({k: v for k, v in RANK_ENV.items() if k != "OMP_NUM_THREADS"})
     multiprocessing.set_forkserver_preload(PRELOAD)
-    return multiprocessing.get_context("forkserver")
 
 
 def run_on_ranks(
@@ -147,7 +146,7 @@ def run_on_ranks(
     """
     path = inspect.getsourcefile(fn)
     assert path is not None and "<locals>" not in fn.__qualname__, f"{fn!r} must be a module-level function"
-    _fork_server_context()
+    _preload_fork_server()
     port, logs = free_port(), tempfile.mkdtemp(prefix="twist-ranks-")
     context = mp.start_processes(
         _rank,

@@ -124,3 +124,11 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def load(self, directory: str) -> None: ...
+
+
+class StoringEngine(Engine, EngineStorage):
+    """An engine that keeps its (sub-)model's tensors itself, as every engine here does: its storage is itself."""
+
+    @property
+    def storage(self) -> EngineStorage:
+        return self

@@ -28,8 +28,8 @@ from deepspeed.utils import (
 from torch import nn
 
 from twist_scale.config import ConfigError, RunConfig
-from twist_scale.engines.base import Engine, build_optimizer, build_scheduler, even_range
-from twist_scale.engines.storage import EngineStorage, zero_optimizer_state
+from twist_scale.engines.base import StoringEngine, build_optimizer, build_scheduler, even_range
+from twist_scale.engines.storage import zero_optimizer_state
 from twist_scale.topology import Topology
 
 RUN_OWNED = ("optimizer", "scheduler")
@@ -69,7 +69,7 @@ def render_ds_config(path: str, cfg: RunConfig, ranks_per_group: int) -> dict[st
     return raw
 
 
-class DeepSpeedEngine(Engine, EngineStorage):
+class DeepSpeedEngine(StoringEngine):
     def __init__(self, model: nn.Module, cfg: RunConfig, topo: Topology) -> None:
         self.topo = topo
         ds_config = render_ds_config(cfg.parallel.ds_config, cfg, topo.ranks_per_group)
@@ -82,10 +82,6 @@ class DeepSpeedEngine(Engine, EngineStorage):
         self.stage = self.engine.zero_optimization_stage()
         self.params = dict(self.module.named_parameters())
         self._moments_linked = False
-
-    @property
-    def storage(self) -> EngineStorage:
-        return self
 
     def _loss(self, input_ids: torch.Tensor) -> torch.Tensor:
         input_ids = input_ids.to(self.engine.device)

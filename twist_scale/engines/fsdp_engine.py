@@ -27,8 +27,8 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from twist_scale.config import RunConfig
-from twist_scale.engines.base import Engine, build_optimizer, build_scheduler, even_range
-from twist_scale.engines.storage import EngineStorage, zero_optimizer_state
+from twist_scale.engines.base import StoringEngine, build_optimizer, build_scheduler, even_range
+from twist_scale.engines.storage import zero_optimizer_state
 from twist_scale.topology import Topology
 
 SCHEDULER_FILE = "scheduler.pt"
@@ -71,7 +71,7 @@ def local_shard(value: torch.Tensor, like: DTensor) -> DTensor:
     return distribute_tensor(value.to(like.device, like.dtype), like.device_mesh, like.placements, src_data_rank=None)
 
 
-class FSDPEngine(Engine, EngineStorage):
+class FSDPEngine(StoringEngine):
     def __init__(self, model: nn.Module, cfg: RunConfig, topo: Topology) -> None:
         self.cfg, self.topo = cfg, topo
         self.device = topo.device  # FSDP computes where its collectives run
@@ -81,10 +81,6 @@ class FSDPEngine(Engine, EngineStorage):
         self.optimizer = build_optimizer(model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.total_steps)
         self.params = dict(model.named_parameters())
-
-    @property
-    def storage(self) -> EngineStorage:
-        return self
 
     def _loss(self, input_ids: torch.Tensor) -> torch.Tensor:
         input_ids = input_ids.to(self.device)

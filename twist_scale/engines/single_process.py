@@ -8,21 +8,17 @@ import torch
 from torch import nn
 
 from twist_scale.config import RunConfig
-from twist_scale.engines.base import Engine, build_optimizer, build_scheduler
-from twist_scale.engines.storage import EngineStorage, zero_optimizer_state
+from twist_scale.engines.base import StoringEngine, build_optimizer, build_scheduler
+from twist_scale.engines.storage import zero_optimizer_state
 
 
-class SingleProcessEngine(Engine, EngineStorage):
+class SingleProcessEngine(StoringEngine):
     def __init__(self, model: nn.Module, cfg: RunConfig) -> None:
         self.module = model.train()
         self.cfg = cfg
         self.optimizer = build_optimizer(model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.total_steps)
         self.params = dict(model.named_parameters())
-
-    @property
-    def storage(self) -> EngineStorage:
-        return self
 
     def _loss(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.module(input_ids=input_ids, labels=input_ids).loss
