@@ -50,7 +50,7 @@ def holder_counts(shape: torch.Size, unit: tuple[UnitBlock, AxisSlice] | None, s
     for spec in specs:
         per_unit[spec.units(unit_block)] += 1
     along = torch.zeros(shape[axis.axis])
-    along[axis.index(torch.arange(unit_block.num_units))] = per_unit.repeat_interleave(axis.width).repeat(axis.segments)
+    along[axis.index(torch.arange(unit_block.num_units))] = axis.spread(per_unit)
     view = [1] * len(shape)
     view[axis.axis] = shape[axis.axis]
     return along.view(view).expand(shape)

@@ -30,7 +30,9 @@ def _doc(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclass
 
 @dataclass
 class ModelConfig:
-    arch: Literal["llama", "gpt2"] = _doc("Architecture: 'llama' (MHA or GQA) or 'gpt2'.", "llama")
+    arch: Literal["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "gpt2"] = _doc(
+        "Architecture of a preset model (--model.pretrained brings its own).", "llama"
+    )
     size: str = _doc("Size preset from twist_scale.models.PRESETS (tiny, small, ...).", "tiny")
     pretrained: str = _doc("Local directory or hub id to load with from_pretrained; overrides size.", "")
 

@@ -169,7 +169,8 @@ def load_config(argv: list[str] | None = None) -> RunConfig:
         _apply(cfg, _read_file(path))
     _apply(cfg, overrides)
     _resolve_data_root(cfg.data)
-    validate(cfg)
+    launched = os.environ.get("WORLD_SIZE")  # every launcher sets it: groups are checked before any process group
+    validate(cfg, int(launched) if launched else None)
     return cfg
 
 

@@ -110,7 +110,7 @@ class MeanCorrection(Correction):
                 axes=(
                     *unit_block.axes,
                     *(
-                        AxisSlice(f"{unit_block.output_module}.{s}", 0, unit_block.output_axis.width)
+                        AxisSlice(f"{unit_block.output_module}.{s}", 0, unit_block.output_axis.unit_width)
                         for s in STATISTICS
                     ),
                 ),

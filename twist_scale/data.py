@@ -68,15 +68,39 @@ def load_tokenizer(directory: Path, sample_text: str) -> PreTrainedTokenizerBase
     return tok
 
 
-def prepare_tokenizer(cfg: DataConfig, default_dir: Path, train: bool) -> Path:
+def pretrained_tokenizer(pretrained: str) -> Path | None:
+    """The tokenizer a pretrained checkpoint (directory or hub id) ships with, if it has one."""
+    directory = Path(pretrained)
+    if not directory.is_dir():  # a hub id: its tokenizer files only
+        from huggingface_hub import snapshot_download
+
+        patterns = ["tokenizer*", SPM_FILE, "special_tokens_map.json"]
+        directory = Path(snapshot_download(pretrained, allow_patterns=patterns))
+    has_one = any((directory / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", SPM_FILE))
+    return directory if has_one else None
+
+
+def tokenizer_directory(run: RunConfig) -> Path:
+    """--data.tokenizer, else the pretrained checkpoint's own tokenizer, else `<out_dir>/tokenizer` (trained)."""
+    if run.data.tokenizer:
+        return Path(run.data.tokenizer)
+    own = pretrained_tokenizer(run.model.pretrained) if run.model.pretrained else None
+    return own or Path(run.out_dir) / "tokenizer"
+
+
+def prepare_tokenizer(cfg: DataConfig, directory: Path, train: bool) -> Path:
     """The tokenizer directory; trains one there when `train` (rank 0 only) and none exists."""
-    directory = Path(cfg.tokenizer) if cfg.tokenizer else default_dir
     if train and not any((directory / f).exists() for f in (SPM_FILE, "tokenizer.json")):
         if not cfg.train_files:
             raise ValueError("cannot train a tokenizer without --data.train_files; pass --data.tokenizer DIR")
         log.info("training a %d-token BPE tokenizer on %s", cfg.vocab_size, cfg.train_files)
         train_tokenizer(cfg.train_files, directory, cfg.vocab_size)
     return directory
+
+
+def sample_text(cfg: DataConfig) -> str:
+    """What a tokenizer must round-trip: the first line of the training text."""
+    return sample_line(cfg.train_files) if cfg.train_files else "a b"
 
 
 def sample_line(files: list[str]) -> str:
@@ -243,9 +267,9 @@ def load_run_data(run: RunConfig, topo: Topology, barrier: Callable[[], None]) -
     Every rank trains on its own shard; a group's ranks split the validation set between them.
     """
     cfg, out_dir, is_main = run.data, Path(run.out_dir), topo.rank == 0
-    tokenizer_dir = prepare_tokenizer(cfg, out_dir / "tokenizer", train=is_main)
+    tokenizer_dir = prepare_tokenizer(cfg, tokenizer_directory(run), train=is_main)
     barrier()
-    tokenizer = load_tokenizer(tokenizer_dir, sample_line(cfg.train_files) if cfg.train_files else "a b")
+    tokenizer = load_tokenizer(tokenizer_dir, sample_text(cfg))
     cache = Path(cfg.cache_dir) if cfg.cache_dir else out_dir / "cache"
 
     def blocks(files: list[str], split: str) -> np.ndarray:

@@ -5,13 +5,16 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import AutoConfig
 
 from twist_scale.config import ConfigError, RunConfig
 from twist_scale.correction import Correction, correction_of
-from twist_scale.models import UnitBlock, architecture_of, build_model
+from twist_scale.data import load_tokenizer, sample_text, tokenizer_directory
+from twist_scale.models import UnitBlock, architecture_for, architecture_of, build_model
 from twist_scale.subnet import default_shared_layers, partitioned_blocks
 
 
@@ -30,6 +33,33 @@ class RunModel:
 def full_model_builder(cfg: RunConfig, vocab_size: int) -> Callable[[], nn.Module]:
     """Builds the run's full-width architecture, for values loaded into it afterwards (export)."""
     return functools.partial(build_model, cfg.model.arch, cfg.model.size, vocab_size, cfg.model.pretrained, False)
+
+
+def check_pretrained(cfg: RunConfig) -> None:
+    """A checkpoint the run can start from, checked before any process group, file or data work: it
+    exists, its architecture is supported and its vocabulary covers the run's tokenizer."""
+    pretrained = cfg.model.pretrained
+    if not pretrained:
+        return
+    hub_id = pretrained.count("/") == 1 and not pretrained.startswith((".", "/", "~"))
+    if not Path(pretrained).is_dir() and not hub_id:
+        raise ConfigError(f"--model.pretrained {pretrained}: no such directory; give a save_pretrained directory")
+    try:
+        config = AutoConfig.from_pretrained(pretrained)
+    except (OSError, ValueError) as err:
+        reason = str(err).splitlines()[0]
+        raise ConfigError(f"--model.pretrained {pretrained}: no model config there ({reason})") from None
+    architecture_for(config.model_type)
+    tokenizer = tokenizer_directory(cfg)
+    if any(tokenizer.glob("tokenizer*")):
+        vocab, source = len(load_tokenizer(tokenizer, sample_text(cfg.data))), f"the tokenizer in {tokenizer}"
+    else:
+        vocab, source = cfg.data.vocab_size, "--data.vocab_size (the tokenizer this run trains)"
+    if vocab > config.vocab_size:
+        raise ConfigError(
+            f"{source} has {vocab} tokens but --model.pretrained {pretrained} only {config.vocab_size}; use the "
+            "checkpoint's own tokenizer (leave --data.tokenizer empty) or a matching checkpoint"
+        )
 
 
 def build_run_model(cfg: RunConfig, vocab_size: int) -> RunModel:

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from twist_scale.models import AxisSlice, UnitBlock, architecture_of, units_to_keep
+from twist_scale.models import AxisSlice, UnitBlock, units_to_keep
+from twist_scale.models.widths import fit_modules_to_weights
 
 
 @dataclass(frozen=True)
@@ -133,7 +134,7 @@ def apply_subnet_shapes(model: nn.Module, unit_blocks: list[UnitBlock], spec: Su
             setattr(module, attr, nn.Parameter(sub, requires_grad=tensors[name].requires_grad))
         else:
             setattr(module, attr, sub)
-    architecture_of(model).fix_module_attrs(model, model.config)
+    fit_modules_to_weights(model)
 
 
 @torch.no_grad()

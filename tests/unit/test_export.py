@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from twist_scale.commands.export import main
 from twist_scale.models import architecture_of
 from twist_scale.pruning.build import build_subnet, layer_widths
-from twist_scale.pruning.format import SUBNET_FILE, TWIST_LOADER, load_exported, save_exported
+from twist_scale.pruning.format import REMOTE_LOADER, SUBNET_FILE, load_exported, save_exported
 from twist_scale.pruning.pruner import SavedCentral
 from twist_scale.subnet import SubnetSampler, SubnetSpec, partitioned_blocks
 
@@ -143,11 +143,12 @@ def test_uniform_llama_loads_plain_and_nonuniform_needs_load_exported(tmp_path, 
     path = save_exported(tmp_path / "mixed", sub, tokenizer, plain, {"kappa": 0.5, "widths": widths_of(model, spec)})
     assert not plain
     record = json.loads((path / SUBNET_FILE).read_text())
-    assert record["loader"] == TWIST_LOADER
+    assert record["loader"] == REMOTE_LOADER
     assert record["widths"]["0"] == {"attn": 2, "mlp": 128} and record["widths"]["2"] == {"attn": 1, "mlp": 64}
-    assert "load_exported" in (path / "README.md").read_text()
-    assert "load_exported" in json.loads((path / "config.json").read_text())["twist_subnet"]
-    with pytest.raises(RuntimeError, match="mismatch"):
+    assert "trust_remote_code=True" in (path / "README.md").read_text()
+    shapes = json.loads((path / "config.json").read_text())["twist_shapes"]
+    assert shapes["model.layers.2.mlp.up_proj.weight"] == [64, 64]
+    with pytest.raises(ValueError, match="trust_remote_code"):
         AutoModelForCausalLM.from_pretrained(path)
     with torch.no_grad():
         torch.testing.assert_close(load_exported(path)(input_ids=ids).logits, sub(input_ids=ids).logits)
@@ -160,7 +161,7 @@ def test_head_count_not_dividing_hidden_exports_through_load_exported(tmp_path, 
     sub, plain = build_subnet(model, spec, "scale")
     assert not plain and sub.model.layers[0].self_attn.q_proj.weight.shape == (48, 64)
     path = save_exported(tmp_path / "k75", sub, tokenizer, plain, {"kappa": 0.75, "widths": widths_of(model, spec)})
-    assert json.loads((path / SUBNET_FILE).read_text())["loader"] == TWIST_LOADER
+    assert json.loads((path / SUBNET_FILE).read_text())["loader"] == REMOTE_LOADER
     ids = torch.randint(0, VOCAB, (1, 9))
     with torch.no_grad():
         torch.testing.assert_close(load_exported(path)(input_ids=ids).logits, sub(input_ids=ids).logits)

@@ -8,10 +8,8 @@ import functools
 import pytest
 import torch
 
-from twist_scale.config import ModelConfig, RunConfig
 from twist_scale.models import architecture_of, build_model
 from twist_scale.pruning.scores import owned_sum
-from twist_scale.run_model import build_run_model
 from twist_scale.startup import blocks, fill, materialise_rest
 from twist_scale.subnet import partitioned_blocks
 from twist_scale.unit_order import sort_units_by_weight_norm
@@ -99,12 +97,3 @@ def test_nested_start_sorts_each_blocks_units_by_weight_norm_and_changes_no_outp
         before, after = unit_norms(saved, unit_block), unit_norms(model, unit_block)
         assert not torch.all(before[:-1] >= before[1:])  # the base was not sorted already
         assert torch.equal(after, before.sort(descending=True).values), unit_block.key
-
-
-def test_a_tokenizer_larger_than_the_pretrained_vocabulary_is_refused_before_training(tmp_path):
-    """The trainer builds the run's model (config only, meta device) before any engine or data work."""
-    small = tmp_path / "small-vocab"
-    build_model("llama", "tiny", 64).save_pretrained(small)
-    cfg = RunConfig(model=ModelConfig(pretrained=str(small)))
-    with pytest.raises(ValueError, match="tokenizer has 512 tokens but the pretrained model only 64"):
-        build_run_model(cfg, vocab_size=512)

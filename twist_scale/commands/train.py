@@ -23,7 +23,13 @@ def main(argv: list[str] | None = None) -> None:
     if conflict:
         sys.exit(f"error: {conflict}")
     from twist_scale.distributed import close_distributed
+    from twist_scale.run_model import check_pretrained
     from twist_scale.trainer import Trainer
+
+    try:
+        check_pretrained(cfg)
+    except ConfigError as err:
+        sys.exit(f"config error: {err}")
 
     try:
         Trainer(cfg).train()

@@ -1,8 +1,9 @@
 """Model presets and per-architecture specs: one `Architecture` per supported Hugging Face model type.
 
-Each architecture's module (`llama.py`, `gpt2.py`) holds all the code knows about it: presets, the
-unit map, the fix-ups a sliced model needs, and what export needs (enabling biases to fold a shift
-into, the config that states a subnet's widths). Everything else is generic over `Architecture`.
+Each architecture's module (`llama.py` for Llama and the decoders shaped like it, `phi3.py`, `gpt2.py`)
+holds all the code knows about it: presets, the unit map, and what export needs (enabling biases to
+fold a shift into, the config that states a subnet's widths). Everything else is generic over
+`Architecture`; `widths.py` makes any sliced model's modules agree with their weights.
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from twist_scale.config import ConfigError
 from twist_scale.models.base import Architecture, AxisSlice, UnitBlock, Widths, units_to_keep
 from twist_scale.models.gpt2 import GPT2
-from twist_scale.models.llama import LLAMA
+from twist_scale.models.llama import GEMMA2, GEMMA3, LLAMA, MISTRAL, QWEN2, QWEN3
+from twist_scale.models.phi3 import PHI3
 
 __all__ = [
     "ARCHITECTURES",
@@ -22,12 +25,15 @@ __all__ = [
     "AxisSlice",
     "UnitBlock",
     "Widths",
+    "architecture_for",
     "architecture_of",
     "build_model",
     "units_to_keep",
 ]
 
-ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (LLAMA, GPT2)}
+ARCHITECTURES: dict[str, Architecture] = {
+    a.model_type: a for a in (LLAMA, MISTRAL, QWEN2, QWEN3, PHI3, GEMMA2, GEMMA3, GPT2)
+}
 PRESETS: dict[str, dict[str, dict]] = {name: a.presets for name, a in ARCHITECTURES.items()}
 
 
@@ -41,11 +47,6 @@ def build_model(arch: str, size: str, vocab_size: int, pretrained: str = "", wei
             model = AutoModelForCausalLM.from_pretrained(pretrained, dtype=torch.float32)
         else:
             model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(pretrained), dtype=torch.float32)
-        if model.config.vocab_size < vocab_size:
-            raise ValueError(
-                f"tokenizer has {vocab_size} tokens but the pretrained model only {model.config.vocab_size}; "
-                "use the model's own tokenizer (--data.tokenizer) or a matching checkpoint"
-            )
         return model
     spec = ARCHITECTURES[arch]
     if size not in spec.presets:
@@ -54,7 +55,13 @@ def build_model(arch: str, size: str, vocab_size: int, pretrained: str = "", wei
 
 
 def architecture_of(model: nn.Module) -> Architecture:
-    kind = model.config.model_type
-    if kind not in ARCHITECTURES:
-        raise ValueError(f"model type {kind!r} has no unit map; supported: {', '.join(ARCHITECTURES)}")
-    return ARCHITECTURES[kind]
+    return architecture_for(model.config.model_type)
+
+
+def architecture_for(model_type: str) -> Architecture:
+    if model_type not in ARCHITECTURES:
+        raise ConfigError(
+            f"model type {model_type!r} is not supported; supported: {', '.join(ARCHITECTURES)} "
+            "(docs/architectures.md says how to add one)"
+        )
+    return ARCHITECTURES[model_type]

@@ -14,24 +14,48 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import PretrainedConfig
-from transformers.pytorch_utils import Conv1D
 
 Widths = dict[int, dict[str, int]]  # layer -> {"attn": units, "mlp": units}
 
 
 @dataclass(frozen=True)
 class AxisSlice:
-    """Along `axis` of tensor `name`, unit u owns `width` contiguous elements at u*width in each segment."""
+    """Along `axis` of tensor `name`, unit u owns `width` contiguous channels at u*width.
+
+    A fused tensor (GPT-2's c_attn, Phi-3's qkv_proj and gate_up_proj) stacks several such runs along
+    one axis: `segments` lists each run's (offset, width per unit) in the tensor's order, and slicing
+    keeps that order, so a sliced fused tensor is still laid out as its module expects.
+    """
 
     name: str
     axis: int
-    width: int
-    segments: int = 1
-    segment_stride: int = 0
+    width: int = 0
+    segments: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def runs(self) -> tuple[tuple[int, int], ...]:
+        return self.segments or ((0, self.width),)
+
+    @property
+    def unit_width(self) -> int:
+        """Channels one unit owns along the axis, over all segments."""
+        return sum(width for _, width in self.runs)
 
     def index(self, units: torch.Tensor) -> torch.Tensor:
-        base = (units[:, None] * self.width + torch.arange(self.width)).flatten()
-        return torch.cat([base + s * self.segment_stride for s in range(self.segments)])
+        """The channels `units` own, segment by segment (the sliced tensor's layout)."""
+        return torch.cat(
+            [(offset + units[:, None] * width + torch.arange(width)).flatten() for offset, width in self.runs]
+        )
+
+    def spread(self, per_unit: torch.Tensor) -> torch.Tensor:
+        """One value per unit repeated over the unit's channels, in `index` order."""
+        return torch.cat([per_unit.repeat_interleave(width) for _, width in self.runs])
+
+    def per_unit(self, channels: torch.Tensor, num_units: int) -> torch.Tensor:
+        """Sum a per-channel vector (one entry per channel along the axis) into one value per unit."""
+        return sum(
+            channels[offset : offset + num_units * width].view(num_units, width).sum(1) for offset, width in self.runs
+        )
 
 
 @dataclass(frozen=True)
@@ -62,19 +86,9 @@ class Architecture:
     presets: dict[str, dict]  # size name -> config fields
     from_preset: Callable[[dict, int], nn.Module]  # (preset fields, vocab size) -> a fresh full-width model
     unit_blocks: Callable[[PretrainedConfig], list[UnitBlock]]
-    fix_module_attrs: Callable[[nn.Module, PretrainedConfig], None]  # after slicing: widths the modules cache
     num_layers: Callable[[PretrainedConfig], int]
     enable_bias: Callable[[nn.Module], None]  # export: give every output projection a bias to fold a shift into
     shrunk_config: Callable[[PretrainedConfig, Widths], PretrainedConfig | None]  # None: widths not expressible
-
-
-def fix_linear_and_conv(model: nn.Module) -> None:
-    """Make every Linear / Conv1D state the shape its (sliced) weight now has."""
-    for module in model.modules():
-        if isinstance(module, nn.Linear):
-            module.out_features, module.in_features = module.weight.shape
-        elif isinstance(module, Conv1D):
-            module.nx, module.nf = module.weight.shape
 
 
 def units_to_keep(num_units: int, kappa: float) -> int:

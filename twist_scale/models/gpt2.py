@@ -1,4 +1,4 @@
-"""GPT-2: presets, unit map (one head in the fused c_attn; one MLP neuron), fix-ups and export hooks."""
+"""GPT-2: presets, unit map (one head in the fused c_attn; one MLP neuron) and export hooks."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import copy
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, PretrainedConfig
 
-from twist_scale.models.base import Architecture, AxisSlice, UnitBlock, Widths, fix_linear_and_conv
+from twist_scale.models.base import Architecture, AxisSlice, UnitBlock, Widths
 
 PRESETS: dict[str, dict] = {
     "tiny": dict(n_embd=64, n_layer=4, n_head=4, n_positions=512),
@@ -27,9 +27,10 @@ def unit_blocks(cfg: PretrainedConfig) -> list[UnitBlock]:
     for i in range(cfg.n_layer):
         a, m = f"transformer.h.{i}.attn", f"transformer.h.{i}.mlp"
         # c_attn is a fused Conv1D (in, 3E): the q, k and v columns of head h sit in three segments.
+        qkv = tuple((s * e, head_dim) for s in range(3))
         attn = (
-            AxisSlice(f"{a}.c_attn.weight", 1, head_dim, 3, e),
-            AxisSlice(f"{a}.c_attn.bias", 0, head_dim, 3, e),
+            AxisSlice(f"{a}.c_attn.weight", 1, segments=qkv),
+            AxisSlice(f"{a}.c_attn.bias", 0, segments=qkv),
             AxisSlice(f"{a}.c_proj.weight", 0, head_dim),
         )
         mlp = (
@@ -40,14 +41,6 @@ def unit_blocks(cfg: PretrainedConfig) -> list[UnitBlock]:
         groups.append(UnitBlock(i, "attn", cfg.n_head, attn, f"{a}.c_proj", 0))
         groups.append(UnitBlock(i, "mlp", inner, mlp, f"{m}.c_proj", 0))
     return groups
-
-
-def fix_module_attrs(model: nn.Module, cfg: PretrainedConfig) -> None:
-    fix_linear_and_conv(model)
-    head_dim = cfg.n_embd // cfg.n_head
-    for block in model.transformer.h:
-        block.attn.split_size = block.attn.c_attn.nf // 3
-        block.attn.num_heads = block.attn.split_size // head_dim
 
 
 def shrunk_config(cfg: PretrainedConfig, widths: Widths) -> PretrainedConfig | None:
@@ -64,7 +57,6 @@ GPT2 = Architecture(
     presets=PRESETS,
     from_preset=from_preset,
     unit_blocks=unit_blocks,
-    fix_module_attrs=fix_module_attrs,
     num_layers=lambda cfg: cfg.n_layer,
     enable_bias=lambda model: None,  # Conv1D projections always carry a bias
     shrunk_config=shrunk_config,

@@ -6,7 +6,9 @@ with is folded, so the subnet needs no hooks at inference (`twist_scale.correcti
 - 'mean': W[:, dropped] · E[a_dropped] is added to the output projection's bias. Llama has no
   biases, so the architecture's `enable_bias` turns on `attention_bias` and `mlp_bias` with zero
   q/k/v/gate/up biases (and zero o/down biases in layers that lose nothing).
-The architecture's `shrunk_config` states the subnet's widths when its config can (uniform widths).
+The architecture's `shrunk_config` states the subnet's widths when its config can (uniform widths);
+the subnet is *plain* when that config rebuilds every parameter's shape, which `unstated_shapes` checks
+by building the config's model on the meta device. Anything else loads through remote code.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import copy
 
 import torch
 from torch import nn
+from transformers import AutoModelForCausalLM
 
 from twist_scale.correction import correction_of
 from twist_scale.models import UnitBlock, Widths, architecture_of
@@ -52,7 +55,16 @@ def build_subnet(
     config = arch.shrunk_config(sub.config, layer_widths(groups, spec))
     if config is not None:
         sub.config = config
-    return sub, config is not None
+    return sub, config is not None and not unstated_shapes(sub)
+
+
+def unstated_shapes(model: nn.Module) -> dict[str, list[int]]:
+    """The parameters whose shape the model's config does not give (sliced to per-layer widths, or a
+    bias the config has no flag for): what an export's remote code must resize. Empty: plain."""
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(model.config)
+    expected = {name: p.shape for name, p in skeleton.named_parameters()}
+    return {name: list(p.shape) for name, p in model.named_parameters() if expected.get(name) != p.shape}
 
 
 def parameter_count(model: nn.Module) -> int:

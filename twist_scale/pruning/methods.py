@@ -46,7 +46,6 @@ from twist_scale.pruning.scores import (
     standardized,
     top,
     top_units,
-    unit_channels,
 )
 from twist_scale.subnet import SubnetSampler, SubnetSpec
 
@@ -215,12 +214,10 @@ def _standardized_unit_scores(inputs: PruneInputs, block: UnitBlock) -> torch.Te
     """FLAP AL-AM's comparable score: WIFV (squared for attention, as the reference does), standardised
     over the unit block's channels so layers and kinds share one scale, then averaged over each unit's
     channels (FLAP: per head). A unit block whose channels all score alike has no spread: all zeros."""
-    channels = unit_channels(
-        _fluctuation(inputs, block), block, f"{block.output_module}.weight"
-    )  # (segments, units, width)
+    channels = _fluctuation(inputs, block)
     if block.kind == "attn":
         channels = channels**2
-    return standardized(channels).mean(dim=(0, 2))
+    return per_unit(standardized(channels), block, f"{block.output_module}.weight") / block.output_axis.unit_width
 
 
 def select_flap(inputs: PruneInputs) -> SubnetSpec:

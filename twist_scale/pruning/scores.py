@@ -27,16 +27,10 @@ def top_units(unit_blocks: list[UnitBlock], kappa: float, score: Callable[[UnitB
     return SubnetSpec({unit_block.key: top(score(unit_block), kappa) for unit_block in unit_blocks})
 
 
-def unit_channels(values: torch.Tensor, unit_block: UnitBlock, tensor_name: str) -> torch.Tensor:
-    """A per-channel vector (one entry per index along a unit axis) as (segments, units, width)."""
-    axis = next(a for a in unit_block.axes if a.name == tensor_name)
-    channels = values.index_select(0, axis.index(torch.arange(unit_block.num_units)))
-    return channels.view(axis.segments, unit_block.num_units, axis.width)
-
-
 def per_unit(values: torch.Tensor, unit_block: UnitBlock, tensor_name: str) -> torch.Tensor:
     """Sum a per-channel vector (one entry per index along a unit axis) into one value per unit."""
-    return unit_channels(values, unit_block, tensor_name).sum(dim=(0, 2))
+    axis = next(a for a in unit_block.axes if a.name == tensor_name)
+    return axis.per_unit(values, unit_block.num_units)
 
 
 def owned_sum(unit_block: UnitBlock, elementwise: Callable[[str], torch.Tensor | None]) -> torch.Tensor:
@@ -69,7 +63,7 @@ def unit_weight(model: nn.Module, unit_block: UnitBlock) -> int:
     """Parameters one unit of the group owns: its share of every sliced parameter tensor."""
     params = dict(model.named_parameters())
     return sum(
-        params[a.name].numel() // params[a.name].shape[a.axis] * a.width * a.segments
+        params[a.name].numel() // params[a.name].shape[a.axis] * a.unit_width
         for a in unit_block.axes
         if a.name in params
     )
