@@ -68,7 +68,7 @@ model = {load}
 """
 PLAIN_WHY = (
     "Every layer has the same width, so config.json states it: any tool that takes a `{arch}` checkpoint "
-    "(transformers, vLLM, TGI, llama.cpp's converter, ...) takes this one."
+    "(transformers; vLLM, TGI and llama.cpp's converter read the same config) takes this one."
 )
 REMOTE_WHY = (
     "Its widths are not expressible in a `{arch}` config (per-layer widths, or a bias the config has no flag "
