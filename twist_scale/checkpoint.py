@@ -6,7 +6,9 @@ whose files do not match it, is reported and skipped on resume — never loaded.
 
 A checkpoint resumes at another world (G'×R' instead of G×R) when every stateful component can
 reshard itself (`load_resharded`): the rank files are opened memory-mapped, so a rank reads only
-the parts it needs. The engines' files are not used then: they fit one group layout only.
+the parts it needs. Engine files are written only where the engine holds the model's only copy (a
+dense run); a TwIST run's dispatch rewrites its engines from the central model, whose shards are in
+the rank files, so its checkpoint holds no engine weights or moments (they fit one layout anyway).
 """
 
 from __future__ import annotations
@@ -129,22 +131,25 @@ class Checkpointer:
         self,
         round_: int,
         components: Mapping[str, Stateful],
-        engine: EngineFiles,
+        engine: EngineFiles | None,
         meta: dict[str, Any],
         finite: bool = True,
     ) -> Path:
-        """Every component's state into rank_<rank>.pt, the engine into group_<group>/ (see `save`)."""
+        """Every component's state into rank_<rank>.pt, the engine (if any) into group_<group>/ (see `save`)."""
 
         def write(directory: Path) -> None:
             state = {"round": round_} | {name: c.state_dict() for name, c in components.items()}
             torch.save(state, directory / f"rank_{self.rank:05d}.pt")
-            group_dir = directory / f"group_{self.group:04d}"
-            group_dir.mkdir(exist_ok=True)
-            engine.save(str(group_dir))
+            if engine is not None:
+                group_dir = directory / f"group_{self.group:04d}"
+                group_dir.mkdir(exist_ok=True)
+                engine.save(str(group_dir))
 
         return self.save(round_, write, meta, finite)
 
-    def load_run(self, path: Path, components: Mapping[str, Stateful], engine: EngineFiles) -> tuple[int, bool]:
+    def load_run(
+        self, path: Path, components: Mapping[str, Stateful], engine: EngineFiles | None
+    ) -> tuple[int, bool]:
         """Restore what `save_run` wrote: (the round it was written at, whether the world was another)."""
         meta = json.loads((path / MANIFEST).read_text())
         saved = (meta["world_size"], meta["groups"])
@@ -152,7 +157,8 @@ class Checkpointer:
             state = torch.load(path / f"rank_{self.rank:05d}.pt", weights_only=False)
             for name, component in components.items():
                 component.load_state_dict(state[name])
-            engine.load(str(path / f"group_{self.group:04d}"))
+            if engine is not None:
+                engine.load(str(path / f"group_{self.group:04d}"))
             return state["round"], False
         fixed = [name for name, c in components.items() if not isinstance(c, Reshardable)]
         if fixed:
@@ -200,7 +206,7 @@ class Checkpointer:
         return final
 
     def complete(self) -> list[Path]:
-        return sorted(p for p in self.root.glob("round_*") if (p / MANIFEST).exists())
+        return complete_checkpoints(self.root)
 
     def latest_valid(self) -> Path | None:
         """Rank 0 picks the newest intact checkpoint and tells the others its round (-1: none)."""
@@ -215,6 +221,11 @@ class Checkpointer:
         dist.broadcast(choice, src=0)
         round_ = int(choice.item())
         return None if round_ < 0 else self.root / self._name(round_)
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """The checkpoints under `root` whose manifest was written, oldest first."""
+    return sorted(p for p in root.glob("round_*") if (p / MANIFEST).exists())
 
 
 def resume_conflict(cfg: RunConfig) -> str | None:

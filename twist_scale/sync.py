@@ -45,6 +45,7 @@ class DataParallelSync:
     """Data parallelism: one group holds the whole model, so there is nothing to dispatch or aggregate."""
 
     moments: tuple[str, ...] = ()  # the engine keeps its own optimizer state
+    engine_in_checkpoint = True  # the engine's files are the model's only copy
 
     def __init__(self, storage: EngineStorage) -> None:
         self.storage = storage
@@ -74,6 +75,10 @@ class SubnetSync:
     """TwIST's synchronisation: dispatch slices each group's subnet out of the sharded central model;
     aggregation averages the groups' subnets back into it. Both go bucket by bucket through an
     exchange: packed (only held elements travel) or full-width (the reference)."""
+
+    # Dispatch rewrites every weight (and, aggregated, every moment) of the engine from the central
+    # model, so a checkpoint needs no engine files: `Engine.resume_at` rebuilds its step and schedule.
+    engine_in_checkpoint = False
 
     def __init__(
         self,

@@ -94,6 +94,7 @@ class MLflowTracker(NullTracker):
             id_file.read_text().strip() if id_file.exists() else None
         )
         self.resumed = self.run_id is not None
+        self.logged_through: dict[str, int] = {}  # a resumed run's last logged step per metric
         self.opened = False
         self.pending: list[Record] = self.spill.load()
         self.retry_at = 0.0
@@ -123,8 +124,10 @@ class MLflowTracker(NullTracker):
         self._flush()
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """A resumed run repeats the steps after its checkpoint: those the store holds are not logged twice."""
         from mlflow.utils.validation import MAX_METRICS_PER_BATCH
 
+        metrics = {k: v for k, v in metrics.items() if step > self.logged_through.get(k, -1)}
         items, now = [(k, float(v)) for k, v in metrics.items()], _now_ms()
         for i in range(0, len(items), MAX_METRICS_PER_BATCH):
             chunk = dict(items[i : i + MAX_METRICS_PER_BATCH])
@@ -167,6 +170,10 @@ class MLflowTracker(NullTracker):
             (self.out_dir / RUN_ID_FILE).write_text(self.run_id)
         else:
             self.client.update_run(self.run_id, status="RUNNING")
+            self.logged_through = {
+                key: max(m.step for m in self.client.get_metric_history(self.run_id, key))
+                for key in self.client.get_run(self.run_id).data.metrics
+            }
         self.opened = True
 
     def _flush(self, force: bool = False) -> bool:

@@ -1,6 +1,7 @@
 """A rank SIGKILLed under the real `deepspeed` launcher loses no work: the job ends, and the rerun resumes
-step for step. (A stuck rank, non-finite steps and weights: loop/test_failures.py; corrupted
-checkpoints: dist/test_checkpoint.py.)"""
+step for step. SIGINT to the launcher's PID alone stops every rank, and the rerun finishes the run.
+(A stuck rank, non-finite steps and weights: loop/test_failures.py; corrupted checkpoints:
+dist/test_checkpoint.py.)"""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import signal
 import subprocess
 import time
 
+import psutil
 from helpers import free_port, history, launch_background, leaked_shared_memory, mlflow_run, stop, tiny_args
 from helpers.dist import train_on_ranks
 
@@ -79,3 +81,32 @@ def test_sigkill_mid_round_then_resume_is_exact(tmp_path):
     resumed = losses_by_step(out)
     assert sorted(resumed) == list(range(1, 19))
     assert [resumed[s] for s in range(1, 19)] == reference  # step for step, exactly
+
+
+def test_sigint_to_the_launcher_alone_stops_every_rank_and_the_rerun_finishes_the_run(tmp_path):
+    """`deepspeed`'s runner exits on SIGINT without telling its child launcher: the ranks notice it is
+    gone, stop, mark the MLflow run KILLED and say how to resume."""
+    out = tmp_path / "interrupted"
+    longer = TWIST | {"twist__rounds": 16, "checkpoint__every_rounds": 2}
+    proc = launch_background("deepspeed", 2, tiny_args(out, **longer))
+    wait_for(out / "checkpoints" / "round_000002" / "manifest.json", proc)
+    family = psutil.Process(proc.pid).children(recursive=True)
+    assert len(family) >= 3, family  # deepspeed.launcher.launch and two ranks
+    os.kill(proc.pid, signal.SIGINT)
+    try:
+        gone, alive = psutil.wait_procs(family, timeout=45)
+        assert not alive, f"survived SIGINT to the launcher: {[p.cmdline()[-3:] for p in alive]}"
+        output = proc.stdout.read()
+    finally:
+        stop(proc)
+    assert "stopped (the launcher exited): rerun the same command to resume from" in output, output[-3000:]
+    ranks = [line for line in output.splitlines() if line.startswith("[rank")]
+    assert not ranks, ranks  # no traceback from any rank (the runner's own KeyboardInterrupt is DeepSpeed's)
+    client, run = mlflow_run(out)
+    assert run.info.status == "KILLED"
+    assert not (out / "final").exists()
+
+    train_on_ranks(2, tiny_args(out, **longer))
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert sorted(steps) == list(range(1, 49)), steps  # each step once (unit/test_tracking_replay.py: repeats)
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"

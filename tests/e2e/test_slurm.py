@@ -184,7 +184,7 @@ def test_one_node_job_trains_logs_checkpoints_and_resumes_after_requeue(slurm_en
     assert "round 2/2" in text
     checkpoint = out_dir / "checkpoints" / "round_000002"
     assert verify(checkpoint) is None
-    assert sorted(p.name for p in checkpoint.glob("group_*")) == ["group_0000", "group_0001"]
+    assert sorted(p.name for p in checkpoint.iterdir()) == ["manifest.json", "rank_00000.pt", "rank_00001.pt"]
     run_id = (out_dir / "mlflow_run_id").read_text().strip()
 
     # A requeued job (preemption, node failure, `scontrol requeue`) reruns the script with the

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 
-from twist_scale.checkpoint import resume_conflict
-from twist_scale.config import ConfigError
+from twist_scale.checkpoint import complete_checkpoints, resume_conflict
+from twist_scale.config import ConfigError, RunConfig
 from twist_scale.config_load import help_text, load_config
+from twist_scale.interrupts import install as install_interrupts
+from twist_scale.interrupts import stop_reason
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -31,7 +35,23 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as err:
         sys.exit(f"config error: {err}")
 
+    install_interrupts()
     try:
         Trainer(cfg).train()
+    except BaseException as err:
+        reason = stop_reason(err)
+        if reason is None:
+            raise
+        if os.environ.get("RANK", "0") == "0":
+            print(f"stopped ({reason}): {resume_hint(cfg)}", file=sys.stderr)
+        sys.exit(130)
     finally:
         close_distributed()
+
+
+def resume_hint(cfg: RunConfig) -> str:
+    """What a rerun of the same command will do."""
+    done = complete_checkpoints(Path(cfg.out_dir) / "checkpoints")
+    if done and cfg.checkpoint.resume:
+        return f"rerun the same command to resume from {done[-1]}"
+    return f"no checkpoint in {cfg.out_dir} yet; a rerun starts afresh"
