@@ -19,6 +19,8 @@ from pathlib import Path
 
 from measure import REPO, RESULTS
 
+from twist_scale.distributed import free_port
+
 RUNS = {"twist": "twist_brown.toml", "dense": "dense_brown.toml"}
 DATA = (REPO / ".." / "shared" / "data").resolve()
 
@@ -28,6 +30,8 @@ def train_one_round(repo: Path, config: str, out_dir: Path) -> None:
         str(Path(sys.executable).parent / "deepspeed"),
         "--num_gpus",
         "2",
+        "--master_port",  # a free one: benchmarks run beside tests and other runs
+        str(free_port()),
         str(repo / "launch" / "train.py"),
         "--config",
         str(repo / "configs" / config),

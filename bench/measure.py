@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from twist_scale.distributed import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 ROUND_METRICS = ("perf/tokens_per_s", "twist/compute_seconds", "twist/sync_seconds", "twist/sync_bytes")
@@ -32,6 +34,8 @@ def launch(out_dir: Path, config: str, overrides: dict[str, object], procs: int,
         str(Path(sys.executable).parent / "deepspeed"),
         "--num_gpus",
         str(procs),
+        "--master_port",  # a free one: benchmarks run beside tests and other runs
+        str(free_port()),
         str(REPO / "launch" / "train.py"),
         "--config",
         str(REPO / "configs" / config),

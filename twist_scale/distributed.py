@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from twist_scale.config import ConfigError
+
 SLURM_TO_TORCH = {"SLURM_PROCID": "RANK", "SLURM_LOCALID": "LOCAL_RANK", "SLURM_NTASKS": "WORLD_SIZE"}
 
 
@@ -107,13 +109,17 @@ def init_distributed(backend: str, timeout_s: float = 600.0) -> None:
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         # Ranks may start minutes apart (slow imports on a loaded node, nodes of a job starting late):
         # the rendezvous waits for them longer than a collective waits for a stuck rank.
-        store = dist.TCPStore(
-            os.environ["MASTER_ADDR"],
-            int(os.environ["MASTER_PORT"]),
-            world,
-            is_master=rank == 0,
-            timeout=datetime.timedelta(seconds=max(timeout_s, RENDEZVOUS_S)),
-        )
+        addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+        try:
+            store = dist.TCPStore(
+                addr, port, world, is_master=rank == 0, timeout=datetime.timedelta(seconds=max(timeout_s, RENDEZVOUS_S))
+            )
+        except dist.DistNetworkError as err:
+            if "EADDRINUSE" not in str(err):
+                raise
+            raise ConfigError(
+                f"port {port} on {addr} is taken (another run?): give the launcher another one with --master_port"
+            ) from None
         cuda = "cuda" in served_device_types(backend) and world > 1  # bind the GPU: NCCL connects eagerly
         device = {"device_id": torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))} if cuda else {}
         timeout = datetime.timedelta(seconds=timeout_s)

@@ -30,14 +30,12 @@ def main(argv: list[str] | None = None) -> None:
     from twist_scale.run_model import check_pretrained
     from twist_scale.trainer import Trainer
 
-    try:
-        check_pretrained(cfg)
-    except ConfigError as err:
-        sys.exit(f"config error: {err}")
-
     install_interrupts()
     try:
+        check_pretrained(cfg)
         Trainer(cfg).train()
+    except ConfigError as err:  # found at start-up, before any work: one line
+        sys.exit(f"config error: {err}")
     except BaseException as err:
         reason = stop_reason(err)
         if reason is None:

@@ -1,10 +1,15 @@
-"""`--model.pretrained` is checked before any process group, file or data work: each bad checkpoint gets
-one line naming the fix, and nothing is written to the run directory. A checkpoint that ships its
-tokenizer brings it to the run."""
+"""Bad inputs at start-up get one line naming the fix, before any work and with nothing written:
+`--model.pretrained` (checked before any process group; a checkpoint that ships its tokenizer brings
+it), groups that do not divide the launched world, a taken rendezvous port. docs/errors.md lists
+every bad input and where it is tested."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import socket
+import subprocess
+import sys
 
 import pytest
 from helpers import REPO, SHAKESPEARE, _shared_tokenizer
@@ -80,3 +85,25 @@ def test_groups_not_dividing_the_launched_world_are_refused_before_any_process_g
     monkeypatch.setenv("WORLD_SIZE", "2")
     message = refusal(["--config", str(REPO / "configs" / "tiny_test.toml"), "--twist.groups", "3"])
     assert "--twist.groups 3 does not divide the world size 2" in message
+
+
+def test_a_taken_master_port_names_the_launcher_flag(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        args = ["--config", str(REPO / "configs" / "tiny_test.toml"), "--out_dir", str(tmp_path / "run")]
+        proc = subprocess.run(
+            [sys.executable, str(REPO / "launch" / "train.py"), *args, "--parallel.engine", "local"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"config error: port {port} on 127.0.0.1 is taken (another run?): give the launcher another one with "
+        "--master_port"
+    )
+    assert "Traceback" not in proc.stderr
