@@ -135,7 +135,9 @@ class TwistConfig:
 
 @dataclass
 class EvalConfig:
-    every_rounds: int = _doc("Validation perplexity every N rounds (0 disables).", 1)
+    every_rounds: int = _doc(
+        "Validation perplexity every N rounds (0: only the final one, which every run ends with).", 1
+    )
     max_batches: int = _doc("Validation batches per rank per evaluation.", 8)
 
 

@@ -154,7 +154,8 @@ def help_text(program: str) -> str:
                 continue
             allowed = _choices(hint)
             choices = f" {{{', '.join(allowed)}}}" if allowed else ""
-            lines.append(f"  --{path}{choices} (default: {json.dumps(value)})")
+            shown = "auto" if value is None else json.dumps(value)  # None is what 'auto' parses to
+            lines.append(f"  --{path}{choices} (default: {shown})")
             lines.append(f"      {f.metadata.get('doc', '')}")
 
     walk(RunConfig(), "")

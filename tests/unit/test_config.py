@@ -119,6 +119,7 @@ def test_help_lists_every_flag_with_its_documentation():
     assert proc.returncode == 0, proc.stderr
     assert "--twist.kappa (default: 1.0)" in proc.stdout and "Keep ratio in (0, 1]" in proc.stdout
     assert "--parallel.precision {fp32, bf16}" in proc.stdout and "cpu:gloo,cuda:nccl" in proc.stdout
+    assert "--twist.shared_layers (default: auto)" in proc.stdout  # as the README and the flag spell it
 
 
 @pytest.mark.parametrize("preset", sorted(p.name for p in (REPO / "configs").glob("*.toml")))
