@@ -1,8 +1,11 @@
 """Atomic, verified checkpoints at round boundaries.
 
-Every rank writes into a hidden temporary directory; after a barrier rank 0 checksums every file,
-writes manifest.json and renames the directory into place. A directory without a manifest, or
-whose files do not match it, is reported and skipped on resume — never loaded.
+Every rank writes into a hidden temporary directory and checksums the files it wrote; rank 0 gathers
+the digests into manifest.json and renames the directory into place. A directory without a manifest,
+or whose files do not match it, is reported and skipped on resume — never loaded; every rank checks
+its share of the files. Each rank's I/O grows with what it owns, not with the world, and the ranks
+wait for each other's I/O under `--checkpoint.timeout_s` (a group of its own), not the collective
+timeout: a slow shared file system is not a hung rank.
 
 A checkpoint resumes at another world (G'×R' instead of G×R) when every stateful component can
 reshard itself (`load_resharded`): the rank files are opened memory-mapped, so a rank reads only
@@ -13,6 +16,7 @@ the rank files, so its checkpoint holds no engine weights or moments (they fit o
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import logging
@@ -53,8 +57,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
 
 
-def verify(directory: Path) -> str | None:
-    """None when the checkpoint is complete and intact, else what is wrong with it."""
+def verify(directory: Path, share: tuple[int, int] = (0, 1)) -> str | None:
+    """None when the checkpoint is complete and intact, else what is wrong with it.
+
+    share (i, n): check only every n-th file of the manifest from the i-th, so n ranks split the work.
+    """
     manifest = directory / MANIFEST
     if not manifest.exists():
         return "no manifest (partial write)"
@@ -62,7 +69,8 @@ def verify(directory: Path) -> str | None:
         files = json.loads(manifest.read_text())["files"]
     except (json.JSONDecodeError, KeyError) as err:
         return f"unreadable manifest ({err})"
-    for rel, digest in files.items():
+    index, count = share
+    for rel, digest in sorted(files.items())[index::count]:
         path = directory / rel
         if not path.exists():
             return f"missing file {rel}"
@@ -117,15 +125,20 @@ class Checkpointer:
         last_round: int = 0,
         group: int = 0,
         layout: tuple[int, int] = (1, 1),
+        io_group: dist.ProcessGroup | None = None,
     ) -> None:
         self.root, self.rank, self.group, self.keep_last, self.device = root, rank, group, keep_last, device
         self.every_rounds, self.last_round = every_rounds, last_round
         self.layout = layout  # (world size, groups) of this run
+        self.io_group = io_group  # the ranks wait for each other's I/O in it (None: the default group)
 
     @classmethod
     def for_run(cls, root: Path, topo: Topology, cfg: CheckpointConfig, last_round: int) -> Checkpointer:
         layout = (topo.world_size, topo.groups)
-        return cls(root, topo.rank, cfg.keep_last, topo.device, cfg.every_rounds, last_round, topo.group, layout)
+        io_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=cfg.timeout_s))
+        return cls(
+            root, topo.rank, cfg.keep_last, topo.device, cfg.every_rounds, last_round, topo.group, layout, io_group
+        )
 
     def save_run(
         self,
@@ -147,9 +160,7 @@ class Checkpointer:
 
         return self.save(round_, write, meta, finite)
 
-    def load_run(
-        self, path: Path, components: Mapping[str, Stateful], engine: EngineFiles | None
-    ) -> tuple[int, bool]:
+    def load_run(self, path: Path, components: Mapping[str, Stateful], engine: EngineFiles | None) -> tuple[int, bool]:
         """Restore what `save_run` wrote: (the round it was written at, whether the world was another)."""
         meta = json.loads((path / MANIFEST).read_text())
         saved = (meta["world_size"], meta["groups"])
@@ -193,34 +204,50 @@ class Checkpointer:
         final = self.root / self._name(round_)
         # rank 0 creates the directory and renames it into place once its manifest is written
         with atomic_directory(final) if self.rank == 0 else nullcontext(temp_sibling(final)) as tmp:
-            dist.barrier()
+            dist.barrier(group=self.io_group)
             write(tmp)
-            dist.barrier()
+            dist.barrier(group=self.io_group)
+            digests = {str(p.relative_to(tmp)): _sha256(p) for p in self._own_files(tmp)}
+            world = dist.get_world_size(self.io_group)
+            gathered: list[dict[str, str]] | None = [{} for _ in range(world)] if self.rank == 0 else None
+            dist.gather_object(digests, gathered, dst=0, group=self.io_group)
             if self.rank == 0:
-                files = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+                files = dict(sorted(kv for d in gathered for kv in d.items()))
                 (tmp / MANIFEST).write_text(json.dumps({"round": round_, "files": files, **meta}, indent=1))
-        if self.rank == 0:
+        dist.barrier(group=self.io_group)
+        if self.rank == 0:  # the others go on meanwhile
             for old in self.complete()[: -self.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
-        dist.barrier()
         return final
+
+    def _own_files(self, directory: Path) -> list[Path]:
+        """The files this rank checksums: its rank file and its turn of its group's engine files; rank 0
+        also any other file at the top (what a caller of `save` wrote)."""
+        world, groups = self.layout
+        per_group, position = world // groups, self.rank % (world // groups)
+        engine = sorted(p for p in (directory / f"group_{self.group:04d}").rglob("*") if p.is_file())
+        own = [p for p in [directory / f"rank_{self.rank:05d}.pt"] if p.is_file()] + engine[position::per_group]
+        if self.rank == 0:
+            own += [p for p in directory.iterdir() if p.is_file() and not p.name.startswith("rank_")]
+        return own
 
     def complete(self) -> list[Path]:
         return complete_checkpoints(self.root)
 
     def latest_valid(self) -> Path | None:
-        """Rank 0 picks the newest intact checkpoint and tells the others its round (-1: none)."""
-        choice = torch.tensor([-1], dtype=torch.int64, device=self.device)
-        if self.rank == 0:
-            for candidate in reversed(sorted(self.root.glob("round_*"))):
-                problem = verify(candidate)
-                if problem is None:
-                    choice.fill_(int(candidate.name.removeprefix("round_")))
-                    break
-                log.warning("skipping checkpoint %s: %s", candidate, problem)
-        dist.broadcast(choice, src=0)
-        round_ = int(choice.item())
-        return None if round_ < 0 else self.root / self._name(round_)
+        """The newest intact checkpoint: every rank checks its share of each candidate's files, newest first."""
+        candidates: list[Any] = [sorted(self.root.glob("round_*"), reverse=True) if self.rank == 0 else None]
+        dist.broadcast_object_list(candidates, src=0, group=self.io_group)
+        world = dist.get_world_size()
+        for candidate in candidates[0]:
+            problem = verify(candidate, (self.rank, world))
+            bad = torch.tensor([problem is not None], dtype=torch.int64)
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=self.io_group)
+            if not bad.item():
+                return candidate
+            if problem is not None and (self.rank == 0 or problem.startswith(("missing file", "checksum"))):
+                log.warning("skipping checkpoint %s: %s", candidate, problem)  # rank 0 says what all ranks see
+        return None
 
 
 def complete_checkpoints(root: Path) -> list[Path]:

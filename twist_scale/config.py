@@ -154,6 +154,11 @@ class CheckpointConfig:
     every_rounds: int = _doc("Save every N rounds (0 disables; the last round is always saved).", 1)
     keep_last: int = _doc("Keep this many newest checkpoints.", 2)
     resume: bool = _doc("Resume from the newest valid checkpoint in out_dir.", True)
+    timeout_s: float = _doc(
+        "How long ranks wait for each other's checkpoint writes and checksums (not --parallel.timeout_s: "
+        "writing to a shared file system can take longer than any collective should).",
+        1800.0,
+    )
 
 
 @dataclass

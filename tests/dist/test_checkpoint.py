@@ -1,11 +1,17 @@
-"""Checkpoints on a gloo process group: corrupted or partial rounds are skipped, old rounds pruned."""
+"""Checkpoints on a gloo process group: corrupted or partial rounds are skipped, old rounds pruned, and
+checkpoint I/O waits under its own timeout."""
 
 from __future__ import annotations
 
+import json
+
+import pytest
 import torch
 import torch.distributed as dist
+from helpers.dist import run_on_ranks
 
 from twist_scale.checkpoint import Checkpointer
+from workers.checkpoint_io import slow_hash_under_a_short_collective_timeout
 
 
 def test_corrupted_or_partial_checkpoints_are_skipped(tmp_path, caplog):
@@ -27,3 +33,12 @@ def test_corrupted_or_partial_checkpoints_are_skipped(tmp_path, caplog):
         assert [p.name for p in ckpt.complete()] == ["round_000005", "round_000006"]
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_checkpoint_io_slower_than_the_collective_timeout_completes(tmp_path):
+    """Each rank checksums its own files, and ranks wait for each other's I/O under
+    --checkpoint.timeout_s: a 3 s checksum under a 2 s collective timeout is not a hang."""
+    run_on_ranks(slow_hash_under_a_short_collective_timeout, 2, str(tmp_path / "ckpt"), group=False)
+    manifest = json.loads((tmp_path / "ckpt" / "round_000001" / "manifest.json").read_text())
+    assert sorted(manifest["files"]) == ["rank_00000.pt", "rank_00001.pt"]
