@@ -68,20 +68,15 @@ class Topology:
         # Every subgroup uses the default group's backend, so one device serves them all.
         topo = cls(dist.get_world_size(), dist.get_rank(), groups, comm_device())
         timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
-        # new_group is collective over the world: every rank creates every group in the same order.
-        for g in range(groups):
-            pg = dist.new_group(topo.intra_ranks(g), timeout=timeout)
-            if g == topo.group:
-                topo.intra_group = pg
-        for r in range(topo.ranks_per_group):
-            pg = dist.new_group(topo.cross_ranks(r), timeout=timeout)
-            if r == topo.dp_rank:
-                topo.cross_group = pg
+        # Each rank creates only the three groups it belongs to (use_local_synchronization: non-members
+        # take no part), so start-up makes 3 groups per rank, not W + G + R one after another.
+        def own(ranks: list[int]) -> dist.ProcessGroup:
+            return dist.new_group(ranks, timeout=timeout, use_local_synchronization=True)
+
+        topo.intra_group = own(topo.intra_ranks(topo.group))
+        topo.cross_group = own(topo.cross_ranks(topo.dp_rank))
         # DeepSpeed reduces overflow flags over a model-parallel group: here each rank alone.
-        for r in range(topo.world_size):
-            pg = dist.new_group([r], timeout=timeout)
-            if r == topo.rank:
-                topo.model_parallel_group = pg
+        topo.model_parallel_group = own([topo.rank])
         return topo
 
     # --- the `mpu` view DeepSpeed asks for: no model parallelism, data parallel = our group ---

@@ -22,7 +22,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
@@ -36,7 +36,11 @@ SCHEDULER_FILE = "scheduler.pt"
 
 def build_mesh(topo: Topology, device_type: str) -> DeviceMesh:
     """The (group, dp) mesh; refuses a layout that disagrees with the Topology's rank arithmetic."""
-    mesh = init_device_mesh(device_type, (topo.groups, topo.ranks_per_group), mesh_dim_names=("group", "dp"))
+    layout = torch.arange(topo.world_size).view(topo.groups, topo.ranks_per_group)
+    # the topology's own groups, under the run's timeout (init_device_mesh would make new ones with torch's 30 min)
+    mesh = DeviceMesh.from_group(
+        [topo.cross_group, topo.intra_group], device_type, mesh=layout, mesh_dim_names=("group", "dp")
+    )
     if tuple(mesh.get_coordinate() or ()) != (topo.group, topo.dp_rank):
         raise RuntimeError(
             f"rank {topo.rank}: mesh coordinate {mesh.get_coordinate()} is not (group {topo.group}, dp {topo.dp_rank})"
