@@ -102,12 +102,20 @@ class CentralShards:
                 piece[a - lo : b - lo] = old_shards[q][name][a - q * old_k : b - q * old_k]
             self.shards[name] = self.host(piece)
 
-    def gather(self, name: str) -> torch.Tensor:
-        """The full tensor, reassembled from every rank's piece (one collective over the world)."""
-        shard = self.shards[name]
-        device = self.topo.device
-        out = torch.empty(shard.numel() * self.topo.world_size, device=device)
-        dist.all_gather_single(out, shard.to(device, non_blocking=True))
+    def gather(self, name: str, dst: int | None = None) -> torch.Tensor | None:
+        """The full tensor, reassembled from every rank's piece (one collective over the world): on every
+        rank, or on rank `dst` only (None elsewhere), which is all an export needs."""
+        shard = self.shards[name].to(self.topo.device, non_blocking=True)
+        world = self.topo.world_size
+        if dst is None:
+            out = torch.empty(shard.numel() * world, device=shard.device)
+            dist.all_gather_single(out, shard)
+        else:
+            parts = [torch.empty_like(shard) for _ in range(world)] if self.topo.rank == dst else None
+            dist.gather(shard, parts, dst=dst)
+            if parts is None:
+                return None
+            out = torch.cat(parts)
         self.traffic.add((out.numel() - shard.numel()) * out.element_size())  # received from the other ranks
         shape = self.shapes[name.split("@")[0]]
         return out[: shape.numel()].view(shape).cpu()

@@ -108,10 +108,11 @@ class SubnetSync:
         if isinstance(self.exchange, PackedExchange):
             self.exchange.learn_layout(self.entries, self._shard_of, self._ranged_state)
 
-    def full_state(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """The full-width central model, one tensor at a time (collective over the world)."""
+    def full_state(self) -> Iterator[tuple[str, torch.Tensor | None]]:
+        """The full-width central model, one tensor at a time (collective over the world), on rank 0
+        only: the export's writer (None on the other ranks)."""
         for name in self.central.shapes:
-            yield name, self.central.gather(name)
+            yield name, self.central.gather(name, dst=0)
 
     def local_tensors(self) -> Iterable[torch.Tensor]:
         return self.central.shards.values()

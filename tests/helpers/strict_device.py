@@ -57,15 +57,22 @@ class StrictProcessGroup(dist.ProcessGroup):
     def broadcast(self, tensors: list[torch.Tensor], opts) -> dist.Work:  # noqa: ANN001
         return self._on_host(tensors, lambda host: self.gloo.broadcast(host, opts))
 
-    def allgather(self, outputs: list[list[torch.Tensor]], inputs: list[torch.Tensor], opts) -> dist.Work:  # noqa: ANN001
+    def _gathering(self, outputs: list[list[torch.Tensor]], inputs: list[torch.Tensor], collective) -> dist.Work:  # noqa: ANN001
+        """all-gather or gather (`outputs` empty off the root): outputs row by row, checked like the inputs."""
         n = len(inputs)
         flat = [*inputs, *(t for row in outputs for t in row)]
 
-        def gather(host: list[torch.Tensor]) -> dist.Work:
+        def run(host: list[torch.Tensor]) -> dist.Work:
             rows = [host[n + i * len(row) : n + (i + 1) * len(row)] for i, row in enumerate(outputs)]
-            return self.gloo.allgather(rows, host[:n], opts)
+            return collective(rows, host[:n])
 
-        return self._on_host(flat, gather)
+        return self._on_host(flat, run)
+
+    def allgather(self, outputs: list[list[torch.Tensor]], inputs: list[torch.Tensor], opts) -> dist.Work:  # noqa: ANN001
+        return self._gathering(outputs, inputs, lambda rows, ins: self.gloo.allgather(rows, ins, opts))
+
+    def gather(self, outputs: list[list[torch.Tensor]], inputs: list[torch.Tensor], opts) -> dist.Work:  # noqa: ANN001
+        return self._gathering(outputs, inputs, lambda rows, ins: self.gloo.gather(rows, ins, opts))
 
     def all_gather_single(self, output: torch.Tensor, input: torch.Tensor, opts) -> dist.Work:  # noqa: A002, ANN001
         return self._on_host([output, input], lambda host: self.gloo._allgather_base(*host, opts))

@@ -103,8 +103,11 @@ def run_case(groups: int, stage: int, kappas: tuple[float, ...]) -> dict[str, tu
         worst = largest = 0.0
         for name, full in initial.items():
             expected = holder_mean(name, axes, specs, lambda g: full + delta(name, g, full.shape), full)
-            worst = max(worst, (central.gather(name) - expected).abs().max().item())
+            gathered = central.gather(name)
+            worst = max(worst, (gathered - expected).abs().max().item())
             largest = max(largest, expected.abs().max().item())
+            at_root = central.gather(name, dst=0)  # what an export writes: on rank 0 alone
+            assert torch.equal(at_root, gathered) if topo.rank == 0 else at_root is None
         results[exchange] = worst, largest, [(t.bytes, t.collectives) for t in traffic]
     results["subnet_elements"] = sum(sub_of(full, name).numel() for name, full in initial.items())
     return results
