@@ -152,11 +152,19 @@ def _joined_ids(texts: list[str], tokenizer: PreTrainedTokenizerBase) -> list[in
     return ids
 
 
+def _has_text(path: Path) -> bool:
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        return any(line.strip() for line in fh)  # stops at the first line with text
+
+
 def token_stream(files: list[str], tokenizer: PreTrainedTokenizerBase, text_field: str = "text") -> torch.Tensor:
     """The files' non-empty documents (lines of .txt) as one 1-D id stream, each followed by EOS.
 
     Packed exactly as training packs its blocks, so held-out perplexity sees the same format.
     """
+    for f in files:  # `datasets` meets an empty file with a 35-line traceback
+        if not Path(f).is_file() or not _has_text(Path(f)):
+            raise ValueError(f"test file {f} is missing or holds no text; point --data at a held-out text file")
     return torch.tensor(_joined_ids(_load_texts(files, "", text_field), tokenizer), dtype=torch.long)
 
 

@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 from helpers import BROWN_VALID, SHAKESPEARE
 
-from twist_scale.data import ShardedBatches, eval_batches, load_tokenizer, packed_blocks, sample_line, train_tokenizer
+from twist_scale.data import (
+    ShardedBatches,
+    eval_batches,
+    load_tokenizer,
+    packed_blocks,
+    sample_line,
+    token_stream,
+    train_tokenizer,
+)
 
 
 @pytest.fixture(scope="module")
@@ -84,3 +92,10 @@ def test_every_validation_shard_gets_the_same_batch_count():
     shards = [eval_batches(blocks, i, 2, 4, max_batches=10) for i in range(2)]
     assert [len(s) for s in shards] == [1, 1]
     assert not set(shards[0][0][:, 0].tolist()) & set(shards[1][0][:, 0].tolist())
+
+
+def test_an_empty_test_file_is_one_line(tmp_path, tokenizer_dir):
+    empty = tmp_path / "test.txt"
+    empty.write_text("\n  \n")
+    with pytest.raises(ValueError, match=f"test file {empty} is missing or holds no text"):
+        token_stream([str(empty)], load_tokenizer(tokenizer_dir, "a b"))
