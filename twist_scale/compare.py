@@ -1,9 +1,9 @@
 """Perplexity vs sparsity across an MLflow experiment: TwIST runs and post-hoc baselines side by side.
 
-Reads the `test/<label>/ppl_kappa_<κ>` and `test/<label>/ppl_full` metrics that evaluate.py logs on
-each training run (earlier comparisons are skipped; the nested per-κ runs only say which method a
-label measured), prints a runs × κ table and draws the chart of sparsity_chart.py: one panel per
-test set, baselines dashed, TwIST solid, the best of each stressed.
+Reads the `test/<test set>/<label>/ppl_kappa_<κ>` and `…/ppl_full` metrics that evaluate.py logs on
+each training run (nested per-κ runs and earlier comparisons are skipped), prints a runs × test set ×
+label table and draws the chart of sparsity_chart.py: one panel per test set, baselines dashed,
+TwIST solid, the best of each stressed.
 Both files are logged back as artifacts of a run named 'comparison' in the same experiment.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from twist_scale.metric_names import MetricName, label_of_eval_run
+from twist_scale.metric_names import MetricName
 from twist_scale.run_store import PARENT_TAG, RunStore
 from twist_scale.sparsity_chart import Series
 
@@ -40,31 +40,25 @@ def collect(tracking_uri: str, experiment: str) -> list[Series]:
         raise ValueError(
             f"no experiment {experiment!r} in {tracking_uri}; --tracking.experiment is one of: {names or 'none'}"
         )
-    runs = store.runs(exp_id)
-    methods = {
-        (run.data.tags[PARENT_TAG], label_of_eval_run(run.info.run_name or "")): run.data.params.get("method", "")
-        for run in runs
-        if PARENT_TAG in run.data.tags
-    }
     series: list[Series] = []
-    for run in runs:
+    for run in store.runs(exp_id):
         tags = run.data.tags
         if PARENT_TAG in tags or tags.get(KIND_TAG) == COMPARISON:
             continue
-        by_label: dict[str, Series] = {}
+        found: dict[tuple[str, str], Series] = {}
         for key, value in run.data.metrics.items():
             name = MetricName.parse(key)
             if name is None:
                 continue
-            s = by_label.setdefault(
-                name.label,
+            s = found.setdefault(
+                (name.test_set, name.label),
                 Series(
                     run.info.run_id,
                     run.info.run_name or run.info.run_id[:8],
                     training_of(run.data.params),
+                    name.test_set,
                     name.label,
                     None,
-                    method=methods.get((run.info.run_id, name.label), ""),
                 ),
             )
             if name.kappa is None:
@@ -73,18 +67,18 @@ def collect(tracking_uri: str, experiment: str) -> list[Series]:
                 s.ppl[name.kappa] = value
             elif name.stat == "std":
                 s.std[name.kappa] = value
-        series += [by_label[k] for k in sorted(by_label)]
+        series += [found[k] for k in sorted(found)]
     return series
 
 
 def format_table(series: list[Series]) -> str:
-    """Markdown: one row per (run, method), one column per κ; '±' is the std over random draws."""
+    """Markdown: one row per (run, test set, method), one column per κ; '±' is the std over random draws."""
     kappas = sorted({k for s in series for k in s.ppl}, reverse=True)
-    header = ["run", "training", "method", "full", *(f"κ={k:.2f} ({1 - k:.0%} sparse)" for k in kappas)]
+    header = ["run", "training", "test set", "method", "full", *(f"κ={k:.2f} ({1 - k:.0%} sparse)" for k in kappas)]
     rows = [header, ["---"] * len(header)]
     for s in series:
         cells = [f"{s.ppl[k]:.2f}" + (f" ± {s.std[k]:.2f}" if k in s.std else "") if k in s.ppl else "" for k in kappas]
-        rows.append([s.run_name, s.training, s.label, f"{s.full:.2f}" if s.full else "", *cells])
+        rows.append([s.run_name, s.training, s.test_set, s.label, f"{s.full:.2f}" if s.full else "", *cells])
     return "\n".join("| " + " | ".join(r) + " |" for r in rows)
 
 

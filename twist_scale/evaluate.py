@@ -13,6 +13,10 @@ can be sampled across its whole length on a slow machine; the count scored is al
 Subnets are built in memory by the same code that writes exports (`build_subnet`); tests prove a
 saved-and-loaded export gives the same logits. A seeded method (random) is measured over several
 draws: the spread (mean, std, min, max) is the "golden ticket" claim, measured.
+
+Scoring is the whole cost, so nothing is scored twice: κ = 1 keeps every unit whatever the method or
+draw, so its subnet is the full model and the full model's score serves it; each (κ, draw) subnet
+is built once and scored on every test set.
 """
 
 from __future__ import annotations
@@ -21,13 +25,16 @@ import json
 import logging
 import math
 import statistics
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
-from twist_scale.metric_names import LABEL, STATS, MetricName, eval_run_name
+from twist_scale.metric_names import STATS, MetricName, check_name, eval_run_name, metric_prefix
 from twist_scale.pruning.build import parameter_count
 from twist_scale.pruning.calibration import mean_token_nll
 from twist_scale.pruning.methods import check_kappa
@@ -51,11 +58,8 @@ class Perplexity:
     windows: int
 
 
-@torch.no_grad()
-def perplexity(
-    model: nn.Module, stream: torch.Tensor, window: int = 256, batch_size: int = 8, max_windows: int = 0
-) -> Perplexity:
-    """The protocol in the module docstring, on a 1-D stream of token ids."""
+def windows_of(stream: torch.Tensor, window: int = 256, max_windows: int = 0) -> torch.Tensor:
+    """(windows, window) token ids: the stream cut as the module docstring says, subsampled if asked."""
     if window < 2:
         raise ValueError(f"--window {window} must be >= 2 (a window predicts window - 1 tokens)")
     if max_windows < 0:
@@ -66,12 +70,32 @@ def perplexity(
             f"the test text has {stream.numel()} tokens, fewer than one window of {window}; "
             "use a smaller --window or more text"
         )
-    windows = stream[: n * window].view(n, window)  # (windows, window)
+    windows = stream[: n * window].view(n, window)
     if 0 < max_windows < n:
         windows = windows[torch.linspace(0, n - 1, max_windows).round().long()]
-        n = max_windows
-    nll = mean_token_nll(model, windows.split(batch_size))
+    return windows
+
+
+@torch.no_grad()
+def score(model: nn.Module, windows: torch.Tensor, batch_size: int = 8, bar: tqdm | None = None) -> Perplexity:
+    """Perplexity over the windows, `batch_size` at a time; `bar` advances by each batch once it is scored."""
+    batches = windows.split(batch_size)
+    nll = mean_token_nll(model, batches if bar is None else _advancing(batches, bar))
+    n, window = windows.shape
     return Perplexity(math.exp(nll), nll, n * (window - 1), n)
+
+
+def _advancing(batches: Iterable[torch.Tensor], bar: tqdm) -> Iterator[torch.Tensor]:
+    for batch in batches:
+        yield batch
+        bar.update(len(batch))
+
+
+def perplexity(
+    model: nn.Module, stream: torch.Tensor, window: int = 256, batch_size: int = 8, max_windows: int = 0
+) -> Perplexity:
+    """The protocol in the module docstring, on a 1-D stream of token ids."""
+    return score(model, windows_of(stream, window, max_windows), batch_size)
 
 
 @dataclass
@@ -88,6 +112,9 @@ class KappaResult:
 
 @dataclass
 class Sweep:
+    """One label's results on one test set."""
+
+    test_set: str
     label: str
     full: Perplexity
     full_parameters: int
@@ -97,61 +124,104 @@ class Sweep:
 
 def sweep(
     pruner: Pruner,
-    stream: torch.Tensor,
+    streams: dict[str, torch.Tensor],
     kappas: list[float],
     draws: int = 1,
     window: int = 256,
     batch_size: int = 8,
     label: str | None = None,
     max_windows: int = 0,
-) -> Sweep:
-    """Perplexity of the full model and of the method's subnet at every κ (over `draws` seeds if seeded)."""
+) -> list[Sweep]:
+    """Perplexity of the full model and of the method's subnet at every κ (over `draws` seeds if seeded), on
+    every test set (name -> token stream): one Sweep per test set, in the streams' order."""
+    kappas = list(dict.fromkeys(kappas))
     for kappa in kappas:
         check_kappa(kappa)
     label = label or pruner.method_name
-    if not LABEL.fullmatch(label):
-        raise ValueError(f"--label {label!r}: use letters, digits, '_', '-', '.' or ':' (it becomes a metric name)")
+    check_name("--label", label)
+    for name in streams:
+        check_name("--test_set", name)
     if draws < 1:
         raise ValueError(f"--draws {draws} must be >= 1")
-    model = pruner.central.model
-    full = perplexity(model, stream, window, batch_size, max_windows)
-    out = Sweep(
-        label,
-        full,
-        parameter_count(model),
-        settings={
+    tests = {}
+    for name, stream in streams.items():
+        try:
+            tests[name] = windows_of(stream, window, max_windows)
+        except ValueError as err:
+            raise ValueError(f"test set {name}: {err}") from None
+    seeds = range(draws) if pruner.method.seeded else range(1)
+    full, ppls, built = _score_all(pruner, tests, [k for k in kappas if k < 1.0], seeds, batch_size, label)
+    full_parameters = parameter_count(pruner.central.model)
+    sweeps = []
+    for name, f in full.items():
+        results = [
+            KappaResult(k, ppls[name][k], *built[k])
+            if k < 1.0
+            else KappaResult(k, [f.ppl], full_parameters, plain=True)  # the full model; its config states its widths
+            for k in kappas
+        ]
+        protocol = PROTOCOL.format(
+            window=window, windows=f"{f.windows} evenly spaced windows" if max_windows else "every window"
+        )
+        settings = {
             "method": pruner.method_name,
             "correction": pruner.correction,
             "shared_layers": pruner.shared_layers,
             "window": window,
-            "windows": full.windows,
-            "draws": draws if pruner.method.seeded else 1,
-            "protocol": PROTOCOL.format(
-                window=window, windows=f"{full.windows} evenly spaced windows" if max_windows else "every window"
-            ),
-        },
+            "windows": f.windows,
+            "draws": len(seeds),
+            "protocol": protocol,
+        }
+        sweeps.append(Sweep(name, label, f, full_parameters, results, settings))
+    return sweeps
+
+
+def _score_all(
+    pruner: Pruner,
+    tests: dict[str, torch.Tensor],
+    pruned: list[float],
+    seeds: range,
+    batch_size: int,
+    label: str,
+) -> tuple[dict[str, Perplexity], dict[str, dict[float, list[float]]], dict[float, tuple[int, bool]]]:
+    """The full model, then each (κ, seed) subnet, built once and scored on every test set, under one progress
+    bar: (test set -> full model, test set -> κ -> ppl per draw, κ -> (parameters, loads plain))."""
+    models, windows = 1 + len(pruned) * len(seeds), sum(len(w) for w in tests.values())
+    log.info(
+        "scoring %d models x %d windows: the full one, then %d draw(s) at kappa %s; windows per test set: %s",
+        models,
+        windows,
+        len(seeds),
+        ", ".join(f"{k:g}" for k in pruned) or "none below 1",
+        ", ".join(f"{name} {len(w)}" for name, w in tests.items()),
     )
-    log.info("full model: ppl %.3f over %d windows", out.full.ppl, out.full.windows)
-    seeds = range(draws) if pruner.method.seeded else [0]
-    for kappa in kappas:
-        ppls = []
-        for seed in seeds:
-            sub, plain, _ = pruner.subnet(kappa, seed)
-            ppls.append(perplexity(sub, stream, window, batch_size, max_windows).ppl)
-        result = KappaResult(kappa, ppls, parameter_count(sub), plain)
-        out.results.append(result)
-        s = result.summary()
-        log.info("%s kappa %.2f: ppl %.3f ± %.3f [%.3f, %.3f]", out.label, kappa, *s.values())
-    return out
+    ppls: dict[str, dict[float, list[float]]] = {name: {} for name in tests}
+    built: dict[float, tuple[int, bool]] = {}
+    with logging_redirect_tqdm(), tqdm(total=models * windows, unit="window", desc="full model") as bar:
+        full = {name: score(pruner.central.model, w, batch_size, bar) for name, w in tests.items()}
+        for name, f in full.items():
+            log.info("%s full model: ppl %.3f over %d windows", name, f.ppl, f.windows)
+        for kappa in pruned:
+            for seed in seeds:
+                bar.set_description(f"kappa {kappa:.2f}" + (f" draw {seed + 1}/{len(seeds)}" if len(seeds) > 1 else ""))
+                sub, plain, _ = pruner.subnet(kappa, seed)
+                for name, w in tests.items():
+                    ppls[name].setdefault(kappa, []).append(score(sub, w, batch_size, bar).ppl)
+            built[kappa] = parameter_count(sub), plain
+            for name in tests:
+                s = KappaResult(kappa, ppls[name][kappa], *built[kappa]).summary()
+                log.info("%s %s kappa %.2f: ppl %.3f ± %.3f [%.3f, %.3f]", name, label, kappa, *s.values())
+    return full, ppls, built
 
 
 def sweep_metrics(result: Sweep) -> dict[str, float]:
-    metrics = {str(MetricName(result.label)): result.full.ppl}
+    test_set, label = result.test_set, result.label
+    metrics = {str(MetricName(test_set, label)): result.full.ppl}
     for r in result.results:
         s = r.summary()
-        metrics[str(MetricName(result.label, r.kappa))] = s["mean"]
+        metrics[str(MetricName(test_set, label, r.kappa))] = s["mean"]
         if len(r.ppls) > 1:
-            metrics |= {str(MetricName(result.label, r.kappa, k)): s[k] for k in STATS}
+            metrics |= {str(MetricName(test_set, label, r.kappa, k)): s[k] for k in STATS}
     return metrics
 
 
@@ -175,15 +245,29 @@ def resolve_run(central_dir: Path, uri: str, run_id: str, experiment: str) -> tu
 
 
 def log_sweep(result: Sweep, uri: str, run_id: str) -> list[str]:
-    """Summary metrics on the training run; one nested run per κ with every draw. Returns nested run ids."""
+    """Summary metrics on the training run; one nested run per κ with every draw. Returns nested run ids.
+
+    Metrics of the same label and test set already on the run are replaced (MLflow shows the latest),
+    which is said in one line, since a variant meant to sit beside them wants its own --label.
+    """
     store = RunStore(uri)
     exp_id = store.experiment_of(run_id)
-    store.log(run_id, sweep_metrics(result), tags={f"test.protocol.{result.label}": result.settings["protocol"]})
+    prefix = metric_prefix(result.test_set, result.label)
+    if any(key.startswith(prefix) for key in store.metric_keys(run_id)):
+        log.warning("run %s already has %s* metrics: this evaluation replaces them", run_id, prefix)
+    tag = f"test.protocol.{result.test_set}/{result.label}"
+    store.log(run_id, sweep_metrics(result), tags={tag: result.settings["protocol"]})
     nested = []
     for r in result.results:
-        name = eval_run_name(result.label, r.kappa)
+        name = eval_run_name(result.test_set, result.label, r.kappa)
         cid = store.create_run(exp_id, name, {"twist.kind": "prune-eval"}, parent=run_id)
-        params = {**result.settings, "kappa": r.kappa, "parameters": r.parameters, "loads_plain": r.plain}
+        params = {
+            **result.settings,
+            "test_set": result.test_set,
+            "kappa": r.kappa,
+            "parameters": r.parameters,
+            "loads_plain": r.plain,
+        }
         metrics = {f"ppl_{k}": v for k, v in r.summary().items()}
         metrics |= {"parameters": r.parameters, "ppl_full": result.full.ppl}
         store.log(
@@ -200,7 +284,9 @@ def log_sweep(result: Sweep, uri: str, run_id: str) -> list[str]:
 
 def format_sweep(result: Sweep) -> str:
     full = result.full
-    lines = [f"full model: ppl {full.ppl:.3f} ({result.full_parameters:,} params, {full.windows} windows)"]
+    lines = [
+        f"{result.test_set}: full model ppl {full.ppl:.3f} ({result.full_parameters:,} params, {full.windows} windows)"
+    ]
     lines.append(f"{'kappa':>6} {'params':>12} {'ppl mean':>10} {'std':>8} {'min':>10} {'max':>10}  draws")
     for r in result.results:
         s = r.summary()

@@ -45,6 +45,10 @@ class RunStore:
         except MlflowException:
             return None
 
+    def metric_keys(self, run_id: str) -> set[str]:
+        """The names of the metrics run `run_id` already has."""
+        return set(self.client.get_run(run_id).data.metrics)
+
     def create_run(self, exp_id: str, name: str, tags: dict[str, str], parent: str = "") -> str:
         """A new run, nested under run `parent` when given; it stays RUNNING until end()."""
         tags = {PARENT_TAG: parent, **tags} if parent else tags

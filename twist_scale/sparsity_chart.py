@@ -4,7 +4,7 @@ x: sparsity 1 − κ (the full model at 0); y: perplexity on a log axis with lab
 baselines (models trained dense, or external ones) are dashed in muted colours, TwIST exports solid,
 one colour per TwIST run; the marker says the method. In each panel the best baseline and the best
 TwIST export are drawn thick and named first in the legend; the others recede.
-Its input, a Series per run × method × test set, is defined here rather than in compare.py, which collects
+Its input, a Series per run × test set × label, is defined here rather than in compare.py, which collects
 the series from MLflow: the chart then imports nothing from the module that imports it.
 """
 
@@ -15,8 +15,6 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
-
-from twist_scale.metric_names import split_label
 
 if TYPE_CHECKING:
     from matplotlib.axis import Axis
@@ -35,22 +33,23 @@ SUBS = (
 )
 MIN_TICKS = 4
 THICK, THIN = 3.2, 1.2
+LINE_KINDS = ((True, "dashed: post-hoc baselines"), (False, "solid: TwIST"))  # the legend names those drawn
 PANEL_INCHES = 4.8  # a panel's height, taller when its legend needs it:
 LEGEND_ROW_INCHES = 0.2  # one legend entry at fontsize 8, spacing included
 
 
 @dataclass
 class Series:
-    """One method's perplexity over κ on one run."""
+    """One label's perplexity over κ on one test set of one run."""
 
     run_id: str
     run_name: str
     training: str  # 'twist κ=0.5 G=2 scale', 'dense' or 'external'
-    label: str
+    test_set: str
+    label: str  # the method, or a variant of it (random-nocorr)
     full: float | None
     ppl: dict[float, float] = field(default_factory=dict)
     std: dict[float, float] = field(default_factory=dict)
-    method: str = ""  # the pruning method the label measured ('' if unknown)
 
     @property
     def baseline(self) -> bool:
@@ -58,18 +57,9 @@ class Series:
         return not self.training.startswith("twist")
 
     @property
-    def measured(self) -> str:
-        """The method (and variant) the label names, without its test set."""
-        return split_label(self.label, self.method)[0]
-
-    @property
-    def test_set(self) -> str:
-        return split_label(self.label, self.method)[1]
-
-    @property
     def legend(self) -> str:
         training = "" if self.training == "dense" else f" [{self.training.removeprefix('twist ')}]"
-        return f"{self.run_name}{training} · {self.measured}"
+        return f"{self.run_name}{training} · {self.label}"
 
 
 def best(series: list[Series]) -> Series | None:
@@ -106,15 +96,15 @@ def figure(series: list[Series], title: str) -> Figure:
     height = max(PANEL_INCHES, 1.0 + LEGEND_ROW_INCHES * max(sum(s.test_set == p for s in series) for p in panels))
     fig, axes = plt.subplots(len(panels), 1, figsize=(13, height * len(panels)), squeeze=False, layout="constrained")
     pairs = plt.get_cmap("tab20").colors  # (dark, light) shades of tab10's ten hues
-    baselines = list(dict.fromkeys((s.run_name, s.measured) for s in series if s.baseline))
+    baselines = list(dict.fromkeys((s.run_name, s.label) for s in series if s.baseline))
     runs = list(dict.fromkeys(s.run_name for s in series if not s.baseline))
-    markers = {m: MARKERS[i % len(MARKERS)] for i, m in enumerate(dict.fromkeys(s.measured for s in series))}
+    markers = {m: MARKERS[i % len(MARKERS)] for i, m in enumerate(dict.fromkeys(s.label for s in series))}
 
     def style(s: Series, stressed: bool) -> dict:
         """TwIST solid, a strong colour per run from the first hues; baselines dashed, light shades of the last
         hues (the best one dark), so the two families share no colour while there are five of each at most."""
         if s.baseline:
-            hue = 9 - baselines.index((s.run_name, s.measured)) % 10
+            hue = 9 - baselines.index((s.run_name, s.label)) % 10
             return {"color": pairs[2 * hue + (0 if stressed else 1)], "linestyle": "--"}
         return {"color": pairs[2 * (runs.index(s.run_name) % 10)], "linestyle": "-"}
 
@@ -137,7 +127,7 @@ def figure(series: list[Series], title: str) -> Figure:
                 x,
                 y,
                 label=f"{tag}: {s.legend}" if tag else s.legend,
-                marker=markers[s.measured],
+                marker=markers[s.label],
                 linewidth=THICK if tag else THIN,
                 markersize=8 if tag else 5,
                 **line,
@@ -152,14 +142,14 @@ def figure(series: list[Series], title: str) -> Figure:
         ax.set_xlim(sparsities[0] - 0.03, sparsities[-1] + 0.03)
         ax.set_xlabel("sparsity (1 − κ)")
         ax.set_ylabel("perplexity (log scale)")
-        ax.set_title(f"test set: {test_set}" if test_set else "")  # labels naming no test set: one panel
+        ax.set_title(f"test set: {test_set}")
         ax.grid(True, which="major", alpha=0.35)
-        legend_title = "dashed: post-hoc baselines   solid: TwIST"
+        drawn = [text for baseline, text in LINE_KINDS if any(s.baseline == baseline for s in shown)]
         ax.legend(
             loc="upper left",
             bbox_to_anchor=(1.01, 1.0),
             fontsize=8,
-            title=legend_title,
+            title="   ".join(drawn),
             title_fontsize=8,
             handlelength=4,
         )

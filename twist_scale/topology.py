@@ -68,6 +68,7 @@ class Topology:
         # Every subgroup uses the default group's backend, so one device serves them all.
         topo = cls(dist.get_world_size(), dist.get_rank(), groups, comm_device())
         timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
+
         # Each rank creates only the three groups it belongs to (use_local_synchronization: non-members
         # take no part), so start-up makes 3 groups per rank, not W + G + R one after another.
         def own(ranks: list[int]) -> dist.ProcessGroup:

@@ -15,7 +15,7 @@ from twist_scale.commands import evaluate
 from twist_scale.commands.export import main as export_main
 from twist_scale.data import token_stream
 from twist_scale.evaluate import perplexity
-from twist_scale.pruning.format import SUBNET_FILE, TWIST_LOADER, load_exported
+from twist_scale.pruning.format import REMOTE_LOADER, SUBNET_FILE, load_exported
 from twist_scale.pruning.pruner import SavedCentral
 from twist_scale.tracking import default_uri
 
@@ -38,26 +38,29 @@ def trained_run(tmp_path_factory) -> Path:
 
 def test_train_once_export_every_kappa_and_log_perplexity(trained_run, tmp_path, capsys):
     final = trained_run / "final"
-    test_file = tmp_path / "test.txt"
+    test_file = tmp_path / "brown" / "test.txt"  # test set 'brown' in the metric names
+    test_file.parent.mkdir()
     test_file.write_text(BROWN_VALID.read_text()[8_000:14_000])
 
     export_main([str(final), "--kappa", "0.5", "0.25", "--seed", "0", "1", "--out", str(tmp_path / "exports")])
     paths = [Path(p) for p in capsys.readouterr().out.split()]
     assert sorted(p.name for p in paths) == [f"random_kappa_{k}_seed{s}" for k in ("0.25", "0.50") for s in (0, 1)]
     for p in paths:  # shared layers 0, 1, 4, 5 stay whole: non-uniform widths, the one loader
-        assert json.loads((p / SUBNET_FILE).read_text())["loader"] == TWIST_LOADER
+        assert json.loads((p / SUBNET_FILE).read_text())["loader"] == REMOTE_LOADER
 
     evaluate.main([str(final), "--data", str(test_file), "--kappa", "1.0", "0.5", "--draws", "2", "--window", "32"])
     capsys.readouterr()
     client = MlflowClient(default_uri(trained_run))
     run_id = (trained_run / "mlflow_run_id").read_text().strip()
     metrics = client.get_run(run_id).data.metrics
-    assert metrics["test/random/ppl_kappa_1.00"] == pytest.approx(metrics["test/random/ppl_full"], rel=1e-5)
-    low, mean, high = (metrics[f"test/random/ppl_kappa_0.50{s}"] for s in ("_min", "", "_max"))
+    assert metrics["test/brown/random/ppl_kappa_1.00"] == pytest.approx(metrics["test/brown/random/ppl_full"], rel=1e-5)
+    low, mean, high = (metrics[f"test/brown/random/ppl_kappa_0.50{s}"] for s in ("_min", "", "_max"))
     assert low < mean < high  # two different random subnets
-    assert {"test/random/ppl_kappa_0.50_std", "test/random/ppl_kappa_0.50_min", "test/random/ppl_kappa_0.50_max"} <= (
-        set(metrics)
-    )
+    assert {
+        "test/brown/random/ppl_kappa_0.50_std",
+        "test/brown/random/ppl_kappa_0.50_min",
+        "test/brown/random/ppl_kappa_0.50_max",
+    } <= (set(metrics))
 
     children = client.search_runs(
         [client.get_run(run_id).info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}' and tags.kappa = '0.50'"
@@ -65,19 +68,23 @@ def test_train_once_export_every_kappa_and_log_perplexity(trained_run, tmp_path,
     assert len(children) == 1
     draws = [m.value for m in client.get_metric_history(children[0].info.run_id, "ppl")]
     assert len(draws) == 2
-    assert metrics["test/random/ppl_kappa_0.50_std"] == pytest.approx(statistics.stdev(draws), rel=1e-6)
+    assert metrics["test/brown/random/ppl_kappa_0.50_std"] == pytest.approx(statistics.stdev(draws), rel=1e-6)
 
     # the file on disk is the model that was measured: draw 0 at κ=0.5 through load_exported
     stream = token_stream([str(test_file)], SavedCentral.load(final).tokenizer)
     loaded = load_exported(tmp_path / "exports" / "random_kappa_0.50_seed0")
     assert perplexity(loaded, stream, window=32).ppl == pytest.approx(draws[0], rel=1e-5)
 
-    # a post-hoc baseline on the same model, same protocol, its own label
+    # a post-hoc baseline on the same model, same protocol, its own label, on a second test set too
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text(BROWN_VALID.read_text()[14_000:20_000])
     evaluate.main(
-        [str(final), "--data", str(test_file), "--kappa", "0.5", "--method", "magnitude", "--window", "32"]
-        + ["--correction", "none", "--label", "magnitude-none"]
+        [str(final), "--data", str(test_file), "--data", str(held_out), "--kappa", "0.5", "--method", "magnitude"]
+        + ["--window", "32", "--correction", "none", "--label", "magnitude-none"]
     )
-    assert "test/magnitude-none/ppl_kappa_0.50" in client.get_run(run_id).data.metrics
+    metrics = client.get_run(run_id).data.metrics
+    assert {"test/brown/magnitude-none/ppl_kappa_0.50", "test/held_out/magnitude-none/ppl_kappa_0.50"} <= set(metrics)
+    assert "test/brown/random/ppl_full" in metrics  # the first evaluation's keys stay
 
 
 def test_adaptive_stats_exports_from_the_statistics_training_kept(trained_run, tmp_path, capsys):

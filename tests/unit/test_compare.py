@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 from twist_scale.commands import compare as compare_command
 from twist_scale.compare import Series
 from twist_scale.evaluate import KappaResult, Perplexity, Sweep, log_sweep
-from twist_scale.metric_names import split_label
+from twist_scale.metric_names import MetricName
 from twist_scale.sparsity_chart import figure
 from twist_scale.tracking import default_uri, experiment_id
 
@@ -25,9 +25,9 @@ def training_run(client: MlflowClient, exp_id: str, name: str, kappa: float, gro
     return run_id
 
 
-def sweep(label: str, full: float, ppls: dict[float, list[float]]) -> Sweep:
+def sweep(test_set: str, label: str, full: float, ppls: dict[float, list[float]]) -> Sweep:
     results = [KappaResult(k, v, parameters=100, plain=True) for k, v in ppls.items()]
-    return Sweep(label, Perplexity(full, 0.0, 10, 1), 200, results, settings={"protocol": "test protocol"})
+    return Sweep(test_set, label, Perplexity(full, 0.0, 10, 1), 200, results, settings={"protocol": "test protocol"})
 
 
 def has_color(pixels: np.ndarray, hex_color: str) -> bool:
@@ -41,17 +41,17 @@ def test_compare_prints_table_and_logs_png(tmp_path, capsys):
     exp_id = experiment_id(client, "exp")
     twist = training_run(client, exp_id, "twist-run", 0.5, 2)
     dense = training_run(client, exp_id, "dense-run", 1.0, 1)
-    log_sweep(sweep("random", 30.0, {1.0: [30.0], 0.5: [34.0, 36.0]}), uri, twist)
-    log_sweep(sweep("magnitude", 25.0, {1.0: [25.0], 0.5: [80.0]}), uri, dense)
+    log_sweep(sweep("brown", "random", 30.0, {1.0: [30.0], 0.5: [34.0, 36.0]}), uri, twist)
+    log_sweep(sweep("brown", "magnitude", 25.0, {1.0: [25.0], 0.5: [80.0]}), uri, dense)
 
     out = tmp_path / "cmp"
     compare_command.main(["--tracking.uri", uri, "--tracking.experiment", "exp", "--out", str(out)])
     printed = capsys.readouterr().out
     rows = [line for line in printed.splitlines() if line.startswith("| ") and "---" not in line]
-    assert rows[0].startswith("| run | training | method | full | κ=1.00 (0% sparse) | κ=0.50 (50% sparse)")
+    assert rows[0].startswith("| run | training | test set | method | full | κ=1.00 (0% sparse) | κ=0.50 (50% sparse)")
     assert rows[1:] == [
-        "| twist-run | twist κ=0.5 G=2 scale | random | 30.00 | 30.00 | 35.00 ± 1.41 |",
-        "| dense-run | dense | magnitude | 25.00 | 25.00 | 80.00 |",
+        "| twist-run | twist κ=0.5 G=2 scale | brown | random | 30.00 | 30.00 | 35.00 ± 1.41 |",
+        "| dense-run | dense | brown | magnitude | 25.00 | 25.00 | 80.00 |",
     ]  # nested per-κ runs are not rows
 
     png = out / "ppl_vs_sparsity.png"
@@ -78,24 +78,45 @@ def test_compare_prints_table_and_logs_png(tmp_path, capsys):
     assert "no experiment 'nope'" in err and "one of: exp, Default" in err
 
 
+def test_a_second_test_set_adds_keys_and_a_rerun_says_it_replaces(tmp_path, caplog):
+    uri = default_uri(tmp_path)
+    client = MlflowClient(uri)
+    run = training_run(client, experiment_id(client, "exp"), "twist-run", 0.5, 2)
+    log_sweep(sweep("brown", "random", 30.0, {1.0: [30.0], 0.5: [34.0, 36.0]}), uri, run)
+    log_sweep(sweep("wikitext2", "random", 50.0, {1.0: [50.0], 0.5: [60.0, 62.0]}), uri, run)
+    metrics = client.get_run(run).data.metrics
+    assert (metrics["test/brown/random/ppl_full"], metrics["test/wikitext2/random/ppl_full"]) == (30.0, 50.0)
+    assert (metrics["test/brown/random/ppl_kappa_0.50"], metrics["test/wikitext2/random/ppl_kappa_0.50"]) == (
+        35.0,
+        61.0,
+    )
+    assert "replaces" not in caplog.text  # neither replaced the other
+
+    log_sweep(sweep("brown", "random", 31.0, {1.0: [31.0], 0.5: [33.0, 35.0]}), uri, run)
+    warnings = [r.getMessage() for r in caplog.records if "replaces" in r.getMessage()]
+    assert len(warnings) == 1 and "test/brown/random/" in warnings[0]
+    metrics = client.get_run(run).data.metrics
+    assert (metrics["test/brown/random/ppl_full"], metrics["test/wikitext2/random/ppl_full"]) == (31.0, 50.0)
+
+
 @pytest.mark.parametrize(
-    ("label", "method", "split"),
+    ("key", "name"),
     [
-        ("flap_brown", "flap", ("flap", "brown")),
-        ("flap_uniform_wikitext2", "flap_uniform", ("flap_uniform", "wikitext2")),
-        ("flap_uniform", "flap_uniform", ("flap_uniform", "")),
-        ("random-nocorr_brown", "random", ("random-nocorr", "brown")),
-        ("magnitude-none", "magnitude", ("magnitude-none", "")),
-        ("brown", "random", ("random", "brown")),
-        ("wanda_sp_brown", "", ("wanda_sp_brown", "")),  # method unknown: one unnamed test set
+        ("test/brown/flap/ppl_full", MetricName("brown", "flap")),
+        ("test/wikitext-2/random-nocorr/ppl_kappa_0.50", MetricName("wikitext-2", "random-nocorr", 0.5)),
+        ("test/brown/flap_uniform/ppl_kappa_0.25_std", MetricName("brown", "flap_uniform", 0.25, "std")),
+        ("test/random/ppl_full", None),  # the names before test sets had their own part
+        ("eval/ppl_kappa_0.50", None),
     ],
 )
-def test_label_names_method_and_test_set(label, method, split):
-    assert split_label(label, method) == split
+def test_metric_names_round_trip(key, name):
+    assert MetricName.parse(key) == name
+    if name is not None:
+        assert str(name) == key
 
 
 def chart_series(run: str, training: str, method: str, test: str, full: float, ppl: dict[float, float]) -> Series:
-    return Series(run, run, training, f"{method}_{test}", full, ppl, method=method)
+    return Series(run, run, training, test, method, full, ppl)
 
 
 def test_chart_has_a_panel_per_test_set_with_the_best_stressed_and_every_tick_labelled():
@@ -138,6 +159,18 @@ def test_chart_has_a_panel_per_test_set_with_the_best_stressed_and_every_tick_la
         assert [text for text, value in ticks.items() if value > 1000], ticks  # labels above 1000 too
     brown = {t.get_text() for t in fig.axes[0].get_yticklabels()}
     assert {"400", "600", "1000", "2000"} <= brown
+    assert all(ax.get_legend().get_title().get_text() == "dashed: post-hoc baselines   solid: TwIST" for ax in fig.axes)
+    plt.close(fig)
+
+
+def test_chart_names_its_test_set_and_only_the_kinds_of_line_it_draws():
+    series = [chart_series("tw", "twist κ=0.5 G=2 scale", "random", "brown", 420.0, {0.5: 800.0, 0.25: 1200.0})]
+    fig = figure(series, "exp")
+    (ax,) = fig.axes
+    assert ax.get_title() == "test set: brown"
+    legend = ax.get_legend()
+    assert legend.get_title().get_text() == "solid: TwIST"
+    assert not [t for t in legend.get_texts() if "baseline" in t.get_text()]
     plt.close(fig)
 
 

@@ -1,4 +1,5 @@
-"""Perplexity protocol by hand, and the evaluation CLI's messages (a trained run: e2e/test_evaluate_trained.py)."""
+"""Perplexity protocol by hand, what a sweep scores, test-set names, and the evaluation CLI's messages (a trained
+run: loop/test_evaluate_trained.py)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 from helpers import BROWN_VALID
+from helpers.pruning import VOCAB, pruner, tiny_llama
 from torch import nn
 
 from twist_scale.commands import evaluate as evaluate_command
-from twist_scale.evaluate import KappaResult, perplexity
+from twist_scale.evaluate import KappaResult, perplexity, sweep
+from twist_scale.metric_names import default_test_set
 
 
 class Bigram(nn.Module):
@@ -68,8 +71,64 @@ def test_cli_names_what_to_fix(tmp_path, capsys):
     for args, message in [
         (["--kappa", "1.5"], "--kappa 1.5 must be in (0, 1]"),
         (["--data", str(tmp_path / "nope.txt")], "fix --data"),
+        (["--test_set", "a", "--test_set", "b"], "2 --test_set for 1 --data"),
+        (["--data", str(BROWN_VALID)], "two test sets are named 'brown': name each with --test_set"),
+        (["--test_set", "brown+wiki"], "--test_set 'brown+wiki': use letters"),
         ([], "no config.json"),
     ]:
         with pytest.raises(SystemExit):
             evaluate_command.main([str(tmp_path / "final"), "--data", str(BROWN_VALID), *args, "--no_mlflow"])
         assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("files", "name"),
+    [
+        (["../shared/data/brown/test.txt"], "brown"),
+        (["../shared/data/wikitext2/test.txt"], "wikitext2"),
+        (["data/brown/valid.txt"], "brown"),
+        (["notes/held_out.txt"], "held_out"),
+        (["../shared/data/brown/test.txt", "extra.md"], "brown_extra"),  # files scored as one test set
+    ],
+)
+def test_a_test_set_is_named_after_its_corpus_or_its_file(files, name):
+    assert default_test_set(files) == name
+
+
+def test_a_bare_split_file_is_named_after_the_directory_it_is_in(tmp_path, monkeypatch):
+    (tmp_path / "wiki").mkdir()
+    monkeypatch.chdir(tmp_path / "wiki")
+    assert default_test_set(["test.txt"]) == "wiki"
+
+
+def test_kappa_one_is_the_full_model_scored_once_and_each_draw_is_built_once_for_every_test_set(
+    monkeypatch, caplog, capsys
+):
+    model = tiny_llama()
+    random = pruner(model, "random", shared=[], batches=[])
+    builds: list[tuple[float, int]] = []
+    subnet = random.subnet
+    monkeypatch.setattr(random, "subnet", lambda kappa, seed=0: builds.append((kappa, seed)) or subnet(kappa, seed))
+    full_width: list[bool] = []  # per forward pass: the central model's (a subnet is a deep copy: the hook too)
+    model.register_forward_pre_hook(lambda module, args: full_width.append(module is model))
+    g = torch.Generator().manual_seed(0)
+    streams = {
+        "a": torch.randint(0, VOCAB, (5 * 16,), generator=g),
+        "b": torch.randint(0, VOCAB, (3 * 16,), generator=g),
+    }
+
+    caplog.set_level("INFO", logger="twist_scale.evaluate")
+    a, b = sweep(random, streams, [1.0, 0.5], draws=3, window=16, batch_size=2)
+    assert full_width.count(True) == 3 + 2  # a's 5 windows in batches of 2, b's 3: once, not once per draw
+    assert full_width.count(False) == 3 * (3 + 2)  # the draws at κ = 0.5 only
+    assert sorted(builds) == [(0.5, 0), (0.5, 1), (0.5, 2)]  # no κ = 1 subnet; each draw built once for a and b
+    assert "scoring 4 models x 8 windows" in caplog.text
+    assert "kappa 0.50 draw 3/3" in capsys.readouterr().err  # the progress bar, on stderr
+
+    for result, stream in ((a, streams["a"]), (b, streams["b"])):
+        one, half = result.results
+        assert one.ppls == [result.full.ppl] and one.parameters == result.full_parameters
+        assert half.ppls == [
+            pytest.approx(perplexity(subnet(0.5, seed)[0], stream, window=16).ppl, rel=1e-6) for seed in range(3)
+        ]
+    assert (a.test_set, b.test_set) == ("a", "b") and a.full.ppl != b.full.ppl

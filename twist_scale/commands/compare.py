@@ -26,7 +26,9 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as err:
         parser.exit(2, f"error: {err}\n")
     if not series:
-        parser.exit(2, f"error: no run in {args.experiment!r} has test/*/ppl_kappa_* metrics; run launch/evaluate.py\n")
+        parser.exit(
+            2, f"error: no run in {args.experiment!r} has test/*/*/ppl_kappa_* metrics; run launch/evaluate.py\n"
+        )
     table = format_table(series)
     print(table)
     table_file = args.out / "ppl_vs_sparsity.md"
