@@ -19,6 +19,11 @@ from twist_scale.topology import Topology
 log = logging.getLogger(__name__)
 
 SPM_FILE = "tokenizer.model"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", SPM_FILE)  # any of them: a tokenizer is there
+
+
+def has_tokenizer(directory: Path) -> bool:
+    return any((directory / f).exists() for f in TOKENIZER_FILES)
 
 
 def train_tokenizer(files: list[str], directory: Path, vocab_size: int) -> None:
@@ -76,8 +81,7 @@ def pretrained_tokenizer(pretrained: str) -> Path | None:
 
         patterns = ["tokenizer*", SPM_FILE, "special_tokens_map.json"]
         directory = Path(snapshot_download(pretrained, allow_patterns=patterns))
-    has_one = any((directory / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", SPM_FILE))
-    return directory if has_one else None
+    return directory if has_tokenizer(directory) else None
 
 
 def tokenizer_directory(run: RunConfig) -> Path:
@@ -90,7 +94,7 @@ def tokenizer_directory(run: RunConfig) -> Path:
 
 def prepare_tokenizer(cfg: DataConfig, directory: Path, train: bool) -> Path:
     """The tokenizer directory; trains one there when `train` (rank 0 only) and none exists."""
-    if train and not any((directory / f).exists() for f in (SPM_FILE, "tokenizer.json")):
+    if train and not has_tokenizer(directory):  # never into a checkpoint's directory: it has one
         if not cfg.train_files:
             raise ValueError("cannot train a tokenizer without --data.train_files; pass --data.tokenizer DIR")
         log.info("training a %d-token BPE tokenizer on %s", cfg.vocab_size, cfg.train_files)

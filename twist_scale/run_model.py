@@ -13,7 +13,7 @@ from transformers import AutoConfig
 
 from twist_scale.config import ConfigError, RunConfig
 from twist_scale.correction import Correction, correction_of
-from twist_scale.data import load_tokenizer, sample_text, tokenizer_directory
+from twist_scale.data import has_tokenizer, load_tokenizer, sample_text, tokenizer_directory
 from twist_scale.models import UnitBlock, architecture_for, architecture_of, build_model
 from twist_scale.subnet import default_shared_layers, partitioned_blocks
 
@@ -51,7 +51,7 @@ def check_pretrained(cfg: RunConfig) -> None:
         raise ConfigError(f"--model.pretrained {pretrained}: no model config there ({reason})") from None
     architecture_for(config.model_type)
     tokenizer = tokenizer_directory(cfg)
-    if any(tokenizer.glob("tokenizer*")):
+    if has_tokenizer(tokenizer):
         vocab, source = len(load_tokenizer(tokenizer, sample_text(cfg.data))), f"the tokenizer in {tokenizer}"
     else:
         vocab, source = cfg.data.vocab_size, "--data.vocab_size (the tokenizer this run trains)"
