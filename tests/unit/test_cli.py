@@ -30,6 +30,8 @@ def test_flags_are_spelled_as_in_training(name, capsys):
     assert not [f for f in flags if "-" in f[2:]], f"{name}: hyphenated flags {sorted(flags)}"
     if name != "export":  # every command that talks to MLflow names the store as training does
         assert "--tracking.uri" in flags
+    if name in ("export", "evaluate"):  # κ as training spells it, or short
+        assert {"--kappa", "--twist.kappa"} <= flags
 
 
 def test_training_help_names_the_same_tracking_flags():

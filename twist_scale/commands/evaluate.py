@@ -35,7 +35,9 @@ def main(argv: list[str] | None = None) -> None:
         help="the test set's name in the metrics, one per --data (default: the directory of a test.txt or "
         "valid.txt, e.g. brown, else the file's stem)",
     )
-    parser.add_argument("--kappa", type=float, nargs="+", default=list(DEFAULT_KAPPAS), help="keep ratios")
+    parser.add_argument(
+        "--kappa", "--twist.kappa", type=float, nargs="+", default=list(DEFAULT_KAPPAS), help="keep ratios in (0, 1]"
+    )
     parser.add_argument("--draws", type=int, default=5, help="random draws per κ for a seeded method")
     parser.add_argument("--batch_size", type=int, default=8, help="windows per forward pass")
     parser.add_argument("--max_windows", type=int, default=0, help="score an evenly spaced subset (0: every window)")

@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     """`twist-export RUN/final --kappa 0.75 0.5 0.25 --out exports/`: one dense checkpoint per κ (and seed)."""
     parser = parser_for("twist-export", main.__doc__)
     add_pruning_args(parser)
-    parser.add_argument("--kappa", type=float, nargs="+", required=True, help="keep ratios in (0, 1]")
+    parser.add_argument("--kappa", "--twist.kappa", type=float, nargs="+", required=True, help="keep ratios in (0, 1]")
     parser.add_argument("--seed", type=int, nargs="+", default=[0], help="draws of a seeded method (random)")
     parser.add_argument("--out", type=Path, required=True, help="parent directory of the exports")
     args = parser.parse_args(argv)
