@@ -238,7 +238,7 @@ class Checkpointer:
         """The newest intact checkpoint: every rank checks its share of each candidate's files, newest first."""
         candidates: list[Any] = [sorted(self.root.glob("round_*"), reverse=True) if self.rank == 0 else None]
         dist.broadcast_object_list(candidates, src=0, group=self.io_group)
-        world = dist.get_world_size()
+        world = dist.get_world_size(self.io_group)
         for candidate in candidates[0]:
             problem = verify(candidate, (self.rank, world))
             bad = torch.tensor([problem is not None], dtype=torch.int64)

@@ -14,6 +14,7 @@ from transformers import AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerBase
 
 from twist_scale.atomic import atomic_file
 from twist_scale.config import DataConfig, RunConfig
+from twist_scale.startup import local_directory
 from twist_scale.topology import Topology
 
 log = logging.getLogger(__name__)
@@ -75,12 +76,7 @@ def load_tokenizer(directory: Path, sample_text: str) -> PreTrainedTokenizerBase
 
 def pretrained_tokenizer(pretrained: str) -> Path | None:
     """The tokenizer a pretrained checkpoint (directory or hub id) ships with, if it has one."""
-    directory = Path(pretrained)
-    if not directory.is_dir():  # a hub id: its tokenizer files only
-        from huggingface_hub import snapshot_download
-
-        patterns = ["tokenizer*", SPM_FILE, "special_tokens_map.json"]
-        directory = Path(snapshot_download(pretrained, allow_patterns=patterns))
+    directory = local_directory(pretrained, ["tokenizer*", SPM_FILE, "special_tokens_map.json"])
     return directory if has_tokenizer(directory) else None
 
 

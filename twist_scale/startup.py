@@ -38,13 +38,19 @@ def blocks(model: nn.Module) -> Iterator[tuple[str, nn.Module, bool]]:
             yield name, module, False
 
 
+def local_directory(pretrained: str, patterns: list[str]) -> Path:
+    """A checkpoint's directory: itself, or for a hub id the local snapshot of its files matching `patterns`."""
+    directory = Path(pretrained)
+    if directory.is_dir():
+        return directory
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(pretrained, allow_patterns=patterns))
+
+
 def pretrained_files(pretrained: str) -> dict[str, Path]:
     """Tensor name -> safetensors file of a local directory or hub id (sharded or not)."""
-    directory = Path(pretrained)
-    if not directory.is_dir():
-        from huggingface_hub import snapshot_download
-
-        directory = Path(snapshot_download(pretrained, allow_patterns=["*.json", "*.safetensors"]))
+    directory = local_directory(pretrained, ["*.json", "*.safetensors"])
     index = directory / "model.safetensors.index.json"
     if index.is_file():
         return {name: directory / file for name, file in json.loads(index.read_text())["weight_map"].items()}

@@ -25,6 +25,7 @@ from twist_scale.config import RunConfig
 from twist_scale.config_load import validate
 from twist_scale.data import load_run_data
 from twist_scale.distributed import init_distributed
+from twist_scale.engines.base import Engine
 from twist_scale.interrupts import stop_reason
 from twist_scale.logs import setup_logging
 from twist_scale.metrics import RunMetrics
@@ -159,19 +160,22 @@ class Trainer:
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{self.engine.lr():.2e}")
         return loss
 
+    @property
+    def engine_files(self) -> Engine | None:
+        """The engine, where its own files are part of a checkpoint (`engine_in_checkpoint` in sync.py)."""
+        return self.engine if self.sync.engine_in_checkpoint else None
+
     def save(self) -> None:
         topo, finite = self.topo, self.metrics.all_finite(self.sync.local_tensors())
         meta = {"world_size": topo.world_size, "groups": topo.groups, "config": config_mod.to_dict(self.cfg)}
-        engine = self.engine if self.sync.engine_in_checkpoint else None
-        path = self.checkpointer.save_run(self.round, self.stateful, engine, meta, finite)
+        path = self.checkpointer.save_run(self.round, self.stateful, self.engine_files, meta, finite)
         log.info("checkpoint %s", path)
 
     def resume(self) -> None:
         path = self.checkpointer.latest_valid() if self.cfg.checkpoint.resume else None
         if path is not None:
-            engine = self.engine if self.sync.engine_in_checkpoint else None
-            self.round, elsewhere = self.checkpointer.load_run(path, self.stateful, engine)
-            if elsewhere or engine is None:  # the engine starts fresh at the saved step; dispatch fills it
+            self.round, elsewhere = self.checkpointer.load_run(path, self.stateful, self.engine_files)
+            if elsewhere or self.engine_files is None:  # the engine starts fresh at the saved step; dispatch fills it
                 self.engine.resume_at(self.round * self.cfg.twist.local_steps, self.sync.moments)
             log.info("resumed from %s at round %d%s", path, self.round, " (resharded)" if elsewhere else "")
         verify_same_masks(self.sampler.specs(self.round), self.topo)
