@@ -39,6 +39,8 @@ gpu-smoke: setup
 	DS_ACCELERATOR=cuda $(BIN)/deepspeed --num_gpus 1 launch/train.py $(SMOKE) --out_dir runs/gpu-smoke/deepspeed
 	DS_ACCELERATOR=cuda $(BIN)/torchrun --nproc_per_node 1 launch/train.py $(SMOKE) --parallel.engine fsdp \
 		--out_dir runs/gpu-smoke/fsdp
+	DS_ACCELERATOR=cuda $(BIN)/deepspeed --num_gpus 1 launch/train.py $(SMOKE) --parallel.ds_config ds_configs/zero3.json \
+		--out_dir runs/gpu-smoke/zero3
 	@echo "GPU SMOKE OK"
 
 # tests/unit and the quick tests/dist checks, no launcher runs (about 1 minute): while editing.

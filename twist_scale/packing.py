@@ -115,7 +115,8 @@ class PackedExchange:
         dtype: torch.dtype,
         wire_elements: int,
     ) -> torch.Tensor:
-        """One all-to-all of the host `payload`; `wire_elements` of it cross to or from other ranks."""
+        """One all-to-all of `payload` (on the host or the wire's device); `wire_elements` of it cross to or
+        from other ranks."""
         device = self.topo.device
         payload = payload.to(device, dtype)
         recv = torch.empty(sum(out_splits), device=device, dtype=dtype)
@@ -158,13 +159,15 @@ class PackedExchange:
         helds = [self._holders(bucket, specs[g], False) for g in range(topo.groups)]
         runs: list[list[torch.Tensor]] = [[] for _ in range(W)]  # per owner, in bucket order: views until sent
         for entry, held in zip(bucket, helds[topo.group], strict=True):
+            # an engine on the accelerator reads there, statistics come from the host: one device to send from
             start, values = read(entry)
+            values = values.to(topo.device)
             base = self.dispatched.get(entry.name)  # None: the change is the value (or the wire is fp32)
             for owner in range(W):
                 lo, hi = self._range(entry, owner)
                 a, b = max(held.before(lo), start), min(held.before(hi), start + len(values))
                 run = values[a - start : max(a, b) - start]
-                runs[owner].append(run if base is None else run - base[a - start : max(a, b) - start])
+                runs[owner].append(run if base is None else run - base[a - start : max(a, b) - start].to(run.device))
         in_splits = [sum(len(run) for run in owner) for owner in runs]
         # from each rank s of group s // R: the overlap of its group's run in my piece with the range s stores
         chunks = []  # per source rank, per entry: (where the chunk starts in the run, its length)
@@ -184,7 +187,7 @@ class PackedExchange:
                     raise RuntimeError(f"{entry.name}: group {g}'s ranks store {end} of {held.before(entry.numel)}")
         out_splits = [sum(n for _, n in per_entry) for per_entry in chunks]
         sent = sum(in_splits) - in_splits[topo.rank]  # to the other owners
-        payload = torch.cat([run for owner in runs for run in owner] or [torch.empty(0)])
+        payload = torch.cat([run for owner in runs for run in owner] or [torch.empty(0, device=topo.device)])
         received = self._all_to_all(payload, in_splits, out_splits, None, self.wire, sent).split(
             [n for per_entry in chunks for _, n in per_entry]
         )

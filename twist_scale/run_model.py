@@ -27,7 +27,13 @@ class RunModel:
 
     @property
     def parameters(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
+        return parameter_count(self.model)
+
+
+def parameter_count(model: nn.Module) -> int:
+    """Parameters of `model` whatever its engine did to them: ZeRO-3 leaves each an empty tensor and
+    keeps the true size in `ds_numel`; an FSDP2 DTensor's `numel` is already the whole tensor's."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
 
 
 def full_model_builder(cfg: RunConfig, vocab_size: int) -> Callable[[], nn.Module]:

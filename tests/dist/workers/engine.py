@@ -19,6 +19,7 @@ from twist_scale.engines.deepspeed_engine import DeepSpeedEngine
 from twist_scale.models import architecture_of, build_model
 from twist_scale.subnet import SubnetSampler, partitioned_blocks
 from twist_scale.sync import verify_same_masks
+from twist_scale.run_model import parameter_count
 from twist_scale.topology import Topology
 
 VOCAB = 64
@@ -43,6 +44,7 @@ def check_write(stage: int, topo: Topology) -> None:
     engine.train_step(batches(topo.rank, 1)[0])  # moments exist, weights moved once
     torch.manual_seed(1)
     fresh = build_model("llama", "tiny", VOCAB).eval()
+    assert parameter_count(engine.module) == parameter_count(fresh), f"zero={stage}: the logged model size"
     new = {n: p.detach().clone() for n, p in fresh.named_parameters()}
     for name, value in new.items():
         engine.write(name, value)
