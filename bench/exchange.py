@@ -83,7 +83,7 @@ def _rank(rank: int, world: int, port: int, size: str, bucket_mb: float, zero: i
         materialise_rest(model)
         engine = DeepSpeedEngine(model, cfg, topo)
         SubnetSync(central, engine, unit_blocks, topo, (), correction_of("scale"), False).dispatch(specs)
-        engine.train_step(torch.randint(0, 4096, (1, 32)))  # DeepSpeed creates the Adam moments at the first step
+        engine.train_step([torch.randint(0, 4096, (1, 32))])  # DeepSpeed creates the Adam moments at the first step
         packed = PackedExchange(central, "fp32", engine.shard_range)
         for name, exchange in (("dense", FullWidthExchange(central)), ("packed", packed)):
             moments = ("exp_avg", "exp_avg_sq")

@@ -32,7 +32,7 @@ EXPORT_SHARD_BYTES = 2 * 2**30  # what rank 0 holds at most while it streams the
 
 def training_record(cfg: RunConfig, topo: Topology, rounds: int, shared_layers: list[int]) -> dict[str, Any]:
     """How the central model was trained: twist.json beside its weights, read by export and evaluation."""
-    tokens_per_step = cfg.data.micro_batch_size * cfg.data.block_size * topo.world_size
+    tokens_per_step = cfg.tokens_per_rank_step * topo.world_size
     return {
         "kappas": list(cfg.twist.kappas),  # one per group
         "groups": topo.groups,

@@ -16,6 +16,7 @@ from twist_scale.atomic import atomic_write_text
 DATA_ROOT_ENV = "TWIST_DATA_ROOT"
 DEFAULT_DATA_ROOT = "../shared/data"
 DEFAULT_BUCKET_MB = 32.0  # within the 25-64 MB that DDP and ZeRO bucket by
+MAX_AUTO_PROCS = 32  # tokenising processes --data.num_proc 0 starts at most: the serial read and copy dominate beyond
 
 
 class ConfigError(ValueError):
@@ -35,6 +36,11 @@ class ModelConfig:
     )
     size: str = _doc("Size preset from twist_scale.models.PRESETS (tiny, small, ...).", "tiny")
     pretrained: str = _doc("Local directory or hub id to load with from_pretrained; overrides size.", "")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = _doc(
+        "Attention kernel: 'sdpa' (torch's fused attention), 'eager' (plain matmuls) or 'flash_attention_2' "
+        "(needs the flash-attn package and a GPU).",
+        "sdpa",
+    )
 
 
 @dataclass
@@ -52,7 +58,19 @@ class DataConfig:
     vocab_size: int = _doc("Vocabulary size when training a new tokenizer.", 4096)
     block_size: int = _doc("Tokens per training sequence (packed, no padding).", 128)
     micro_batch_size: int = _doc("Sequences per rank per step.", 8)
-    cache_dir: str = _doc("Tokenized-data cache; default <out_dir>/cache.", "")
+    cache_dir: str = _doc(
+        "Token files (docs/data.md); default <out_dir>/cache. On a shared file system for multi-node runs.", ""
+    )
+    num_proc: int = _doc(
+        f"Processes that tokenise the corpus (twist-prepare-data, or rank 0 at start-up); 0: one per core, "
+        f"at most {MAX_AUTO_PROCS}.",
+        0,
+    )
+    prepare_timeout_s: float = _doc(
+        "How long ranks other than 0 wait for rank 0 to prepare the tokenizer and token files (they poll "
+        "the cache, in no collective: not --parallel.timeout_s).",
+        10800.0,
+    )
 
 
 @dataclass
@@ -67,6 +85,11 @@ class OptimConfig:
     eps: float = _doc("Adam epsilon.", 1e-8)
     grad_clip: float = _doc("Max global gradient norm; 0 disables clipping.", 1.0)
     warmup_steps: int = _doc("Linear warm-up steps before cosine decay.", 10)
+    grad_accum_steps: int = _doc(
+        "Micro-batches per optimizer step: the batch of a step is micro_batch_size x this x ranks per group. "
+        "twist.local_steps and warmup count optimizer steps.",
+        1,
+    )
 
 
 @dataclass
@@ -83,6 +106,12 @@ class ParallelConfig:
     )
     timeout_s: float = _doc("A collective waiting longer than this ends the job (a crashed or stuck rank).", 300.0)
     precision: Literal["fp32", "bf16"] = _doc("'fp32' or 'bf16'.", "fp32")
+    activation_checkpointing: bool = _doc(
+        "Recompute each decoder layer's activations in backward instead of keeping them (less memory, ~1/3 "
+        "more compute).",
+        False,
+    )
+    compile: bool = _doc("torch.compile each decoder layer (one compilation per subnet shape).", False)
 
 
 @dataclass
@@ -180,6 +209,11 @@ class RunConfig:
     @property
     def total_steps(self) -> int:
         return self.twist.rounds * self.twist.local_steps
+
+    @property
+    def tokens_per_rank_step(self) -> int:
+        """Tokens one rank trains on in one optimizer step (all its accumulated micro-batches)."""
+        return self.data.micro_batch_size * self.optim.grad_accum_steps * self.data.block_size
 
     @property
     def is_dense(self) -> bool:

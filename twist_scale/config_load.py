@@ -227,12 +227,22 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
         "data.block_size": cfg.data.block_size,
         "data.micro_batch_size": cfg.data.micro_batch_size,
         "data.vocab_size": cfg.data.vocab_size,
+        "optim.grad_accum_steps": cfg.optim.grad_accum_steps,
     }
     for path, value in positive.items():
         if value < 1:
             raise ConfigError(f"--{path} {value} must be >= 1")
+    if cfg.optim.grad_accum_steps > 1 and cfg.on_nonfinite == "skip":
+        raise ConfigError(
+            "--on_nonfinite skip with --optim.grad_accum_steps > 1: a step is skipped before its backward, and "
+            "an accumulated step has already run some; use --on_nonfinite stop, or accumulate 1"
+        )
     if cfg.parallel.timeout_s <= 0:
         raise ConfigError(f"--parallel.timeout_s {cfg.parallel.timeout_s} must be > 0")
+    if cfg.data.num_proc < 0:
+        raise ConfigError(f"--data.num_proc {cfg.data.num_proc} must be >= 0 (0: one per core)")
+    if cfg.data.prepare_timeout_s <= 0:
+        raise ConfigError(f"--data.prepare_timeout_s {cfg.data.prepare_timeout_s} must be > 0")
     if cfg.optim.lr <= 0:
         raise ConfigError(f"--optim.lr {cfg.optim.lr} must be > 0")
     if t.group_kappas:

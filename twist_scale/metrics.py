@@ -87,7 +87,7 @@ class RunMetrics:
         dist.all_gather(everyone, mine)
         table = torch.stack(everyone).cpu()  # (world, H)
         first = (round_ - 1) * H
-        tokens = H * self.cfg.data.micro_batch_size * self.cfg.data.block_size * topo.world_size
+        tokens = H * self.cfg.tokens_per_rank_step * topo.world_size
         for i in range(H):
             self.tracker.log_metrics({"train/loss": table[:, i].nanmean().item()}, first + i + 1)
         by_group = table.view(topo.groups, topo.ranks_per_group * H).nanmean(dim=1)

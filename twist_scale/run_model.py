@@ -68,9 +68,19 @@ def check_pretrained(cfg: RunConfig) -> None:
         )
 
 
+def use_attention(model: nn.Module, kernel: str) -> None:
+    """Train with attention kernel `kernel`; one that is not installed is a config error, not a traceback."""
+    try:
+        model.set_attn_implementation(kernel)
+    except (ImportError, ValueError) as err:
+        reason = str(err).splitlines()[0]
+        raise ConfigError(f"--model.attn_implementation {kernel}: {reason} Use sdpa or eager.") from None
+
+
 def build_run_model(cfg: RunConfig, vocab_size: int) -> RunModel:
     with torch.device("meta"):  # no values yet: the engine and sync fill what this rank keeps
         model = full_model_builder(cfg, vocab_size)()
+    use_attention(model, cfg.model.attn_implementation)
     arch = architecture_of(model)
     layers = arch.num_layers(model.config)
     shared = default_shared_layers(layers) if cfg.twist.shared_layers is None else cfg.twist.shared_layers

@@ -49,7 +49,7 @@ class Trainer:
         self.out_dir = Path(cfg.out_dir)
         if topo.rank == 0:
             config_mod.save_resolved(cfg, self.out_dir / "config.json")
-        self.data = load_run_data(cfg, topo, dist.barrier)
+        self.data = load_run_data(cfg, topo)
         torch.manual_seed(cfg.seed)  # the same stream on every rank (weights are seeded per block: startup.fill)
         parts = assemble(cfg, topo, len(self.data.tokenizer))
         self.model, self.sampler, self.engine, self.sync = parts.model, parts.sampler, parts.engine, parts.sync
@@ -152,7 +152,7 @@ class Trainer:
         return losses
 
     def train_step(self, bar: tqdm) -> float:
-        loss = self.engine.train_step(next(self.data.train))
+        loss = self.engine.train_step([next(self.data.train) for _ in range(self.cfg.optim.grad_accum_steps)])
         if not math.isfinite(loss) and self.cfg.on_nonfinite == "skip":
             self.skipped_steps += 1
             log.warning("rank %d: non-finite loss, step skipped (%d so far)", self.topo.rank, self.skipped_steps)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 from pathlib import Path
 
+import pytest
 from helpers import assert_fp32_checkpoint, history, mlflow_run, tiny_args
 from helpers.dist import train_on_ranks
 from safetensors.torch import load_file
@@ -93,3 +96,29 @@ def test_the_bf16_wire_carries_updates_smaller_than_half_a_bf16_ulp(tmp_path):
         moved[wire] = norm_movement(tmp_path / wire / "final")
     assert moved["fp32"] > 0
     assert abs(moved["bf16"] - moved["fp32"]) <= 0.01 * moved["fp32"], moved
+
+
+def test_accumulated_steps_train_as_one_larger_batch_and_resume(tmp_path):
+    """2 micro-batches of 2 per optimizer step draw the same rows as one micro-batch of 4 (the sampler's
+    order does not depend on the batch size): the same losses, step for step, under ZeRO-2 with H
+    counting optimizer steps, the LR schedule on them and the tokens counted; a resume replays the
+    last round's loss."""
+    common = dict(twist__kappa=0.5, twist__allow_uncovered="true", twist__rounds=2, eval__every_rounds=0)
+    common |= dict(parallel__ds_config="ds_configs/zero2.json", optim__grad_clip=0)
+    whole, accumulated = tmp_path / "whole", tmp_path / "accumulated"
+    train_on_ranks(1, tiny_args(whole, data__micro_batch_size=4, **common))
+    train_on_ranks(1, tiny_args(accumulated, data__micro_batch_size=2, optim__grad_accum_steps=2, **common))
+    expected = history(*mlflow_run(whole), "train/loss")
+    got = history(*mlflow_run(accumulated), "train/loss")
+    assert len(got) == len(expected) == 6, got  # 2 rounds x H = 3 optimizer steps
+    assert max(abs(a - b) for a, b in zip(got, expected, strict=True)) < 1e-5, (got, expected)
+    lrs = [history(*mlflow_run(d), "train/lr") for d in (whole, accumulated)]
+    assert lrs[0] == lrs[1] and len(set(lrs[0])) == 2, lrs
+    tokens = [json.loads((d / "final" / "twist.json").read_text())["tokens"] for d in (whole, accumulated)]
+    assert tokens[0] == tokens[1] == 6 * 4 * 64, tokens
+
+    shutil.rmtree(accumulated / "checkpoints" / "round_000002")  # as if the job died after round 1
+    resumed = train_on_ranks(1, tiny_args(accumulated, data__micro_batch_size=2, optim__grad_accum_steps=2, **common))
+    replayed = re.search(r"round 2/2 loss (\d+\.\d+)", resumed.output)
+    assert "resumed from" in resumed.output and replayed is not None, resumed.output[-2000:]
+    assert float(replayed[1]) == pytest.approx(expected[-1], abs=1e-4)

@@ -13,12 +13,12 @@ def test_skipped_step_leaves_the_model_untouched():
     torch.manual_seed(0)
     engine = SingleProcessEngine(build_model("llama", "tiny", 64), RunConfig())
     batch = torch.randint(1, 64, (2, 16))
-    assert torch.isfinite(torch.tensor(engine.train_step(batch)))
+    assert torch.isfinite(torch.tensor(engine.train_step([batch])))
     with torch.no_grad():
         engine.module.lm_head.weight[0] = float("inf")  # every position's log-softmax turns NaN
     before = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
     state = {k: v.clone() for k, v in engine.optimizer.state[engine.params["lm_head.weight"]].items()}
-    assert engine.train_step(batch) != engine.train_step(batch)  # NaN, twice
+    assert engine.train_step([batch]) != engine.train_step([batch])  # NaN, twice
     for name, p in engine.module.named_parameters():
         assert torch.equal(p, before[name]) or name == "lm_head.weight" and p.isinf().sum() == 64, name
     assert all(torch.equal(v, state[k]) for k, v in engine.optimizer.state[engine.params["lm_head.weight"]].items())
@@ -38,6 +38,6 @@ def test_skipped_steps_keep_the_lr_schedule_in_step():
     with torch.no_grad():
         skipping.module.lm_head.weight[0] = float("inf")
     for _ in range(3):
-        assert not torch.isfinite(torch.tensor(skipping.train_step(batch)))
-        steady.train_step(batch)
+        assert not torch.isfinite(torch.tensor(skipping.train_step([batch])))
+        steady.train_step([batch])
     assert skipping.lr() == steady.lr() == cfg.optim.lr * 3 / 4

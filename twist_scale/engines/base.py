@@ -58,25 +58,37 @@ class Engine(abc.ABC):
     def storage(self) -> EngineStorage:
         """The engine's tensors as dispatch and aggregation read and write them."""
 
-    def train_step(self, input_ids: torch.Tensor) -> float:
-        """Forward, backward and optimizer step on one micro-batch; returns the loss.
+    def train_step(self, micro_batches: list[torch.Tensor]) -> float:
+        """One optimizer step over `micro_batches` (gradients accumulated); returns their mean loss.
 
         Never steps on a non-finite loss anywhere in the group (the ranks must agree, or ZeRO's
-        collectives would diverge): returns NaN instead, and the trainer stops or skips by config.
-        A skipped step still advances the LR schedule, so every group stays on the same schedule.
+        collectives would diverge): returns NaN at the first one instead, before its backward, and the
+        trainer stops or skips by config (skipping only without accumulation: an accumulated step has
+        run backward already). A skipped step still advances the LR schedule, so every group stays on
+        the same schedule. Micro-batches hold equal token counts (packed blocks), so the mean of their
+        mean losses is the mean over the whole batch, and each backward takes 1/len of its loss.
         """
-        loss = self._loss(input_ids)
-        finite = torch.tensor([float(torch.isfinite(loss.detach()).all())])
-        if self._group_min(finite).item() < 1:
-            with warnings.catch_warnings():  # torch warns when the schedule moves before any optimizer step
-                warnings.simplefilter("ignore", UserWarning)
-                self.scheduler.step()
-            return float("nan")
-        self._backward_and_step(loss)
-        return loss.item()
+        total = 0.0
+        for i, input_ids in enumerate(micro_batches):
+            loss = self._loss(input_ids)
+            finite = torch.tensor([float(torch.isfinite(loss.detach()).all())])
+            if self._group_min(finite).item() < 1:
+                with warnings.catch_warnings():  # torch warns when the schedule moves before any optimizer step
+                    warnings.simplefilter("ignore", UserWarning)
+                    self.scheduler.step()
+                return float("nan")
+            self._backward(loss / len(micro_batches), last=i == len(micro_batches) - 1)
+            total += loss.item()
+        self._optimizer_step()
+        return total / len(micro_batches)
 
     @abc.abstractmethod
-    def _backward_and_step(self, loss: torch.Tensor) -> None: ...
+    def _backward(self, loss: torch.Tensor, last: bool) -> None:
+        """Accumulate the gradient of `loss`; `last`: the step's final micro-batch."""
+
+    @abc.abstractmethod
+    def _optimizer_step(self) -> None:
+        """Apply the accumulated gradient, advance the schedule, clear the gradient."""
 
     def _group_min(self, value: torch.Tensor) -> torch.Tensor:
         """Minimum over the ranks that train this subnet together (one process: itself)."""

@@ -43,8 +43,8 @@ def render_ds_config(path: str, cfg: RunConfig, ranks_per_group: int) -> dict[st
             raise ConfigError(f"{path}: '{key}' is set by the run config (--optim.*), remove it from the JSON")
     owned = {
         "train_micro_batch_size_per_gpu": cfg.data.micro_batch_size,
-        "gradient_accumulation_steps": 1,
-        "train_batch_size": cfg.data.micro_batch_size * ranks_per_group,
+        "gradient_accumulation_steps": cfg.optim.grad_accum_steps,
+        "train_batch_size": cfg.data.micro_batch_size * cfg.optim.grad_accum_steps * ranks_per_group,
         "gradient_clipping": cfg.optim.grad_clip,
         "bf16.enabled": cfg.parallel.precision == "bf16",
         "fp16.enabled": False,
@@ -87,9 +87,16 @@ class DeepSpeedEngine(StoringEngine):
         input_ids = input_ids.to(self.engine.device)
         return self.engine(input_ids=input_ids, labels=input_ids).loss
 
-    def _backward_and_step(self, loss: torch.Tensor) -> None:
-        self.engine.backward(loss)
+    def _backward(self, loss: torch.Tensor, last: bool) -> None:
+        # DeepSpeed counts micro-batches itself (gradient_accumulation_steps in its config): it reduces
+        # and steps at the boundary, and `step` before it only counts. The loss is already scaled.
+        if self.engine.is_gradient_accumulation_boundary() != last:
+            raise RuntimeError(f"DeepSpeed's micro-batch count {self.engine.micro_steps} left the step's boundary")
+        self.engine.backward(loss, scale_wrt_gas=False)
         self.engine.step()
+
+    def _optimizer_step(self) -> None:
+        """DeepSpeed stepped at the last micro-batch's boundary."""
 
     def _group_min(self, value: torch.Tensor) -> torch.Tensor:
         value = value.to(self.topo.device)

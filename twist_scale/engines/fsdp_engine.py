@@ -28,6 +28,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from twist_scale.config import RunConfig
 from twist_scale.engines.base import StoringEngine, build_optimizer, build_scheduler, even_range
+from twist_scale.engines.layers import decoder_layers
 from twist_scale.engines.storage import zero_optimizer_state
 from twist_scale.topology import Topology
 
@@ -51,17 +52,14 @@ def build_mesh(topo: Topology, device_type: str) -> DeviceMesh:
 def apply_fsdp(model: nn.Module, mesh: DeviceMesh, bf16: bool) -> None:
     """Shard every decoder layer, then the root (embeddings, final norm, LM head), over `mesh`.
 
-    Layers are found by the model's own `_no_split_modules` (LlamaDecoderLayer, GPT2Block), so no
-    architecture list is kept here. Every unit reshards after forward, the root included: `write`
-    updates the shards, and a gathered copy kept from an eval forward would otherwise be stale.
+    Every unit reshards after forward, the root included: `write` updates the shards, and a gathered
+    copy kept from an eval forward would otherwise be stale.
     """
     mp = (
         MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
     )
-    layer_types = set(getattr(model, "_no_split_modules", None) or ())
-    for module in list(model.modules()):
-        if type(module).__name__ in layer_types:
-            fully_shard(module, mesh=mesh, reshard_after_forward=True, mp_policy=mp)
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=mesh, reshard_after_forward=True, mp_policy=mp)
     fully_shard(model, mesh=mesh, reshard_after_forward=True, mp_policy=mp)
 
 
@@ -90,8 +88,12 @@ class FSDPEngine(StoringEngine):
         input_ids = input_ids.to(self.device)
         return self.module(input_ids=input_ids, labels=input_ids).loss
 
-    def _backward_and_step(self, loss: torch.Tensor) -> None:
-        loss.backward()  # FSDP reduce-scatters gradients (mean) over the group's dp ranks
+    def _backward(self, loss: torch.Tensor, last: bool) -> None:
+        # FSDP reduce-scatters gradients (mean over the group's dp ranks) after every micro-batch and sums
+        # them into the sharded gradient: no unsharded gradient is kept between micro-batches
+        loss.backward()
+
+    def _optimizer_step(self) -> None:
         if self.cfg.optim.grad_clip > 0:  # DTensor gradients: the norm is over the group's full gradient
             nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.optim.grad_clip)
         self.optimizer.step()

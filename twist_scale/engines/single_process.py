@@ -23,8 +23,10 @@ class SingleProcessEngine(StoringEngine):
     def _loss(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.module(input_ids=input_ids, labels=input_ids).loss
 
-    def _backward_and_step(self, loss: torch.Tensor) -> None:
+    def _backward(self, loss: torch.Tensor, last: bool) -> None:
         loss.backward()
+
+    def _optimizer_step(self) -> None:
         if self.cfg.optim.grad_clip > 0:
             nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.optim.grad_clip)
         self.optimizer.step()

@@ -175,7 +175,7 @@ def check_moment_dispatch(rank: int, world: int, stages: list[int]) -> None:
         cfg.parallel.ds_config = str(REPO / "ds_configs" / f"zero{stage}.json")
         cfg.data.micro_batch_size = 1
         engine = DeepSpeedEngine(model, cfg, topo)
-        engine.train_step(torch.randint(0, 64, (1, 16)))  # DeepSpeed creates the moments at the first step
+        engine.train_step([torch.randint(0, 64, (1, 16))])  # DeepSpeed creates the moments at the first step
         central = CentralShards(topo, shapes)
         for n, t in initial.items():
             central.set_full(n, t)

@@ -41,7 +41,7 @@ def engine_for(stage: int, topo: Topology, optim: str = "adamw") -> DeepSpeedEng
 
 def check_write(stage: int, topo: Topology) -> None:
     engine = engine_for(stage, topo)
-    engine.train_step(batches(topo.rank, 1)[0])  # moments exist, weights moved once
+    engine.train_step(batches(topo.rank, 1))  # moments exist, weights moved once
     torch.manual_seed(1)
     fresh = build_model("llama", "tiny", VOCAB).eval()
     assert parameter_count(engine.module) == parameter_count(fresh), f"zero={stage}: the logged model size"
@@ -54,7 +54,7 @@ def check_write(stage: int, topo: Topology) -> None:
     assert abs(got - expected) < 1e-5, f"zero={stage}: forward after write uses stale weights ({got} vs {expected})"
     for name, value in new.items():
         assert torch.allclose(engine.read(name), value), f"zero={stage}: read after write differs in {name}"
-    engine.train_step(batches(topo.rank, 1)[0])
+    engine.train_step(batches(topo.rank, 1))
     for name, value in new.items():  # one small step from the written values, not from the old ones
         assert (engine.read(name) - value).abs().max() < 1e-2, f"zero={stage}: step undid the write of {name}"
     name = "model.layers.1.mlp.down_proj.weight"
@@ -96,7 +96,7 @@ def check_read_shard(engine: DeepSpeedEngine, stage: int, topo: Topology) -> Non
 
 def trajectory(stage: int, topo: Topology) -> list[float]:
     engine = engine_for(stage, topo)
-    return [engine.train_step(b) for b in batches(topo.rank, 6)]
+    return [engine.train_step([b]) for b in batches(topo.rank, 6)]
 
 
 def check_mask_hash(topo: Topology) -> None:

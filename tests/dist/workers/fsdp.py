@@ -58,7 +58,7 @@ def check_against_local(rank: int, world: int, out: str) -> None:
 
     def train_and_compare() -> None:
         for _ in range(2):
-            assert fsdp.train_step(batch) == pytest.approx(local.train_step(batch), rel=1e-5)
+            assert fsdp.train_step([batch]) == pytest.approx(local.train_step([batch]), rel=1e-5)
         assert fsdp.lr() == local.lr()
         for name in local.params:
             torch.testing.assert_close(fsdp.read(name), local.read(name), rtol=1e-5, atol=1e-6, msg=name)
@@ -88,4 +88,4 @@ def check_against_local(rank: int, world: int, out: str) -> None:
     for name, value in saved.items():
         assert torch.equal(fsdp.read(name), value), name
         torch.testing.assert_close(fsdp.read_state(name, "exp_avg"), local.read_state(name, "exp_avg"))
-    assert fsdp.train_step(batch) == pytest.approx(local.train_step(batch), rel=1e-5)
+    assert fsdp.train_step([batch]) == pytest.approx(local.train_step([batch]), rel=1e-5)
