@@ -36,22 +36,13 @@ VARIANTS = {  # name: (attention kernel, activation checkpointing, compiled laye
 }
 
 
-def high_water_bytes(device: torch.device) -> int:
+def process_bytes(device: torch.device, peak: bool) -> int:
+    """What the process holds on `device` now, or at its peak so far."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated()
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
-def resident_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.memory_allocated()
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
+        return torch.cuda.max_memory_allocated() if peak else torch.cuda.memory_allocated()
+    field = "VmHWM:" if peak else "VmRSS:"
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field))
+    return int(line.split()[1]) * 1024
 
 
 def one_variant(name: str, batch: int, steps: int) -> dict[str, float]:
@@ -66,7 +57,7 @@ def one_variant(name: str, batch: int, steps: int) -> dict[str, float]:
     cfg.parallel.precision = "bf16" if device.type == "cuda" else "fp32"
     engine = build_engine(model.to(device), cfg, topo=None)
     rows = torch.randint(0, VOCAB, (steps, batch, SEQ), generator=torch.Generator().manual_seed(1)).to(device)
-    before = resident_bytes(device)
+    before = process_bytes(device, peak=False)
     seconds = []
     for step in range(steps):
         start = time.perf_counter()
@@ -77,7 +68,7 @@ def one_variant(name: str, batch: int, steps: int) -> dict[str, float]:
         seconds.append(time.perf_counter() - start)
     timed = seconds[1:] or seconds
     return {
-        "peak_above_model_mib": (high_water_bytes(device) - before) / 2**20,
+        "peak_above_model_mib": (process_bytes(device, peak=True) - before) / 2**20,
         "tokens_per_s": batch * SEQ * len(timed) / sum(timed),
         "first_step_s": seconds[0],
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
