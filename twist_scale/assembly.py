@@ -2,8 +2,9 @@
 
 The trainer calls `assemble` once. Dense data parallelism fills the model whole and wraps it in the
 engine. TwIST keeps this rank's shards of the full-width model as the central model, shrinks the (still
-empty) model to the group's first subnet, builds the engine around it and hands the synchronisation the
-engine's storage; the first dispatch fills the subnet's values.
+empty, meta-device) model to the group's first subnet, builds the engine around it, which allocates
+only what it keeps (FSDP2 and ZeRO-3: the rank's shards), and hands the synchronisation the engine's
+storage; the first dispatch fills the subnet's values.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from twist_scale.engines import build_engine
 from twist_scale.engines.base import Engine, moment_keys
 from twist_scale.packing import PackedExchange
 from twist_scale.run_model import RunModel, build_run_model
-from twist_scale.startup import Arrange, fill, materialise_rest
+from twist_scale.startup import Arrange, fill
 from twist_scale.subnet import SubnetSampler, apply_subnet_shapes
 from twist_scale.sync import DataParallelSync, SubnetSync
 from twist_scale.topology import Topology
@@ -76,8 +77,7 @@ def assemble(cfg: RunConfig, topo: Topology, vocab_size: int) -> Assembly:
     arrange = nested if cfg.twist.sampling == "nested" else None
     central = central_from_model(model, topo, cfg.seed, cfg.model.pretrained, arrange)
     apply_subnet_shapes(model, blocks, sampler.specs(0)[topo.group])
-    materialise_rest(model)
-    engine = build_engine(model, cfg, topo)
+    engine = build_engine(model, cfg, topo)  # from the meta device: each engine allocates what it keeps
     t = cfg.twist
     aggregate_moments = t.optimizer_state == "aggregate"
     moments = moment_keys(cfg.optim) if aggregate_moments else ()

@@ -109,7 +109,16 @@ def fill(
     model.tie_weights()  # materialising made new parameters: a tied head points at the embedding again
 
 
-def materialise_rest(model: nn.Module) -> None:
-    """Host storage for whatever is still on the meta device (its values come from the first dispatch)."""
-    model._apply(lambda t: torch.empty_like(t, device="cpu") if t.is_meta else t)
-    model.tie_weights()
+def materialise_rest(model: nn.Module, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> None:
+    """Storage on `device` for whatever is still on the meta device (its values come from the first
+    dispatch); floating-point parameters in `dtype` where given (ZeRO-3 wants them in its training dtype)."""
+
+    def allocate(t: torch.Tensor) -> torch.Tensor:
+        if not t.is_meta:
+            return t
+        wanted = dtype if dtype is not None and isinstance(t, nn.Parameter) and t.is_floating_point() else t.dtype
+        return torch.empty_like(t, device=device, dtype=wanted)
+
+    model._apply(allocate)
+    if hasattr(model, "tie_weights"):  # a whole model: a tied head points at the embedding again
+        model.tie_weights()

@@ -15,6 +15,7 @@ from typing import Any
 import deepspeed
 import torch
 import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
 from deepspeed.utils import (
     safe_get_full_fp32_param,
     safe_get_full_optimizer_state,
@@ -30,6 +31,7 @@ from torch import nn
 from twist_scale.config import ConfigError, RunConfig
 from twist_scale.engines.base import StoringEngine, build_optimizer, build_scheduler, even_range
 from twist_scale.engines.storage import zero_optimizer_state
+from twist_scale.startup import blocks, materialise_rest
 from twist_scale.topology import Topology
 
 RUN_OWNED = ("optimizer", "scheduler")
@@ -69,10 +71,34 @@ def render_ds_config(path: str, cfg: RunConfig, ranks_per_group: int) -> dict[st
     return raw
 
 
+def allocate_partitioned(model: nn.Module, ds_config: dict[str, Any], topo: Topology, dtype: torch.dtype) -> None:
+    """ZeRO-3 from the meta device: each decoder layer is allocated on the device and cut to this rank's
+    partitions (`deepspeed.zero.Init` on that layer) before the next, then the rest (embeddings, norms,
+    head), so a rank's peak is its partitions plus one layer, never the whole subnet. Tensors that
+    already hold values (dense runs) are partitioned as they are."""
+    device = get_accelerator().current_device_name()
+    deepspeed.init_distributed(dist.get_backend())  # adopts the run's process group; zero.Init reads the world early
+
+    def partition(module: nn.Module) -> None:
+        materialise_rest(module, device, dtype)
+        deepspeed.zero.Init(
+            module=module, config_dict_or_path=ds_config, data_parallel_group=topo.intra_group, mpu=topo
+        )
+
+    for _, block, whole in blocks(model):
+        if whole:
+            partition(block)
+    partition(model)
+
+
 class DeepSpeedEngine(StoringEngine):
     def __init__(self, model: nn.Module, cfg: RunConfig, topo: Topology) -> None:
         self.topo = topo
         ds_config = render_ds_config(cfg.parallel.ds_config, cfg, topo.ranks_per_group)
+        if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
+            allocate_partitioned(model, ds_config, topo, torch.bfloat16 if cfg.parallel.precision == "bf16" else None)
+        else:
+            materialise_rest(model)  # ZeRO-0/1/2 keep the whole subnet on every rank; dispatch fills it
         optimizer = build_optimizer(model, cfg.optim)
         scheduler = build_scheduler(optimizer, cfg.optim, cfg.total_steps)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(

@@ -63,6 +63,25 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, bf16: bool) -> None:
     fully_shard(model, mesh=mesh, reshard_after_forward=True, mp_policy=mp)
 
 
+def shard_then_allocate(model: nn.Module, mesh: DeviceMesh, bf16: bool, device: torch.device) -> None:
+    """Shard `model` and give each rank storage for its shards alone.
+
+    A TwIST subnet arrives on the meta device (its values come with the first dispatch): it is sharded
+    there and only then allocated (`to_empty`), so no rank ever holds the whole subnet; the buffers that
+    start-up did compute (rotary frequencies) are put back after. A model with values (dense runs) is
+    moved whole and sharded, as it must be to keep them.
+    """
+    if not any(p.is_meta for p in model.parameters()):
+        apply_fsdp(model.to(device), mesh, bf16)
+        return
+    computed = {name: b for name, b in model.named_buffers() if not b.is_meta}
+    apply_fsdp(model, mesh, bf16)
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for name, value in computed.items():
+            model.get_buffer(name).copy_(value)
+
+
 def full_value(t: torch.Tensor) -> torch.Tensor:
     """A detached fp32 CPU copy of the whole tensor (collective over its mesh when sharded)."""
     return (t.full_tensor() if isinstance(t, DTensor) else t).detach().float().cpu().clone()
@@ -78,7 +97,7 @@ class FSDPEngine(StoringEngine):
         self.cfg, self.topo = cfg, topo
         self.device = topo.device  # FSDP computes where its collectives run
         self.mesh = build_mesh(topo, topo.device.type)
-        apply_fsdp(model.to(self.device), self.mesh["dp"], cfg.parallel.precision == "bf16")
+        shard_then_allocate(model, self.mesh["dp"], cfg.parallel.precision == "bf16", self.device)
         self.module = model.train()
         self.optimizer = build_optimizer(model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.total_steps)

@@ -10,10 +10,12 @@ from torch import nn
 from twist_scale.config import RunConfig
 from twist_scale.engines.base import StoringEngine, build_optimizer, build_scheduler
 from twist_scale.engines.storage import zero_optimizer_state
+from twist_scale.startup import materialise_rest
 
 
 class SingleProcessEngine(StoringEngine):
     def __init__(self, model: nn.Module, cfg: RunConfig) -> None:
+        materialise_rest(model)  # a TwIST subnet arrives on the meta device; dispatch fills it
         self.module = model.train()
         self.cfg = cfg
         self.optimizer = build_optimizer(model, cfg.optim)
