@@ -75,10 +75,19 @@ class CentralShards:
         pad = self.piece_len(name) * self.topo.world_size - full.numel()
         return torch.nn.functional.pad(full.detach().flatten().float(), (0, pad))
 
-    def _my_piece(self, full: torch.Tensor, name: str) -> torch.Tensor:
-        k = self.piece_len(name)
-        piece = self._padded_flat(full, name)[self.topo.rank * k : (self.topo.rank + 1) * k]
-        return self.host(piece.clone())  # a view would keep the whole padded tensor alive
+    def piece_range(self, name: str) -> tuple[int, int] | None:
+        """The flat range [lo, hi) of tensor `name` this rank owns (short or empty at the end); None when
+        the central model does not hold `name`."""
+        if name.split("@")[0] not in self.shapes:
+            return None
+        n, k = self.shapes[name.split("@")[0]].numel(), self.piece_len(name)
+        return min(self.topo.rank * k, n), min((self.topo.rank + 1) * k, n)
+
+    def set_piece(self, name: str, values: torch.Tensor) -> None:
+        """Keep `values`, this rank's `piece_range` of tensor `name` (zero-padded to the piece length)."""
+        piece = torch.zeros(self.piece_len(name))
+        piece[: values.numel()] = values.detach().flatten()
+        self.shards[name] = self.host(piece)
 
     def host(self, t: torch.Tensor) -> torch.Tensor:
         """`t` as an fp32 host tensor, the form every shard is kept in (copied only to convert or pin)."""
@@ -87,7 +96,8 @@ class CentralShards:
 
     def set_full(self, name: str, full: torch.Tensor) -> None:
         """Keep this rank's piece of a full tensor every rank holds (initialisation, pretrained load)."""
-        self.shards[name] = self._my_piece(full, name)
+        lo, hi = self.piece_range(name)
+        self.set_piece(name, full.detach().flatten()[lo:hi])
 
     def load_resharded(self, old_shards: list[dict[str, torch.Tensor]], old_world: int) -> None:
         """This rank's pieces, cut from the pieces a world of `old_world` ranks kept (same flat layout)."""

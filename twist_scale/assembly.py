@@ -59,7 +59,7 @@ def central_from_model(
             central.set_full(name, value.detach())
         return name in central.shapes
 
-    fill(model, seed, pretrained, keep, arrange)
+    fill(model, seed, pretrained, keep, arrange, central)
     return central
 
 

@@ -36,10 +36,11 @@ class ModelConfig:
     )
     size: str = _doc("Size preset from twist_scale.models.PRESETS (tiny, small, ...).", "tiny")
     pretrained: str = _doc("Local directory or hub id to load with from_pretrained; overrides size.", "")
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = _doc(
-        "Attention kernel: 'sdpa' (torch's fused attention), 'eager' (plain matmuls) or 'flash_attention_2' "
-        "(needs the flash-attn package and a GPU).",
-        "sdpa",
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = _doc(
+        "Attention kernel: 'auto' (what transformers picks for the architecture: sdpa where it can, eager for "
+        "Gemma 2's soft-capping), 'sdpa' (torch's fused attention), 'eager' (plain matmuls) or "
+        "'flash_attention_2' (needs the flash-attn package and a GPU).",
+        "auto",
     )
 
 

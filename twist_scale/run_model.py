@@ -69,7 +69,10 @@ def check_pretrained(cfg: RunConfig) -> None:
 
 
 def use_attention(model: nn.Module, kernel: str) -> None:
-    """Train with attention kernel `kernel`; one that is not installed is a config error, not a traceback."""
+    """Train with attention kernel `kernel` ('auto': the model's own choice); one that is not installed, or
+    that the architecture lacks, is a config error, not a traceback."""
+    if kernel == "auto":
+        return
     try:
         model.set_attn_implementation(kernel)
     except (ImportError, ValueError) as err:

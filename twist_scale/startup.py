@@ -11,10 +11,12 @@ seeded per block, so κ = 1 still starts from exactly the dense run's weights.
 from __future__ import annotations
 
 import json
+import math
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from safetensors import safe_open
@@ -22,6 +24,16 @@ from torch import nn
 
 Keep = Callable[[str, torch.Tensor], bool]  # called with each filled tensor; True: release it afterwards
 Arrange = Callable[[dict[str, torch.Tensor]], None]  # called with each filled block's tensors, before `keep`
+
+
+class Pieces(Protocol):
+    """Where a rank keeps only a flat range of some tensors (the central model's pieces)."""
+
+    def piece_range(self, name: str) -> tuple[int, int] | None:
+        """The flat range [lo, hi) of `name` kept here; None: not kept as a piece."""
+
+    def set_piece(self, name: str, values: torch.Tensor) -> None:
+        """Keep `values`, the flat range `piece_range(name)` of tensor `name`."""
 
 
 def blocks(model: nn.Module) -> Iterator[tuple[str, nn.Module, bool]]:
@@ -64,8 +76,22 @@ def pretrained_files(pretrained: str) -> dict[str, Path]:
         return {name: single for name in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
 
 
+def read_range(handle, name: str, lo: int, hi: int) -> torch.Tensor:  # noqa: ANN001 - a safetensors handle
+    """Elements [lo, hi) of the flattened tensor `name`: only the rows that hold them are read."""
+    shape = handle.get_slice(name).get_shape()
+    inner = math.prod(shape[1:]) if len(shape) > 1 else 1
+    first, last = lo // inner, -(-hi // inner)
+    rows = handle.get_slice(name)[first:last]
+    return rows.flatten()[lo - first * inner : hi - first * inner]
+
+
 def fill(
-    model: nn.Module, seed: int, pretrained: str, keep: Keep | None = None, arrange: Arrange | None = None
+    model: nn.Module,
+    seed: int,
+    pretrained: str,
+    keep: Keep | None = None,
+    arrange: Arrange | None = None,
+    pieces: Pieces | None = None,
 ) -> None:
     """Materialise and fill a meta-device `model` block by block on the host.
 
@@ -74,10 +100,20 @@ def fill(
     holds. `arrange` may then rewrite the block's tensors in place (nested sampling sorts their units).
     `keep` sees every filled tensor of the block; those it returns True for go back to the meta device
     once the block is done.
+
+    With `pieces`, a pretrained tensor kept as a piece is never materialised: its rows that hold the
+    piece are read from the file (safetensors `get_slice`) and handed to `pieces.set_piece`, so a rank
+    reads about 1/W of the checkpoint. Its initialisation is skipped, which changes no value: the file
+    overwrites every parameter. Without a checkpoint every tensor is initialised whole, as the values
+    must not depend on the world size.
     """
     files = pretrained_files(pretrained) if pretrained else {}
     prefix = getattr(model, "base_model_prefix", "") + "."
     stored = set(files) | {prefix + n for n in files}  # older files omit the base model's prefix
+
+    def stored_as(name: str) -> str:
+        return name if name in files else name.removeprefix(prefix)
+
     missing = [n for n, _ in model.named_parameters() if files and n not in stored]
     if missing:
         raise ValueError(
@@ -87,10 +123,30 @@ def fill(
     with ExitStack() as stack:
         handles = {path: stack.enter_context(safe_open(path, "pt")) for path in set(files.values())}
         for block_name, block, recurse in blocks(model):
-            block._apply(lambda t: torch.empty_like(t, device="cpu") if t.is_meta else t, recurse=recurse)
-            tensors = {  # after materialising: _apply made new parameters
+            named = {
                 **dict(block.named_parameters(block_name, recurse=recurse)),
                 **dict(block.named_buffers(block_name, recurse=recurse)),
+            }
+            as_pieces = {
+                name
+                for name in named
+                if pieces is not None and arrange is None and stored_as(name) in files and pieces.piece_range(name)
+            }
+            for name in as_pieces:  # read straight from the file: never allocated whole
+                stored = stored_as(name)
+                pieces.set_piece(name, read_range(handles[files[stored]], stored, *pieces.piece_range(name)))
+            skipped = {id(named[name]) for name in as_pieces}
+            block._apply(
+                lambda t, skip=skipped: torch.empty_like(t, device="cpu") if t.is_meta and id(t) not in skip else t,
+                recurse=recurse,
+            )
+            tensors = {  # after materialising: _apply made new parameters
+                name: t
+                for name, t in {
+                    **dict(block.named_parameters(block_name, recurse=recurse)),
+                    **dict(block.named_buffers(block_name, recurse=recurse)),
+                }.items()
+                if name not in as_pieces
             }
             for t in tensors.values():
                 t._is_hf_initialized = False  # transformers skips tensors flagged as initialised
@@ -98,10 +154,9 @@ def fill(
             for module in reversed(list(block.modules()) if recurse else [block]):
                 model._init_weights(module)
             for name, t in tensors.items():
-                stored = name if name in files else name.removeprefix(prefix)  # older files omit the prefix
-                if stored in files:
+                if stored_as(name) in files:
                     with torch.no_grad():
-                        t.copy_(handles[files[stored]].get_tensor(stored))
+                        t.copy_(handles[files[stored_as(name)]].get_tensor(stored_as(name)))
             if arrange is not None:
                 arrange(tensors)
             released = {id(t) for name, t in tensors.items() if keep is not None and keep(name, t)}

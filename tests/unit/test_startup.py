@@ -3,15 +3,22 @@ pretrained weights streamed from safetensors, and nested sampling's unit sort.""
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import math
 
 import pytest
 import torch
+from safetensors import safe_open
 
+from twist_scale import startup
+from twist_scale.aggregate import CentralShards
+from twist_scale.assembly import central_from_model, central_tensors
 from twist_scale.models import architecture_of, build_model
 from twist_scale.pruning.scores import owned_sum
 from twist_scale.startup import blocks, fill, materialise_rest
 from twist_scale.subnet import partitioned_blocks
+from twist_scale.topology import Topology
 from twist_scale.unit_order import sort_units_by_weight_norm
 
 
@@ -97,3 +104,58 @@ def test_nested_start_sorts_each_blocks_units_by_weight_norm_and_changes_no_outp
         before, after = unit_norms(saved, unit_block), unit_norms(model, unit_block)
         assert not torch.all(before[:-1] >= before[1:])  # the base was not sorted already
         assert torch.equal(after, before.sort(descending=True).values), unit_block.key
+
+
+@pytest.mark.parametrize(("world", "rank"), [(3, 1), (4, 3)])  # uneven pieces; the last rank's is short
+def test_a_rank_reads_only_its_pieces_of_a_pretrained_checkpoint(tmp_path, monkeypatch, world, rank):
+    """The central pieces read with safetensors slices equal the pieces cut from the whole loaded model,
+    no parameter is ever allocated whole, and each read holds at most one piece."""
+    torch.manual_seed(0)
+    saved = build_model("llama", "tiny", 64)
+    saved.save_pretrained(tmp_path / "base", max_shard_size="200KB")
+    topo = Topology(world_size=world, rank=rank, groups=1)
+    expected = CentralShards(topo, {n: t.shape for n, t in central_tensors(saved).items()})
+    for name, value in central_tensors(saved).items():
+        expected.set_full(name, value)
+
+    read: dict[str, int] = {}  # elements read from the files, by tensor
+
+    class CountedFile:
+        def __init__(self, handle) -> None:  # noqa: ANN001
+            self.handle = handle
+
+        def keys(self):  # noqa: ANN202
+            return self.handle.keys()
+
+        def get_tensor(self, name: str) -> torch.Tensor:
+            read[name] = read.get(name, 0) + self.handle.get_tensor(name).numel()
+            return self.handle.get_tensor(name)
+
+        def get_slice(self, name: str):  # noqa: ANN202
+            inner = self.handle.get_slice(name)
+
+            class Slice:
+                def get_shape(self):  # noqa: ANN202
+                    return inner.get_shape()
+
+                def __getitem__(self, rows):  # noqa: ANN001, ANN204
+                    values = inner[rows]
+                    read[name] = read.get(name, 0) + values.numel()
+                    return values
+
+            return Slice()
+
+    @contextlib.contextmanager
+    def counted_open(path, framework):  # noqa: ANN001, ANN202
+        with safe_open(path, framework) as handle:
+            yield CountedFile(handle)
+
+    monkeypatch.setattr(startup, "safe_open", counted_open)
+    model = meta_model("llama", str(tmp_path / "base"))
+    central = central_from_model(model, topo, seed=1, pretrained=str(tmp_path / "base"))
+    assert central.shards.keys() == expected.shards.keys()
+    for name, piece in expected.shards.items():
+        assert torch.equal(central.shards[name], piece), name
+        row = math.prod(central.shapes[name][1:])  # a piece is read in whole rows: at most one more at each end
+        assert read[name] <= central.piece_len(name) + 2 * row, f"{name}: read {read[name]} elements"
+    assert all(t.is_meta for t in model.parameters())
