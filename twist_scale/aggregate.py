@@ -16,7 +16,7 @@ touched once per round, and accelerator memory is kept for the subnet being trai
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -99,7 +99,7 @@ class CentralShards:
         lo, hi = self.piece_range(name)
         self.set_piece(name, full.detach().flatten()[lo:hi])
 
-    def load_resharded(self, old_shards: list[dict[str, torch.Tensor]], old_world: int) -> None:
+    def load_resharded(self, old_shards: Sequence[dict[str, torch.Tensor]], old_world: int) -> None:
         """This rank's pieces, cut from the pieces a world of `old_world` ranks kept (same flat layout)."""
         self.shards = {}
         for name in old_shards[0]:

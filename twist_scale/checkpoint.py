@@ -8,10 +8,11 @@ wait for each other's I/O under `--checkpoint.timeout_s` (a group of its own), n
 timeout: a slow shared file system is not a hung rank.
 
 A checkpoint resumes at another world (G'×R' instead of G×R) when every stateful component can
-reshard itself (`load_resharded`): the rank files are opened memory-mapped, so a rank reads only
-the parts it needs. Engine files are written only where the engine holds the model's only copy (a
-dense run); a TwIST run's dispatch rewrites its engines from the central model, whose shards are in
-the rank files, so its checkpoint holds no engine weights or moments (they fit one layout anyway).
+reshard itself (`load_resharded`): a rank opens only the old rank files whose pieces meet its own,
+memory-mapped, so it reads only the parts it needs. Engine files are written only where the engine
+holds the model's only copy (a dense run); a TwIST run's dispatch rewrites its engines from the
+central model, whose shards are in the rank files, so its checkpoint holds no engine weights or
+moments (they fit one layout anyway).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import json
 import logging
 import random
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -112,6 +113,25 @@ class RngState:
         """Keep the seeded generators: ranks of a new layout have no old ones that belong to them."""
 
 
+class OldRankStates(Sequence):
+    """One component's state in each rank file of an older world, a file opened (memory-mapped) the first
+    time any component reads it: a rank resharding opens the old ranks whose pieces meet its own (about
+    W_old / W of them) and rank 0's (the data position), not all W_old."""
+
+    def __init__(self, path: Path, old_world: int, component: str, opened: dict[int, dict[str, Any]]) -> None:
+        self.path, self.old_world, self.component, self.opened = path, old_world, component, opened
+
+    def __len__(self) -> int:
+        return self.old_world
+
+    def __getitem__(self, rank: int) -> Any:  # noqa: ANN401 - whatever the component saved
+        if not 0 <= rank < self.old_world:
+            raise IndexError(rank)
+        if rank not in self.opened:
+            self.opened[rank] = torch.load(self.path / f"rank_{rank:05d}.pt", weights_only=False, mmap=True)
+        return self.opened[rank][self.component]
+
+
 class Checkpointer:
     """Saves a run's stateful components per rank and its engine per group, at round boundaries."""
 
@@ -178,10 +198,10 @@ class Checkpointer:
                 f"{self.layout[0]} in {self.layout[1]}; its {', '.join(fixed)} cannot be resharded (a dense run "
                 f"resumes only at its own world): launch {saved[0]} processes with --twist.groups {saved[1]}"
             )
-        states = [torch.load(path / f"rank_{q:05d}.pt", weights_only=False, mmap=True) for q in range(saved[0])]
+        opened: dict[int, dict[str, Any]] = {}
         for name, component in components.items():
-            component.load_resharded([s[name] for s in states], saved[0])
-        return states[0]["round"], True
+            component.load_resharded(OldRankStates(path, saved[0], name, opened), saved[0])
+        return OldRankStates(path, saved[0], "round", opened)[0], True
 
     def due(self, round_: int) -> bool:
         """Every `every_rounds` rounds (0: never) and always after the last one."""
