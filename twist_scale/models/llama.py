@@ -67,6 +67,25 @@ PRESETS: dict[str, dict] = {
         intermediate_size=2048,
         max_position_embeddings=1024,
     ),
+    # Llama 3's shapes, for runs from scratch and for measuring one rank of a run at that size
+    "8b": dict(
+        hidden_size=4096,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        intermediate_size=14336,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+    ),
+    "70b": dict(
+        hidden_size=8192,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        intermediate_size=28672,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+    ),
 }
 
 TINY = {"tiny": PRESETS["tiny"] | {"head_dim": 16}}  # the other decoders: one preset, for tests and trials

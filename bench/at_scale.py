@@ -1,0 +1,249 @@
+"""One rank of a large TwIST run, measured on this machine: start-up, engine build, checkpoint and elastic
+resume, with the real code on a meta-device model and a fake process group of the run's world size.
+
+    python bench/at_scale.py                       # llama 70b and 8b, W = 4,096 and 512: ~5 min
+    python bench/at_scale.py --shape 70b --world 4096 --groups 64 --kappa 0.25 --json OUT
+
+torch's 'fake' process group lets one process be rank r of W: its collectives return at once (their
+tensors keep whatever they held), so CPU seconds and bytes are one rank's own share of the work, the
+network's time aside. The pretrained checkpoint is a stub that serves any slice of any tensor as bf16
+zeros and counts the bytes asked for: reads are what a rank would read from the file system. Memory
+is counted by torch itself (live host tensor bytes, `HostTensorBytes`), not the resident set.
+
+What each figure is, per rank, and the code it runs:
+  - start-up: `assembly.central_from_model` from the stub checkpoint (its central pieces, read with
+    slices): CPU s, bytes read, peak tensor bytes;
+  - sampling: `SubnetSampler.specs` for one round, every group's spec (as every rank draws them);
+  - engine build: FSDP2 `build_engine` on the group's κ-subnet from the meta device: peak tensor bytes;
+  - checkpoint: this rank's central shards and two moments written with `torch.save` and hashed
+    (`checkpoint._sha256`), as each rank does: bytes, CPU s;
+  - elastic resume to half the world: `CentralShards.load_resharded` over the old ranks' pieces
+    (stubbed): old rank files a new rank opens.
+Before (the code of the previous release, by construction): every rank read the whole checkpoint,
+built the whole subnet on the device, and opened all W_old rank files on an elastic resume.
+Writes bench/results/at_scale.{json,md} (a single shape: only --json OUT).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from measure import REPO, RESULTS
+
+sys.path.insert(0, str(REPO / "tests"))
+from helpers.allocations import HostTensorBytes  # noqa: E402 - the tests' counter, on the tests' path
+
+from twist_scale import startup  # noqa: E402
+from twist_scale.aggregate import CentralShards  # noqa: E402
+from twist_scale.assembly import central_from_model  # noqa: E402
+from twist_scale.checkpoint import _sha256  # noqa: E402
+from twist_scale.config import RunConfig  # noqa: E402
+from twist_scale.engines import build_engine  # noqa: E402
+from twist_scale.run_model import build_run_model  # noqa: E402
+from twist_scale.subnet import SubnetSampler, apply_subnet_shapes  # noqa: E402
+from twist_scale.topology import Topology  # noqa: E402
+
+VOCAB = 128256  # Llama 3's
+CASES = [("70b", 4096, 64), ("70b", 512, 8), ("8b", 4096, 64), ("8b", 512, 8)]  # (shape, W, G)
+
+
+class StubCheckpoint:
+    """A safetensors handle of a bf16 checkpoint whose every tensor is zeros; counts the bytes read."""
+
+    def __init__(self, shapes: Mapping[str, torch.Size]) -> None:
+        self.shapes, self.bytes_read = shapes, 0
+
+    def get_slice(self, name: str):  # noqa: ANN201 - a safetensors slice
+        stub, shape = self, self.shapes[name]
+
+        class Slice:
+            def get_shape(self) -> list[int]:
+                return list(shape)
+
+            def __getitem__(self, rows: slice) -> torch.Tensor:
+                values = torch.zeros((len(range(*rows.indices(shape[0]))), *shape[1:]), dtype=torch.bfloat16)
+                stub.bytes_read += values.numel() * 2
+                return values
+
+        return Slice()
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        self.bytes_read += self.shapes[name].numel() * 2
+        return torch.zeros(self.shapes[name], dtype=torch.bfloat16)
+
+
+class StubPieces(Mapping):
+    """The central pieces an old rank saved: zeros of the old piece length, made when read."""
+
+    def __init__(self, shapes: Mapping[str, torch.Size], old_world: int) -> None:
+        self.shapes, self.old_world = shapes, old_world
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return torch.zeros(-(-self.shapes[name].numel() // self.old_world))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+
+class OldRanks:
+    """Every old rank's pieces, recording which ranks were read (as `checkpoint.OldRankStates` opens files)."""
+
+    def __init__(self, shapes: Mapping[str, torch.Size], old_world: int) -> None:
+        self.pieces, self.old_world, self.opened = StubPieces(shapes, old_world), old_world, {0}
+
+    def __len__(self) -> int:
+        return self.old_world
+
+    def __getitem__(self, rank: int) -> StubPieces:
+        self.opened.add(rank)
+        return self.pieces
+
+
+def cpu_seconds(since: float) -> float:
+    return time.process_time() - since
+
+
+def one_rank(shape: str, world: int, groups: int, kappa: float, rank: int) -> dict[str, float]:
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
+    topo = Topology.from_dist(groups)
+    topo.device = torch.device("cpu")  # the fake group serves any device; this machine computes on the host
+    cfg = RunConfig()
+    cfg.model.size, cfg.parallel.engine, cfg.twist.groups, cfg.twist.kappa = shape, "fsdp", groups, kappa
+    cfg.twist.allow_uncovered = True
+    run_model = build_run_model(cfg, VOCAB)
+    model = run_model.model
+    shapes = {name: p.shape for name, p in model.named_parameters()}
+    full_bytes_bf16 = sum(s.numel() for s in shapes.values()) * 2
+    out: dict[str, float] = {"parameters": sum(s.numel() for s in shapes.values()), "world": world, "groups": groups}
+
+    stub = StubCheckpoint(shapes)
+    with (
+        contextlib.ExitStack() as patches,
+        HostTensorBytes() as counted,
+    ):
+        patches.enter_context(_patched(startup, "pretrained_files", lambda _: dict.fromkeys(shapes, "stub")))
+        patches.enter_context(_patched(startup, "safe_open", lambda *_: contextlib.nullcontext(stub)))
+        start = time.process_time()
+        central = central_from_model(model, topo, cfg.seed, pretrained="stub")
+        out["startup_cpu_s"] = cpu_seconds(start)
+    out["startup_read_mb"] = stub.bytes_read / 1e6
+    out["startup_read_before_mb"] = full_bytes_bf16 / 1e6
+    out["startup_peak_mb"] = counted.peak / 1e6
+    out["central_shard_mb"] = sum(t.numel() for t in central.shards.values()) * 4 / 1e6
+
+    start = time.process_time()
+    sampler = SubnetSampler(tuple(run_model.unit_blocks), cfg.twist.kappas, cfg.seed)
+    specs = sampler.specs(0)
+    out["sampling_cpu_s"] = cpu_seconds(start)
+
+    apply_subnet_shapes(model, run_model.unit_blocks, specs[topo.group])
+    subnet_bytes = sum(p.numel() for p in model.parameters()) * 4
+    with HostTensorBytes() as counted:
+        start = time.process_time()
+        build_engine(model, cfg, topo)
+        out["engine_build_cpu_s"] = cpu_seconds(start)
+    out["engine_build_peak_mb"] = counted.peak / 1e6
+    out["engine_build_before_mb"] = subnet_bytes / 1e6  # the whole subnet, fp32
+    out["subnet_shard_mb"] = subnet_bytes / topo.ranks_per_group / 1e6
+
+    state = {"central": central.shards} | {
+        f"moment{i}": {n: torch.zeros_like(t) for n, t in central.shards.items()} for i in range(2)
+    }
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / f"rank_{rank:05d}.pt"
+        start = time.process_time()
+        torch.save(state, path)
+        _sha256(path)
+        out["checkpoint_cpu_s"] = cpu_seconds(start)
+        out["checkpoint_written_mb"] = path.stat().st_size / 1e6
+    del state
+
+    new_world = world // 2
+    old_ranks = OldRanks({name: s for name, s in central.shapes.items()}, world)
+    CentralShards(Topology(new_world, rank % new_world, groups // 2), central.shapes).load_resharded(old_ranks, world)
+    out["elastic_files_opened"] = len(old_ranks.opened)
+    out["elastic_files_before"] = world
+    return out
+
+
+@contextlib.contextmanager
+def _patched(module: object, name: str, value: object) -> Iterator[None]:
+    old = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, old)
+
+
+def table(results: list[dict[str, float]]) -> str:
+    rows = [
+        ("start-up CPU s", "startup_cpu_s", None),
+        ("start-up read MB (bf16 checkpoint)", "startup_read_mb", "startup_read_before_mb"),
+        ("start-up peak tensor MB", "startup_peak_mb", None),
+        ("central shards MB (fp32)", "central_shard_mb", None),
+        ("sampling CPU s (one round, all G specs)", "sampling_cpu_s", None),
+        ("engine build peak MB (FSDP2)", "engine_build_peak_mb", "engine_build_before_mb"),
+        ("subnet shard MB (fp32)", "subnet_shard_mb", None),
+        ("checkpoint written MB", "checkpoint_written_mb", None),
+        ("checkpoint write + hash CPU s", "checkpoint_cpu_s", None),
+        ("elastic resume to W/2: old files opened", "elastic_files_opened", "elastic_files_before"),
+    ]
+    head = " | ".join(f"{r['shape']} W={r['world']} G={r['groups']}" for r in results)
+    lines = [f"| per rank, κ = {results[0]['kappa']} | {head} |", "| --- |" + " ---: |" * len(results)]
+    for label, key, before in rows:
+        cells = []
+        for r in results:
+            cell = f"{r[key]:,.1f}" if isinstance(r[key], float) else f"{r[key]:,}"
+            cells.append(cell + (f" (before {r[before]:,.0f})" if before else ""))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=["8b", "70b"], help="one case (default: every case in CASES)")
+    parser.add_argument("--world", type=int, default=4096)
+    parser.add_argument("--groups", type=int, default=64)
+    parser.add_argument("--kappa", type=float, default=0.25)
+    parser.add_argument("--rank", type=int, help="which rank to be (default: the middle one)")
+    parser.add_argument("--json", type=Path, help="write this case's figures here")
+    args = parser.parse_args()
+    if args.shape:
+        rank = args.world // 2 + 1 if args.rank is None else args.rank
+        result = {"shape": args.shape, "kappa": args.kappa, "rank": rank}
+        result |= one_rank(args.shape, args.world, args.groups, args.kappa, rank)
+        print(json.dumps(result))
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2))
+        return
+    results = []
+    for shape, world, groups in CASES:  # each in its own process: a fake world is one per process
+        cmd = [sys.executable, __file__, "--shape", shape, "--world", str(world), "--groups", str(groups)]
+        cmd += ["--kappa", str(args.kappa)]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        results.append(json.loads(out.strip().splitlines()[-1]))
+        print(results[-1], flush=True)
+    (RESULTS / "at_scale.json").write_text(json.dumps(results, indent=2))
+    md = "# One rank at scale — `python bench/at_scale.py`\n\n" + table(results)
+    (RESULTS / "at_scale.md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
