@@ -14,7 +14,8 @@ What each figure is, per rank, and the code it runs:
   - start-up: `assembly.central_from_model` from the stub checkpoint (its central pieces, read with
     slices): CPU s, bytes read, peak tensor bytes;
   - sampling: `SubnetSampler.specs` for one round, every group's spec (as every rank draws them);
-  - engine build: FSDP2 `build_engine` on the group's κ-subnet from the meta device: peak tensor bytes;
+  - engine build: `build_engine` on the group's κ-subnet from the meta device, FSDP2 and ZeRO-3 (with
+    ds_configs/zero3.json, whose DeepSpeed defaults include a 2 GB reduce bucket): peak tensor bytes;
   - checkpoint: this rank's central shards and two moments written with `torch.save` and hashed
     (`checkpoint._sha256`), as each rank does: bytes, CPU s;
   - elastic resume to half the world: `CentralShards.load_resharded` over the old ranks' pieces
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -119,6 +121,7 @@ def cpu_seconds(since: float) -> float:
 def one_rank(shape: str, world: int, groups: int, kappa: float, rank: int) -> dict[str, float]:
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
+    os.environ.setdefault("LOCAL_RANK", "0")  # as a launcher sets it (deepspeed.zero.Init reads it)
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
     topo = Topology.from_dist(groups)
     topo.device = torch.device("cpu")  # the fake group serves any device; this machine computes on the host
@@ -151,13 +154,17 @@ def one_rank(shape: str, world: int, groups: int, kappa: float, rank: int) -> di
     specs = sampler.specs(0)
     out["sampling_cpu_s"] = cpu_seconds(start)
 
-    apply_subnet_shapes(model, run_model.unit_blocks, specs[topo.group])
-    subnet_bytes = sum(p.numel() for p in model.parameters()) * 4
-    with HostTensorBytes() as counted:
-        start = time.process_time()
-        build_engine(model, cfg, topo)
-        out["engine_build_cpu_s"] = cpu_seconds(start)
-    out["engine_build_peak_mb"] = counted.peak / 1e6
+    for engine, ds_config in (("fsdp", ""), ("zero3", str(REPO / "ds_configs" / "zero3.json"))):
+        cfg.parallel.engine, cfg.parallel.ds_config = "fsdp" if engine == "fsdp" else "deepspeed", ds_config
+        subnet = build_run_model(cfg, VOCAB).model  # a fresh meta-device model for each engine
+        apply_subnet_shapes(subnet, run_model.unit_blocks, specs[topo.group])
+        subnet_bytes = sum(p.numel() for p in subnet.parameters()) * 4
+        with HostTensorBytes() as counted:
+            start = time.process_time()
+            built = build_engine(subnet, cfg, topo)
+            out[f"{engine}_build_cpu_s"] = cpu_seconds(start)
+        out[f"{engine}_build_peak_mb"] = counted.peak / 1e6
+        del built, subnet
     out["engine_build_before_mb"] = subnet_bytes / 1e6  # the whole subnet, fp32
     out["subnet_shard_mb"] = subnet_bytes / topo.ranks_per_group / 1e6
 
@@ -198,7 +205,8 @@ def table(results: list[dict[str, float]]) -> str:
         ("start-up peak tensor MB", "startup_peak_mb", None),
         ("central shards MB (fp32)", "central_shard_mb", None),
         ("sampling CPU s (one round, all G specs)", "sampling_cpu_s", None),
-        ("engine build peak MB (FSDP2)", "engine_build_peak_mb", "engine_build_before_mb"),
+        ("engine build peak MB (FSDP2)", "fsdp_build_peak_mb", "engine_build_before_mb"),
+        ("engine build peak MB (ZeRO-3)", "zero3_build_peak_mb", "engine_build_before_mb"),
         ("subnet shard MB (fp32)", "subnet_shard_mb", None),
         ("checkpoint written MB", "checkpoint_written_mb", None),
         ("checkpoint write + hash CPU s", "checkpoint_cpu_s", None),
