@@ -1,10 +1,10 @@
-"""Tokenizer, corpus loading, packing, caching and deterministic (group, rank) sharding."""
+"""Tokenizer, a run's prepared data (token files, `token_files.py`) and deterministic (group, rank) sharding."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,9 +12,17 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerBase
 
-from twist_scale.atomic import atomic_file
 from twist_scale.config import DataConfig, RunConfig
 from twist_scale.startup import local_directory
+from twist_scale.token_files import (
+    cache_key,
+    encode,
+    index_path,
+    load_documents,
+    prepare_tokens,
+    token_blocks,
+    wait_for,
+)
 from twist_scale.topology import Topology
 
 log = logging.getLogger(__name__)
@@ -50,8 +58,8 @@ def train_tokenizer(files: list[str], directory: Path, vocab_size: int) -> None:
         num_threads=2,
         minloglevel=2,
     )
+    Path(f"{tmp_prefix}.vocab").unlink(missing_ok=True)  # first: waiting ranks hash the dir once the model is in
     Path(f"{tmp_prefix}.model").replace(directory / SPM_FILE)  # atomic: readers never see half a model
-    Path(f"{tmp_prefix}.vocab").unlink(missing_ok=True)
 
 
 def load_tokenizer(directory: Path, sample_text: str) -> PreTrainedTokenizerBase:
@@ -88,9 +96,9 @@ def tokenizer_directory(run: RunConfig) -> Path:
     return own or Path(run.out_dir) / "tokenizer"
 
 
-def prepare_tokenizer(cfg: DataConfig, directory: Path, train: bool) -> Path:
-    """The tokenizer directory; trains one there when `train` (rank 0 only) and none exists."""
-    if train and not has_tokenizer(directory):  # never into a checkpoint's directory: it has one
+def prepare_tokenizer(cfg: DataConfig, directory: Path) -> Path:
+    """The tokenizer directory; trains one there when none exists (one process: rank 0 or twist-prepare-data)."""
+    if not has_tokenizer(directory):  # never into a checkpoint's directory: it has one
         if not cfg.train_files:
             raise ValueError("cannot train a tokenizer without --data.train_files; pass --data.tokenizer DIR")
         log.info("training a %d-token BPE tokenizer on %s", cfg.vocab_size, cfg.train_files)
@@ -111,47 +119,6 @@ def sample_line(files: list[str]) -> str:
     raise ValueError(f"{files[0]} holds no text")
 
 
-def _load_texts(files: list[str], hub_dataset: str, text_field: str, split: str = "train") -> list[str]:
-    import datasets
-
-    column = text_field
-    if hub_dataset and not files:
-        ds = datasets.load_dataset(hub_dataset, split=split)
-    else:
-        suffix = Path(files[0]).suffix
-        builder = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(suffix)
-        if builder is None:
-            raise ValueError(f"{files[0]}: unsupported data file type {suffix!r}; use .txt, .jsonl or .parquet")
-        ds = datasets.load_dataset(builder, data_files=files, split="train")
-        column = "text" if builder == "text" else text_field
-    if column not in ds.column_names:
-        raise ValueError(f"no column {text_field!r} in {files or hub_dataset}; set --data.text_field")
-    return [t for t in ds[column] if t and t.strip()]
-
-
-def _cache_key(files: list[str], hub: str, tokenizer_dir: Path, block_size: int) -> str:
-    h = hashlib.sha256()
-    for f in files:
-        st = Path(f).stat()
-        h.update(f"{Path(f).resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
-    h.update(hub.encode())
-    for name in sorted(p.name for p in tokenizer_dir.iterdir() if p.is_file()):
-        h.update((tokenizer_dir / name).read_bytes())
-    h.update(str(block_size).encode())
-    return h.hexdigest()[:20]
-
-
-def _joined_ids(texts: list[str], tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """Every document's ids followed by EOS, in order: the one stream both training and evaluation cut."""
-    eos = tokenizer.eos_token_id
-    ids: list[int] = []
-    for start in range(0, len(texts), 2000):
-        for doc in tokenizer(texts[start : start + 2000], add_special_tokens=False)["input_ids"]:
-            ids.extend(doc)
-            ids.append(eos)
-    return ids
-
-
 def _has_text(path: Path) -> bool:
     with open(path, encoding="utf-8", errors="replace") as fh:
         return any(line.strip() for line in fh)  # stops at the first line with text
@@ -165,7 +132,9 @@ def token_stream(files: list[str], tokenizer: PreTrainedTokenizerBase, text_fiel
     for f in files:  # `datasets` meets an empty file with a 35-line traceback
         if not Path(f).is_file() or not _has_text(Path(f)):
             raise ValueError(f"test file {f} is missing or holds no text; point --data at a held-out text file")
-    return torch.tensor(_joined_ids(_load_texts(files, "", text_field), tokenizer), dtype=torch.long)
+    docs, column = load_documents(files, "", text_field, "train")
+    ids = [i for batch in docs.iter(batch_size=2000) for doc in encode(batch[column], tokenizer) for i in doc]
+    return torch.tensor(ids, dtype=torch.long)
 
 
 def packed_blocks(
@@ -174,22 +143,12 @@ def packed_blocks(
     tokenizer_dir: Path,
     block_size: int,
     cache_dir: Path,
-    hub_dataset: str = "",
-    text_field: str = "text",
-    split: str = "train",
+    num_proc: int = 1,
 ) -> np.ndarray:
-    """(N, block_size) int32 token blocks: documents joined by EOS, cut into fixed blocks, cached."""
-    cache = cache_dir / f"blocks-{_cache_key(files, hub_dataset, tokenizer_dir, block_size)}.npy"
-    if cache.exists():
-        return np.load(cache, mmap_mode="r")
-    ids = _joined_ids(_load_texts(files, hub_dataset, text_field, split), tokenizer)
-    n = len(ids) // block_size
-    if n == 0:
-        raise ValueError(f"{files or hub_dataset}: {len(ids)} tokens is less than one block of {block_size}")
-    blocks = np.asarray(ids[: n * block_size], dtype=np.int32).reshape(n, block_size)
-    with atomic_file(cache) as fh:
-        np.save(fh, blocks)
-    return blocks
+    """(N, block_size) blocks of text files' documents joined by EOS, memory-mapped from the cache (made if absent)."""
+    index = index_path(cache_dir, cache_key(files, "", "text", "train", tokenizer_dir))
+    prepare_tokens(files, tokenizer, index, num_proc=num_proc)
+    return token_blocks(index, block_size)
 
 
 class ShardedBatches:
@@ -208,13 +167,20 @@ class ShardedBatches:
             )
         self.blocks, self.batch_size, self.seed = blocks, batch_size, seed
         self.epoch, self.batch = 0, 0
+        self._epoch_order: tuple[int, np.ndarray] | None = None  # (epoch, its order): one shuffle per epoch
 
     @property
     def batches_per_epoch(self) -> int:
         return len(self.rows) // self.batch_size
 
     def _order(self) -> np.ndarray:
+        """The epoch's order, a function of (seed, epoch) alone: O(shard), so computed once per epoch."""
         return np.random.default_rng([self.seed, self.epoch]).permutation(self.rows)
+
+    def _epoch_rows(self) -> np.ndarray:
+        if self._epoch_order is None or self._epoch_order[0] != self.epoch:
+            self._epoch_order = (self.epoch, self._order())
+        return self._epoch_order[1]
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         return self
@@ -222,7 +188,7 @@ class ShardedBatches:
     def __next__(self) -> torch.Tensor:
         if self.batch >= self.batches_per_epoch:
             self.epoch, self.batch = self.epoch + 1, 0
-        rows = self._order()[self.batch * self.batch_size : (self.batch + 1) * self.batch_size]
+        rows = self._epoch_rows()[self.batch * self.batch_size : (self.batch + 1) * self.batch_size]
         self.batch += 1
         return torch.from_numpy(np.asarray(self.blocks[np.sort(rows)], dtype=np.int64))
 
@@ -269,33 +235,69 @@ class RunData:
     valid: list[torch.Tensor]
 
 
-def load_run_data(run: RunConfig, topo: Topology, barrier: Callable[[], None]) -> RunData:
-    """Rank 0 trains the tokenizer and tokenizes each split first; the others then read its cache.
+@dataclass
+class PreparedData:
+    """A run's tokenizer and the index of each split's token file (`token_files.py`)."""
+
+    tokenizer: PreTrainedTokenizerBase
+    tokenizer_dir: Path
+    train: Path
+    valid: Path | None
+
+
+def _split_indexes(cfg: DataConfig, cache: Path, tokenizer_dir: Path) -> tuple[Path, Path | None]:
+    def index(files: list[str], split: str) -> Path:
+        return index_path(cache, cache_key(files, cfg.hub_dataset, cfg.text_field, split, tokenizer_dir))
+
+    return index(cfg.train_files, "train"), index(cfg.valid_files, "validation") if cfg.valid_files else None
+
+
+def cache_directory(run: RunConfig) -> Path:
+    return Path(run.data.cache_dir) if run.data.cache_dir else Path(run.out_dir) / "cache"
+
+
+def prepare_data(run: RunConfig) -> PreparedData:
+    """Train the tokenizer if there is none and tokenise each split not in the cache (twist-prepare-data, rank 0)."""
+    cfg = run.data
+    tokenizer_dir = prepare_tokenizer(cfg, tokenizer_directory(run))
+    tokenizer = load_tokenizer(tokenizer_dir, sample_text(cfg))
+    train, valid = _split_indexes(cfg, cache_directory(run), tokenizer_dir)
+    prepare_tokens(cfg.train_files, tokenizer, train, cfg.hub_dataset, cfg.text_field, "train", cfg.num_proc)
+    if valid is not None:
+        prepare_tokens(cfg.valid_files, tokenizer, valid, cfg.hub_dataset, cfg.text_field, "validation", cfg.num_proc)
+    return PreparedData(tokenizer, tokenizer_dir, train, valid)
+
+
+def wait_for_data(run: RunConfig, log_s: float = 60.0) -> PreparedData:
+    """What `prepare_data` on rank 0 makes, once its files are there: the tokenizer, then each split's index.
+
+    Polls the file system under --data.prepare_timeout_s and takes part in no collective meanwhile, so
+    tokenising for longer than --parallel.timeout_s is no hung rank.
+    """
+    cfg, timeout = run.data, run.data.prepare_timeout_s
+    deadline = time.monotonic() + timeout
+    tokenizer_dir = tokenizer_directory(run)
+    wait_for(lambda: has_tokenizer(tokenizer_dir), f"the tokenizer in {tokenizer_dir}", deadline, timeout, log_s=log_s)
+    train, valid = _split_indexes(cfg, cache_directory(run), tokenizer_dir)
+    for index in (train, valid):
+        if index is not None:
+            wait_for(index.exists, f"the token file {index}", deadline, timeout, log_s=log_s)
+    return PreparedData(load_tokenizer(tokenizer_dir, sample_text(cfg)), tokenizer_dir, train, valid)
+
+
+def load_run_data(run: RunConfig, topo: Topology) -> RunData:
+    """Rank 0 prepares the data (at once when the cache has it); the others wait for its files, then all map them.
 
     Every rank trains on its own shard; a group's ranks split the validation set between them.
     """
-    cfg, out_dir, is_main = run.data, Path(run.out_dir), topo.rank == 0
-    tokenizer_dir = prepare_tokenizer(cfg, tokenizer_directory(run), train=is_main)
-    barrier()
-    tokenizer = load_tokenizer(tokenizer_dir, sample_text(cfg))
-    cache = Path(cfg.cache_dir) if cfg.cache_dir else out_dir / "cache"
-
-    def blocks(files: list[str], split: str) -> np.ndarray:
-        def load() -> np.ndarray:
-            return packed_blocks(
-                files, tokenizer, tokenizer_dir, cfg.block_size, cache, cfg.hub_dataset, cfg.text_field, split
-            )
-
-        if is_main:
-            load()
-        barrier()
-        return load()
-
-    train = ShardedBatches(blocks(cfg.train_files, "train"), *topo.data_shard, cfg.micro_batch_size, run.seed)
+    cfg = run.data
+    data = prepare_data(run) if topo.rank == 0 else wait_for_data(run)
+    blocks = token_blocks(data.train, cfg.block_size)
+    train = ShardedBatches(blocks, *topo.data_shard, cfg.micro_batch_size, run.seed)
     valid_shard = (topo.dp_rank, topo.ranks_per_group)
     valid = (
-        eval_batches(blocks(cfg.valid_files, "validation"), *valid_shard, cfg.micro_batch_size, run.eval.max_batches)
-        if cfg.valid_files
+        eval_batches(token_blocks(data.valid, cfg.block_size), *valid_shard, cfg.micro_batch_size, run.eval.max_batches)
+        if data.valid is not None
         else []
     )
-    return RunData(tokenizer, tokenizer_dir, train, valid)
+    return RunData(data.tokenizer, data.tokenizer_dir, train, valid)

@@ -71,6 +71,8 @@ def test_yaml_file_and_launcher_local_rank(tmp_path):
         (["--twist.rounds", "x"], "twist.rounds: expected int, got 'x'"),
         (["--twist.rounds", "0"], "--twist.rounds 0 must be >= 1"),
         (["--data.train_files", "/nonexistent.txt"], "data file /nonexistent.txt does not exist"),
+        (["--data.num_proc", "-1"], "--data.num_proc -1 must be >= 0 (0: one per core)"),
+        (["--data.prepare_timeout_s", "0"], "--data.prepare_timeout_s 0.0 must be > 0"),
         (["--parallel.ds_config", "nope.json"], "--parallel.ds_config nope.json does not exist"),
         (["--optim", "1"], "'optim' is a section"),
         (["--optim.lr"], "--optim.lr needs a value"),

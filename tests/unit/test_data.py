@@ -43,12 +43,13 @@ def test_packing_and_cache(tokenizer_dir, tmp_path):
     blocks = packed_blocks([str(SHAKESPEARE)], tok, tokenizer_dir, 32, tmp_path)
     assert blocks.shape[1] == 32 and blocks.shape[0] > 1000
     assert (np.asarray(blocks) == tok.eos_token_id).sum() > 100  # documents separated by EOS
-    cached = list(tmp_path.glob("blocks-*.npy"))
+    cached = list(tmp_path.glob("tokens-*.bin"))
     assert len(cached) == 1
     again = packed_blocks([str(SHAKESPEARE)], tok, tokenizer_dir, 32, tmp_path)
     np.testing.assert_array_equal(again, blocks)
-    packed_blocks([str(SHAKESPEARE)], tok, tokenizer_dir, 16, tmp_path)  # the key includes the block size
-    assert len(list(tmp_path.glob("blocks-*.npy"))) == 2
+    narrow = packed_blocks([str(SHAKESPEARE)], tok, tokenizer_dir, 16, tmp_path)  # another view of the same file
+    assert list(tmp_path.glob("tokens-*.bin")) == cached
+    np.testing.assert_array_equal(np.asarray(narrow).reshape(-1)[: blocks.size], np.asarray(blocks).reshape(-1))
 
 
 @pytest.mark.parametrize("count", [1, 2, 4, 6])
@@ -72,6 +73,31 @@ def test_position_restores_the_same_sequence():
     b.load_state_dict(a.state_dict())
     for _ in range(10):
         assert np.array_equal(next(a).numpy(), next(b).numpy())
+
+
+def seeded_batches_as_before(blocks, index, count, batch_size, seed, steps):
+    """The order ShardedBatches had before it kept each epoch's permutation: (seed, epoch) -> permutation."""
+    rows, batches, out = np.arange(index, len(blocks), count), len(range(index, len(blocks), count)) // batch_size, []
+    for step in range(steps):
+        epoch, batch = divmod(step, batches)
+        order = np.random.default_rng([seed, epoch]).permutation(rows)
+        out.append(blocks[np.sort(order[batch * batch_size : (batch + 1) * batch_size])])
+    return out
+
+
+def test_batch_sequence_is_unchanged_and_shuffled_once_per_epoch(monkeypatch):
+    blocks = np.arange(50 * 4).reshape(50, 4)
+    shuffles = []
+    order = ShardedBatches._order
+    monkeypatch.setattr(ShardedBatches, "_order", lambda self: shuffles.append(self.epoch) or order(self))
+    shard = ShardedBatches(blocks, 1, 2, batch_size=3, seed=7)  # 25 rows, 8 batches per epoch
+    got = [next(shard).numpy() for _ in range(20)]  # two and a half epochs
+    for a, b in zip(got, seeded_batches_as_before(blocks, 1, 2, 3, 7, 20), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert shuffles == [0, 1, 2]  # per step: a batch's rows, not a shuffle of the whole shard
+    resumed = ShardedBatches(blocks, 1, 2, batch_size=3, seed=7)
+    resumed.load_state_dict({"epoch": 1, "batch": 5})
+    np.testing.assert_array_equal(next(resumed).numpy(), got[13])
 
 
 def test_shard_smaller_than_a_batch_is_an_error():

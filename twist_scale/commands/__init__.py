@@ -1,4 +1,4 @@
-"""One module per command (train, export, evaluate, compare, replay), each `main(argv)` with `--help`.
+"""One module per command (train, prepare_data, export, evaluate, compare, replay), each `main(argv)` with `--help`.
 
 Console scripts (`twist-train`, ...) and `launch/*.py` call these. Every command's flags follow one
 dialect: underscores inside names, `--section.key` for what training configures (`--tracking.uri`),
@@ -8,6 +8,10 @@ defaults shown in `--help`.
 from __future__ import annotations
 
 import argparse
+import sys
+
+from twist_scale.config import ConfigError, RunConfig
+from twist_scale.config_load import help_text, load_config
 
 
 class _DefaultsShown(argparse.HelpFormatter):
@@ -25,3 +29,18 @@ class _DefaultsShown(argparse.HelpFormatter):
 def parser_for(command: str, doc: str | None) -> argparse.ArgumentParser:
     """An argument parser in the commands' dialect: the command's docstring, defaults shown in --help."""
     return argparse.ArgumentParser(prog=command, description=doc, formatter_class=_DefaultsShown)
+
+
+def run_config(command: str, argv: list[str] | None) -> RunConfig | None:
+    """The config of a command that takes training's flags; None once `--help` is printed.
+
+    A bad value ends the command with one line, before any work.
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    if {"-h", "--help"} & set(argv):
+        print(help_text(command))
+        return None
+    try:
+        return load_config(argv)
+    except ConfigError as err:
+        sys.exit(f"config error: {err}")

@@ -7,22 +7,17 @@ import sys
 from pathlib import Path
 
 from twist_scale.checkpoint import complete_checkpoints, resume_conflict
+from twist_scale.commands import run_config
 from twist_scale.config import ConfigError, RunConfig
-from twist_scale.config_load import help_text, load_config
 from twist_scale.interrupts import install as install_interrupts
 from twist_scale.interrupts import stop_reason
 
 
 def main(argv: list[str] | None = None) -> None:
     """`twist-train --config FILE [--section.key V]`: one process per rank, under any launcher."""
-    argv = sys.argv[1:] if argv is None else argv
-    if {"-h", "--help"} & set(argv):
-        print(help_text("twist-train"))
+    cfg = run_config("twist-train", argv)
+    if cfg is None:
         return
-    try:
-        cfg = load_config(argv)
-    except ConfigError as err:
-        sys.exit(f"config error: {err}")
     conflict = resume_conflict(cfg)
     if conflict:
         sys.exit(f"error: {conflict}")
