@@ -71,7 +71,9 @@ def render_ds_config(path: str, cfg: RunConfig, ranks_per_group: int) -> dict[st
     return raw
 
 
-def allocate_partitioned(model: nn.Module, ds_config: dict[str, Any], topo: Topology, dtype: torch.dtype) -> None:
+def allocate_partitioned(
+    model: nn.Module, ds_config: dict[str, Any], topo: Topology, dtype: torch.dtype | None
+) -> None:
     """ZeRO-3 from the meta device: each decoder layer is allocated on the device and cut to this rank's
     partitions (`deepspeed.zero.Init` on that layer) before the next, then the rest (embeddings, norms,
     head), so a rank's peak is its partitions plus one layer, never the whole subnet. Tensors that
