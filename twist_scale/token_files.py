@@ -210,7 +210,7 @@ def wait_for(
             )
         if now >= next_log:
             log.warning(
-                "waiting for rank 0 to tokenise %s (%.0f s left of --data.prepare_timeout_s)", what, deadline - now
+                "waiting for rank 0 to prepare %s (%.0f s left of --data.prepare_timeout_s)", what, deadline - now
             )
             next_log = now + log_s
         time.sleep(min(poll_s, max(0.0, deadline - now)))

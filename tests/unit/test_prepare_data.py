@@ -177,4 +177,4 @@ def test_ranks_wait_for_a_preparation_longer_than_the_collective_timeout(tmp_pat
     start = time.monotonic()
     ranks = run_on_ranks(_load_while_rank_0_prepares_slowly, 2, args, group=False, timeout=120)
     assert time.monotonic() - start > PREPARATION_S
-    assert "waiting for rank 0 to tokenise the token file" in ranks.output
+    assert "waiting for rank 0 to prepare the token file" in ranks.output
