@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from transformers import AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerBase
 
 from twist_scale.config import DataConfig, RunConfig
@@ -268,20 +269,56 @@ def prepare_data(run: RunConfig) -> PreparedData:
     return PreparedData(tokenizer, tokenizer_dir, train, valid)
 
 
+PREPARATION_FAILED = "twist-scale/data-preparation-failed"  # a key in the launch's rendezvous store
+
+
+def _launch_store() -> dist.Store | None:
+    """The rendezvous key-value store of this launch (not a collective: it has no timeout to outlive)."""
+    return dist.distributed_c10d._get_default_store() if dist.is_initialized() else None
+
+
+def prepare_data_or_say_why(run: RunConfig) -> PreparedData:
+    """`prepare_data` on rank 0; if it fails, the reason goes to the launch's store first, so the ranks
+    waiting for its files stop at once with it instead of at --data.prepare_timeout_s."""
+    try:
+        return prepare_data(run)
+    except Exception as err:
+        store = _launch_store()
+        if store is not None:
+            store.set(PREPARATION_FAILED, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+        raise
+
+
+def _rank_0_failure() -> str | None:
+    """Why rank 0 stopped preparing, if it did: the reason it left in the store, or, where rank 0 itself
+    hosted the store (the `deepspeed` launcher's rendezvous), that the store is gone with it."""
+    store = _launch_store()
+    if store is None:
+        return None
+    try:
+        return store.get(PREPARATION_FAILED).decode() if store.check([PREPARATION_FAILED]) else None
+    except dist.DistError as err:
+        return f"it exited: the launch's store is unreachable ({str(err).splitlines()[0]})"
+
+
 def wait_for_data(run: RunConfig, log_s: float = 60.0) -> PreparedData:
     """What `prepare_data` on rank 0 makes, once its files are there: the tokenizer, then each split's index.
 
     Polls the file system under --data.prepare_timeout_s and takes part in no collective meanwhile, so
-    tokenising for longer than --parallel.timeout_s is no hung rank.
+    tokenising for longer than --parallel.timeout_s is no hung rank; stops at once if rank 0 says it failed.
     """
     cfg, timeout = run.data, run.data.prepare_timeout_s
     deadline = time.monotonic() + timeout
+
+    def wait(ready: Callable[[], bool], what: str) -> None:
+        wait_for(ready, what, deadline, timeout, log_s=log_s, failed=_rank_0_failure)
+
     tokenizer_dir = tokenizer_directory(run)
-    wait_for(lambda: has_tokenizer(tokenizer_dir), f"the tokenizer in {tokenizer_dir}", deadline, timeout, log_s=log_s)
+    wait(lambda: has_tokenizer(tokenizer_dir), f"the tokenizer in {tokenizer_dir}")
     train, valid = _split_indexes(cfg, cache_directory(run), tokenizer_dir)
     for index in (train, valid):
         if index is not None:
-            wait_for(index.exists, f"the token file {index}", deadline, timeout, log_s=log_s)
+            wait(index.exists, f"the token file {index}")
     return PreparedData(load_tokenizer(tokenizer_dir, sample_text(cfg)), tokenizer_dir, train, valid)
 
 
@@ -291,7 +328,7 @@ def load_run_data(run: RunConfig, topo: Topology) -> RunData:
     Every rank trains on its own shard; a group's ranks split the validation set between them.
     """
     cfg = run.data
-    data = prepare_data(run) if topo.rank == 0 else wait_for_data(run)
+    data = prepare_data_or_say_why(run) if topo.rank == 0 else wait_for_data(run)
     blocks = token_blocks(data.train, cfg.block_size)
     train = ShardedBatches(blocks, *topo.data_shard, cfg.micro_batch_size, run.seed)
     valid_shard = (topo.dp_rank, topo.ranks_per_group)

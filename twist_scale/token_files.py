@@ -194,15 +194,25 @@ def token_blocks(index: Path, block_size: int) -> np.ndarray:
 
 
 def wait_for(
-    ready: Callable[[], bool], what: str, deadline: float, timeout_s: float, poll_s: float = 1.0, log_s: float = 60.0
+    ready: Callable[[], bool],
+    what: str,
+    deadline: float,
+    timeout_s: float,
+    poll_s: float = 1.0,
+    log_s: float = 60.0,
+    failed: Callable[[], str | None] = lambda: None,
 ) -> None:
     """Poll `ready` until it holds, saying so every `log_s`; past `deadline` (time.monotonic) a one-line error.
 
-    `timeout_s` is the --data.prepare_timeout_s the deadline came from, for the message.
+    `timeout_s` is the --data.prepare_timeout_s the deadline came from, for the message. `failed` says
+    why rank 0 gave up preparing, if it did: then the wait ends at once instead of at the deadline.
     """
     next_log = time.monotonic()
     while not ready():
         now = time.monotonic()
+        reason = failed()
+        if reason is not None:
+            raise ConfigError(f"rank 0 failed to prepare the data ({reason}); its log has the details")
         if now >= deadline:
             raise ConfigError(
                 f"rank 0 did not finish preparing {what} within --data.prepare_timeout_s {timeout_s:g}; "

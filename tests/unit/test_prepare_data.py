@@ -178,3 +178,38 @@ def test_ranks_wait_for_a_preparation_longer_than_the_collective_timeout(tmp_pat
     ranks = run_on_ranks(_load_while_rank_0_prepares_slowly, 2, args, group=False, timeout=120)
     assert time.monotonic() - start > PREPARATION_S
     assert "waiting for rank 0 to prepare the token file" in ranks.output
+
+
+def _load_while_rank_0_fails(rank: int, world: int, argv: list[str]) -> None:
+    """One rank of a run whose rank 0 fails to prepare the data."""
+    import torch.distributed as dist
+
+    from twist_scale import data
+    from twist_scale.config_load import load_config
+    from twist_scale.topology import Topology
+
+    port = os.environ["MASTER_PORT"]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    if rank == 0:
+
+        def fails(run):  # noqa: ANN001, ANN202
+            time.sleep(1)  # rank 1 is waiting by now
+            raise OSError("No space left on device")
+
+        data.prepare_data = fails
+    try:
+        data.load_run_data(load_config(argv), Topology(world, rank, 1))
+    finally:
+        if rank == 0:
+            time.sleep(3)  # rank 0 hosts the launch's store: kept up until rank 1 read the reason
+
+
+def test_ranks_waiting_for_a_failed_preparation_stop_at_once_with_its_reason(tmp_path):
+    args = tiny_args(tmp_path / "run", data__cache_dir=tmp_path / "cache", data__prepare_timeout_s=600)
+    args += ["--parallel.engine", "local", "--twist.groups", "2"]
+    start = time.monotonic()
+    ranks = run_on_ranks(_load_while_rank_0_fails, 2, args, group=False, timeout=120, may_fail=True)
+    assert time.monotonic() - start < 60  # not the 600 s of --data.prepare_timeout_s
+    assert "No space left on device" in ranks.failures[0]
+    reason = ranks.failures[1].strip().splitlines()[-1]
+    assert "rank 0 failed to prepare the data (OSError: No space left on device)" in reason, reason
