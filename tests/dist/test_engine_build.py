@@ -8,6 +8,7 @@ from helpers.dist import run_on_ranks
 from workers.engine_build import check_build_peak
 
 
+@pytest.mark.slow  # 6-12 s each: a 38M-parameter model on four ranks
 @pytest.mark.parametrize("engine", ["fsdp", "zero3"])
 def test_an_engine_build_holds_the_ranks_shards_and_one_block(engine, tmp_path):
     run_on_ranks(check_build_peak, 4, engine, str(tmp_path), timeout=300)

@@ -171,6 +171,7 @@ def _load_while_rank_0_prepares_slowly(rank: int, world: int, argv: list[str]) -
     assert len(loaded.train.rows) and loaded.valid
 
 
+@pytest.mark.slow  # two ranks and an 8 s preparation
 def test_ranks_wait_for_a_preparation_longer_than_the_collective_timeout(tmp_path):
     args = tiny_args(tmp_path / "run", data__cache_dir=tmp_path / "cache", data__num_proc=1)
     args += ["--parallel.timeout_s", str(COLLECTIVE_TIMEOUT_S), "--parallel.engine", "local", "--twist.groups", "2"]
@@ -204,6 +205,7 @@ def _load_while_rank_0_fails(rank: int, world: int, argv: list[str]) -> None:
             time.sleep(3)  # rank 0 hosts the launch's store: kept up until rank 1 read the reason
 
 
+@pytest.mark.slow  # two ranks
 def test_ranks_waiting_for_a_failed_preparation_stop_at_once_with_its_reason(tmp_path):
     args = tiny_args(tmp_path / "run", data__cache_dir=tmp_path / "cache", data__prepare_timeout_s=600)
     args += ["--parallel.engine", "local", "--twist.groups", "2"]
