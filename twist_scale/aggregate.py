@@ -103,10 +103,9 @@ class CentralShards:
         """This rank's pieces, cut from the pieces a world of `old_world` ranks kept (same flat layout)."""
         self.shards = {}
         for name in old_shards[0]:
-            n, k = self.shapes[name.split("@")[0]].numel(), self.piece_len(name)
+            n, (lo, hi) = self.shapes[name.split("@")[0]].numel(), self.piece_range(name)
             old_k = -(-n // old_world)
-            lo, hi = min(self.topo.rank * k, n), min((self.topo.rank + 1) * k, n)
-            piece = torch.zeros(k)
+            piece = torch.zeros(self.piece_len(name))
             for q in range(lo // old_k, -(-hi // old_k)):  # the old pieces this range overlaps
                 a, b = max(lo, q * old_k), min(hi, (q + 1) * old_k)
                 piece[a - lo : b - lo] = old_shards[q][name][a - q * old_k : b - q * old_k]

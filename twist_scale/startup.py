@@ -50,6 +50,11 @@ def blocks(model: nn.Module) -> Iterator[tuple[str, nn.Module, bool]]:
             yield name, module, False
 
 
+def block_tensors(block: nn.Module, name: str, recurse: bool) -> dict[str, torch.Tensor]:
+    """A block's parameters and buffers by full name (its own only, unless `recurse`)."""
+    return {**dict(block.named_parameters(name, recurse=recurse)), **dict(block.named_buffers(name, recurse=recurse))}
+
+
 def local_directory(pretrained: str, patterns: list[str]) -> Path:
     """A checkpoint's directory: itself, or for a hub id the local snapshot of its files matching `patterns`."""
     directory = Path(pretrained)
@@ -123,31 +128,21 @@ def fill(
     with ExitStack() as stack:
         handles = {path: stack.enter_context(safe_open(path, "pt")) for path in set(files.values())}
         for block_name, block, recurse in blocks(model):
-            named = {
-                **dict(block.named_parameters(block_name, recurse=recurse)),
-                **dict(block.named_buffers(block_name, recurse=recurse)),
-            }
-            as_pieces = {
-                name
-                for name in named
-                if pieces is not None and arrange is None and stored_as(name) in files and pieces.piece_range(name)
-            }
-            for name in as_pieces:  # read straight from the file: never allocated whole
-                stored = stored_as(name)
-                pieces.set_piece(name, read_range(handles[files[stored]], stored, *pieces.piece_range(name)))
-            skipped = {id(named[name]) for name in as_pieces}
+            ranges = {}  # the pretrained tensors read as pieces: never allocated whole
+            if pieces is not None and arrange is None:
+                ranges = {
+                    n: pieces.piece_range(n) for n in block_tensors(block, block_name, recurse) if stored_as(n) in files
+                }
+                ranges = {n: r for n, r in ranges.items() if r is not None}
+            for name, (lo, hi) in ranges.items():
+                pieces.set_piece(name, read_range(handles[files[stored_as(name)]], stored_as(name), lo, hi))
+            skipped = {id(t) for name, t in block_tensors(block, block_name, recurse).items() if name in ranges}
             block._apply(
                 lambda t, skip=skipped: torch.empty_like(t, device="cpu") if t.is_meta and id(t) not in skip else t,
                 recurse=recurse,
             )
-            tensors = {  # after materialising: _apply made new parameters
-                name: t
-                for name, t in {
-                    **dict(block.named_parameters(block_name, recurse=recurse)),
-                    **dict(block.named_buffers(block_name, recurse=recurse)),
-                }.items()
-                if name not in as_pieces
-            }
+            # after materialising: _apply made new parameters
+            tensors = {name: t for name, t in block_tensors(block, block_name, recurse).items() if name not in ranges}
             for t in tensors.values():
                 t._is_hf_initialized = False  # transformers skips tensors flagged as initialised
             torch.manual_seed(seed + zlib.crc32(block_name.encode()))
