@@ -7,8 +7,7 @@ counts are local knowledge and no mask is ever communicated.
 from __future__ import annotations
 
 import hashlib
-import random
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -18,19 +17,36 @@ from twist_scale.models import AxisSlice, UnitBlock, units_to_keep
 from twist_scale.models.widths import fit_modules_to_weights
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class SubnetSpec:
-    """Kept unit ids per partitioned (layer, kind); layers not listed are kept whole."""
+    """Kept unit ids (ascending, int64) per partitioned (layer, kind); layers not listed are kept whole."""
 
-    kept: Mapping[tuple[int, str], tuple[int, ...]]
+    kept: Mapping[tuple[int, str], torch.Tensor]
+
+    def __post_init__(self) -> None:
+        ids = {key: torch.as_tensor(units, dtype=torch.long) for key, units in self.kept.items()}
+        object.__setattr__(self, "kept", ids)
 
     def units(self, group: UnitBlock) -> torch.Tensor:
         ids = self.kept.get(group.key)
-        return torch.arange(group.num_units) if ids is None else torch.tensor(ids, dtype=torch.long)
+        return torch.arange(group.num_units) if ids is None else ids
+
+    def ids(self) -> dict[tuple[int, str], tuple[int, ...]]:
+        """The kept ids as plain tuples: for records and comparisons."""
+        return {key: tuple(units.tolist()) for key, units in self.kept.items()}
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SubnetSpec) and self.ids() == other.ids()
+
+    def __hash__(self) -> int:
+        return hash(self.fingerprint())
 
     def fingerprint(self) -> bytes:
-        text = repr(sorted(self.kept.items()))
-        return hashlib.sha256(text.encode()).digest()
+        digest = hashlib.sha256()
+        for key in sorted(self.kept):
+            digest.update(repr(key).encode())
+            digest.update(self.kept[key].to(torch.int32).numpy().tobytes())
+        return digest.digest()
 
 
 def default_shared_layers(num_layers: int) -> list[int]:
@@ -41,33 +57,6 @@ def default_shared_layers(num_layers: int) -> list[int]:
 def partitioned_blocks(unit_blocks: list[UnitBlock], shared_layers: Iterable[int]) -> list[UnitBlock]:
     shared = set(shared_layers)
     return [g for g in unit_blocks if g.layer not in shared]
-
-
-def coverage_draw(rng: random.Random, num_units: int, keeps: Sequence[int]) -> list[tuple[int, ...]]:
-    """Deal shuffled units round-robin over the groups with room, then top each group up to its keep.
-
-    Every unit lands somewhere when sum(keeps) >= n. With equal keeps the deal is plain round-robin
-    (unit i to group i mod G); unequal keeps (mixed kappa) skip groups that are full.
-    """
-    order = list(range(num_units))
-    rng.shuffle(order)
-    groups = len(keeps)
-    held: list[set[int]] = [set() for _ in keeps]
-    turn = 0  # the group dealt to next, unless it is full
-    for unit in order:
-        for _ in range(groups):  # full groups are passed over; with equal keeps none is until all are
-            if len(held[turn]) < keeps[turn]:
-                break
-            turn = (turn + 1) % groups
-        else:
-            break  # every group is full
-        held[turn].add(unit)
-        turn = (turn + 1) % groups
-    for g in range(groups):
-        missing = [u for u in order if u not in held[g]]
-        rng.shuffle(missing)
-        held[g].update(missing[: keeps[g] - len(held[g])])
-    return [tuple(sorted(h)) for h in held]
 
 
 @dataclass(frozen=True)
@@ -81,16 +70,18 @@ class SubnetSampler:
 
     def specs(self, round_: int) -> list[SubnetSpec]:
         """Every group's spec for this round; a pure function of (seed, round, layer, kind)."""
-        kept: list[dict[tuple[int, str], tuple[int, ...]]] = [{} for _ in self.kappas]
+        kept: list[dict[tuple[int, str], torch.Tensor]] = [{} for _ in self.kappas]
         for unit_block in self.unit_blocks:
-            if self.nested:
-                for g, kappa in enumerate(self.kappas):
-                    kept[g][unit_block.key] = tuple(range(units_to_keep(unit_block.num_units, kappa)))
-                continue
-            rng = random.Random(f"twist:{self.seed}:{round_}:{unit_block.layer}:{unit_block.kind}")
             keeps = [units_to_keep(unit_block.num_units, kappa) for kappa in self.kappas]
-            for g, ids in enumerate(coverage_draw(rng, unit_block.num_units, keeps)):
-                kept[g][unit_block.key] = ids
+            if self.nested:
+                for g, keep in enumerate(keeps):
+                    kept[g][unit_block.key] = torch.arange(keep)
+                continue
+            from twist_scale.coverage import coverage_draw  # numba: imported (1 s) only by runs that draw
+
+            seed = f"twist:{self.seed}:{round_}:{unit_block.layer}:{unit_block.kind}"
+            for g, held in enumerate(coverage_draw(seed, unit_block.num_units, keeps)):
+                kept[g][unit_block.key] = held.nonzero().flatten()
         return [SubnetSpec(k) for k in kept]
 
 

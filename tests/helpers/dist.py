@@ -38,7 +38,10 @@ from helpers import free_port, leaked_shared_memory
 RANK_ENV = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 GRACE_S = 5  # after a rank fails, how long its peers get to exit before SIGTERM, then SIGKILL (a stopped rank)
 # What every rank imports anyway, imported once by the fork server instead of once per rank.
-PRELOAD = ["torch", "torch.distributed", "transformers", "deepspeed", "mlflow", "twist_scale.trainer", "helpers.dist"]
+PRELOAD = [
+    *("torch", "torch.distributed", "transformers", "deepspeed", "mlflow"),
+    *("twist_scale.trainer", "twist_scale.coverage", "helpers.dist"),
+]
 
 
 @dataclass

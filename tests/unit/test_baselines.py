@@ -48,7 +48,7 @@ def test_every_method_exports_a_loadable_subnet(tmp_path, arch, name):
     pruner = build_pruner(source, name, calibration=calibration())
     spec = pruner.spec(0.5, seed=1)
     for unit_block in pruner.unit_blocks:
-        kept = spec.kept[unit_block.key]
+        kept = spec.ids()[unit_block.key]
         assert len(kept) == len(set(kept))
         if METHODS[name].adaptive:  # per-layer widths (test_faithfulness checks their total)
             assert 1 <= len(kept) <= unit_block.num_units
@@ -106,8 +106,8 @@ def test_magnitude_keeps_the_largest_units():
         model.model.layers[2].self_attn.o_proj.weight[:, 32:].mul_(10.0)  # KV group 1 owns o columns 32..63
     groups = architecture_of(model).unit_blocks(model.config)
     spec = METHODS["magnitude"].select(PruneInputs(model, groups, 4 / 128, 0))
-    assert spec.kept[(2, "mlp")] == tuple(strong)
-    assert spec.kept[(2, "attn")] == (1,)
+    assert spec.ids()[(2, "mlp")] == tuple(strong)
+    assert spec.ids()[(2, "attn")] == (1,)
 
 
 def stats_for(model, groups, var: dict[str, torch.Tensor], mean: dict[str, torch.Tensor]) -> ActivationStats:
@@ -131,8 +131,8 @@ def test_flap_follows_activation_variance():
     mean[mlp][[50, 60]] = 30.0  # large but constant
     stats = stats_for(model, groups, var, mean)
     flap = METHODS["flap"].select(PruneInputs(model, groups, 2 / 256, 0, stats))
-    assert flap.kept[(1, "mlp")] == (9, 200)
-    assert METHODS["flap_uniform"].select(PruneInputs(model, groups, 2 / 256, 0, stats)).kept[(1, "mlp")] == (9, 200)
+    assert flap.ids()[(1, "mlp")] == (9, 200)
+    assert METHODS["flap_uniform"].select(PruneInputs(model, groups, 2 / 256, 0, stats)).ids()[(1, "mlp")] == (9, 200)
     with pytest.raises(ValueError, match="calibration"):
         METHODS["flap"].select(PruneInputs(model, groups, 0.5, 0))
 
@@ -146,7 +146,7 @@ def test_wanda_sp_keeps_large_constant_channels_that_flap_drops():
         fc.weight[:, [50, 60]] = 0.0
         fc.bias[[50, 60]] = 30.0
     batches = calibration()
-    kept = lambda name: build_pruner(central(model), name, calibration=batches).spec(2 / 256).kept[(1, "mlp")]
+    kept = lambda name: build_pruner(central(model), name, calibration=batches).spec(2 / 256).ids()[(1, "mlp")]
     assert kept("wanda_sp") == (50, 60)
     assert not {50, 60} & set(kept("flap_uniform"))
     with pytest.raises(ValueError, match="calibration"):

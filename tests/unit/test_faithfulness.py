@@ -83,7 +83,7 @@ def test_flap_keeps_exactly_the_units_of_the_reference_formulas(shared, kappa):
     layers = [i for i in range(model.config.num_hidden_layers) if i not in shared]
     expected, _ = flap_reference(model, layers, batches, kappa)
     assert all(expected.values()), "the reference leaves a group empty: pick a κ where the guard stays out"
-    assert dict(pruner(model, "flap", shared, batches).spec(kappa).kept) == expected
+    assert pruner(model, "flap", shared, batches).spec(kappa).ids() == expected
 
 
 def test_adaptive_stats_is_flaps_ranking_on_the_statistics_training_kept():
@@ -99,7 +99,7 @@ def test_adaptive_stats_is_flaps_ranking_on_the_statistics_training_kept():
     meta = {"shared_layers": shared, "correction": "mean"}
     central = SavedCentral(Path("in-memory"), model, word_tokenizer(), stats.mean, meta, training_stats=stats)
     expected, _ = flap_reference(model, layers, batches, kappa)
-    assert dict(build_pruner(central, "adaptive_stats").spec(kappa).kept) == expected
+    assert build_pruner(central, "adaptive_stats").spec(kappa).ids() == expected
     with pytest.raises(ValueError, match="--twist.correction mean"):
         build_pruner(SavedCentral(Path("in-memory"), model, word_tokenizer(), {}, meta), "adaptive_stats")
 
@@ -135,7 +135,7 @@ def test_adaptive_magnitude_keeps_exactly_the_units_of_its_reference(shared, kap
     expected = adaptive_magnitude_reference(model, layers, kappa)
     assert all(expected.values())
     spec = pruner(model, "adaptive_magnitude", shared, []).spec(kappa)
-    assert dict(spec.kept) == expected
+    assert spec.ids() == expected
     uniform = pruner(model, "magnitude", shared, []).spec(kappa)
     assert any(len(spec.kept[key]) != len(uniform.kept[key]) for key in expected)  # widths adapt
 

@@ -20,11 +20,49 @@ from twist_scale.subnet import (
 )
 
 
+def _draw(seed: int, n: int, keeps: list[int]) -> list[tuple[int, ...]]:
+    return [tuple(row.nonzero().flatten().tolist()) for row in coverage_draw(f"seed {seed}", n, keeps)]
+
+
+def _coverage_draw_in_python(rng: random.Random, num_units: int, keeps: list[int]) -> list[tuple[int, ...]]:
+    """The draw as twist-scale first wrote it, in Python: what every subnet of every run is defined by."""
+    order = list(range(num_units))
+    rng.shuffle(order)
+    groups = len(keeps)
+    held: list[set[int]] = [set() for _ in keeps]
+    turn = 0
+    for unit in order:
+        for _ in range(groups):
+            if len(held[turn]) < keeps[turn]:
+                break
+            turn = (turn + 1) % groups
+        else:
+            break
+        held[turn].add(unit)
+        turn = (turn + 1) % groups
+    for g in range(groups):
+        missing = [u for u in order if u not in held[g]]
+        rng.shuffle(missing)
+        held[g].update(missing[: keeps[g] - len(held[g])])
+    return [tuple(sorted(h)) for h in held]
+
+
+@pytest.mark.parametrize(
+    ("n", "keeps"),
+    [(1, [1]), (2, [1, 1]), (8, [4, 4]), (12, [6, 4, 2]), (16, [4, 8, 3, 1]), (9, [1, 8]), (33, [3, 3]),
+     (257, [65] * 4), (1000, [1000, 500, 250]), (3000, [750] * 8)],
+)  # fmt: skip
+def test_draws_are_pythons_word_for_word(n, keeps):
+    """Compiled, the draw still consumes Python's generator as `random.shuffle` does: the same subnets."""
+    for seed in range(12):
+        assert _draw(seed, n, keeps) == _coverage_draw_in_python(random.Random(f"seed {seed}"), n, keeps)
+
+
 @pytest.mark.parametrize(("n", "groups", "kappa"), [(8, 2, 0.5), (8, 4, 0.25), (10, 3, 0.4), (12, 4, 0.5), (7, 2, 0.9)])
 def test_coverage_and_exact_quotas(n, groups, kappa):
     keep = units_to_keep(n, kappa)
     for seed in range(20):
-        draws = coverage_draw(random.Random(seed), n, [keep] * groups)
+        draws = _draw(seed, n, [keep] * groups)
         assert all(len(d) == keep == len(set(d)) for d in draws)
         assert set().union(*map(set, draws)) == set(range(n))  # every unit trains somewhere
 
@@ -45,14 +83,13 @@ def _round_robin(rng: random.Random, n: int, groups: int, keep: int) -> list[tup
 def test_equal_keeps_deal_round_robin(n, groups, keep):
     """Mixed-kappa dealing leaves every equal-kappa draw exactly as it was."""
     for seed in range(10):
-        expected = _round_robin(random.Random(seed), n, groups, keep)
-        assert coverage_draw(random.Random(seed), n, [keep] * groups) == expected
+        assert _draw(seed, n, [keep] * groups) == _round_robin(random.Random(f"seed {seed}"), n, groups, keep)
 
 
 @pytest.mark.parametrize(("n", "keeps"), [(8, [8, 4]), (10, [8, 2]), (12, [6, 4, 2]), (16, [4, 8, 3, 1]), (9, [1, 8])])
 def test_mixed_keeps_cover_every_unit_at_exact_quotas(n, keeps):
     for seed in range(20):
-        draws = coverage_draw(random.Random(seed), n, keeps)
+        draws = _draw(seed, n, keeps)
         assert [len(set(d)) for d in draws] == [len(d) for d in draws] == keeps
         assert set().union(*map(set, draws)) == set(range(n)), (seed, draws)
 
@@ -61,7 +98,7 @@ def test_sandwich_sampler_keeps_group_zero_whole():
     model = build_model("llama", "tiny", 64)
     unit_blocks = tuple(partitioned_blocks(architecture_of(model).unit_blocks(model.config), []))
     full, half = SubnetSampler(unit_blocks, (1.0, 0.5), seed=3).specs(2)
-    assert all(full.kept[unit_block.key] == tuple(range(unit_block.num_units)) for unit_block in unit_blocks)
+    assert all(full.ids()[unit_block.key] == tuple(range(unit_block.num_units)) for unit_block in unit_blocks)
     assert all(len(half.kept[unit_block.key]) == units_to_keep(unit_block.num_units, 0.5) for unit_block in unit_blocks)
 
 
@@ -72,15 +109,15 @@ def test_nested_sampler_keeps_the_same_prefix_of_every_block_in_every_round():
     for round_ in (0, 7):
         full, half, quarter = nested.specs(round_)
         for unit_block in unit_blocks:
-            assert full.kept[unit_block.key] == tuple(range(unit_block.num_units))
-            assert half.kept[unit_block.key] == tuple(range(units_to_keep(unit_block.num_units, 0.5)))
-            assert quarter.kept[unit_block.key] == tuple(range(units_to_keep(unit_block.num_units, 0.25)))
+            assert full.ids()[unit_block.key] == tuple(range(unit_block.num_units))
+            assert half.ids()[unit_block.key] == tuple(range(units_to_keep(unit_block.num_units, 0.5)))
+            assert quarter.ids()[unit_block.key] == tuple(range(units_to_keep(unit_block.num_units, 0.25)))
     independent = SubnetSampler(unit_blocks, (1.0, 0.5, 0.25), seed=3)
     assert independent.specs(0)[1] != independent.specs(1)[1] != nested.specs(0)[1]
 
 
 def test_kappa_times_groups_one_is_a_partition():
-    draws = coverage_draw(random.Random(0), 12, [3] * 4)
+    draws = _draw(0, 12, [3] * 4)
     assert sorted(u for d in draws for u in d) == list(range(12))
 
 

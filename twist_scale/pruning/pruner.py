@@ -119,7 +119,7 @@ class Pruner:
             "shared_layers": self.shared_layers,
             "source": str(self.central.directory.resolve()),
             "widths": {str(k): v for k, v in widths.items()},
-            "kept": {f"{layer}.{kind}": list(ids) for (layer, kind), ids in spec.kept.items()},
+            "kept": {f"{layer}.{kind}": list(ids) for (layer, kind), ids in spec.ids().items()},
         }
 
 
