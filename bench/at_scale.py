@@ -38,6 +38,7 @@ import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+import exchange_at_scale
 import torch
 import torch.distributed as dist
 from measure import REPO, RESULTS
@@ -46,8 +47,8 @@ sys.path.insert(0, str(REPO / "tests"))
 from helpers.allocations import HostTensorBytes  # noqa: E402 - the tests' counter, on the tests' path
 
 from twist_scale import startup  # noqa: E402
-from twist_scale.aggregate import CentralShards  # noqa: E402
 from twist_scale.assembly import central_from_model  # noqa: E402
+from twist_scale.central import CentralShards  # noqa: E402
 from twist_scale.checkpoint import _sha256  # noqa: E402
 from twist_scale.config import RunConfig  # noqa: E402
 from twist_scale.engines import build_engine  # noqa: E402
@@ -127,7 +128,7 @@ def one_rank(shape: str, world: int, groups: int, kappa: float, rank: int) -> di
     topo.device = torch.device("cpu")  # the fake group serves any device; this machine computes on the host
     cfg = RunConfig()
     cfg.model.size, cfg.parallel.engine, cfg.twist.groups, cfg.twist.kappa = shape, "fsdp", groups, kappa
-    cfg.twist.allow_uncovered = True
+    cfg.twist.allow_uncovered, cfg.twist.correction = True, "mean"
     run_model = build_run_model(cfg, VOCAB)
     model = run_model.model
     shapes = {name: p.shape for name, p in model.named_parameters()}
@@ -185,7 +186,7 @@ def one_rank(shape: str, world: int, groups: int, kappa: float, rank: int) -> di
     CentralShards(Topology(new_world, rank % new_world, groups // 2), central.shapes).load_resharded(old_ranks, world)
     out["elastic_files_opened"] = len(old_ranks.opened)
     out["elastic_files_before"] = world
-    return out
+    return out | exchange_at_scale.measure(central, run_model.unit_blocks, specs, topo, cfg.twist.kappas, cfg.seed)
 
 
 @contextlib.contextmanager
@@ -196,6 +197,17 @@ def _patched(module: object, name: str, value: object) -> Iterator[None]:
         yield
     finally:
         setattr(module, name, old)
+
+
+def derived(result: dict[str, float]) -> dict[str, float]:
+    """Totals for the table: a round's CPU (sampling + both phases), the previous exchange's dispatch bytes
+    (today's, with the output projections it sent whole in place of their κ/R share)."""
+    result["round_cpu_s"] = result["sampling_cpu_s"] + result["aggregate_cpu_s_mean"] + result["dispatch_cpu_s_mean"]
+    previous = result["previous_aggregate_cpu_s"] + result["previous_dispatch_cpu_s"]
+    result["previous_round_cpu_s"] = result["previous_sampling_cpu_s"] + previous
+    result["previous_dispatch_mean_mb"] = result["dispatch_mb_none"] + result["previous_dispatch_whole_outputs_mb"]
+    result["collectives"] = f"{result['collectives_none']} / {result['collectives_mean']}"
+    return result
 
 
 def table(results: list[dict[str, float]]) -> str:
@@ -211,14 +223,24 @@ def table(results: list[dict[str, float]]) -> str:
         ("checkpoint written MB", "checkpoint_written_mb", None),
         ("checkpoint write + hash CPU s", "checkpoint_cpu_s", None),
         ("elastic resume to W/2: old files opened", "elastic_files_opened", "elastic_files_before"),
+        ("sampling + exchange CPU s (one round, correction mean)", "round_cpu_s", "previous_round_cpu_s"),
+        ("  aggregation CPU s", "aggregate_cpu_s_mean", "previous_aggregate_cpu_s"),
+        ("  dispatch CPU s (with the mean shifts)", "dispatch_cpu_s_mean", "previous_dispatch_cpu_s"),
+        ("exchange metadata MB", "exchange_metadata_mb", "previous_metadata_mb"),
+        ("all G specs MB (int64 unit ids)", "specs_mb", None),
+        ("aggregation MB sent (weights + 2 moments)", "aggregate_mb_mean", None),
+        ("dispatch MB received, correction none", "dispatch_mb_none", None),
+        ("dispatch MB received, correction mean", "dispatch_mb_mean", "previous_dispatch_mean_mb"),
+        ("collectives per round (none / mean)", "collectives", None),
     ]
     head = " | ".join(f"{r['shape']} W={r['world']} G={r['groups']}" for r in results)
     lines = [f"| per rank, κ = {results[0]['kappa']} | {head} |", "| --- |" + " ---: |" * len(results)]
     for label, key, before in rows:
         cells = []
         for r in results:
-            cell = f"{r[key]:,.1f}" if isinstance(r[key], float) else f"{r[key]:,}"
-            cells.append(cell + (f" (before {r[before]:,.0f})" if before else ""))
+            value = r[key]
+            cell = f"{value:,.1f}" if isinstance(value, float) else f"{value:,}" if isinstance(value, int) else value
+            cells.append(cell + (f" (before {r[before]:,.1f})" if before else ""))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -245,7 +267,7 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--shape", shape, "--world", str(world), "--groups", str(groups)]
         cmd += ["--kappa", str(args.kappa)]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        results.append(json.loads(out.strip().splitlines()[-1]))
+        results.append(derived(json.loads(out.strip().splitlines()[-1])))
         print(results[-1], flush=True)
     (RESULTS / "at_scale.json").write_text(json.dumps(results, indent=2))
     md = "# One rank at scale — `python bench/at_scale.py`\n\n" + table(results)

@@ -32,8 +32,8 @@ def _peak_mb() -> float:
 def _start(size: str, way: str, queue: mp.Queue) -> None:
     import torch
 
-    from twist_scale.aggregate import CentralShards
     from twist_scale.assembly import central_from_model, central_tensors
+    from twist_scale.central import CentralShards
     from twist_scale.models import architecture_of, build_model
     from twist_scale.startup import materialise_rest
     from twist_scale.subnet import SubnetSampler, apply_subnet_shapes, partitioned_blocks

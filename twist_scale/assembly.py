@@ -15,12 +15,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from twist_scale.aggregate import CentralShards, FullWidthExchange
+from twist_scale.central import CentralShards
 from twist_scale.config import RunConfig
 from twist_scale.correction import is_statistic
 from twist_scale.engines import build_engine
 from twist_scale.engines.base import Engine, moment_keys
-from twist_scale.packing import PackedExchange
+from twist_scale.exchange import build_exchange
 from twist_scale.run_model import RunModel, build_run_model
 from twist_scale.startup import Arrange, fill
 from twist_scale.subnet import SubnetSampler, apply_subnet_shapes
@@ -82,8 +82,7 @@ def assemble(cfg: RunConfig, topo: Topology, vocab_size: int) -> Assembly:
     aggregate_moments = t.optimizer_state == "aggregate"
     moments = moment_keys(cfg.optim) if aggregate_moments else ()
     storage = engine.storage
-    packed = t.aggregation == "packed"
-    exchange = PackedExchange(central, t.wire_dtype, storage.shard_range) if packed else FullWidthExchange(central)
+    exchange = build_exchange(t.aggregation, central, t.wire_dtype, storage.shard_range)
     sync = SubnetSync(
         central, storage, blocks, topo, moments, run_model.correction, not aggregate_moments, exchange, t.bucket_mb
     )

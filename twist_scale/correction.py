@@ -41,7 +41,7 @@ class Correction:
 
     name = "none"
     folds_bias = False  # export adds a bias to the output projection (Llama then gains biases)
-    needs_full_weight = False  # dispatch reads the dropped units' columns of the output projection
+    needs_shift = False  # dispatch sets what the dropped units add on average (`dropped_contribution`)
 
     def unit_blocks(self, unit_blocks: list[UnitBlock]) -> list[UnitBlock]:
         """The unit map training slices and averages: the partitioned unit blocks plus any statistics."""
@@ -51,17 +51,12 @@ class Correction:
         """Register buffers and hooks on the full-width model, before it is shrunk or wrapped."""
 
     def dispatch(
-        self,
-        module: nn.Module,
-        unit_block: UnitBlock,
-        kept: torch.Tensor,
-        full_weight: torch.Tensor | None,
-        means: dict[str, torch.Tensor],
+        self, module: nn.Module, unit_block: UnitBlock, kept: torch.Tensor, shift: torch.Tensor | None
     ) -> None:
         """Set the group's output projection `module` for a subnet that keeps units `kept`.
 
-        `full_weight` is the projection's full-width central weight (only where `needs_full_weight`;
-        dispatch then sends it whole), `means` the full-width activation means by output module.
+        `shift` is `dropped_contribution` of the central model as dispatched (only where `needs_shift`):
+        the exchange computes it where the weights are, so no rank needs the full projection.
         """
 
     def fold(
@@ -80,12 +75,7 @@ class ScaleCorrection(Correction):
             module.register_forward_pre_hook(_scale_input)
 
     def dispatch(
-        self,
-        module: nn.Module,
-        unit_block: UnitBlock,
-        kept: torch.Tensor,
-        full_weight: torch.Tensor | None,
-        means: dict[str, torch.Tensor],
+        self, module: nn.Module, unit_block: UnitBlock, kept: torch.Tensor, shift: torch.Tensor | None
     ) -> None:
         module.twist_input_scale = unit_block.num_units / len(kept)
 
@@ -101,7 +91,7 @@ class ScaleCorrection(Correction):
 class MeanCorrection(Correction):
     name = "mean"
     folds_bias = True
-    needs_full_weight = True
+    needs_shift = True
 
     def unit_blocks(self, unit_blocks: list[UnitBlock]) -> list[UnitBlock]:
         return [
@@ -132,16 +122,9 @@ class MeanCorrection(Correction):
 
     @torch.no_grad()
     def dispatch(
-        self,
-        module: nn.Module,
-        unit_block: UnitBlock,
-        kept: torch.Tensor,
-        full_weight: torch.Tensor | None,
-        means: dict[str, torch.Tensor],
+        self, module: nn.Module, unit_block: UnitBlock, kept: torch.Tensor, shift: torch.Tensor | None
     ) -> None:
-        module.get_buffer(SHIFT).copy_(
-            dropped_contribution(full_weight, means[unit_block.output_module], unit_block, kept)
-        )
+        module.get_buffer(SHIFT).copy_(shift)
 
     @torch.no_grad()
     def fold(

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 import torch
 import torch.distributed as dist
 
-from twist_scale.aggregate import Traffic
+from twist_scale.central import Traffic
 from twist_scale.config import RunConfig
 from twist_scale.engines.base import Engine
 from twist_scale.topology import Topology

@@ -15,14 +15,13 @@ from collections.abc import Iterable, Iterator
 import torch
 import torch.distributed as dist
 
-from twist_scale.aggregate import CentralShards, FullWidthExchange, Traffic
+from twist_scale.central import CentralShards, Traffic
 from twist_scale.config import DEFAULT_BUCKET_MB
 from twist_scale.correction import ACT_MEAN, Correction, is_statistic
 from twist_scale.engines.base import even_range
 from twist_scale.engines.storage import EngineStorage
-from twist_scale.exchange_plan import Entry
+from twist_scale.exchange import Entry, Exchange, PackedExchange
 from twist_scale.models import UnitBlock
-from twist_scale.packing import PackedExchange
 from twist_scale.subnet import SubnetSpec, axis_of, slice_tensor
 from twist_scale.topology import Topology
 
@@ -74,7 +73,7 @@ class DataParallelSync:
 class SubnetSync:
     """TwIST's synchronisation: dispatch slices each group's subnet out of the sharded central model;
     aggregation averages the groups' subnets back into it. Both go bucket by bucket through an
-    exchange: packed (only held elements travel) or full-width (the reference)."""
+    exchange (`twist_scale.exchange`), which reads the engine through this class (`SubnetSource`)."""
 
     # Dispatch rewrites every weight (and, aggregated, every moment) of the engine from the central
     # model, so a checkpoint needs no engine files: `Engine.resume_at` rebuilds its step and schedule.
@@ -89,7 +88,7 @@ class SubnetSync:
         moments: tuple[str, ...],
         correction: Correction,
         reset_moments: bool,
-        exchange: PackedExchange | FullWidthExchange | None = None,
+        exchange: Exchange | None = None,
         bucket_mb: float = DEFAULT_BUCKET_MB,
     ) -> None:
         self.central, self.storage, self.topo = central, storage, topo
@@ -97,16 +96,17 @@ class SubnetSync:
         self.exchange = exchange or PackedExchange(central)
         self.bucket_bytes = int(bucket_mb * 2**20)
         unit_axes = axis_of(unit_blocks)
-        self.entries = []
+        self.entries: list[Entry] = []
+        self.outputs: list[tuple[UnitBlock, Entry]] = []  # each partitioned block's output projection
         for name, shape in central.shapes.items():
             unit = unit_axes.get(name)
-            outputs = unit is not None and name == unit[0].output_axis.name
-            whole = is_statistic(name) or (outputs and correction.needs_full_weight)
-            self.entries.append(Entry(name, shape, unit, whole))
+            self.entries.append(Entry(name, shape, unit, whole=is_statistic(name)))
+            if unit is not None and name == unit[0].output_axis.name:
+                self.outputs.append((unit[0], self.entries[-1]))
             if not is_statistic(name):
-                self.entries += [Entry(f"{name}@{key}", shape, unit) for key in moments]
-        if isinstance(self.exchange, PackedExchange):
-            self.exchange.learn_layout(self.entries, self._shard_of, self._ranged_state)
+                self.entries += [Entry(name, shape, unit, moment=key) for key in moments]
+        self.last_read: tuple[str, tuple[int, torch.Tensor]] | None = None  # a tensor cut into parts is read once
+        self.exchange.prepare(self.entries, self)
 
     def full_state(self) -> Iterator[tuple[str, torch.Tensor | None]]:
         """The full-width central model, one tensor at a time (collective over the world), on rank 0
@@ -134,88 +134,78 @@ class SubnetSync:
     def dispatch(self, specs: list[SubnetSpec]) -> None:
         """Slice the central model into this group's engine (weights, moments, corrections)."""
         spec = specs[self.topo.group]
+        present = [e for e in self.entries if e.key in self.central.shards]  # no moments before the first aggregation
+        by_key = {e.key: e for e in present}
         means: dict[str, torch.Tensor] = {}
-        present = [e for e in self.entries if e.name in self.central.shards]  # no moments before the first aggregation
-        by_name = {e.name: e for e in present}
         for bucket in self.exchange.plan(present, self.bucket_bytes):
-            # tensors in entry order, each once its last part arrived: the statistics come first, so
-            # the means are here before their output weights
-            for name, value in self.exchange.dispatch(bucket, specs).items():
-                self._write(by_name[name], value, spec, means)
+            for key, value in self.exchange.dispatch(bucket, specs).items():
+                self._write(by_key[key], value, spec, means)
+        shifts = self.exchange.shifts(self.outputs, specs, means) if self.correction.needs_shift else {}
+        for unit_block, _ in self.outputs:
+            module = self.storage.submodule(unit_block.output_module)
+            self.correction.dispatch(module, unit_block, spec.units(unit_block), shifts.get(unit_block.output_module))
         if self.reset_moments:
             self.storage.reset_optimizer_state()
-        if self.exchange.sends_changes:
-            self.exchange.dispatched = {e.name: self._dispatched_shard(e) for e in present}
-
-    def _dispatched_shard(self, entry: Entry) -> torch.Tensor:
-        """A copy of what aggregation will read of `entry`, as dispatch just wrote it. Every rank of the
-        group holds the same statistics now, so they need no average inside the group (`_read`)."""
-        name, _, key = entry.name.partition("@")
-        if is_statistic(name):
-            start, stop = self._shard_of(name)
-            return self.storage.read_buffer(name).reshape(-1)[start:stop].float().clone()
-        return self.storage.read_shard(name, key).clone()
+        self.exchange.note_dispatched(present, self)
 
     def _write(self, entry: Entry, value: torch.Tensor, spec: SubnetSpec, means: dict[str, torch.Tensor]) -> None:
-        name, _, key = entry.name.partition("@")
-        sub = slice_tensor(value, entry.unit[1], entry.units(spec)) if entry.whole and entry.unit else value
         if self.exchange.receives_shard(entry):  # this rank's flat range of the subnet tensor
-            self.storage.write_shard(name, key, value)
-        elif key:
-            self.storage.write_state(name, key, sub)
-        elif is_statistic(name):
-            if name.endswith(ACT_MEAN):
-                means[name.rpartition(".")[0]] = value
-            self.storage.write_buffer(name, sub)
+            self.storage.write_shard(entry.name, entry.moment, value)
+        elif entry.moment:
+            self.storage.write_state(entry.name, entry.moment, value)
+        elif is_statistic(entry.name):  # full width on every rank: the shifts read the dropped units' means
+            if entry.name.endswith(ACT_MEAN):
+                means[entry.name.rpartition(".")[0]] = value
+            sub = slice_tensor(value, entry.unit[1], spec.units(entry.unit[0])) if entry.unit else value
+            self.storage.write_buffer(entry.name, sub)
         else:
-            self.storage.write(name, sub)
-        if not key and entry.unit is not None and name == entry.unit[0].output_axis.name:
-            unit_block = entry.unit[0]
-            full = value if entry.whole else None
-            self.correction.dispatch(
-                self.storage.submodule(unit_block.output_module), unit_block, spec.units(unit_block), full, means
-            )
+            self.storage.write(entry.name, value)
 
     def aggregate(self, specs: list[SubnetSpec]) -> None:
         """Holder mean of every group's subnet (and moments) into the central model."""
-        last: dict[str, object] = {}  # a tensor cut into parts is read from the engine once
-        reader = self._read_shard if isinstance(self.exchange, PackedExchange) else self._read
-
-        def read(entry: Entry):  # noqa: ANN202 - the exchange's own reader's result
-            if entry.name not in last:
-                last.clear()
-                last[entry.name] = reader(entry)
-            return last[entry.name]
-
         for bucket in self.exchange.plan(self.entries, self.bucket_bytes):
-            self.exchange.aggregate(bucket, read, specs)
+            self.exchange.aggregate(bucket, self, specs)
+        self.last_read = None
 
-    def _shard_of(self, name: str) -> tuple[int, int]:
+    # -- SubnetSource: what the exchanges read of the engine ---------------------------------------
+
+    def shard_of(self, name: str) -> tuple[int, int]:
         """The flat range [start, stop) of this group's subnet tensor `name` that this rank sends."""
         if is_statistic(name):  # every rank of the group holds the group's average: each sends an equal part
             return even_range(self.storage.read_buffer(name).numel(), self.topo.ranks_per_group, self.topo.dp_rank)
         return self.storage.shard_of(name)
 
-    def _ranged_state(self, name: str) -> bool:
-        """Whether this rank stores only its shard (`_shard_of`) of the moments of `name` (statistics have none)."""
+    def ranged_state(self, name: str) -> bool:
+        """Whether this rank stores only its shard (`shard_of`) of the moments of `name` (statistics have none)."""
         return not is_statistic(name) and self.storage.ranged_state(name)
 
-    def _read_shard(self, entry: Entry) -> tuple[int, torch.Tensor]:
-        """Where this rank's stored range of the subnet tensor starts, and its values (in place where possible)."""
-        name, _, key = entry.name.partition("@")
-        start, stop = self._shard_of(name)
-        if is_statistic(name):
-            return start, self._read(entry).reshape(-1)[start:stop]
-        return start, self.storage.read_shard(name, key)
+    def stored(self, entry: Entry) -> torch.Tensor:
+        """A copy of this rank's stored range as the engine holds it now. After dispatch every rank of the
+        group holds the same statistics, so they need no average inside the group (`read`)."""
+        if is_statistic(entry.name):
+            start, stop = self.shard_of(entry.name)
+            return self.storage.read_buffer(entry.name).reshape(-1)[start:stop].float().clone()
+        return self.storage.read_shard(entry.name, entry.moment).clone()
 
-    def _read(self, entry: Entry) -> torch.Tensor:
-        name, _, key = entry.name.partition("@")
-        if key:
-            return self.storage.read_state(name, key)
-        if not is_statistic(name):
-            return self.storage.read(name)
+    def read_shard(self, entry: Entry) -> tuple[int, torch.Tensor]:
+        """Where this rank's stored range of the subnet tensor starts, and its values (in place where
+        possible); the parts of a tensor cut into several are read from the engine once."""
+        if self.last_read is None or self.last_read[0] != entry.key:
+            start, stop = self.shard_of(entry.name)
+            if is_statistic(entry.name):
+                values = self.read(entry).reshape(-1)[start:stop]
+            else:
+                values = self.storage.read_shard(entry.name, entry.moment)
+            self.last_read = entry.key, (start, values)
+        return self.last_read[1]
+
+    def read(self, entry: Entry) -> torch.Tensor:
+        if entry.moment:
+            return self.storage.read_state(entry.name, entry.moment)
+        if not is_statistic(entry.name):
+            return self.storage.read(entry.name)
         # each dp rank saw different data: average the statistic inside the group first
-        sub = self.storage.read_buffer(name).to(self.topo.device, torch.float32, copy=True)
+        sub = self.storage.read_buffer(entry.name).to(self.topo.device, torch.float32, copy=True)
         dist.all_reduce(sub, group=self.topo.intra_group)
         self.central.traffic.add(sub.numel() * sub.element_size())
         return (sub / self.topo.ranks_per_group).cpu()

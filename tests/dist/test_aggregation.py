@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from helpers.dist import run_on_ranks
-from workers.aggregation import check_cases, check_moment_dispatch
+from workers.aggregation import check_cases, check_moment_dispatch, check_shifts
 
 ALL = ["disjoint", "overlapping", "uncovered", "mixed"]  # mixed: a sandwich of unequal kappas
 
@@ -26,3 +26,8 @@ def test_aggregation_matches_holder_mean(world, cases):
 @pytest.mark.slow
 def test_moments_aggregate_and_dispatch_only_the_range_each_rank_stores():
     run_on_ranks(check_moment_dispatch, 4, [2, 3])
+
+
+@pytest.mark.slow
+def test_mean_correction_shifts_are_computed_where_the_weights_are():
+    run_on_ranks(check_shifts, 4, [1, 3])

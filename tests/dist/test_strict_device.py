@@ -49,7 +49,7 @@ def test_aggregation_sends_engine_values_from_the_accelerator_beside_host_statis
         sync, specs = built.sync, built.sampler.specs(0)
         sync.dispatch(specs)
         before = {name: sync.central.gather(name) for name in sync.central.shapes}
-        read_on_host = sync._read_shard
+        read_on_host = sync.read_shard
         moved = []
 
         def read_on_device(entry):  # noqa: ANN001, ANN202
@@ -59,7 +59,7 @@ def test_aggregation_sends_engine_values_from_the_accelerator_beside_host_statis
                 values = values.to(comm_device())
             return start, values
 
-        sync._read_shard = read_on_device
+        sync.read_shard = read_on_device
         sync.aggregate(specs)
         assert moved and any(is_statistic(name) for name in before)  # both kinds of read in one exchange
         for name, value in before.items():

@@ -8,7 +8,7 @@ import functools
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from twist_scale.correction import correction_of
+from twist_scale.correction import correction_of, dropped_contribution
 from twist_scale.models import architecture_of, build_model
 from twist_scale.subnet import SubnetSpec, apply_unit_masks
 
@@ -43,7 +43,11 @@ def oracle_logits(model, groups, spec: SubnetSpec, correction: str, means, ids: 
     strategy.install(ref, groups, momentum=0.9)
     for unit_block in groups:
         module = ref.get_submodule(unit_block.output_module)
-        strategy.dispatch(module, unit_block, spec.units(unit_block), module.weight.detach().clone(), means)
+        kept = spec.units(unit_block)
+        shift = None
+        if strategy.needs_shift:
+            shift = dropped_contribution(module.weight.detach(), means[unit_block.output_module], unit_block, kept)
+        strategy.dispatch(module, unit_block, kept, shift)
     apply_unit_masks(ref, architecture_of(ref).unit_blocks(ref.config), spec)
     with torch.no_grad():
         return ref.eval()(input_ids=ids).logits

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from twist_scale.aggregate import CentralShards
+from twist_scale.central import CentralShards
 from twist_scale.checkpoint import MANIFEST, Checkpointer, RngState
 from twist_scale.data import ShardedBatches
 from twist_scale.sync import DataParallelSync

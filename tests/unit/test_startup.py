@@ -12,8 +12,8 @@ import torch
 from safetensors import safe_open
 
 from twist_scale import startup
-from twist_scale.aggregate import CentralShards
 from twist_scale.assembly import central_from_model, central_tensors
+from twist_scale.central import CentralShards
 from twist_scale.models import architecture_of, build_model
 from twist_scale.pruning.scores import owned_sum
 from twist_scale.startup import blocks, fill, materialise_rest

@@ -8,13 +8,13 @@ import random
 import pytest
 import torch
 
-from twist_scale.correction import ACT_MEAN, ACT_SQ_MEAN, correction_of, keep_statistics_fp32
+from twist_scale.correction import ACT_MEAN, ACT_SQ_MEAN, correction_of, dropped_contribution, keep_statistics_fp32
+from twist_scale.coverage import coverage_draw
 from twist_scale.models import architecture_of, build_model, units_to_keep
 from twist_scale.subnet import (
     SubnetSampler,
     apply_subnet_shapes,
     apply_unit_masks,
-    coverage_draw,
     default_shared_layers,
     partitioned_blocks,
 )
@@ -163,11 +163,12 @@ def _pair(arch, size, correction, kappa=0.5, shared=(0,)):
     apply_subnet_shapes(sub, unit_blocks, spec)
     params = dict(full.named_parameters())
     for unit_block in unit_blocks:  # what dispatch does, from the full-width weights
-        weight = params[unit_block.output_axis.name].detach()
+        weight, kept = params[unit_block.output_axis.name].detach(), spec.units(unit_block)
+        shift = None
+        if strategy.needs_shift:
+            shift = dropped_contribution(weight, means[unit_block.output_module], unit_block, kept)
         for model in (sub, full):
-            strategy.dispatch(
-                model.get_submodule(unit_block.output_module), unit_block, spec.units(unit_block), weight, means
-            )
+            strategy.dispatch(model.get_submodule(unit_block.output_module), unit_block, kept, shift)
     apply_unit_masks(full, unit_blocks, spec)
     return full, sub, unit_blocks, spec
 
@@ -228,7 +229,7 @@ def test_scale_correction_keeps_its_fp32_factor_in_a_bf16_model():
     spec = SubnetSampler(tuple(unit_blocks), (0.75,), seed=0).specs(0)[0]
     for unit_block in unit_blocks:
         module = model.get_submodule(unit_block.output_module)
-        scale.dispatch(module, unit_block, spec.units(unit_block), module.weight, {})
+        scale.dispatch(module, unit_block, spec.units(unit_block), None)
     model.bfloat16()  # what DeepSpeed's bf16 engine does to the module and its buffers
     unit_block = unit_blocks[-1]  # an MLP group: 1/kappa is a non-dyadic 4/3
     module = model.get_submodule(unit_block.output_module)

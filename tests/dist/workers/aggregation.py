@@ -16,12 +16,12 @@ from collections.abc import Callable
 import torch
 from helpers import REPO
 
-from twist_scale.aggregate import CentralShards, FullWidthExchange
+from twist_scale.central import CentralShards
 from twist_scale.config import RunConfig
-from twist_scale.correction import correction_of
+from twist_scale.correction import ACT_MEAN, ACT_SQ_MEAN, SHIFT, correction_of, dropped_contribution
 from twist_scale.engines.deepspeed_engine import DeepSpeedEngine
 from twist_scale.models import AxisSlice, UnitBlock, architecture_of, build_model
-from twist_scale.packing import PackedExchange
+from twist_scale.exchange import FullWidthExchange, PackedExchange
 from twist_scale.subnet import SubnetSampler, SubnetSpec, apply_subnet_shapes, axis_of, partitioned_blocks, slice_tensor, unit_mask
 from twist_scale.assembly import central_tensors
 from twist_scale.sync import SubnetSync
@@ -214,3 +214,57 @@ def check_moment_dispatch(rank: int, world: int, stages: list[int]) -> None:
         share = (1 + len(MOMENTS)) / R if stage == 3 else 1 + len(MOMENTS) / R
         assert received <= 4 * share * subnet * 1.02 + 4096, f"{where}: dispatch received {received} bytes"
         del engine, sync
+
+
+def check_shifts(rank: int, world: int, stages: list[int]) -> None:
+    """Correction `mean`: the shift each group's output projections receive, W[:, dropped] @ E[a_dropped],
+    equals the formula on the full central weights whether the owners compute it on their pieces (packed,
+    also with 4 kB buckets) or every rank gathers the weight whole (dense); the packed dispatch no longer
+    sends output projections whole, so its bytes are what correction 'none' dispatches plus the statistics."""
+    groups = 2
+    for stage in stages:
+        topo = Topology.from_dist(groups)
+        torch.manual_seed(0)
+        model = build_model("llama", "tiny", 64)
+        correction = correction_of("mean")
+        unit_blocks = correction.unit_blocks(
+            partitioned_blocks(architecture_of(model).unit_blocks(model.config), shared_layers=[0, 5])
+        )
+        correction.install(model, unit_blocks, 0.9)
+        with torch.no_grad():
+            for name, buffer in model.named_buffers():
+                if name.endswith(ACT_MEAN):
+                    buffer.normal_()
+        initial = {n: t.detach().clone() for n, t in central_tensors(model).items()}
+        specs = SubnetSampler(tuple(unit_blocks), (0.5, 0.5), seed=11).specs(0)
+        spec = specs[topo.group]
+        apply_subnet_shapes(model, unit_blocks, spec)
+        cfg = RunConfig()
+        cfg.parallel.ds_config = str(REPO / "ds_configs" / f"zero{stage}.json")
+        cfg.optim.name, cfg.data.micro_batch_size = "sgd", 1
+        engine = DeepSpeedEngine(model, cfg, topo)
+        received = {}
+        for exchange, (build, bucket_mb) in EXCHANGES.items():
+            for strategy in ("mean", "none"):
+                central = CentralShards(topo, {n: t.shape for n, t in initial.items()})
+                for n, t in initial.items():
+                    central.set_full(n, t)
+                sync = SubnetSync(
+                    central, engine, unit_blocks, topo, (), correction_of(strategy), False, build(central, engine), bucket_mb
+                )
+                sync.dispatch(specs)
+                received[exchange, strategy] = sync.take_traffic().bytes
+                if strategy == "none":
+                    continue
+                for block in unit_blocks:
+                    mean = initial[f"{block.output_module}.{ACT_MEAN}"]
+                    expected = dropped_contribution(initial[block.output_axis.name], mean, block, spec.units(block))
+                    got = engine.submodule(block.output_module).get_buffer(SHIFT)
+                    where = f"zero={stage} {exchange} {block.output_module}"
+                    assert (got - expected).abs().max() <= 1e-5 * expected.abs().max(), where
+        statistics = sum(t.numel() for n, t in initial.items() if n.endswith((ACT_MEAN, ACT_SQ_MEAN)))
+        shifts = sum(initial[b.output_axis.name].shape[0] for b in unit_blocks)
+        bound = received["packed", "none"] + 4 * (2 * shifts + 64)  # + one output vector per block (+ overlaps)
+        assert received["packed", "mean"] <= bound, f"zero={stage}: {received}, {statistics} statistics"
+        assert received["dense", "mean"] > received["dense", "none"], f"zero={stage}: the reference gathers weights"
+        del engine

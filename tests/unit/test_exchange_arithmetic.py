@@ -1,0 +1,77 @@
+"""The packed exchange's index arithmetic, for every group at once, against slicing; and its buckets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers.models import random_model
+
+from twist_scale.exchange.entries import Entry, buckets, plan_buckets
+from twist_scale.exchange.held import HeldGroups, expand_ranges, take, unit_masks
+from twist_scale.models import AxisSlice, UnitBlock, architecture_of
+from twist_scale.subnet import SubnetSampler, axis_of, partitioned_blocks, slice_tensor
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # gpt2: fused qkv, units in three segments
+def test_held_runs_and_positions_are_exactly_what_slicing_keeps(arch):
+    model = random_model(arch)
+    unit_blocks = partitioned_blocks(architecture_of(model).unit_blocks(model.config), shared_layers=[])
+    specs = SubnetSampler(tuple(unit_blocks), (0.5, 0.25, 1.0), seed=3).specs(0)
+    params = dict(model.named_parameters())
+    gen = torch.Generator().manual_seed(0)
+    for name, (unit_block, axis) in axis_of(unit_blocks).items():
+        if name not in params:
+            continue
+        shape = params[name].shape
+        numel = shape.numel()
+        held = HeldGroups(shape, (unit_block, axis), unit_masks(unit_block, [s.units(unit_block) for s in specs]), 3)
+        numbered = torch.arange(numel).view(shape)
+        subs = [slice_tensor(numbered, axis, s.units(unit_block)).flatten() for s in specs]  # full index of each kept
+        assert all(torch.equal(sub, sub.sort().values) for sub in subs), f"{name}: subnets list in full flat order"
+        assert held.total().tolist() == [len(sub) for sub in subs]
+        cuts = [(0, numel), *(sorted(torch.randint(0, numel + 1, (2,), generator=gen).tolist()) for _ in range(5))]
+        for lo, hi in cuts:
+            assert held.before(torch.tensor([lo, hi])).tolist() == [
+                [int((sub < c).sum()) for c in (lo, hi)] for sub in subs
+            ]
+            positions, counts = held.positions(lo, hi)
+            expected = [torch.isin(torch.arange(lo, hi), sub).nonzero().flatten() for sub in subs]
+            assert counts.tolist() == [len(e) for e in expected], (name, lo, hi)
+            assert torch.equal(positions, torch.cat(expected)), (name, lo, hi)
+            holders = sum(torch.isin(torch.arange(lo, hi), sub).long() for sub in subs)
+            assert torch.equal(held.count(lo, hi), holders), (name, lo, hi)
+    whole = HeldGroups(torch.Size([4, 6]), None, None, 2)
+    assert whole.before(torch.tensor([7])).tolist() == [[7], [7]] and whole.positions(3, 9) is None
+
+
+def test_a_unit_axis_out_of_unit_order_is_refused():
+    block = UnitBlock(0, "attn", 2, (AxisSlice("w", 0, segments=((2, 1), (0, 1))),), "o", 1)  # unit 0 after unit 1
+    with pytest.raises(ValueError, match="ascending unit order"):
+        HeldGroups(torch.Size([4, 3]), (block, block.axes[0]), torch.ones(1, 2, dtype=torch.bool), 1)
+
+
+def test_expand_ranges_is_the_concatenation_of_aranges_and_take_copies_only_when_it_must():
+    starts, lengths = torch.tensor([[5, 0], [9, 2]]), torch.tensor([[3, 0], [1, 2]])
+    assert expand_ranges(starts, lengths).tolist() == [5, 6, 7, 9, 2, 3]
+    assert expand_ranges(torch.tensor([4]), torch.tensor([-1])).numel() == 0
+    source = torch.arange(10.0)
+    assert take(source, torch.tensor([0, 7, 4]), torch.tensor([4, 0, 6])) is source  # all of it, in order
+    assert take(source, torch.tensor([4, 0]), torch.tensor([6, 4])).tolist() == [4, 5, 6, 7, 8, 9, 0, 1, 2, 3]
+
+
+def test_buckets_keep_order_and_size_and_isolate_large_tensors():
+    entries = [Entry(f"t{i}", torch.Size([n]), None) for i, n in enumerate([10, 20, 30, 100, 5, 5])]
+    got = buckets(entries, 4 * 40, lambda e: e.numel)
+    assert [[e.name for e in b] for b in got] == [["t0", "t1"], ["t2"], ["t3"], ["t4", "t5"]]
+    assert [e for b in got for e in b] == entries
+
+
+def test_plan_cuts_what_a_rank_moves_not_the_full_tensor_into_bucket_sized_parts():
+    """A 400-element tensor over 4 owners (pieces of 100) of which each rank moves 50: a 64-byte bucket
+    (16 elements) cuts every piece into 4 parts of 25, each the same sub-range of every owner's piece."""
+    big, small = Entry("big", torch.Size([400]), None), Entry("small", torch.Size([8]), None)
+    per_rank = {"big": 50, "small": 2}
+    got = plan_buckets([small, big], 64, lambda key: -(-400 // 4) if key == "big" else 2, lambda e: per_rank[e.name])
+    parts = [e.part for b in got for e in b if e.name == "big"]
+    assert parts == [(0, 25), (25, 50), (50, 75), (75, 100)]
+    assert [len(b) for b in got] == [2, 1, 1, 1]  # 8 + 50 bytes, then one 50-byte part per bucket

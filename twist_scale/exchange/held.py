@@ -1,0 +1,121 @@
+"""Which elements of a full tensor each group holds, for every group at once: index arithmetic on tensors.
+
+Unit ids are ascending in a spec, so a subnet tensor lists its elements in the order of their flat index
+in the full tensor. A group's elements inside any flat range [lo, hi) of a full tensor are therefore one
+contiguous run of its flattened subnet, whose ends are counted from a prefix sum over the unit axis
+(`HeldGroups.before`, any number of positions, every group, one tensor expression); only the owner of a
+piece needs the held elements' positions, and only over its piece (`HeldGroups.positions`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from twist_scale.models import AxisSlice, UnitBlock
+
+
+def unit_masks(unit_block: UnitBlock, kept: list[torch.Tensor]) -> torch.Tensor:
+    """(G, n) bool: which units of `unit_block` each group keeps (`kept[g]`: its unit ids)."""
+    masks = torch.zeros(len(kept), unit_block.num_units, dtype=torch.bool)
+    rows = torch.repeat_interleave(torch.arange(len(kept)), torch.tensor([len(ids) for ids in kept]))
+    masks[rows, torch.cat(kept)] = True
+    return masks
+
+
+def expand_ranges(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """The concatenation of arange(start, start + length) over the pairs, in one tensor expression:
+    ones, with each range's first step jumping to its start, summed up."""
+    lengths, starts = lengths.flatten(), starts.flatten()
+    keep = lengths > 0
+    lengths, starts = lengths[keep], starts[keep]
+    total = int(lengths.sum())
+    if total == 0:
+        return torch.empty(0, dtype=torch.long)
+    steps = torch.ones(total, dtype=torch.long)
+    ends = starts + lengths - 1  # the last index of each range
+    steps[torch.cumsum(lengths, 0) - lengths] = starts - torch.cat([torch.tensor([0]), ends[:-1]])
+    return torch.cumsum(steps, 0)
+
+
+def take(source: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """`source` at the concatenated ranges; `source` itself (no copy) where they are all of it, in order,
+    as they are when a bucket holds one tensor."""
+    lengths, starts = lengths.flatten(), starts.flatten()
+    keep = lengths > 0
+    in_order = torch.equal(starts[keep], torch.cumsum(lengths[keep], 0) - lengths[keep])
+    if in_order and int(lengths[keep].sum()) == len(source):
+        return source
+    return source[expand_ranges(starts, lengths)]
+
+
+class HeldGroups:
+    """For each of G groups, the elements of one full tensor it holds: those whose unit-axis coordinate it
+    keeps (every element where the tensor is not unit-owned or the group holds it whole)."""
+
+    def __init__(
+        self, shape: torch.Size, unit: tuple[UnitBlock, AxisSlice] | None, masks: torch.Tensor | None, groups: int
+    ) -> None:
+        self.groups, self.numel = groups, math.prod(shape)
+        self.along: torch.Tensor | None = None  # (G, size) bool over the unit axis; None: every element
+        if unit is None or masks is None:
+            return
+        axis = unit[1]
+        channels = axis.index(torch.arange(unit[0].num_units))
+        if len(channels) > 1 and not bool((channels[1:] > channels[:-1]).all()):
+            raise ValueError(f"{axis.name}: the packed exchange needs a unit axis laid out in ascending unit order")
+        self.size, self.inner = shape[axis.axis], math.prod(shape[axis.axis + 1 :])
+        self.along = torch.zeros(groups, self.size, dtype=torch.bool)
+        self.along[:, channels] = torch.cat([masks.repeat_interleave(width, 1) for _, width in axis.runs], 1)
+        self.below = torch.cat([torch.zeros(groups, 1, dtype=torch.long), self.along.cumsum(1)], 1)
+
+    def total(self) -> torch.Tensor:
+        """(G,) elements of each group's subnet tensor."""
+        return self.before(torch.tensor([self.numel]))[:, 0]
+
+    def before(self, positions: torch.Tensor) -> torch.Tensor:
+        """(G, P): how many held elements have a flat index below each position: where a range starts in
+        each group's flattened subnet."""
+        positions = positions.to(torch.long)
+        if self.along is None:
+            return positions.expand(self.groups, -1)
+        outer, rest = (
+            torch.div(positions, self.size * self.inner, rounding_mode="floor"),
+            positions % (self.size * self.inner),
+        )
+        coord, i = torch.div(rest, self.inner, rounding_mode="floor"), rest % self.inner
+        partial = i * self.along[:, coord]  # the held elements of a held row before the position
+        return (outer * self.below[:, -1:] + self.below[:, coord]) * self.inner + partial
+
+    def count(self, lo: int, hi: int) -> torch.Tensor:
+        """(hi - lo,): how many groups hold each element of flat range [lo, hi), counted per row."""
+        if self.along is None:
+            return torch.full((hi - lo,), self.groups)
+        if hi <= lo:
+            return torch.zeros(0, dtype=torch.long)
+        first = lo // self.inner
+        rows = torch.arange(first, (hi - 1) // self.inner + 1)
+        per_row = self.along[:, rows % self.size].sum(0)
+        skip = lo - first * self.inner
+        return per_row.repeat_interleave(self.inner)[skip : skip + hi - lo]
+
+    def positions(self, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Offsets from `lo` of each group's held elements of flat range [lo, hi), ascending, concatenated
+        group after group, and each group's count (G,); None where every group holds every element.
+
+        Built from the held rows (one unit-axis coordinate of one outer index, `inner` elements each) the
+        range touches, never from a mask over the range's elements.
+        """
+        if self.along is None:
+            return None
+        if hi <= lo:
+            return torch.empty(0, dtype=torch.long), torch.zeros(self.groups, dtype=torch.long)
+        rows = torch.arange(lo // self.inner, (hi - 1) // self.inner + 1)
+        group, row = self.along[:, rows % self.size].nonzero(as_tuple=True)  # group-major, rows ascending
+        flat = ((rows[row] * self.inner - lo)[:, None] + torch.arange(self.inner)).flatten()
+        inside = (flat >= 0) & (flat < hi - lo)  # only a range's first and last rows can be partial
+        counts = torch.zeros(self.groups, dtype=torch.long).index_add_(
+            0, group, inside.view(len(group), self.inner).sum(1)
+        )
+        return flat[inside], counts
