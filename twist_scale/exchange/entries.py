@@ -52,16 +52,22 @@ def alike(bucket: list[Entry]) -> Iterator[list[int]]:
         yield list(run)
 
 
+ALONE = 4  # an entry of at least 1/ALONE of a bucket travels alone: its runs need no gathering
+
+
 def buckets(entries: list[Entry], bucket_bytes: int, elements: Callable[[Entry], float]) -> list[list[Entry]]:
-    """Consecutive entries whose fp32 size (`elements` of each) adds up to about `bucket_bytes`."""
+    """Consecutive entries whose fp32 size (`elements` of each) adds up to about `bucket_bytes`; an entry of
+    a quarter of a bucket or more gets a bucket of its own, where what arrives from the ranks is exactly
+    the tensor's runs in order (`held.take` copies nothing)."""
     out: list[list[Entry]] = [[]]
     size = 0.0
     for entry in entries:
-        if out[-1] and size + 4 * elements(entry) > bucket_bytes:
+        alone = ALONE * 4 * elements(entry) >= bucket_bytes
+        if out[-1] and (alone or size + 4 * elements(entry) > bucket_bytes):
             out.append([])
             size = 0.0
         out[-1].append(entry)
-        size += 4 * elements(entry)
+        size += bucket_bytes if alone else 4 * elements(entry)
     return [b for b in out if b]
 
 

@@ -47,7 +47,7 @@ def take(source: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor) -> t
     in_order = torch.equal(starts[keep], torch.cumsum(lengths[keep], 0) - lengths[keep])
     if in_order and int(lengths[keep].sum()) == len(source):
         return source
-    return source[expand_ranges(starts, lengths)]
+    return source.index_select(0, expand_ranges(starts, lengths).to(source.device))
 
 
 class HeldGroups:

@@ -63,6 +63,9 @@ class PackedExchange:
         self.ranged = torch.empty(0, 0, dtype=torch.bool)  # (W, names): it stores only that range of moments
         self.dispatched: dict[str, torch.Tensor] = {}  # entry key -> this rank's stored shard as dispatched
         self._masks: tuple[object, dict[tuple[int, str], torch.Tensor]] = (None, {})  # one round's unit masks
+        self._held: tuple[object, HeldGroups | None] = (None, None)  # the last tensor's holders
+        self._piece: tuple[object, object, object] = (None, None, None)  # their positions and counts in my piece
+        self._held_specs: list[SubnetSpec] | None = None  # the round `_held` belongs to
         group_of = torch.arange(self.topo.world_size) // self.topo.ranks_per_group
         self.group_of: torch.Tensor = group_of  # (W,): every rank's group
 
@@ -124,9 +127,25 @@ class PackedExchange:
     # -- index arithmetic over every rank and group ---------------------------------------------------
 
     def _holders(self, entry: Entry, specs: list[SubnetSpec], dispatch: bool) -> HeldGroups:
-        if entry.unit is None or (dispatch and entry.whole):
-            return HeldGroups(entry.shape, None, None, self.topo.groups)
-        return HeldGroups(entry.shape, entry.unit, self._unit_masks(entry.unit[0], specs), self.topo.groups)
+        """Which elements each group holds; made once for a weight and its moments, which follow it."""
+        whole = entry.unit is None or (dispatch and entry.whole)
+        key = (entry.name, whole)
+        if self._held[0] != key or self._held_specs is not specs:
+            self._held_specs = specs
+            masks = None if whole else self._unit_masks(entry.unit[0], specs)
+            self._held = key, HeldGroups(entry.shape, None if whole else entry.unit, masks, self.topo.groups)
+        return self._held[1]
+
+    def _in_piece(
+        self, entry: Entry, held: HeldGroups
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor]:
+        """`held.positions` and `held.count` over this owner's range of `entry`, once for a weight and its moments."""
+        lo, hi = self._my_range(entry)
+        cached_held, cached_range, value = self._piece
+        if cached_held is not held or cached_range != (lo, hi):
+            value = held.positions(lo, hi), held.count(lo, hi)
+            self._piece = held, (lo, hi), value
+        return value
 
     def _unit_masks(self, unit_block: UnitBlock, specs: list[SubnetSpec]) -> torch.Tensor:
         """(G, n) of one round, made once per unit block while its tensors pass."""
@@ -249,11 +268,9 @@ class PackedExchange:
         recv_at = _exclusive_cumsum(recv_lens)  # where each (source, entry) chunk starts in `received`
         for run in alike(bucket):
             lo, hi = self._my_range(bucket[run[0]])
-            held_by = helds[run[0]]
-            at = held_by.positions(lo, hi)
-            count = held_by.count(lo, hi)
+            at, count = self._in_piece(bucket[run[0]], helds[run[0]])
             held = count > 0
-            count.clamp_(min=1)  # 1 where nobody held: dividing leaves those values as they are
+            count = count.clamp(min=1)  # 1 where nobody held: dividing leaves those values as they are
             for i in run:
                 # values are summed in the piece itself: held elements restart from 0, take every holder's
                 # value and are divided by the holder count; changes are summed apart and their mean added.
@@ -288,7 +305,7 @@ class PackedExchange:
         for run in alike(bucket):
             held = self._holders(bucket[run[0]], specs, True)
             lo, hi = self._my_range(bucket[run[0]])
-            at = held.positions(lo, hi)
+            at, _ = self._in_piece(bucket[run[0]], held)
             if at is None:  # every group holds the whole piece: one set of positions serves them all
                 where, counts = torch.arange(hi - lo), torch.full((topo.groups,), hi - lo)
                 group_start = torch.zeros(topo.groups, dtype=torch.long)[self.group_of]
