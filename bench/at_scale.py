@@ -19,9 +19,15 @@ What each figure is, per rank, and the code it runs:
   - checkpoint: this rank's central shards and two moments written with `torch.save` and hashed
     (`checkpoint._sha256`), as each rank does: bytes, CPU s;
   - elastic resume to half the world: `CentralShards.load_resharded` over the old ranks' pieces
-    (stubbed): old rank files a new rank opens.
+    (stubbed): old rank files a new rank opens;
+  - the exchange: one round of aggregation and dispatch (weights and Adam moments, correction `none`
+    and `mean`) through the real `SubnetSync` and `PackedExchange`, with an engine that stores what
+    FSDP2 would store (`exchange_at_scale.py`): CPU s, split into the plan, the per-element offsets and
+    the payloads; bytes and collectives; metadata. The previous exchange runs on 6 of its buckets and is
+    extrapolated.
 Before (the code of the previous release, by construction): every rank read the whole checkpoint,
-built the whole subnet on the device, and opened all W_old rank files on an elastic resume.
+built the whole subnet on the device, and opened all W_old rank files on an elastic resume; sampling
+and the exchange before are the previous release's code itself (from git, `exchange_at_scale.PREVIOUS`).
 Writes bench/results/at_scale.{json,md} (a single shape: only --json OUT).
 """
 
@@ -207,6 +213,9 @@ def derived(result: dict[str, float]) -> dict[str, float]:
     result["previous_round_cpu_s"] = result["previous_sampling_cpu_s"] + previous
     result["previous_dispatch_mean_mb"] = result["dispatch_mb_none"] + result["previous_dispatch_whole_outputs_mb"]
     result["collectives"] = f"{result['collectives_none']} / {result['collectives_mean']}"
+    phases = result["aggregate_cpu_s_mean"] + result["dispatch_cpu_s_mean"]
+    result["payload_cpu_s_mean"] = phases - result["plan_cpu_s_mean"] - result["offsets_cpu_s_mean"]
+    result["plan_and_sampling_cpu_s"] = result["sampling_cpu_s"] + result["plan_cpu_s_mean"]
     return result
 
 
@@ -226,6 +235,10 @@ def table(results: list[dict[str, float]]) -> str:
         ("sampling + exchange CPU s (one round, correction mean)", "round_cpu_s", "previous_round_cpu_s"),
         ("  aggregation CPU s", "aggregate_cpu_s_mean", "previous_aggregate_cpu_s"),
         ("  dispatch CPU s (with the mean shifts)", "dispatch_cpu_s_mean", "previous_dispatch_cpu_s"),
+        ("  of which the plan: splits and ranges (W × entries)", "plan_cpu_s_mean", None),
+        ("  of which element offsets: positions, counts, gathers' indices", "offsets_cpu_s_mean", None),
+        ("  of which payloads: reads, gathers, sums (∝ bytes moved)", "payload_cpu_s_mean", None),
+        ("sampling + plan CPU s", "plan_and_sampling_cpu_s", None),
         ("exchange metadata MB", "exchange_metadata_mb", "previous_metadata_mb"),
         ("all G specs MB (int64 unit ids)", "specs_mb", None),
         ("aggregation MB sent (weights + 2 moments)", "aggregate_mb_mean", None),

@@ -11,6 +11,7 @@ of them: at W = 4,096 it needs hours per round.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import subprocess
 import sys
@@ -26,7 +27,7 @@ from twist_scale.central import CentralShards
 from twist_scale.correction import SHIFT, correction_of, is_statistic
 from twist_scale.engines.base import even_range
 from twist_scale.engines.storage import EngineStorage
-from twist_scale.exchange import PackedExchange
+from twist_scale.exchange import PackedExchange, held, packed
 from twist_scale.models import UnitBlock
 from twist_scale.subnet import SubnetSpec, axis_of
 from twist_scale.sync import SubnetSync
@@ -104,6 +105,49 @@ class FsdpLikeStorage(EngineStorage):
         return spans.repeat(topo.groups, 1, 1), ranged
 
 
+class Stopwatch:
+    """CPU seconds inside chosen functions, by category, counting only the outermost timed call."""
+
+    PLAN = {  # every split, offset and range of a bucket, for all W ranks and G groups
+        packed.PackedExchange: ("_holders", "_targets", "_ranges", "_my_range", "_output_rows", "_per_rank", "plan"),
+        held.HeldGroups: ("before",),
+    }
+    OFFSETS = {held.HeldGroups: ("positions", "count")}  # per element: where each held one lands
+    OFFSETS_FUNCTIONS = ((held, "expand_ranges"), (packed, "expand_ranges"))
+
+    def __init__(self) -> None:
+        self.seconds = {"plan": 0.0, "offsets": 0.0}
+        self.depth = 0
+
+    def timed(self, function, category: str):  # noqa: ANN001, ANN201
+        def run(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            if self.depth:
+                return function(*args, **kwargs)
+            self.depth += 1
+            start = time.process_time()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.seconds[category] += time.process_time() - start
+                self.depth -= 1
+
+        return run
+
+    @contextlib.contextmanager
+    def installed(self):  # noqa: ANN201
+        patched = [(owner, name, "plan") for owner, names in self.PLAN.items() for name in names]
+        patched += [(owner, name, "offsets") for owner, names in self.OFFSETS.items() for name in names]
+        patched += [(module, name, "offsets") for module, name in self.OFFSETS_FUNCTIONS]
+        originals = [(owner, name, owner.__dict__[name]) for owner, name, _ in patched]
+        for owner, name, category in patched:
+            setattr(owner, name, self.timed(owner.__dict__[name], category))
+        try:
+            yield self
+        finally:
+            for owner, name, original in originals:
+                setattr(owner, name, original)
+
+
 def subnet_shapes(central: CentralShards, unit_blocks: list[UnitBlock], spec: SubnetSpec) -> dict[str, torch.Size]:
     axes = axis_of(unit_blocks)
     out = {}
@@ -146,14 +190,17 @@ def measure(
     for correction in ("none", "mean"):
         exchange = StubLayoutExchange(central, storage)
         sync = SubnetSync(central, storage, unit_blocks, topo, MOMENTS, correction_of(correction), False, exchange)
-        start = time.process_time()
-        sync.aggregate(specs)
-        aggregate_s = time.process_time() - start
-        aggregated = sync.take_traffic()
-        start = time.process_time()
-        sync.dispatch(specs)
-        dispatch_s = time.process_time() - start
-        dispatched = sync.take_traffic()
+        with Stopwatch().installed() as stopwatch:
+            start = time.process_time()
+            sync.aggregate(specs)
+            aggregate_s = time.process_time() - start
+            aggregated = sync.take_traffic()
+            start = time.process_time()
+            sync.dispatch(specs)
+            dispatch_s = time.process_time() - start
+            dispatched = sync.take_traffic()
+        out[f"plan_cpu_s_{correction}"] = stopwatch.seconds["plan"]
+        out[f"offsets_cpu_s_{correction}"] = stopwatch.seconds["offsets"]
         out |= {
             f"aggregate_cpu_s_{correction}": aggregate_s,
             f"dispatch_cpu_s_{correction}": dispatch_s,

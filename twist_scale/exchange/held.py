@@ -74,19 +74,18 @@ class HeldGroups:
         """(G,) elements of each group's subnet tensor."""
         return self.before(torch.tensor([self.numel]))[:, 0]
 
-    def before(self, positions: torch.Tensor) -> torch.Tensor:
-        """(G, P): how many held elements have a flat index below each position: where a range starts in
-        each group's flattened subnet."""
+    def before(self, positions: torch.Tensor, group: int | None = None) -> torch.Tensor:
+        """(G, P), or (P,) for one `group`: how many held elements have a flat index below each position:
+        where a range starts in each group's flattened subnet."""
         positions = positions.to(torch.long)
         if self.along is None:
-            return positions.expand(self.groups, -1)
-        outer, rest = (
-            torch.div(positions, self.size * self.inner, rounding_mode="floor"),
-            positions % (self.size * self.inner),
-        )
+            return positions if group is not None else positions.expand(self.groups, -1)
+        along, below = (self.along, self.below) if group is None else (self.along[group], self.below[group])
+        outer = torch.div(positions, self.size * self.inner, rounding_mode="floor")
+        rest = positions % (self.size * self.inner)
         coord, i = torch.div(rest, self.inner, rounding_mode="floor"), rest % self.inner
-        partial = i * self.along[:, coord]  # the held elements of a held row before the position
-        return (outer * self.below[:, -1:] + self.below[:, coord]) * self.inner + partial
+        partial = i * along[..., coord]  # the held elements of a held row before the position
+        return (outer * below[..., -1:] + below[..., coord]) * self.inner + partial
 
     def count(self, lo: int, hi: int) -> torch.Tensor:
         """(hi - lo,): how many groups hold each element of flat range [lo, hi), counted per row."""

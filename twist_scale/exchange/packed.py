@@ -245,7 +245,7 @@ class PackedExchange:
             base = self.dispatched.get(entry.key)  # None: the change is the value (or the wire is fp32)
             values.append(value if base is None else value - base.to(value.device))
             lo, hi = self._ranges(entry)  # to every owner: my stored range's overlap with the group's run there
-            mine = held.before(torch.stack([lo, hi]).flatten())[me].view(2, W)
+            mine = held.before(torch.stack([lo, hi]).flatten(), me).view(2, W)
             a, b = mine[0].clamp(min=start), mine[1].clamp(max=start + len(value))
             send_from[:, i], send_lens[:, i] = a - start + offset, (b - a).clamp(min=0)
             offset += len(value)
@@ -314,7 +314,7 @@ class PackedExchange:
                 group_start = _exclusive_cumsum(counts)[self.group_of]
             first = held.before(torch.tensor([lo]))[:, 0]  # (G,) where each group's run starts in its subnet
             owners_lo, owners_hi = self._ranges(bucket[run[0]])
-            mine = held.before(torch.stack([owners_lo, owners_hi]).flatten())[me].view(2, W)
+            mine = held.before(torch.stack([owners_lo, owners_hi]).flatten(), me).view(2, W)
             for i in run:
                 target = self._targets(bucket[i], held)  # a weight's moments may be stored by range
                 a = bucket[i].part[0] if bucket[i].part else 0
