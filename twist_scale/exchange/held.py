@@ -55,20 +55,32 @@ class HeldGroups:
     keeps (every element where the tensor is not unit-owned or the group holds it whole)."""
 
     def __init__(
-        self, shape: torch.Size, unit: tuple[UnitBlock, AxisSlice] | None, masks: torch.Tensor | None, groups: int
+        self,
+        shape: torch.Size,
+        unit: tuple[UnitBlock, AxisSlice] | None,
+        masks: torch.Tensor | None,
+        groups: int,
+        layout: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
+        """`layout`: `HeldGroups.layout` of these masks, where another tensor of the block already made it."""
         self.groups, self.numel = groups, math.prod(shape)
         self.along: torch.Tensor | None = None  # (G, size) bool over the unit axis; None: every element
         if unit is None or masks is None:
             return
+        self.size, self.inner = shape[unit[1].axis], math.prod(shape[unit[1].axis + 1 :])
+        self.along, self.below = layout or self.layout(unit, masks, self.size)
+
+    @staticmethod
+    def layout(unit: tuple[UnitBlock, AxisSlice], masks: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(G, size) bool: which unit-axis coordinates each group holds, and (G, size + 1) their prefix sums.
+        The same for every tensor of a unit block whose unit axis is laid out alike (gate and up, q and o)."""
         axis = unit[1]
         channels = axis.index(torch.arange(unit[0].num_units))
         if len(channels) > 1 and not bool((channels[1:] > channels[:-1]).all()):
             raise ValueError(f"{axis.name}: the packed exchange needs a unit axis laid out in ascending unit order")
-        self.size, self.inner = shape[axis.axis], math.prod(shape[axis.axis + 1 :])
-        self.along = torch.zeros(groups, self.size, dtype=torch.bool)
-        self.along[:, channels] = torch.cat([masks.repeat_interleave(width, 1) for _, width in axis.runs], 1)
-        self.below = torch.cat([torch.zeros(groups, 1, dtype=torch.long), self.along.cumsum(1)], 1)
+        along = torch.zeros(len(masks), size, dtype=torch.bool)
+        along[:, channels] = torch.cat([masks.repeat_interleave(width, 1) for _, width in axis.runs], 1)
+        return along, torch.cat([torch.zeros(len(masks), 1, dtype=torch.long), along.cumsum(1)], 1)
 
     def total(self) -> torch.Tensor:
         """(G,) elements of each group's subnet tensor."""

@@ -62,7 +62,7 @@ class PackedExchange:
         self.stored = torch.empty(0, 0, 2, dtype=torch.long)  # (W, names, 2): each rank's [start, stop)
         self.ranged = torch.empty(0, 0, dtype=torch.bool)  # (W, names): it stores only that range of moments
         self.dispatched: dict[str, torch.Tensor] = {}  # entry key -> this rank's stored shard as dispatched
-        self._masks: tuple[object, dict[tuple[int, str], torch.Tensor]] = (None, {})  # one round's unit masks
+        self._masks: tuple[object, object, torch.Tensor | None, dict] = (None, None, None, {})  # the last block's
         self._held: tuple[object, HeldGroups | None] = (None, None)  # the last tensor's holders
         self._piece: tuple[object, object, object] = (None, None, None)  # their positions and counts in my piece
         self._held_specs: list[SubnetSpec] | None = None  # the round `_held` belongs to
@@ -112,6 +112,7 @@ class PackedExchange:
             return False
         return self._sharded(entry) or (bool(entry.moment) and bool(self.ranged[self.topo.rank, self._column(entry)]))
 
+    @functools.cache  # noqa: B019 - fixed for the run, asked once per part of every tensor in every plan
     def _per_rank(self, entry: Entry) -> int:
         """The most elements of `entry` one rank sends or receives, the same on every rank: what a bucket holds."""
         if entry.whole:
@@ -132,8 +133,16 @@ class PackedExchange:
         key = (entry.name, whole)
         if self._held[0] != key or self._held_specs is not specs:
             self._held_specs = specs
-            masks = None if whole else self._unit_masks(entry.unit[0], specs)
-            self._held = key, HeldGroups(entry.shape, None if whole else entry.unit, masks, self.topo.groups)
+            if whole:
+                held = HeldGroups(entry.shape, None, None, self.topo.groups)
+            else:
+                masks, layouts = self._unit_masks(entry.unit[0], specs)
+                size = entry.shape[entry.unit[1].axis]
+                laid_out = (entry.unit[1].runs, size)  # tensors of the block whose unit axis is laid out alike
+                if laid_out not in layouts:
+                    layouts[laid_out] = HeldGroups.layout(entry.unit, masks, size)
+                held = HeldGroups(entry.shape, entry.unit, masks, self.topo.groups, layouts[laid_out])
+            self._held = key, held
         return self._held[1]
 
     def _in_piece(
@@ -147,15 +156,14 @@ class PackedExchange:
             self._piece = held, (lo, hi), value
         return value
 
-    def _unit_masks(self, unit_block: UnitBlock, specs: list[SubnetSpec]) -> torch.Tensor:
-        """(G, n) of one round, made once per unit block while its tensors pass."""
-        round_, masks = self._masks
-        if round_ is not specs:
-            self._masks = round_, masks = specs, {}
-        if unit_block.key not in masks:
-            masks.clear()  # entries come block by block: the previous block is done
-            masks[unit_block.key] = unit_masks(unit_block, [spec.units(unit_block) for spec in specs])
-        return masks[unit_block.key]
+    def _unit_masks(self, unit_block: UnitBlock, specs: list[SubnetSpec]) -> tuple[torch.Tensor, dict]:
+        """(G, n) of one round, and the block's `HeldGroups.layout`s: made once per unit block while its
+        tensors pass."""
+        round_, block, masks, layouts = self._masks
+        if round_ is not specs or block != unit_block.key:
+            masks = unit_masks(unit_block, [spec.units(unit_block) for spec in specs])
+            self._masks = round_, block, masks, layouts = specs, unit_block.key, masks, {}
+        return masks, layouts
 
     def _ranges(self, entry: Entry) -> tuple[torch.Tensor, torch.Tensor]:
         """(W,) each: the flat range [lo, hi) of the full tensor that `entry` covers in every owner's piece."""
