@@ -53,14 +53,13 @@ def _rank(rank: int, world: int, port: int, size: str, bucket_mb: float, zero: i
     import torch
     import torch.distributed as dist
 
-    from twist_scale.aggregate import FullWidthExchange
     from twist_scale.assembly import central_from_model
     from twist_scale.config import RunConfig
     from twist_scale.correction import correction_of
     from twist_scale.distributed import close_distributed, init_distributed
     from twist_scale.engines.deepspeed_engine import DeepSpeedEngine
+    from twist_scale.exchange import FullWidthExchange, PackedExchange
     from twist_scale.models import architecture_of, build_model
-    from twist_scale.packing import PackedExchange
     from twist_scale.startup import materialise_rest
     from twist_scale.subnet import SubnetSampler, apply_subnet_shapes, partitioned_blocks
     from twist_scale.sync import SubnetSync
