@@ -1,8 +1,9 @@
-"""One rank of a large TwIST run, measured on this machine: start-up, engine build, checkpoint and elastic
-resume, with the real code on a meta-device model and a fake process group of the run's world size.
+"""One rank of a large TwIST run, measured on this machine: start-up, sampling, engine build, checkpoint,
+elastic resume and the exchange, with the real code on a meta-device model and a fake process group of
+the run's world size.
 
-    python bench/at_scale.py                       # llama 70b and 8b, W = 4,096 and 512: ~5 min
-    python bench/at_scale.py --shape 70b --world 4096 --groups 64 --kappa 0.25 --json OUT
+    python bench/at_scale.py                       # llama 70b and 8b, W = 4,096 and 512: ~9 min
+    python bench/at_scale.py --shape llama-70b --world 4096 --groups 64 --kappa 0.25 --json OUT
 
 torch's 'fake' process group lets one process be rank r of W: its collectives return at once (their
 tensors keep whatever they held), so CPU seconds and bytes are one rank's own share of the work, the
@@ -260,7 +261,9 @@ def table(results: list[dict[str, float]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", choices=["8b", "70b"], help="one case (default: every case in CASES)")
+    parser.add_argument(
+        "--shape", choices=["8b", "70b", "llama-8b", "llama-70b"], help="one case (default: every case in CASES)"
+    )
     parser.add_argument("--world", type=int, default=4096)
     parser.add_argument("--groups", type=int, default=64)
     parser.add_argument("--kappa", type=float, default=0.25)
@@ -268,6 +271,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write this case's figures here")
     args = parser.parse_args()
     if args.shape:
+        args.shape = args.shape.removeprefix("llama-")
         rank = args.world // 2 + 1 if args.rank is None else args.rank
         result = {"shape": args.shape, "kappa": args.kappa, "rank": rank}
         result |= one_rank(args.shape, args.world, args.groups, args.kappa, rank)

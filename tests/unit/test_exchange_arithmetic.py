@@ -7,7 +7,7 @@ import torch
 from helpers.models import random_model
 
 from twist_scale.exchange.entries import Entry, buckets, plan_buckets
-from twist_scale.exchange.held import HeldGroups, expand_ranges, take, unit_masks
+from twist_scale.exchange.held import SLICE_AT, HeldGroups, expand_ranges, gather_runs, take, unit_masks
 from twist_scale.models import AxisSlice, UnitBlock, architecture_of
 from twist_scale.subnet import SubnetSampler, axis_of, partitioned_blocks, slice_tensor
 
@@ -75,3 +75,12 @@ def test_plan_cuts_what_a_rank_moves_not_the_full_tensor_into_bucket_sized_parts
     parts = [e.part for b in got for e in b if e.name == "big"]
     assert parts == [(0, 25), (25, 50), (50, 75), (75, 100)]
     assert [len(b) for b in got] == [1, 1, 1, 1, 1]  # each 50-byte part (a quarter of a bucket or more) alone
+
+
+@pytest.mark.parametrize("run", [1, SLICE_AT])  # short runs through one index, long ones slice by slice
+def test_gather_runs_lays_out_each_ranks_runs_of_every_source_in_rank_order(run):
+    sources = [torch.arange(4.0 * run), 100 + torch.arange(2.0 * run)]
+    starts = torch.tensor([[0, run], [2 * run, 0]])  # rank 0: source 0 [0, run), source 1 [run, 2 run); rank 1: ...
+    lengths = torch.tensor([[run, run], [2 * run, run]])
+    expected = torch.cat([sources[0][:run], sources[1][run:], sources[0][2 * run :], sources[1][:run]])
+    assert torch.equal(gather_runs(sources, starts, lengths), expected)

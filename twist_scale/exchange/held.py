@@ -39,15 +39,38 @@ def expand_ranges(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     return torch.cumsum(steps, 0)
 
 
+SLICE_AT = 256  # ranges this long on average are copied slice by slice: cheaper than an index per element
+
+
 def take(source: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """`source` at the concatenated ranges; `source` itself (no copy) where they are all of it, in order,
-    as they are when a bucket holds one tensor."""
+    as they are when a bucket holds one tensor. Long ranges (a small world, large tensors) are copied
+    slice by slice; many short ones through one index of every element."""
     lengths, starts = lengths.flatten(), starts.flatten()
     keep = lengths > 0
-    in_order = torch.equal(starts[keep], torch.cumsum(lengths[keep], 0) - lengths[keep])
-    if in_order and int(lengths[keep].sum()) == len(source):
+    lengths, starts = lengths[keep], starts[keep]
+    if torch.equal(starts, torch.cumsum(lengths, 0) - lengths) and int(lengths.sum()) == len(source):
         return source
+    if len(lengths) * SLICE_AT <= int(lengths.sum()):
+        pieces = [source[a : a + n] for a, n in zip(starts.tolist(), lengths.tolist(), strict=True)]
+        return torch.cat(pieces) if pieces else source[:0]
     return source.index_select(0, expand_ranges(starts, lengths).to(source.device))
+
+
+def gather_runs(sources: list[torch.Tensor], starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """One payload, rank after rank, of the runs [starts[r, i], + lengths[r, i]) of each `sources[i]`:
+    `sources[0]` itself when it is all of one source in order, its slices when the runs are long, else
+    one index over the sources' concatenation."""
+    if len(sources) == 1:
+        return take(sources[0], starts, lengths)
+    flat_lengths = lengths.flatten()
+    if len(flat_lengths) * SLICE_AT <= int(flat_lengths.sum()):
+        rows = (flat_lengths > 0).nonzero(as_tuple=True)[0]
+        cols = rows % lengths.shape[1]
+        runs = zip(cols.tolist(), starts.flatten()[rows].tolist(), flat_lengths[rows].tolist(), strict=True)
+        return torch.cat([sources[i][a : a + n] for i, a, n in runs])
+    offsets = torch.tensor([0] + [len(t) for t in sources[:-1]]).cumsum(0)
+    return take(torch.cat(sources), starts + offsets, lengths)
 
 
 class HeldGroups:

@@ -36,7 +36,7 @@ import torch.distributed as dist
 
 from twist_scale.exchange.base import SubnetSource
 from twist_scale.exchange.entries import Entry, alike, plan_buckets
-from twist_scale.exchange.held import HeldGroups, expand_ranges, take, unit_masks
+from twist_scale.exchange.held import HeldGroups, expand_ranges, gather_runs, take, unit_masks
 from twist_scale.models import UnitBlock
 from twist_scale.subnet import SubnetSpec
 
@@ -245,7 +245,7 @@ class PackedExchange:
         held_of = [helds[run[0]] for run in alike(bucket) for _ in run]
         send_from, send_lens = torch.zeros(W, E, dtype=torch.long), torch.zeros(W, E, dtype=torch.long)
         recv_lens = torch.zeros(W, E, dtype=torch.long)
-        values, offset = [], 0
+        values = []
         for i, (entry, held) in enumerate(zip(bucket, held_of, strict=True)):
             # an engine on the accelerator reads there, statistics come from the host: one device to send from
             start, value = source.read_shard(entry)
@@ -255,8 +255,7 @@ class PackedExchange:
             lo, hi = self._ranges(entry)  # to every owner: my stored range's overlap with the group's run there
             mine = held.before(torch.stack([lo, hi]).flatten(), me).view(2, W)
             a, b = mine[0].clamp(min=start), mine[1].clamp(max=start + len(value))
-            send_from[:, i], send_lens[:, i] = a - start + offset, (b - a).clamp(min=0)
-            offset += len(value)
+            send_from[:, i], send_lens[:, i] = a - start, (b - a).clamp(min=0)
             # from every source rank: its stored range's overlap with its group's run in my piece
             my_lo, my_hi = self._my_range(entry)
             first, last = held.before(torch.tensor([my_lo, my_hi])).unbind(1)  # (G,) each
@@ -268,7 +267,7 @@ class PackedExchange:
             a = torch.maximum(first[self.group_of], spans[:, 0])
             b = torch.minimum(last[self.group_of], spans[:, 1])
             recv_lens[:, i] = (b - a).clamp(min=0)
-        payload = take(torch.cat(values) if values else torch.empty(0, device=topo.device), send_from, send_lens)
+        payload = gather_runs(values, send_from, send_lens) if values else torch.empty(0, device=topo.device)
         in_splits, out_splits = send_lens.sum(1), recv_lens.sum(1)
         sent = int(in_splits.sum() - in_splits[topo.rank])  # to the other owners
         received = self._all_to_all(payload, in_splits, out_splits, self.wire, sent)
@@ -308,47 +307,45 @@ class PackedExchange:
         W, E, me = topo.world_size, len(bucket), topo.group
         send_from, send_lens = torch.zeros(W, E, dtype=torch.long), torch.zeros(W, E, dtype=torch.long)
         recv_lens, places = torch.zeros(W, E, dtype=torch.long), torch.zeros(W, E, dtype=torch.long)
-        pieces, positions, piece_offset, position_offset = [], [], 0, 0
-        targets = []
+        values, targets = [], []
         for run in alike(bucket):
             held = self._holders(bucket[run[0]], specs, True)
             lo, hi = self._my_range(bucket[run[0]])
             at, _ = self._in_piece(bucket[run[0]], held)
-            if at is None:  # every group holds the whole piece: one set of positions serves them all
-                where, counts = torch.arange(hi - lo), torch.full((topo.groups,), hi - lo)
+            if at is None:  # every group holds the whole piece
+                counts = torch.full((topo.groups,), hi - lo)
                 group_start = torch.zeros(topo.groups, dtype=torch.long)[self.group_of]
             else:
-                where, counts = at
-                group_start = _exclusive_cumsum(counts)[self.group_of]
+                group_start = _exclusive_cumsum(at[1])[self.group_of]  # where each group's offsets begin
+                counts = at[1]
             first = held.before(torch.tensor([lo]))[:, 0]  # (G,) where each group's run starts in its subnet
             owners_lo, owners_hi = self._ranges(bucket[run[0]])
             mine = held.before(torch.stack([owners_lo, owners_hi]).flatten(), me).view(2, W)
             for i in run:
                 target = self._targets(bucket[i], held)  # a weight's moments may be stored by range
-                a = bucket[i].part[0] if bucket[i].part else 0
-                pieces.append(self.central.shards[bucket[i].key][a : a + hi - lo])
-                positions.append(where + piece_offset)
-                # to every rank: its group's run in my piece, cut to the range it receives
+                # to every rank, in rank order: its group's run in my piece, cut to the range it receives
                 start, stop = first[self.group_of], (first + counts)[self.group_of]
                 s, t = torch.maximum(start, target[:, 0]), torch.minimum(stop, target[:, 1])
-                send_from[:, i] = position_offset + group_start + s - start
-                send_lens[:, i] = (t - s).clamp(min=0)
+                lengths = (t - s).clamp(min=0)
+                a = bucket[i].part[0] if bucket[i].part else 0
+                piece = self.central.shards[bucket[i].key][a : a + hi - lo]
+                if at is None:
+                    sent = take(piece, group_start + s - start, lengths)
+                else:  # the held elements are gathered straight from the piece
+                    sent = piece.index_select(0, take(at[0], group_start + s - start, lengths))
+                values.append(sent)
+                send_from[:, i], send_lens[:, i] = _exclusive_cumsum(lengths), lengths
                 # from every owner: my group's run in its piece, cut to the range I receive
                 s, t = target[topo.rank]
                 a, b = mine[0].clamp(min=int(s)), mine[1].clamp(max=int(t))
                 recv_lens[:, i], places[:, i] = (b - a).clamp(min=0), a - s
                 targets.append((int(s), int(t)))
-                piece_offset += hi - lo
-                position_offset += len(where)
-        # the held elements are gathered straight into the payload: one index over every entry's pieces
-        index = take(torch.cat(positions), send_from, send_lens) if positions else torch.empty(0, dtype=torch.long)
-        payload = torch.empty(len(index), pin_memory=self.central.pin)
-        torch.index_select(torch.cat(pieces) if pieces else torch.empty(0), 0, index, out=payload)
+        payload = gather_runs(values, send_from, send_lens) if values else torch.empty(0)  # rank-major
         in_splits, out_splits = send_lens.sum(1), recv_lens.sum(1)
         incoming = int(out_splits.sum() - out_splits[topo.rank])  # from the other owners
         # fp32 always: the engines' master weights start every round from these values exactly
         received = self._all_to_all(payload, in_splits, out_splits, torch.float32, incoming)
-        del payload, pieces, positions, index  # sent: only what arrived is needed from here
+        del payload, values  # sent: only what arrived is needed from here
         recv_at = _exclusive_cumsum(recv_lens)
         out = {}
         for i, entry in enumerate(bucket):
