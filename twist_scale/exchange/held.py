@@ -24,6 +24,12 @@ def unit_masks(unit_block: UnitBlock, kept: list[torch.Tensor]) -> torch.Tensor:
     return masks
 
 
+def exclusive_cumsum(lengths: torch.Tensor) -> torch.Tensor:
+    """Where each of `lengths` (any shape, row-major) starts in their concatenation."""
+    flat = lengths.flatten()
+    return (torch.cumsum(flat, 0) - flat).view(lengths.shape)
+
+
 def expand_ranges(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """The concatenation of arange(start, start + length) over the pairs, in one tensor expression:
     ones, with each range's first step jumping to its start, summed up."""
@@ -35,7 +41,7 @@ def expand_ranges(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         return torch.empty(0, dtype=torch.long)
     steps = torch.ones(total, dtype=torch.long)
     ends = starts + lengths - 1  # the last index of each range
-    steps[torch.cumsum(lengths, 0) - lengths] = starts - torch.cat([torch.tensor([0]), ends[:-1]])
+    steps[exclusive_cumsum(lengths)] = starts - torch.cat([torch.tensor([0]), ends[:-1]])
     return torch.cumsum(steps, 0)
 
 
@@ -49,7 +55,7 @@ def take(source: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor) -> t
     lengths, starts = lengths.flatten(), starts.flatten()
     keep = lengths > 0
     lengths, starts = lengths[keep], starts[keep]
-    if torch.equal(starts, torch.cumsum(lengths, 0) - lengths) and int(lengths.sum()) == len(source):
+    if torch.equal(starts, exclusive_cumsum(lengths)) and int(lengths.sum()) == len(source):
         return source
     if len(lengths) * SLICE_AT <= int(lengths.sum()):
         pieces = [source[a : a + n] for a, n in zip(starts.tolist(), lengths.tolist(), strict=True)]
@@ -102,7 +108,7 @@ class HeldGroups:
         if len(channels) > 1 and not bool((channels[1:] > channels[:-1]).all()):
             raise ValueError(f"{axis.name}: the packed exchange needs a unit axis laid out in ascending unit order")
         along = torch.zeros(len(masks), size, dtype=torch.bool)
-        along[:, channels] = torch.cat([masks.repeat_interleave(width, 1) for _, width in axis.runs], 1)
+        along[:, channels] = axis.spread(masks)
         return along, torch.cat([torch.zeros(len(masks), 1, dtype=torch.long), along.cumsum(1)], 1)
 
     def total(self) -> torch.Tensor:

@@ -36,18 +36,12 @@ import torch.distributed as dist
 
 from twist_scale.exchange.base import SubnetSource
 from twist_scale.exchange.entries import Entry, alike, plan_buckets
-from twist_scale.exchange.held import HeldGroups, expand_ranges, gather_runs, take, unit_masks
+from twist_scale.exchange.held import HeldGroups, exclusive_cumsum, expand_ranges, gather_runs, take, unit_masks
 from twist_scale.models import UnitBlock
 from twist_scale.subnet import SubnetSpec
 
 WIRE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 ShardRange = Callable[[torch.Size, int], "tuple[int, int] | None"]  # EngineStorage.shard_range
-
-
-def _exclusive_cumsum(lengths: torch.Tensor) -> torch.Tensor:
-    """Where each of `lengths` (any shape, row-major) starts in their concatenation."""
-    flat = lengths.flatten()
-    return (torch.cumsum(flat, 0) - flat).view(lengths.shape)
 
 
 class PackedExchange:
@@ -173,10 +167,10 @@ class PackedExchange:
         return (owners * k + a).clamp(max=entry.numel), (owners * k + b).clamp(max=entry.numel)
 
     def _my_range(self, entry: Entry) -> tuple[int, int]:
-        k = self.central.piece_len(entry.key)
-        a, b = entry.part or (0, k)
-        rank = self.topo.rank
-        return min(rank * k + a, entry.numel), min(rank * k + b, entry.numel)
+        """The part of this owner's piece (`CentralShards.piece_range`) that `entry` covers."""
+        lo, hi = self.central.piece_range(entry.key)
+        a, b = entry.part or (0, hi - lo)
+        return min(lo + a, hi), min(lo + b, hi)
 
     def _targets(self, entry: Entry, held: HeldGroups) -> torch.Tensor:
         """(W, 2): the flat range of its group's subnet tensor each rank receives in dispatch."""
@@ -259,11 +253,11 @@ class PackedExchange:
             # from every source rank: its stored range's overlap with its group's run in my piece
             my_lo, my_hi = self._my_range(entry)
             first, last = held.before(torch.tensor([my_lo, my_hi])).unbind(1)  # (G,) each
-            spans = self.stored[:, self._column(entry)]
+            spans, totals = self.stored[:, self._column(entry)], held.total()
             ends = spans[:, 1].view(topo.groups, -1).max(1).values
-            if not torch.equal(ends, held.total()):
-                g = int((ends != held.total()).nonzero()[0])
-                raise RuntimeError(f"{entry.key}: group {g}'s ranks store {int(ends[g])} of {int(held.total()[g])}")
+            if not torch.equal(ends, totals):
+                g = int((ends != totals).nonzero()[0])
+                raise RuntimeError(f"{entry.key}: group {g}'s ranks store {int(ends[g])} of {int(totals[g])}")
             a = torch.maximum(first[self.group_of], spans[:, 0])
             b = torch.minimum(last[self.group_of], spans[:, 1])
             recv_lens[:, i] = (b - a).clamp(min=0)
@@ -272,7 +266,7 @@ class PackedExchange:
         sent = int(in_splits.sum() - in_splits[topo.rank])  # to the other owners
         received = self._all_to_all(payload, in_splits, out_splits, self.wire, sent)
         del payload, values  # sent: only what arrived is needed from here
-        recv_at = _exclusive_cumsum(recv_lens)  # where each (source, entry) chunk starts in `received`
+        recv_at = exclusive_cumsum(recv_lens)  # where each (source, entry) chunk starts in `received`
         for run in alike(bucket):
             lo, hi = self._my_range(bucket[run[0]])
             at, count = self._in_piece(bucket[run[0]], helds[run[0]])
@@ -316,7 +310,7 @@ class PackedExchange:
                 counts = torch.full((topo.groups,), hi - lo)
                 group_start = torch.zeros(topo.groups, dtype=torch.long)[self.group_of]
             else:
-                group_start = _exclusive_cumsum(at[1])[self.group_of]  # where each group's offsets begin
+                group_start = exclusive_cumsum(at[1])[self.group_of]  # where each group's offsets begin
                 counts = at[1]
             first = held.before(torch.tensor([lo]))[:, 0]  # (G,) where each group's run starts in its subnet
             owners_lo, owners_hi = self._ranges(bucket[run[0]])
@@ -334,7 +328,7 @@ class PackedExchange:
                 else:  # the held elements are gathered straight from the piece
                     sent = piece.index_select(0, take(at[0], group_start + s - start, lengths))
                 values.append(sent)
-                send_from[:, i], send_lens[:, i] = _exclusive_cumsum(lengths), lengths
+                send_from[:, i], send_lens[:, i] = exclusive_cumsum(lengths), lengths
                 # from every owner: my group's run in its piece, cut to the range I receive
                 s, t = target[topo.rank]
                 a, b = mine[0].clamp(min=int(s)), mine[1].clamp(max=int(t))
@@ -346,7 +340,7 @@ class PackedExchange:
         # fp32 always: the engines' master weights start every round from these values exactly
         received = self._all_to_all(payload, in_splits, out_splits, torch.float32, incoming)
         del payload, values  # sent: only what arrived is needed from here
-        recv_at = _exclusive_cumsum(recv_lens)
+        recv_at = exclusive_cumsum(recv_lens)
         out = {}
         for i, entry in enumerate(bucket):
             s, t = targets[i]
@@ -360,15 +354,8 @@ class PackedExchange:
             if entry.part is not None and entry.part[1] != self.central.piece_len(entry.key):
                 self.assembling[entry.key] = flat  # more parts to come
                 continue
-            out[entry.key] = flat if self.receives_shard(entry) else flat.view(self._received_shape(entry, specs[me]))
+            out[entry.key] = flat if self.receives_shard(entry) else flat.view(self._subnet_shape(entry, t - s))
         return out
-
-    @staticmethod
-    def _received_shape(entry: Entry, spec: SubnetSpec) -> list[int]:
-        shape = list(entry.shape)
-        if entry.unit is not None and not entry.whole:
-            shape[entry.unit[1].axis] = len(entry.unit[1].index(spec.units(entry.unit[0])))
-        return shape
 
     # -- the mean correction's shifts -----------------------------------------------------------------
 
@@ -404,7 +391,7 @@ class PackedExchange:
         out_splits = lengths_w.sum(1)
         incoming = int(out_splits.sum() - out_splits[topo.rank])  # from the other owners, as dispatch counts
         received = self._all_to_all(payload.flatten(), in_splits, out_splits, torch.float32, incoming)
-        at = _exclusive_cumsum(lengths_w)
+        at = exclusive_cumsum(lengths_w)
         out = {}
         for b, (unit_block, _) in enumerate(outputs):
             rows_lo, rows_hi, out_dim = rows[b]

@@ -48,8 +48,8 @@ class AxisSlice:
         )
 
     def spread(self, per_unit: torch.Tensor) -> torch.Tensor:
-        """One value per unit repeated over the unit's channels, in `index` order."""
-        return torch.cat([per_unit.repeat_interleave(width) for _, width in self.runs])
+        """One value per unit (the last dim) repeated over the unit's channels, in `index` order."""
+        return torch.cat([per_unit.repeat_interleave(width, -1) for _, width in self.runs], -1)
 
     def per_unit(self, channels: torch.Tensor, num_units: int) -> torch.Tensor:
         """Sum a per-channel vector (one entry per channel along the axis) into one value per unit."""
