@@ -112,7 +112,7 @@ class Stopwatch:
         packed.PackedExchange: ("_holders", "_targets", "_ranges", "_my_range", "_output_rows", "_per_rank", "plan"),
         held.HeldGroups: ("before",),
     }
-    OFFSETS = {held.HeldGroups: ("positions", "count")}  # per element: where each held one lands
+    OFFSETS = {held.HeldGroups: ("piece_rows",)}  # per row of a piece: where each held one lands
     OFFSETS_FUNCTIONS = ((held, "expand_ranges"), (packed, "expand_ranges"))
 
     def __init__(self) -> None:

@@ -13,7 +13,7 @@ from twist_scale.subnet import SubnetSampler, axis_of, partitioned_blocks, slice
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])  # gpt2: fused qkv, units in three segments
-def test_held_runs_and_positions_are_exactly_what_slicing_keeps(arch):
+def test_held_runs_and_piece_rows_are_exactly_what_slicing_keeps(arch):
     model = random_model(arch)
     unit_blocks = partitioned_blocks(architecture_of(model).unit_blocks(model.config), shared_layers=[])
     specs = SubnetSampler(tuple(unit_blocks), (0.5, 0.25, 1.0), seed=3).specs(0)
@@ -28,20 +28,23 @@ def test_held_runs_and_positions_are_exactly_what_slicing_keeps(arch):
         numbered = torch.arange(numel).view(shape)
         subs = [slice_tensor(numbered, axis, s.units(unit_block)).flatten() for s in specs]  # full index of each kept
         assert all(torch.equal(sub, sub.sort().values) for sub in subs), f"{name}: subnets list in full flat order"
-        assert held.total().tolist() == [len(sub) for sub in subs]
+        assert held.total.tolist() == [len(sub) for sub in subs]
         cuts = [(0, numel), *(sorted(torch.randint(0, numel + 1, (2,), generator=gen).tolist()) for _ in range(5))]
         for lo, hi in cuts:
             assert held.before(torch.tensor([lo, hi])).tolist() == [
                 [int((sub < c).sum()) for c in (lo, hi)] for sub in subs
             ]
-            positions, counts = held.positions(lo, hi)
+            rows = held.piece_rows(lo, hi)
             expected = [torch.isin(torch.arange(lo, hi), sub).nonzero().flatten() for sub in subs]
-            assert counts.tolist() == [len(e) for e in expected], (name, lo, hi)
-            assert torch.equal(positions, torch.cat(expected)), (name, lo, hi)
+            assert rows.counts.tolist() == [len(e) for e in expected], (name, lo, hi)
+            assert torch.equal(rows.select(torch.arange(lo, hi)) - lo, torch.cat(expected)), (name, lo, hi)
             holders = sum(torch.isin(torch.arange(lo, hi), sub).long() for sub in subs)
-            assert torch.equal(held.count(lo, hi), holders), (name, lo, hi)
+            placed = rows.padded(torch.zeros(hi - lo, dtype=torch.long))
+            rows.add_to(placed, torch.ones(int(rows.counts.sum()), dtype=torch.long))
+            assert torch.equal(rows.unpadded(placed), holders), (name, lo, hi)
+            assert torch.equal(rows.unpadded(rows.holders[:, None].repeat(1, rows.inner)), holders), (name, lo, hi)
     whole = HeldGroups(torch.Size([4, 6]), None, None, 2)
-    assert whole.before(torch.tensor([7])).tolist() == [[7], [7]] and whole.positions(3, 9) is None
+    assert whole.before(torch.tensor([7])).tolist() == [[7], [7]] and whole.piece_rows(3, 9) is None
 
 
 def test_a_unit_axis_out_of_unit_order_is_refused():

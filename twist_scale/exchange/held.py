@@ -4,11 +4,13 @@ Unit ids are ascending in a spec, so a subnet tensor lists its elements in the o
 in the full tensor. A group's elements inside any flat range [lo, hi) of a full tensor are therefore one
 contiguous run of its flattened subnet, whose ends are counted from a prefix sum over the unit axis
 (`HeldGroups.before`, any number of positions, every group, one tensor expression); only the owner of a
-piece needs the held elements' positions, and only over its piece (`HeldGroups.positions`).
+piece needs to place or pick the held elements, and it does so per row of its piece (`PieceRows`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 
 import torch
@@ -111,6 +113,7 @@ class HeldGroups:
         along[:, channels] = axis.spread(masks)
         return along, torch.cat([torch.zeros(len(masks), 1, dtype=torch.long), along.cumsum(1)], 1)
 
+    @functools.cached_property
     def total(self) -> torch.Tensor:
         """(G,) elements of each group's subnet tensor."""
         return self.before(torch.tensor([self.numel]))[:, 0]
@@ -128,34 +131,93 @@ class HeldGroups:
         partial = i * along[..., coord]  # the held elements of a held row before the position
         return (outer * below[..., -1:] + below[..., coord]) * self.inner + partial
 
-    def count(self, lo: int, hi: int) -> torch.Tensor:
-        """(hi - lo,): how many groups hold each element of flat range [lo, hi), counted per row."""
-        if self.along is None:
-            return torch.full((hi - lo,), self.groups)
-        if hi <= lo:
-            return torch.zeros(0, dtype=torch.long)
-        first = lo // self.inner
-        rows = torch.arange(first, (hi - 1) // self.inner + 1)
-        per_row = self.along[:, rows % self.size].sum(0)
-        skip = lo - first * self.inner
-        return per_row.repeat_interleave(self.inner)[skip : skip + hi - lo]
+    def piece_rows(self, lo: int, hi: int) -> PieceRows | None:
+        """The rows of flat range [lo, hi) each group holds; None where every group holds every element.
 
-    def positions(self, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Offsets from `lo` of each group's held elements of flat range [lo, hi), ascending, concatenated
-        group after group, and each group's count (G,); None where every group holds every element.
-
-        Built from the held rows (one unit-axis coordinate of one outer index, `inner` elements each) the
-        range touches, never from a mask over the range's elements.
-        """
+        A row is `inner` contiguous elements (one unit-axis coordinate of one outer index). Where the unit
+        axis is the last one a row is one element, and the held ones are every outer row's held columns,
+        found from the G held column lists rather than from a G × range mask."""
         if self.along is None:
             return None
-        if hi <= lo:
-            return torch.empty(0, dtype=torch.long), torch.zeros(self.groups, dtype=torch.long)
-        rows = torch.arange(lo // self.inner, (hi - 1) // self.inner + 1)
-        group, row = self.along[:, rows % self.size].nonzero(as_tuple=True)  # group-major, rows ascending
-        flat = ((rows[row] * self.inner - lo)[:, None] + torch.arange(self.inner)).flatten()
-        inside = (flat >= 0) & (flat < hi - lo)  # only a range's first and last rows can be partial
-        counts = torch.zeros(self.groups, dtype=torch.long).index_add_(
-            0, group, inside.view(len(group), self.inner).sum(1)
-        )
-        return flat[inside], counts
+        hi = max(hi, lo)
+        counts = torch.diff(self.before(torch.tensor([lo, hi])), dim=1)[:, 0]
+        if self.inner == 1 and self.size > 1:
+            return self._held_columns(lo, hi, counts)
+        first, stop = lo // self.inner, -(-hi // self.inner)
+        if first // self.size == (stop - 1) // self.size:  # inside one outer index: a slice of the layout
+            along = self.along[:, first % self.size : first % self.size + max(stop - first, 0)]
+        else:
+            along = self.along[:, torch.arange(first, stop) % self.size]
+        _, row = along.nonzero(as_tuple=True)  # group-major, rows ascending
+        return PieceRows(self.inner, lo - first * self.inner if hi > lo else 0, hi - lo, row, counts, along.sum(0))
+
+    def _held_columns(self, lo: int, hi: int, counts: torch.Tensor) -> PieceRows:
+        """`piece_rows` of a tensor whose unit axis is its last: each outer row's held columns, group after
+        group, cut to the range."""
+        first, stop = lo // self.size, -(-hi // self.size)  # the outer rows the range touches
+        group, column = self.along.nonzero(as_tuple=True)
+        held = torch.arange(first, stop)[:, None] * self.size + column - lo  # (outer rows, all groups' columns)
+        ends = exclusive_cumsum(torch.bincount(group, minlength=self.groups)).tolist() + [len(column)]
+        row = torch.cat([held[:, a:b].flatten() for a, b in zip(ends[:-1], ends[1:], strict=True)])
+        if lo % self.size or hi % self.size:  # the first or last outer row is partly outside the range
+            row = row[(row >= 0) & (row < hi - lo)]
+        holders = self.along.sum(0).repeat(stop - first)[lo - first * self.size :][: hi - lo]
+        return PieceRows(1, 0, hi - lo, row, counts, holders)
+
+
+@dataclasses.dataclass(frozen=True)
+class PieceRows:
+    """The held rows of one flat range of a full tensor (a row: one unit-axis coordinate of one outer
+    index, `inner` contiguous elements), every group's after the previous one's: what an owner needs to
+    place or pick each group's held elements of its piece, at a cost per row, not per element.
+
+    The range's first row may start `skip` elements before it and its last end `tail` after it: those
+    rows are padded to whole rows while they are placed or picked."""
+
+    inner: int
+    skip: int
+    length: int
+    rows: torch.Tensor  # (H,) each group's held rows, counted from the first one the range touches
+    counts: torch.Tensor  # (G,) each group's held elements of the range
+    holders: torch.Tensor  # (touched rows,) how many groups hold each row
+
+    @property
+    def tail(self) -> int:
+        return len(self.holders) * self.inner - self.skip - self.length
+
+    def _real(self) -> torch.Tensor | None:
+        """(H, inner) bool: which elements of the held rows lie inside the range; None where all do."""
+        if self.skip == 0 and self.tail == 0:
+            return None
+        real = torch.ones(len(self.rows), self.inner, dtype=torch.bool)
+        real[self.rows == 0, : self.skip] = False
+        real[self.rows == len(self.holders) - 1, self.inner - self.tail :] = False
+        return real
+
+    def padded(self, values: torch.Tensor) -> torch.Tensor:
+        """(touched rows, inner): the range's `values` as whole rows; a view of them where the range is."""
+        if self.skip == 0 and self.tail == 0:
+            return values.view(len(self.holders), self.inner)
+        rows = values.new_zeros(len(self.holders) * self.inner)
+        rows[self.skip : self.skip + self.length] = values
+        return rows.view(len(self.holders), self.inner)
+
+    def unpadded(self, rows: torch.Tensor) -> torch.Tensor:
+        """The inverse of `padded`: the range's elements of whole rows (a view)."""
+        return rows.flatten()[self.skip : self.skip + self.length]
+
+    def select(self, values: torch.Tensor) -> torch.Tensor:
+        """Each group's held elements of the range's `values`, group after group, in flat order."""
+        held = self.padded(values).index_select(0, self.rows)
+        real = self._real()
+        return held.flatten() if real is None else held[real]
+
+    def add_to(self, rows: torch.Tensor, held: torch.Tensor) -> None:
+        """Adds `held` (laid out as `select` gives it) to whole `rows` (as `padded` gives them)."""
+        real = self._real()
+        if real is None:
+            spread = held.view(len(self.rows), self.inner)
+        else:
+            spread = held.new_zeros(len(self.rows), self.inner)
+            spread[real] = held
+        rows.index_add_(0, self.rows, spread)

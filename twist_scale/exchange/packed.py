@@ -36,7 +36,15 @@ import torch.distributed as dist
 
 from twist_scale.exchange.base import SubnetSource
 from twist_scale.exchange.entries import Entry, alike, plan_buckets
-from twist_scale.exchange.held import HeldGroups, exclusive_cumsum, expand_ranges, gather_runs, take, unit_masks
+from twist_scale.exchange.held import (
+    HeldGroups,
+    PieceRows,
+    exclusive_cumsum,
+    expand_ranges,
+    gather_runs,
+    take,
+    unit_masks,
+)
 from twist_scale.models import UnitBlock
 from twist_scale.subnet import SubnetSpec
 
@@ -58,7 +66,7 @@ class PackedExchange:
         self.dispatched: dict[str, torch.Tensor] = {}  # entry key -> this rank's stored shard as dispatched
         self._masks: tuple[object, object, torch.Tensor | None, dict] = (None, None, None, {})  # the last block's
         self._held: tuple[object, HeldGroups | None] = (None, None)  # the last tensor's holders
-        self._piece: tuple[object, object, object] = (None, None, None)  # their positions and counts in my piece
+        self._piece: tuple[object, object, object] = (None, None, None)  # their rows in my piece
         self._held_specs: list[SubnetSpec] | None = None  # the round `_held` belongs to
         group_of = torch.arange(self.topo.world_size) // self.topo.ranks_per_group
         self.group_of: torch.Tensor = group_of  # (W,): every rank's group
@@ -139,14 +147,12 @@ class PackedExchange:
             self._held = key, held
         return self._held[1]
 
-    def _in_piece(
-        self, entry: Entry, held: HeldGroups
-    ) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor]:
-        """`held.positions` and `held.count` over this owner's range of `entry`, once for a weight and its moments."""
+    def _in_piece(self, entry: Entry, held: HeldGroups) -> PieceRows | None:
+        """`held.piece_rows` over this owner's range of `entry`, once for a weight and its moments."""
         lo, hi = self._my_range(entry)
         cached_held, cached_range, value = self._piece
         if cached_held is not held or cached_range != (lo, hi):
-            value = held.positions(lo, hi), held.count(lo, hi)
+            value = held.piece_rows(lo, hi)
             self._piece = held, (lo, hi), value
         return value
 
@@ -177,7 +183,7 @@ class PackedExchange:
         W = self.topo.world_size
         if entry.whole:
             return torch.tensor([0, entry.numel]).expand(W, 2)
-        totals = held.total()  # (G,) elements of each group's subnet tensor
+        totals = held.total  # (G,) elements of each group's subnet tensor
         if self._sharded(entry):
             sizes, inverse = torch.unique(totals, return_inverse=True)  # groups of equal kappa share a shape
             tables = torch.stack([self._shard_table(self._subnet_shape(entry, int(n))) for n in sizes])
@@ -253,7 +259,7 @@ class PackedExchange:
             # from every source rank: its stored range's overlap with its group's run in my piece
             my_lo, my_hi = self._my_range(entry)
             first, last = held.before(torch.tensor([my_lo, my_hi])).unbind(1)  # (G,) each
-            spans, totals = self.stored[:, self._column(entry)], held.total()
+            spans, totals = self.stored[:, self._column(entry)], held.total
             ends = spans[:, 1].view(topo.groups, -1).max(1).values
             if not torch.equal(ends, totals):
                 g = int((ends != totals).nonzero()[0])
@@ -269,24 +275,30 @@ class PackedExchange:
         recv_at = exclusive_cumsum(recv_lens)  # where each (source, entry) chunk starts in `received`
         for run in alike(bucket):
             lo, hi = self._my_range(bucket[run[0]])
-            at, count = self._in_piece(bucket[run[0]], helds[run[0]])
-            held = count > 0
-            count = count.clamp(min=1)  # 1 where nobody held: dividing leaves those values as they are
+            rows = self._in_piece(bucket[run[0]], helds[run[0]])
+            holders = torch.full((1,), topo.groups) if rows is None else rows.holders.clamp(min=1)[:, None]
             for i in run:
-                # values are summed in the piece itself: held elements restart from 0, take every holder's
-                # value and are divided by the holder count; changes are summed apart and their mean added.
-                # Each group's sources arrive in the order of its run: group after group, as `positions`
+                # values are summed in the piece itself, row by row: held rows restart from 0, take every
+                # holder's value and are divided by the holder count (1 where nobody held: those rows keep
+                # their values); changes are summed apart and their mean added. Each group's sources
+                # arrive in the order of its run, group after group, as `PieceRows.select` lists them
                 a = bucket[i].part[0] if bucket[i].part else 0
                 piece = self._shard(bucket[i])[a : a + hi - lo]
-                kept = torch.zeros(hi - lo) if self.sends_changes else piece.masked_fill_(held, 0.0)
                 arrived = take(received, recv_at[:, i], recv_lens[:, i])
-                if at is None:  # every group sent the whole piece
+                if rows is None:  # every group sent the whole piece
+                    kept = torch.zeros(hi - lo) if self.sends_changes else piece.zero_()
                     kept += arrived.view(topo.groups, hi - lo).sum(0)
+                    kept.div_(holders)
                 else:
-                    kept.index_add_(0, at[0], arrived)
-                kept.div_(count)
+                    kept = rows.padded(torch.zeros(hi - lo) if self.sends_changes else piece)
+                    if not self.sends_changes:
+                        kept.masked_fill_(rows.holders[:, None] > 0, 0.0)
+                    rows.add_to(kept, arrived)
+                    kept = rows.unpadded(kept.div_(holders))
                 if self.sends_changes:
                     piece.add_(kept)
+                elif kept.data_ptr() != piece.data_ptr():  # the piece was padded to whole rows: a copy
+                    piece.copy_(kept)
 
     # -- dispatch -------------------------------------------------------------------------------------
 
@@ -305,13 +317,13 @@ class PackedExchange:
         for run in alike(bucket):
             held = self._holders(bucket[run[0]], specs, True)
             lo, hi = self._my_range(bucket[run[0]])
-            at, _ = self._in_piece(bucket[run[0]], held)
-            if at is None:  # every group holds the whole piece
+            rows = self._in_piece(bucket[run[0]], held)
+            if rows is None:  # every group holds the whole piece
                 counts = torch.full((topo.groups,), hi - lo)
                 group_start = torch.zeros(topo.groups, dtype=torch.long)[self.group_of]
-            else:
-                group_start = exclusive_cumsum(at[1])[self.group_of]  # where each group's offsets begin
-                counts = at[1]
+            else:  # where each group's held elements begin in `rows.select`
+                counts = rows.counts
+                group_start = exclusive_cumsum(counts)[self.group_of]
             first = held.before(torch.tensor([lo]))[:, 0]  # (G,) where each group's run starts in its subnet
             owners_lo, owners_hi = self._ranges(bucket[run[0]])
             mine = held.before(torch.stack([owners_lo, owners_hi]).flatten(), me).view(2, W)
@@ -323,10 +335,8 @@ class PackedExchange:
                 lengths = (t - s).clamp(min=0)
                 a = bucket[i].part[0] if bucket[i].part else 0
                 piece = self.central.shards[bucket[i].key][a : a + hi - lo]
-                if at is None:
-                    sent = take(piece, group_start + s - start, lengths)
-                else:  # the held elements are gathered straight from the piece
-                    sent = piece.index_select(0, take(at[0], group_start + s - start, lengths))
+                held_values = piece if rows is None else rows.select(piece)  # every group's, group after group
+                sent = take(held_values, group_start + s - start, lengths)
                 values.append(sent)
                 send_from[:, i], send_lens[:, i] = exclusive_cumsum(lengths), lengths
                 # from every owner: my group's run in its piece, cut to the range I receive
