@@ -18,6 +18,7 @@ from torch import nn
 from twist_scale.central import CentralShards
 from twist_scale.config import RunConfig
 from twist_scale.correction import is_statistic
+from twist_scale.distill import Distiller
 from twist_scale.engines import build_engine
 from twist_scale.engines.base import Engine, moment_keys
 from twist_scale.exchange import build_exchange
@@ -36,6 +37,7 @@ class Assembly:
     engine: Engine  # trains this rank's group's subnet
     sync: DataParallelSync | SubnetSync  # moves values between the engine and the central model
     full_parameters: int  # of the full-width model (`model.parameters` counts the subnet once shrunk)
+    teacher: CentralTeacher | None = None  # --twist.distill central: dispatched with the subnets
 
 
 def central_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -72,6 +74,7 @@ def assemble(cfg: RunConfig, topo: Topology, vocab_size: int) -> Assembly:
     if cfg.is_dense:
         fill(model, cfg.seed, cfg.model.pretrained)
         engine = build_engine(model, cfg, topo)
+        add_distiller(engine, cfg, None)
         return Assembly(run_model, sampler, engine, DataParallelSync(engine.storage), full_parameters)
     nested = functools.partial(sort_units_by_weight_norm, unit_blocks=blocks)
     arrange = nested if cfg.twist.sampling == "nested" else None
@@ -86,4 +89,37 @@ def assemble(cfg: RunConfig, topo: Topology, vocab_size: int) -> Assembly:
     sync = SubnetSync(
         central, storage, blocks, topo, moments, run_model.correction, not aggregate_moments, exchange, t.bucket_mb
     )
-    return Assembly(run_model, sampler, engine, sync, full_parameters)
+    teacher = CentralTeacher(cfg, topo, central, run_model, vocab_size) if t.distill == "central" else None
+    add_distiller(engine, cfg, teacher)
+    return Assembly(run_model, sampler, engine, sync, full_parameters, teacher)
+
+
+class CentralTeacher:
+    """The full-width central model as of the round's dispatch, as every group's teacher.
+
+    An engine of the run's kind around the full-width model that never steps: under ZeRO-3 / FSDP2 it
+    is sharded like the student, so no rank holds it whole, and it is filled by the same exchange as the
+    subnets, with every unit kept. It costs each rank its share of the full model (no optimizer state: that
+    appears at a first step, which never comes) and, per round, a dispatch of the full width.
+    """
+
+    def __init__(self, cfg: RunConfig, topo: Topology, central: CentralShards, run_model: RunModel, vocab: int) -> None:
+        model = build_run_model(cfg, vocab).model  # full width, on the meta device
+        self.engine = build_engine(model, cfg, topo)
+        blocks, storage = run_model.unit_blocks, self.engine.storage
+        exchange = build_exchange(cfg.twist.aggregation, central, "fp32", storage.shard_range)
+        self.sync = SubnetSync(
+            central, storage, blocks, topo, (), run_model.correction, False, exchange, cfg.twist.bucket_mb
+        )
+        self.full_width = SubnetSampler(tuple(blocks), (1.0,) * topo.groups, cfg.seed).specs(0)
+
+    def dispatch(self) -> None:
+        self.sync.dispatch(self.full_width)
+
+
+def add_distiller(engine: Engine, cfg: RunConfig, teacher: CentralTeacher | None) -> None:
+    """--twist.distill: the teacher's term joins `engine`'s training loss (`distill.Distiller`)."""
+    t = cfg.twist
+    if t.distill != "none":
+        online = teacher.engine.logits if teacher is not None else None
+        engine.distiller = Distiller(t.distill_weight, t.distill_temperature, online)

@@ -156,6 +156,21 @@ class TwistConfig:
         "fp32",
     )
     stat_momentum: float = _doc("EMA momentum of unit activation means used by correction='mean'.", 0.99)
+    distill: Literal["none", "central", "stored"] = _doc(
+        "Distillation toward a teacher's logits, added to each group's loss: 'central' (the full-width central "
+        "model as of the round's dispatch; one extra no-grad forward per step) or 'stored' (a pretrained "
+        "teacher's top-k logits over the training data, computed once into the data cache; no teacher forward "
+        "in training).",
+        "none",
+    )
+    distill_teacher: str = _doc(
+        "The stored teacher: a Hugging Face checkpoint directory or hub id sharing the run's tokenizer "
+        "(default: --model.pretrained).",
+        "",
+    )
+    distill_top_k: int = _doc("Logits the stored teacher keeps per position.", 32)
+    distill_weight: float = _doc("Weight of the distillation term: loss = CE + weight * T^2 * KL.", 1.0)
+    distill_temperature: float = _doc("Temperature T of both distributions in the distillation term.", 1.0)
 
     @property
     def kappas(self) -> tuple[float, ...]:

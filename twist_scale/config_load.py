@@ -213,6 +213,27 @@ def _check_choices(obj: Any, prefix: str = "") -> None:
             _check_choice(f"{prefix}{name}", value, allowed)
 
 
+def _check_distillation(cfg: RunConfig) -> None:
+    t = cfg.twist
+    if t.distill == "none":
+        return
+    if t.distill_weight < 0 or t.distill_temperature <= 0 or t.distill_top_k < 1:
+        raise ConfigError(
+            f"--twist.distill_weight {t.distill_weight}, --twist.distill_temperature {t.distill_temperature} and "
+            f"--twist.distill_top_k {t.distill_top_k} must be >= 0, > 0 and >= 1"
+        )
+    if t.distill == "central" and cfg.is_dense:
+        raise ConfigError(
+            "--twist.distill central: a dense run has no central model besides the one it trains; use "
+            "--twist.distill stored with a teacher checkpoint, or train subnets (--twist.kappa < 1)"
+        )
+    if t.distill == "stored" and not (t.distill_teacher or cfg.model.pretrained):
+        raise ConfigError(
+            "--twist.distill stored needs a teacher: --twist.distill_teacher DIR (a Hugging Face checkpoint "
+            "sharing the run's tokenizer, e.g. a dense run's final/) or --model.pretrained"
+        )
+
+
 def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     """Reject values that cannot run, naming the flag and what is allowed."""
     _check_choices(cfg)
@@ -276,6 +297,7 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
         )
     if not 0.0 <= t.stat_momentum < 1.0:
         raise ConfigError(f"--twist.stat_momentum {t.stat_momentum} must be in [0, 1)")
+    _check_distillation(cfg)
     if not cfg.data.train_files and not cfg.data.hub_dataset:
         raise ConfigError("no training data: set --data.train_files FILE[,FILE] or --data.hub_dataset NAME")
     for path in [*cfg.data.train_files, *cfg.data.valid_files]:

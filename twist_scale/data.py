@@ -14,6 +14,7 @@ import torch.distributed as dist
 from transformers import AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerBase
 
 from twist_scale.config import DataConfig, RunConfig
+from twist_scale.distill import StoredTeacher, TeacherBatch
 from twist_scale.startup import local_directory
 from twist_scale.token_files import (
     cache_key,
@@ -167,6 +168,7 @@ class ShardedBatches:
                 "use more data, fewer ranks, or a smaller --data.micro_batch_size / --data.block_size"
             )
         self.blocks, self.batch_size, self.seed = blocks, batch_size, seed
+        self.teacher: StoredTeacher | None = None  # --twist.distill stored: batches carry its top-k
         self.epoch, self.batch = 0, 0
         self._epoch_order: tuple[int, np.ndarray] | None = None  # (epoch, its order): one shuffle per epoch
 
@@ -186,12 +188,13 @@ class ShardedBatches:
     def __iter__(self) -> Iterator[torch.Tensor]:
         return self
 
-    def __next__(self) -> torch.Tensor:
+    def __next__(self) -> torch.Tensor | TeacherBatch:
         if self.batch >= self.batches_per_epoch:
             self.epoch, self.batch = self.epoch + 1, 0
-        rows = self._epoch_rows()[self.batch * self.batch_size : (self.batch + 1) * self.batch_size]
+        rows = np.sort(self._epoch_rows()[self.batch * self.batch_size : (self.batch + 1) * self.batch_size])
         self.batch += 1
-        return torch.from_numpy(np.asarray(self.blocks[np.sort(rows)], dtype=np.int64))
+        input_ids = torch.from_numpy(np.asarray(self.blocks[rows], dtype=np.int64))
+        return input_ids if self.teacher is None else self.teacher.batch(rows, input_ids)
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "batch": self.batch}
@@ -331,6 +334,22 @@ def load_run_data(run: RunConfig, topo: Topology) -> RunData:
     data = prepare_data_or_say_why(run) if topo.rank == 0 else wait_for_data(run)
     blocks = token_blocks(data.train, cfg.block_size)
     train = ShardedBatches(blocks, *topo.data_shard, cfg.micro_batch_size, run.seed)
+    if run.twist.distill == "stored":
+        t = run.twist
+        teacher = t.distill_teacher or run.model.pretrained
+        where = StoredTeacher.directory_for(
+            cache_directory(run), teacher, t.distill_top_k, data.train, cfg.block_size, topo.world_size
+        )
+        train.teacher = StoredTeacher.prepare(
+            where,
+            teacher,
+            t.distill_top_k,
+            blocks,
+            *topo.data_shard,
+            len(data.tokenizer),
+            cfg.micro_batch_size,
+            topo.device,
+        )
     valid_shard = (topo.dp_rank, topo.ranks_per_group)
     valid = (
         eval_batches(token_blocks(data.valid, cfg.block_size), *valid_shard, cfg.micro_batch_size, run.eval.max_batches)

@@ -76,8 +76,10 @@ class RunMetrics:
         traffic: Traffic,
         lr: float,
         skipped_steps: int,
+        distill_parts: tuple[float, float] | None = None,
     ) -> None:
-        """Per-step mean losses over the world, per-group losses, speed and synchronisation of one round.
+        """Per-step mean losses over the world, per-group losses, speed and synchronisation of one round;
+        with distillation, the round's mean cross-entropy and KL term over the world.
 
         Synchronisation is dispatch plus aggregation: TwIST's whole communication cost of the round.
         """
@@ -106,6 +108,11 @@ class RunMetrics:
             "train/skipped_steps": skipped_steps,
         }
         metrics |= {f"train/loss_group{g}": v.item() for g, v in enumerate(by_group)}
+        if distill_parts is not None:
+            parts = torch.tensor(distill_parts, device=topo.device)
+            dist.all_reduce(parts)
+            ce, kl = (parts / topo.world_size).tolist()
+            metrics |= {"train/cross_entropy": ce, "train/distill_kl": kl}
         self.tracker.log_metrics(metrics, round_ * H)
         log.info(
             "round %d/%d loss %.4f | %.0f tok/s | compute %.2fs sync %.2fs",

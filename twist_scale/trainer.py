@@ -53,6 +53,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # the same stream on every rank (weights are seeded per block: startup.fill)
         parts = assemble(cfg, topo, len(self.data.tokenizer))
         self.model, self.sampler, self.engine, self.sync = parts.model, parts.sampler, parts.engine, parts.sync
+        self.teacher = parts.teacher
         self.full_parameters = parts.full_parameters
         self.round = self.skipped_steps = 0
         self.checkpointer = Checkpointer.for_run(self.out_dir / "checkpoints", topo, cfg.checkpoint, cfg.twist.rounds)
@@ -94,6 +95,8 @@ class Trainer:
             specs = self.sampler.specs(self.round)
             with phase("dispatch"):
                 self.sync.dispatch(specs)
+                if self.teacher is not None:
+                    self.teacher.dispatch()
             if self.round and cfg.eval.every_rounds and self.round % cfg.eval.every_rounds == 0:
                 with phase("evaluation"):
                     self.metrics.evaluate(self.engine, self.data.valid, self.round)
@@ -112,6 +115,7 @@ class Trainer:
                     self.sync.take_traffic(),
                     self.engine.lr(),
                     self.skipped_steps,
+                    self.engine.distiller.take_parts() if self.engine.distiller is not None else None,
                 )
             if self.checkpointer.due(self.round):
                 with phase("checkpoint"):

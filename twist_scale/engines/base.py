@@ -8,8 +8,10 @@ import warnings
 import torch
 from torch import nn
 from transformers import get_cosine_schedule_with_warmup
+from transformers.modeling_outputs import CausalLMOutput
 
 from twist_scale.config import OptimConfig
+from twist_scale.distill import Distiller, TeacherBatch, input_ids_of
 from twist_scale.engines.storage import EngineStorage
 
 
@@ -60,7 +62,9 @@ class Engine(abc.ABC):
     def storage(self) -> EngineStorage:
         """The engine's tensors as dispatch and aggregation read and write them."""
 
-    def train_step(self, micro_batches: list[torch.Tensor]) -> float:
+    distiller: Distiller | None = None  # --twist.distill: the teacher's term joins the training loss
+
+    def train_step(self, micro_batches: list[torch.Tensor | TeacherBatch]) -> float:
         """One optimizer step over `micro_batches` (gradients accumulated); returns their mean loss.
 
         Never steps on a non-finite loss anywhere in the group (the ranks must agree, or ZeRO's
@@ -71,8 +75,8 @@ class Engine(abc.ABC):
         mean losses is the mean over the whole batch, and each backward takes 1/len of its loss.
         """
         total = 0.0
-        for i, input_ids in enumerate(micro_batches):
-            loss = self._loss(input_ids)
+        for i, batch in enumerate(micro_batches):
+            loss = self._loss(batch)
             finite = torch.tensor([float(torch.isfinite(loss.detach()).all())])
             if self._group_min(finite).item() < 1:
                 with warnings.catch_warnings():  # torch warns when the schedule moves before any optimizer step
@@ -98,14 +102,31 @@ class Engine(abc.ABC):
 
     @torch.no_grad()
     def eval_loss(self, input_ids: torch.Tensor) -> float:
+        """The cross-entropy alone: perplexity, whatever the training loss adds."""
         self.module.eval()
         try:
-            return self._loss(input_ids).item()
+            return self._forward(input_ids).loss.item()
         finally:
             self.module.train()
 
+    @torch.no_grad()
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The model's logits in eval mode, without a graph (a teacher's forward)."""
+        self.module.eval()
+        try:
+            return self._forward(input_ids).logits
+        finally:
+            self.module.train()
+
+    def _loss(self, batch: torch.Tensor | TeacherBatch) -> torch.Tensor:
+        output = self._forward(input_ids_of(batch))
+        if self.distiller is None:
+            return output.loss
+        return self.distiller.loss(output.logits, output.loss, batch)
+
     @abc.abstractmethod
-    def _loss(self, input_ids: torch.Tensor) -> torch.Tensor: ...
+    def _forward(self, input_ids: torch.Tensor) -> CausalLMOutput:
+        """The model's output with its cross-entropy on `input_ids` (labels are the inputs, shifted by the model)."""
 
     def _torch_optimizer(self) -> torch.optim.Optimizer:
         """The torch optimizer that holds the moments (inside any wrapper)."""

@@ -27,6 +27,7 @@ from deepspeed.utils import (
     safe_set_local_optimizer_state,
 )
 from torch import nn
+from transformers.modeling_outputs import CausalLMOutput
 
 from twist_scale.config import ConfigError, RunConfig
 from twist_scale.engines.base import StoringEngine, build_optimizer, build_scheduler, even_range
@@ -111,9 +112,9 @@ class DeepSpeedEngine(StoringEngine):
         self.params = dict(self.module.named_parameters())
         self._moments_linked = False
 
-    def _loss(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def _forward(self, input_ids: torch.Tensor) -> CausalLMOutput:
         input_ids = input_ids.to(self.engine.device)
-        return self.engine(input_ids=input_ids, labels=input_ids).loss
+        return self.engine(input_ids=input_ids, labels=input_ids)
 
     def _backward(self, loss: torch.Tensor, last: bool) -> None:
         # DeepSpeed counts micro-batches itself (gradient_accumulation_steps in its config): it reduces

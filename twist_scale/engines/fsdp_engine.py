@@ -25,6 +25,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
+from transformers.modeling_outputs import CausalLMOutput
 
 from twist_scale.config import RunConfig
 from twist_scale.engines.base import StoringEngine, build_optimizer, build_scheduler, even_range
@@ -103,9 +104,9 @@ class FSDPEngine(StoringEngine):
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.total_steps)
         self.params = dict(model.named_parameters())
 
-    def _loss(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def _forward(self, input_ids: torch.Tensor) -> CausalLMOutput:
         input_ids = input_ids.to(self.device)
-        return self.module(input_ids=input_ids, labels=input_ids).loss
+        return self.module(input_ids=input_ids, labels=input_ids)
 
     def _backward(self, loss: torch.Tensor, last: bool) -> None:
         # FSDP reduce-scatters gradients (mean over the group's dp ranks) after every micro-batch and sums

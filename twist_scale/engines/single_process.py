@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers.modeling_outputs import CausalLMOutput
 
 from twist_scale.config import RunConfig
 from twist_scale.engines.base import StoringEngine, build_optimizer, build_scheduler
@@ -22,8 +23,8 @@ class SingleProcessEngine(StoringEngine):
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.total_steps)
         self.params = dict(model.named_parameters())
 
-    def _loss(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.module(input_ids=input_ids, labels=input_ids).loss
+    def _forward(self, input_ids: torch.Tensor) -> CausalLMOutput:
+        return self.module(input_ids=input_ids, labels=input_ids)
 
     def _backward(self, loss: torch.Tensor, last: bool) -> None:
         loss.backward()

@@ -1,0 +1,47 @@
+"""Distilled TwIST runs on in-process gloo ranks: the central model as teacher, then that run's export as a
+stored top-k teacher; each logs its loss parts, and the logged loss is their sum."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from helpers import history, mlflow_run, tiny_args
+from helpers.dist import train_on_ranks
+
+
+def _check_parts(out, rounds: int, steps: int, weight: float, temperature: float) -> list[float]:
+    client, run = mlflow_run(out)
+    ce, kl = history(client, run, "train/cross_entropy"), history(client, run, "train/distill_kl")
+    losses = history(client, run, "train/loss")
+    assert len(ce) == len(kl) == rounds and len(losses) == rounds * steps
+    assert all(k > 0 for k in kl), kl  # the subnets differ from their teacher
+    for r in range(rounds):  # each step's loss is the mean over the world of CE + weight T^2 KL
+        mean = sum(losses[r * steps : (r + 1) * steps]) / steps
+        assert mean == pytest.approx(ce[r] + weight * temperature**2 * kl[r], rel=1e-5), (r, mean, ce, kl)
+    return kl
+
+
+def test_central_and_stored_teachers_train_and_log_both_loss_parts(tmp_path):
+    common = dict(twist__groups=2, twist__kappa=0.5, twist__rounds=2, twist__local_steps=2, checkpoint__every_rounds=0)
+    central = tmp_path / "central"
+    train_on_ranks(2, tiny_args(central, twist__distill="central", twist__distill_temperature=2.0, **common))
+    _check_parts(central, 2, 2, 1.0, 2.0)
+
+    stored = tmp_path / "stored"
+    teacher = central / "final"  # a full-width model on the same tokenizer
+    distill = dict(twist__distill="stored", twist__distill_teacher=teacher, twist__distill_top_k=4)
+    args = tiny_args(stored, twist__distill_weight=0.5, **distill, **common)
+    train_on_ranks(2, args)
+    _check_parts(stored, 2, 2, 0.5, 1.0)
+    cache = Path(args[args.index("--data.cache_dir") + 1])
+    (written,) = [
+        d for d in cache.glob("teacher-*") if json.loads((d / "teacher.json").read_text())["teacher"] == str(teacher)
+    ]
+    assert sorted(p.name for p in written.glob("*.npy")) == [
+        "ids-00000.npy",
+        "ids-00001.npy",
+        "logits-00000.npy",
+        "logits-00001.npy",
+    ]  # each rank's own training blocks
