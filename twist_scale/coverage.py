@@ -39,6 +39,25 @@ def coverage_draw(seed: str, num_units: int, keeps: Sequence[int]) -> torch.Tens
         words_wanted *= 2
 
 
+def kept_ids(held: torch.Tensor) -> list[torch.Tensor]:
+    """Each group's held unit ids of a (G, n) draw, ascending: views of one array filled in one compiled pass."""
+    mask = held.numpy()
+    counts = mask.sum(1)
+    ids = np.empty(int(counts.sum()), dtype=np.int64)
+    _fill_ids(mask, ids)
+    return list(torch.from_numpy(ids).split(counts.tolist()))
+
+
+@numba.njit(cache=True)
+def _fill_ids(mask: np.ndarray, ids: np.ndarray) -> None:
+    at = 0
+    for g in range(mask.shape[0]):
+        for unit in range(mask.shape[1]):  # written always, kept where held: no branch to mispredict
+            if at < len(ids):
+                ids[at] = unit
+            at += mask[g, unit]
+
+
 def _words(seed: str, count: int) -> np.ndarray:
     """The first `count` outputs of `random.Random(seed)`'s Mersenne Twister, from numpy's implementation of
     the same generator started in the same state."""
@@ -54,11 +73,13 @@ def _shuffle(words: np.ndarray, pos: int, x: np.ndarray) -> int:
 
     Python's `_randbelow(n)` takes the top bit_length(n) bits of a word, and another word while they are >= n.
     """
+    bits = 0  # bit_length(n), kept as n counts down instead of recounted for every position
+    while len(x) >> bits:
+        bits += 1
     for i in range(len(x) - 1, 0, -1):
         n = i + 1
-        bits = 0
-        while n >> bits:
-            bits += 1
+        if n >> (bits - 1) == 0:
+            bits -= 1
         while True:
             if pos >= len(words):
                 return -1

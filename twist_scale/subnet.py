@@ -22,6 +22,9 @@ class SubnetSpec:
     """Kept unit ids (ascending, int64) per partitioned (layer, kind); layers not listed are kept whole."""
 
     kept: Mapping[tuple[int, str], torch.Tensor]
+    # the round's (G, n) bool draw of each block, shared by the G specs a sampler made together: what the
+    # exchange needs, so it never rebuilds it from the ids (absent for specs built otherwise)
+    drawn: Mapping[tuple[int, str], torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
         ids = {key: torch.as_tensor(units, dtype=torch.long) for key, units in self.kept.items()}
@@ -71,18 +74,20 @@ class SubnetSampler:
     def specs(self, round_: int) -> list[SubnetSpec]:
         """Every group's spec for this round; a pure function of (seed, round, layer, kind)."""
         kept: list[dict[tuple[int, str], torch.Tensor]] = [{} for _ in self.kappas]
+        drawn: dict[tuple[int, str], torch.Tensor] = {}
         for unit_block in self.unit_blocks:
             keeps = [units_to_keep(unit_block.num_units, kappa) for kappa in self.kappas]
             if self.nested:
                 for g, keep in enumerate(keeps):
                     kept[g][unit_block.key] = torch.arange(keep)
                 continue
-            from twist_scale.coverage import coverage_draw  # numba: imported (1 s) only by runs that draw
+            from twist_scale.coverage import coverage_draw, kept_ids  # numba: imported (1 s) only by runs that draw
 
             seed = f"twist:{self.seed}:{round_}:{unit_block.layer}:{unit_block.kind}"
-            for g, held in enumerate(coverage_draw(seed, unit_block.num_units, keeps)):
-                kept[g][unit_block.key] = held.nonzero().flatten()
-        return [SubnetSpec(k) for k in kept]
+            held = drawn[unit_block.key] = coverage_draw(seed, unit_block.num_units, keeps)
+            for g, ids in enumerate(kept_ids(held)):
+                kept[g][unit_block.key] = ids
+        return [SubnetSpec(k, drawn or None) for k in kept]
 
 
 def slice_tensor(full: torch.Tensor, axis: AxisSlice, units: torch.Tensor) -> torch.Tensor:

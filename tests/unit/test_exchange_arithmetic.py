@@ -24,7 +24,9 @@ def test_held_runs_and_piece_rows_are_exactly_what_slicing_keeps(arch):
             continue
         shape = params[name].shape
         numel = shape.numel()
-        held = HeldGroups(shape, (unit_block, axis), unit_masks(unit_block, [s.units(unit_block) for s in specs]), 3)
+        masks = unit_masks(unit_block, [s.units(unit_block) for s in specs])
+        assert torch.equal(specs[0].drawn[unit_block.key], masks)  # the sampler's draw, which the exchange reads
+        held = HeldGroups(shape, (unit_block, axis), masks, 3)
         numbered = torch.arange(numel).view(shape)
         subs = [slice_tensor(numbered, axis, s.units(unit_block)).flatten() for s in specs]  # full index of each kept
         assert all(torch.equal(sub, sub.sort().values) for sub in subs), f"{name}: subnets list in full flat order"

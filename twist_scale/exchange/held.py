@@ -106,12 +106,17 @@ class HeldGroups:
         """(G, size) bool: which unit-axis coordinates each group holds, and (G, size + 1) their prefix sums.
         The same for every tensor of a unit block whose unit axis is laid out alike (gate and up, q and o)."""
         axis = unit[1]
-        channels = axis.index(torch.arange(unit[0].num_units))
-        if len(channels) > 1 and not bool((channels[1:] > channels[:-1]).all()):
-            raise ValueError(f"{axis.name}: the packed exchange needs a unit axis laid out in ascending unit order")
-        along = torch.zeros(len(masks), size, dtype=torch.bool)
-        along[:, channels] = axis.spread(masks)
-        return along, torch.cat([torch.zeros(len(masks), 1, dtype=torch.long), along.cumsum(1)], 1)
+        if not axis.segments and unit[0].num_units * axis.width == size:  # unit u owns [u*width, (u+1)*width)
+            along = masks if axis.width == 1 else axis.spread(masks)
+        else:
+            channels = axis.index(torch.arange(unit[0].num_units))
+            if len(channels) > 1 and not bool((channels[1:] > channels[:-1]).all()):
+                raise ValueError(f"{axis.name}: the packed exchange needs a unit axis laid out in ascending unit order")
+            along = torch.zeros(len(masks), size, dtype=torch.bool)
+            along[:, channels] = axis.spread(masks)
+        below = torch.zeros(len(masks), size + 1, dtype=torch.int32)  # int32: a unit axis is far below 2**31
+        torch.cumsum(along, 1, dtype=torch.int32, out=below[:, 1:])
+        return along, below
 
     @functools.cached_property
     def total(self) -> torch.Tensor:
@@ -151,13 +156,19 @@ class HeldGroups:
         _, row = along.nonzero(as_tuple=True)  # group-major, rows ascending
         return PieceRows(self.inner, lo - first * self.inner if hi > lo else 0, hi - lo, row, counts, along.sum(0))
 
+    @functools.cached_property
+    def _columns(self) -> tuple[torch.Tensor, list[int]]:
+        """Every group's held unit-axis coordinates, group after group, and where each group's start and end:
+        the same for every part of the tensor."""
+        group, column = self.along.nonzero(as_tuple=True)
+        return column, exclusive_cumsum(torch.bincount(group, minlength=self.groups)).tolist() + [len(column)]
+
     def _held_columns(self, lo: int, hi: int, counts: torch.Tensor) -> PieceRows:
         """`piece_rows` of a tensor whose unit axis is its last: each outer row's held columns, group after
         group, cut to the range."""
         first, stop = lo // self.size, -(-hi // self.size)  # the outer rows the range touches
-        group, column = self.along.nonzero(as_tuple=True)
+        column, ends = self._columns
         held = torch.arange(first, stop)[:, None] * self.size + column - lo  # (outer rows, all groups' columns)
-        ends = exclusive_cumsum(torch.bincount(group, minlength=self.groups)).tolist() + [len(column)]
         row = torch.cat([held[:, a:b].flatten() for a, b in zip(ends[:-1], ends[1:], strict=True)])
         if lo % self.size or hi % self.size:  # the first or last outer row is partly outside the range
             row = row[(row >= 0) & (row < hi - lo)]

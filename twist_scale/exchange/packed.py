@@ -161,7 +161,11 @@ class PackedExchange:
         tensors pass."""
         round_, block, masks, layouts = self._masks
         if round_ is not specs or block != unit_block.key:
-            masks = unit_masks(unit_block, [spec.units(unit_block) for spec in specs])
+            drawn = specs[0].drawn
+            if drawn is not None and unit_block.key in drawn and all(s.drawn is drawn for s in specs):
+                masks = drawn[unit_block.key]  # the sampler's own draw
+            else:
+                masks = unit_masks(unit_block, [spec.units(unit_block) for spec in specs])
             self._masks = round_, block, masks, layouts = specs, unit_block.key, masks, {}
         return masks, layouts
 
