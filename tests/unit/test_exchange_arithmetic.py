@@ -12,11 +12,12 @@ from twist_scale.models import AxisSlice, UnitBlock, architecture_of
 from twist_scale.subnet import SubnetSampler, axis_of, partitioned_blocks, slice_tensor
 
 
+@pytest.mark.parametrize("kappas", [(0.5, 0.25, 1.0), (0.5, 0.5, 0.5)])  # groups of unequal and equal widths
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])  # gpt2: fused qkv, units in three segments
-def test_held_runs_and_piece_rows_are_exactly_what_slicing_keeps(arch):
+def test_held_runs_and_piece_rows_are_exactly_what_slicing_keeps(arch, kappas):
     model = random_model(arch)
     unit_blocks = partitioned_blocks(architecture_of(model).unit_blocks(model.config), shared_layers=[])
-    specs = SubnetSampler(tuple(unit_blocks), (0.5, 0.25, 1.0), seed=3).specs(0)
+    specs = SubnetSampler(tuple(unit_blocks), kappas, seed=3).specs(0)
     params = dict(model.named_parameters())
     gen = torch.Generator().manual_seed(0)
     for name, (unit_block, axis) in axis_of(unit_blocks).items():
@@ -44,7 +45,8 @@ def test_held_runs_and_piece_rows_are_exactly_what_slicing_keeps(arch):
             placed = rows.padded(torch.zeros(hi - lo, dtype=torch.long))
             rows.add_to(placed, torch.ones(int(rows.counts.sum()), dtype=torch.long))
             assert torch.equal(rows.unpadded(placed), holders), (name, lo, hi)
-            assert torch.equal(rows.unpadded(rows.holders[:, None].repeat(1, rows.inner)), holders), (name, lo, hi)
+            every = rows.padded(torch.zeros(hi - lo, dtype=torch.long)) + rows.holder_counts
+            assert torch.equal(rows.unpadded(every), holders), (name, lo, hi)
     whole = HeldGroups(torch.Size([4, 6]), None, None, 2)
     assert whole.before(torch.tensor([7])).tolist() == [[7], [7]] and whole.piece_rows(3, 9) is None
 

@@ -136,12 +136,12 @@ class HeldGroups:
         partial = i * along[..., coord]  # the held elements of a held row before the position
         return (outer * below[..., -1:] + below[..., coord]) * self.inner + partial
 
-    def piece_rows(self, lo: int, hi: int) -> PieceRows | None:
+    def piece_rows(self, lo: int, hi: int) -> PieceRows | PieceColumns | None:
         """The rows of flat range [lo, hi) each group holds; None where every group holds every element.
 
         A row is `inner` contiguous elements (one unit-axis coordinate of one outer index). Where the unit
-        axis is the last one a row is one element, and the held ones are every outer row's held columns,
-        found from the G held column lists rather than from a G × range mask."""
+        axis is the last one the held elements are every outer row's held columns (`PieceColumns`): picked
+        and placed a column at a time, with no index per element."""
         if self.along is None:
             return None
         hi = max(hi, lo)
@@ -163,17 +163,20 @@ class HeldGroups:
         group, column = self.along.nonzero(as_tuple=True)
         return column, exclusive_cumsum(torch.bincount(group, minlength=self.groups)).tolist() + [len(column)]
 
-    def _held_columns(self, lo: int, hi: int, counts: torch.Tensor) -> PieceRows:
-        """`piece_rows` of a tensor whose unit axis is its last: each outer row's held columns, group after
-        group, cut to the range."""
-        first, stop = lo // self.size, -(-hi // self.size)  # the outer rows the range touches
+    def _held_columns(self, lo: int, hi: int, counts: torch.Tensor) -> PieceColumns:
+        """`piece_rows` of a tensor whose unit axis is its last: the held columns of whole outer rows."""
         column, ends = self._columns
-        held = torch.arange(first, stop)[:, None] * self.size + column - lo  # (outer rows, all groups' columns)
-        row = torch.cat([held[:, a:b].flatten() for a, b in zip(ends[:-1], ends[1:], strict=True)])
-        if lo % self.size or hi % self.size:  # the first or last outer row is partly outside the range
-            row = row[(row >= 0) & (row < hi - lo)]
-        holders = self.along.sum(0).repeat(stop - first)[lo - first * self.size :][: hi - lo]
-        return PieceRows(1, 0, hi - lo, row, counts, holders)
+        first = lo // self.size
+        return PieceColumns(self.size, lo - first * self.size, hi - lo, column, ends, counts, self.along.sum(0))
+
+
+def _whole_rows(values: torch.Tensor, rows: int, width: int, skip: int) -> torch.Tensor:
+    """(rows, width): `values` placed `skip` elements into whole rows, zeros around; a view where they fit."""
+    if skip == 0 and len(values) == rows * width:
+        return values.view(rows, width)
+    padded = values.new_zeros(rows * width)
+    padded[skip : skip + len(values)] = values
+    return padded.view(rows, width)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,6 +199,11 @@ class PieceRows:
     def tail(self) -> int:
         return len(self.holders) * self.inner - self.skip - self.length
 
+    @property
+    def holder_counts(self) -> torch.Tensor:
+        """`holders` shaped to divide what `padded` gives."""
+        return self.holders[:, None]
+
     def _real(self) -> torch.Tensor | None:
         """(H, inner) bool: which elements of the held rows lie inside the range; None where all do."""
         if self.skip == 0 and self.tail == 0:
@@ -207,11 +215,7 @@ class PieceRows:
 
     def padded(self, values: torch.Tensor) -> torch.Tensor:
         """(touched rows, inner): the range's `values` as whole rows; a view of them where the range is."""
-        if self.skip == 0 and self.tail == 0:
-            return values.view(len(self.holders), self.inner)
-        rows = values.new_zeros(len(self.holders) * self.inner)
-        rows[self.skip : self.skip + self.length] = values
-        return rows.view(len(self.holders), self.inner)
+        return _whole_rows(values, len(self.holders), self.inner, self.skip)
 
     def unpadded(self, rows: torch.Tensor) -> torch.Tensor:
         """The inverse of `padded`: the range's elements of whole rows (a view)."""
@@ -232,3 +236,80 @@ class PieceRows:
             spread = held.new_zeros(len(self.rows), self.inner)
             spread[real] = held
         rows.index_add_(0, self.rows, spread)
+
+
+@dataclasses.dataclass(frozen=True)
+class PieceColumns:
+    """`PieceRows` for a tensor whose unit axis is its last (o_proj, down_proj): a flat range padded to whole
+    outer rows of `size` elements, in which every group holds the same columns. Each group's held elements,
+    group after group in flat order, are its columns of every row: picked and placed through one column
+    index (`columns`, all groups', built once per tensor) instead of one index per element."""
+
+    size: int
+    skip: int
+    length: int
+    columns: torch.Tensor  # (C,) every group's held columns, group after group
+    ends: list[int]  # group g's columns are columns[ends[g]:ends[g + 1]]
+    counts: torch.Tensor  # (G,) each group's held elements of the range
+    holders: torch.Tensor  # (size,) how many groups hold each column
+
+    @property
+    def outer(self) -> int:
+        return -(-(self.skip + self.length) // self.size)
+
+    @property
+    def tail(self) -> int:
+        return self.outer * self.size - self.skip - self.length
+
+    @property
+    def holder_counts(self) -> torch.Tensor:
+        return self.holders[None, :]
+
+    def padded(self, values: torch.Tensor) -> torch.Tensor:
+        """(outer rows, size): the range's `values` as whole rows; a view of them where the range is."""
+        return _whole_rows(values, self.outer, self.size, self.skip)
+
+    def unpadded(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows.flatten()[self.skip : self.skip + self.length]
+
+    def _group_major(self, by_row: torch.Tensor) -> torch.Tensor:
+        """(outer, C) laid out row by row -> flat, group after group (each group's columns of every row)."""
+        spans = list(zip(self.ends[:-1], self.ends[1:], strict=True))
+        widths = {b - a for a, b in spans}
+        if len(widths) == 1:  # equal keep ratios: one transposing copy
+            return by_row.view(self.outer, len(spans), widths.pop()).transpose(0, 1).reshape(-1)
+        return torch.cat([by_row[:, a:b].reshape(-1) for a, b in spans])
+
+    def _by_row(self, group_major: torch.Tensor) -> torch.Tensor:
+        """The inverse of `_group_major`."""
+        spans = list(zip(self.ends[:-1], self.ends[1:], strict=True))
+        widths = {b - a for a, b in spans}
+        if len(widths) == 1:
+            return group_major.view(len(spans), self.outer, widths.pop()).transpose(0, 1).reshape(self.outer, -1)
+        blocks, at = [], 0
+        for a, b in spans:
+            blocks.append(group_major[at : at + self.outer * (b - a)].view(self.outer, b - a))
+            at += self.outer * (b - a)
+        return torch.cat(blocks, 1)
+
+    def _real(self) -> torch.Tensor | None:
+        """Which of `_group_major`'s elements lie inside the range; None where all do."""
+        if self.skip == 0 and self.tail == 0:
+            return None
+        real = torch.ones(self.outer, len(self.columns), dtype=torch.bool)
+        real[0] &= self.columns >= self.skip
+        real[-1] &= self.columns < self.size - self.tail
+        return self._group_major(real)
+
+    def select(self, values: torch.Tensor) -> torch.Tensor:
+        held = self._group_major(self.padded(values).index_select(1, self.columns))
+        real = self._real()
+        return held if real is None else held[real]
+
+    def add_to(self, rows: torch.Tensor, held: torch.Tensor) -> None:
+        real = self._real()
+        if real is not None:
+            spread = held.new_zeros(len(real))
+            spread[real] = held
+            held = spread
+        rows.index_add_(1, self.columns, self._by_row(held))

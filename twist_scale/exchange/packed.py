@@ -38,6 +38,7 @@ from twist_scale.exchange.base import SubnetSource
 from twist_scale.exchange.entries import Entry, alike, plan_buckets
 from twist_scale.exchange.held import (
     HeldGroups,
+    PieceColumns,
     PieceRows,
     exclusive_cumsum,
     expand_ranges,
@@ -147,7 +148,7 @@ class PackedExchange:
             self._held = key, held
         return self._held[1]
 
-    def _in_piece(self, entry: Entry, held: HeldGroups) -> PieceRows | None:
+    def _in_piece(self, entry: Entry, held: HeldGroups) -> PieceRows | PieceColumns | None:
         """`held.piece_rows` over this owner's range of `entry`, once for a weight and its moments."""
         lo, hi = self._my_range(entry)
         cached_held, cached_range, value = self._piece
@@ -280,7 +281,7 @@ class PackedExchange:
         for run in alike(bucket):
             lo, hi = self._my_range(bucket[run[0]])
             rows = self._in_piece(bucket[run[0]], helds[run[0]])
-            holders = torch.full((1,), topo.groups) if rows is None else rows.holders.clamp(min=1)[:, None]
+            holders = torch.full((1,), topo.groups) if rows is None else rows.holder_counts.clamp(min=1)
             for i in run:
                 # values are summed in the piece itself, row by row: held rows restart from 0, take every
                 # holder's value and are divided by the holder count (1 where nobody held: those rows keep
@@ -296,7 +297,7 @@ class PackedExchange:
                 else:
                     kept = rows.padded(torch.zeros(hi - lo) if self.sends_changes else piece)
                     if not self.sends_changes:
-                        kept.masked_fill_(rows.holders[:, None] > 0, 0.0)
+                        kept.masked_fill_(rows.holder_counts > 0, 0.0)
                     rows.add_to(kept, arrived)
                     kept = rows.unpadded(kept.div_(holders))
                 if self.sends_changes:
