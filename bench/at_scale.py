@@ -25,8 +25,8 @@ What each figure is, per rank, and the code it runs:
     (stubbed): old rank files a new rank opens;
   - the exchange: one round of aggregation and dispatch (weights and Adam moments, correction `none`
     and `mean`) through the real `SubnetSync` and `PackedExchange`, with an engine that stores what
-    FSDP2 would store (`exchange_at_scale.py`): CPU s, split into the plan, the per-element offsets and
-    the payloads; bytes and collectives; metadata. The previous exchange runs on 6 of its buckets and is
+    FSDP2 would store (`exchange_at_scale.py`): CPU s, split into the plan, the owners' row and column
+    indices and the payloads; bytes and collectives; metadata. The previous exchange runs on 6 of its buckets and is
     extrapolated.
 Before (the code of the previous release, by construction): every rank read the whole checkpoint,
 built the whole subnet on the device, and opened all W_old rank files on an elastic resume; sampling
@@ -243,11 +243,11 @@ def table(results: list[dict[str, float]]) -> str:
         ("  aggregation CPU s", "aggregate_cpu_s_mean", "previous_aggregate_cpu_s"),
         ("  dispatch CPU s (with the mean shifts)", "dispatch_cpu_s_mean", "previous_dispatch_cpu_s"),
         ("  of which the plan: splits and ranges (W × entries)", "plan_cpu_s_mean", None),
-        ("  of which element offsets: positions, counts, gathers' indices", "offsets_cpu_s_mean", None),
+        ("  of which owners' row and column indices of their pieces (`piece_rows`)", "offsets_cpu_s_mean", None),
         ("  of which payloads: reads, gathers, sums (∝ bytes moved)", "payload_cpu_s_mean", None),
         ("sampling + plan CPU s", "plan_and_sampling_cpu_s", None),
         ("exchange metadata MB", "exchange_metadata_mb", "previous_metadata_mb"),
-        ("all G specs MB (int64 unit ids)", "specs_mb", None),
+        ("all G specs MB (int64 unit ids + the (G, n) bool draw)", "specs_mb", None),
         ("aggregation MB sent (weights + 2 moments)", "aggregate_mb_mean", None),
         ("dispatch MB received, correction none", "dispatch_mb_none", None),
         ("dispatch MB received, correction mean", "dispatch_mb_mean", "previous_dispatch_mean_mb"),

@@ -209,7 +209,8 @@ def measure(
             f"collectives_{correction}": aggregated.collectives + dispatched.collectives,
         }
     out["exchange_metadata_mb"] = (exchange.stored.nbytes + exchange.ranged.nbytes) / 1e6
-    out["specs_mb"] = sum(ids.nbytes for s in specs for ids in s.kept.values()) / 1e6
+    drawn = sum(masks.nbytes for masks in (specs[0].drawn or {}).values())  # shared by the G specs
+    out["specs_mb"] = (sum(ids.nbytes for s in specs for ids in s.kept.values()) + drawn) / 1e6
     out["model_fp32_mb"] = sum(s.numel() for s in central.shapes.values()) * 4 / 1e6
     out |= measure_previous(central, unit_blocks, specs, topo, storage, exchange, kappas, seed)
     return out

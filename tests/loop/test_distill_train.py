@@ -45,3 +45,28 @@ def test_central_and_stored_teachers_train_and_log_both_loss_parts(tmp_path):
         "logits-00000.npy",
         "logits-00001.npy",
     ]  # each rank's own training blocks
+
+
+def test_the_central_teacher_sharded_by_fsdp_teaches_as_under_zero1(tmp_path):
+    """One group on two ranks: FSDP2 shards the full-width teacher like the student, ZeRO-1 keeps it whole
+    on each rank; the same seed gives the same distilled losses and KL terms step for step."""
+    common = dict(
+        twist__groups=1,
+        twist__kappa=0.5,
+        twist__allow_uncovered="true",
+        twist__rounds=2,
+        twist__local_steps=2,
+        twist__distill="central",
+        eval__every_rounds=0,
+        checkpoint__every_rounds=0,
+    )
+    runs = {engine: tmp_path / engine for engine in ("deepspeed", "fsdp")}
+    for engine, out in runs.items():
+        train_on_ranks(2, tiny_args(out, parallel__engine=engine, **common))
+    zero1, fsdp = (
+        {key: history(*mlflow_run(out), key) for key in ("train/loss", "train/distill_kl")} for out in runs.values()
+    )
+    for key, values in zero1.items():
+        assert len(values) == len(fsdp[key]) > 0
+        assert fsdp[key] == pytest.approx(values, rel=1e-4, abs=1e-5), key
+    assert min(zero1["train/distill_kl"]) > 0
