@@ -99,8 +99,9 @@ class CentralTeacher:
 
     An engine of the run's kind around the full-width model that never steps: under ZeRO-3 / FSDP2 it
     is sharded like the student, so no rank holds it whole, and it is filled by the same exchange as the
-    subnets, with every unit kept. It costs each rank its share of the full model (no optimizer state: that
-    appears at a first step, which never comes) and, per round, a dispatch of the full width.
+    subnets, with every unit kept. It costs each rank its share of the full model (no Adam moments: they
+    appear at a first step, which never comes; DeepSpeed still keeps its fp32 master partition) and, per
+    round, a dispatch of the full width.
     """
 
     def __init__(self, cfg: RunConfig, topo: Topology, central: CentralShards, run_model: RunModel, vocab: int) -> None:

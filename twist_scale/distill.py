@@ -80,8 +80,10 @@ class Distiller:
         return cross_entropy + self.weight * self.temperature**2 * kl
 
     def take_parts(self) -> tuple[float, float]:
-        """Mean (CE, KL) since the last call."""
-        ce, kl = (float(np.mean(part)) if self.parts else float("nan") for part in zip(*self.parts, strict=True))
+        """Mean (CE, KL) since the last call (NaN for a round without a step)."""
+        if not self.parts:
+            return float("nan"), float("nan")
+        ce, kl = (float(np.mean(part)) for part in zip(*self.parts, strict=True))
         self.parts.clear()
         return ce, kl
 
