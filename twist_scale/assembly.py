@@ -24,7 +24,7 @@ from twist_scale.engines.base import Engine, moment_keys
 from twist_scale.exchange import build_exchange
 from twist_scale.run_model import RunModel, build_run_model
 from twist_scale.startup import Arrange, fill
-from twist_scale.subnet import SubnetSampler, apply_subnet_shapes
+from twist_scale.subnet import SubnetSampler, SubnetSpec, apply_subnet_shapes
 from twist_scale.sync import DataParallelSync, SubnetSync
 from twist_scale.topology import Topology
 from twist_scale.unit_order import sort_units_by_weight_norm
@@ -112,7 +112,7 @@ class CentralTeacher:
         self.sync = SubnetSync(
             central, storage, blocks, topo, (), run_model.correction, False, exchange, cfg.twist.bucket_mb
         )
-        self.full_width = SubnetSampler(tuple(blocks), (1.0,) * topo.groups, cfg.seed).specs(0)
+        self.full_width = [SubnetSpec({})] * topo.groups  # no block listed: every unit kept, nothing drawn
 
     def dispatch(self) -> None:
         self.sync.dispatch(self.full_width)

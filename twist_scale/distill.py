@@ -104,8 +104,12 @@ class StoredTeacher:
 
     def __init__(self, directory: Path, index: int, count: int) -> None:
         self.directory, self.index, self.count = directory, index, count
-        self.ids = np.load(directory / f"ids-{index:05d}.npy", mmap_mode="r")
-        self.logits = np.load(directory / f"logits-{index:05d}.npy", mmap_mode="r")
+        self.ids, self.logits = (np.load(path, mmap_mode="r") for path in self.files(directory, index))
+
+    @staticmethod
+    def files(directory: Path, index: int) -> tuple[Path, Path]:
+        """Rank `index`'s top-k ids and logits."""
+        return directory / f"ids-{index:05d}.npy", directory / f"logits-{index:05d}.npy"
 
     def batch(self, rows: np.ndarray, input_ids: torch.Tensor) -> TeacherBatch:
         """The top-k of training blocks `rows` (this rank's, ascending), beside their `input_ids`."""
@@ -134,7 +138,7 @@ class StoredTeacher:
         device: torch.device,
     ) -> StoredTeacher:
         """This rank's stored top-k, computed with the teacher checkpoint if the cache lacks it."""
-        ids_path, logits_path = directory / f"ids-{index:05d}.npy", directory / f"logits-{index:05d}.npy"
+        ids_path, logits_path = cls.files(directory, index)
         if not (ids_path.exists() and logits_path.exists()):
             directory.mkdir(parents=True, exist_ok=True)
             ids, logits = _top_k_of(teacher, top_k, blocks[index::count], vocab_size, batch_size, device, index == 0)

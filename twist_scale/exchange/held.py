@@ -157,17 +157,18 @@ class HeldGroups:
         return PieceRows(self.inner, lo - first * self.inner if hi > lo else 0, hi - lo, row, counts, along.sum(0))
 
     @functools.cached_property
-    def _columns(self) -> tuple[torch.Tensor, list[int]]:
-        """Every group's held unit-axis coordinates, group after group, and where each group's start and end:
-        the same for every part of the tensor."""
+    def _columns(self) -> tuple[torch.Tensor, list[int], torch.Tensor]:
+        """Every group's held unit-axis coordinates, group after group, where each group's start and end, and
+        each coordinate's holder count: the same for every part of the tensor."""
         group, column = self.along.nonzero(as_tuple=True)
-        return column, exclusive_cumsum(torch.bincount(group, minlength=self.groups)).tolist() + [len(column)]
+        ends = exclusive_cumsum(torch.bincount(group, minlength=self.groups)).tolist() + [len(column)]
+        return column, ends, self.along.sum(0)
 
     def _held_columns(self, lo: int, hi: int, counts: torch.Tensor) -> PieceColumns:
         """`piece_rows` of a tensor whose unit axis is its last: the held columns of whole outer rows."""
-        column, ends = self._columns
+        column, ends, holders = self._columns
         first = lo // self.size
-        return PieceColumns(self.size, lo - first * self.size, hi - lo, column, ends, counts, self.along.sum(0))
+        return PieceColumns(self.size, lo - first * self.size, hi - lo, column, ends, counts, holders)
 
 
 def _whole_rows(values: torch.Tensor, rows: int, width: int, skip: int) -> torch.Tensor:
@@ -204,8 +205,10 @@ class PieceRows:
         """`holders` shaped to divide what `padded` gives."""
         return self.holders[:, None]
 
+    @functools.cached_property
     def _real(self) -> torch.Tensor | None:
-        """(H, inner) bool: which elements of the held rows lie inside the range; None where all do."""
+        """(H, inner) bool: which elements of the held rows lie inside the range; None where all do. Made once
+        for a weight and its moments, which share the rows."""
         if self.skip == 0 and self.tail == 0:
             return None
         real = torch.ones(len(self.rows), self.inner, dtype=torch.bool)
@@ -224,12 +227,12 @@ class PieceRows:
     def select(self, values: torch.Tensor) -> torch.Tensor:
         """Each group's held elements of the range's `values`, group after group, in flat order."""
         held = self.padded(values).index_select(0, self.rows)
-        real = self._real()
+        real = self._real
         return held.flatten() if real is None else held[real]
 
     def add_to(self, rows: torch.Tensor, held: torch.Tensor) -> None:
         """Adds `held` (laid out as `select` gives it) to whole `rows` (as `padded` gives them)."""
-        real = self._real()
+        real = self._real
         if real is None:
             spread = held.view(len(self.rows), self.inner)
         else:
@@ -241,9 +244,9 @@ class PieceRows:
 @dataclasses.dataclass(frozen=True)
 class PieceColumns:
     """`PieceRows` for a tensor whose unit axis is its last (o_proj, down_proj): a flat range padded to whole
-    outer rows of `size` elements, in which every group holds the same columns. Each group's held elements,
-    group after group in flat order, are its columns of every row: picked and placed through one column
-    index (`columns`, all groups', built once per tensor) instead of one index per element."""
+    outer rows of `size` elements, in each of which a group holds the same columns. Each group's held
+    elements, group after group in flat order, are its columns of every row: picked and placed through one
+    column index (`columns`, all groups', built once per tensor) instead of one index per element."""
 
     size: int
     skip: int
@@ -272,26 +275,27 @@ class PieceColumns:
     def unpadded(self, rows: torch.Tensor) -> torch.Tensor:
         return rows.flatten()[self.skip : self.skip + self.length]
 
+    @property
+    def _widths(self) -> list[int]:
+        """Each group's number of held columns."""
+        return [b - a for a, b in zip(self.ends[:-1], self.ends[1:], strict=True)]
+
     def _group_major(self, by_row: torch.Tensor) -> torch.Tensor:
         """(outer, C) laid out row by row -> flat, group after group (each group's columns of every row)."""
-        spans = list(zip(self.ends[:-1], self.ends[1:], strict=True))
-        widths = {b - a for a, b in spans}
-        if len(widths) == 1:  # equal keep ratios: one transposing copy
-            return by_row.view(self.outer, len(spans), widths.pop()).transpose(0, 1).reshape(-1)
-        return torch.cat([by_row[:, a:b].reshape(-1) for a, b in spans])
+        widths = self._widths
+        if len(set(widths)) == 1:  # equal keep ratios: one transposing copy
+            return by_row.view(self.outer, len(widths), widths[0]).transpose(0, 1).reshape(-1)
+        return torch.cat([block.reshape(-1) for block in by_row.split(widths, 1)])
 
     def _by_row(self, group_major: torch.Tensor) -> torch.Tensor:
         """The inverse of `_group_major`."""
-        spans = list(zip(self.ends[:-1], self.ends[1:], strict=True))
-        widths = {b - a for a, b in spans}
-        if len(widths) == 1:
-            return group_major.view(len(spans), self.outer, widths.pop()).transpose(0, 1).reshape(self.outer, -1)
-        blocks, at = [], 0
-        for a, b in spans:
-            blocks.append(group_major[at : at + self.outer * (b - a)].view(self.outer, b - a))
-            at += self.outer * (b - a)
-        return torch.cat(blocks, 1)
+        widths = self._widths
+        if len(set(widths)) == 1:
+            return group_major.view(len(widths), self.outer, widths[0]).transpose(0, 1).reshape(self.outer, -1)
+        blocks = group_major.split([self.outer * w for w in widths])
+        return torch.cat([block.view(self.outer, w) for block, w in zip(blocks, widths, strict=True)], 1)
 
+    @functools.cached_property
     def _real(self) -> torch.Tensor | None:
         """Which of `_group_major`'s elements lie inside the range; None where all do."""
         if self.skip == 0 and self.tail == 0:
@@ -303,11 +307,11 @@ class PieceColumns:
 
     def select(self, values: torch.Tensor) -> torch.Tensor:
         held = self._group_major(self.padded(values).index_select(1, self.columns))
-        real = self._real()
+        real = self._real
         return held if real is None else held[real]
 
     def add_to(self, rows: torch.Tensor, held: torch.Tensor) -> None:
-        real = self._real()
+        real = self._real
         if real is not None:
             spread = held.new_zeros(len(real))
             spread[real] = held
