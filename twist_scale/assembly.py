@@ -69,7 +69,7 @@ def assemble(cfg: RunConfig, topo: Topology, vocab_size: int) -> Assembly:
     """The run's model, sampler, engine and synchronisation, built once at start-up (see module doc)."""
     run_model = build_run_model(cfg, vocab_size)
     model, blocks = run_model.model, run_model.unit_blocks
-    sampler = SubnetSampler(tuple(blocks), cfg.twist.kappas, cfg.seed, cfg.twist.sampling == "nested")
+    sampler = SubnetSampler(tuple(blocks), cfg.twist.kappas, cfg.seed, cfg.twist.sampling)
     full_parameters = run_model.parameters
     if cfg.is_dense:
         fill(model, cfg.seed, cfg.model.pretrained)

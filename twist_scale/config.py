@@ -124,10 +124,13 @@ class TwistConfig:
         "one run) or a sandwich (1.0,0.5: group 0 always trains the full width). Empty: every group uses kappa.",
         factory=list,
     )
-    sampling: Literal["independent", "nested"] = _doc(
-        "How subnets are drawn: 'independent' (TwIST: every round a fresh draw that covers every unit) or "
-        "'nested' (each block's units are sorted by weight norm at the start, and a group at kappa always trains "
-        "the first ceil(kappa*n): export those with --method prefix; needs a group at 1.0, e.g. group_kappas 1.0,0.5).",
+    sampling: Literal["independent", "nested", "rewired"] = _doc(
+        "How subnets are drawn: 'independent' (TwIST: every round a fresh draw that covers every unit), 'nested' "
+        "(each block's units are sorted by weight norm at the start, and a group at kappa always trains the first "
+        "ceil(kappa*n): export those with --method prefix; needs a group at 1.0, e.g. group_kappas 1.0,0.5) or "
+        "'rewired' (every round the units are ranked by the central model's activation statistics and every group "
+        "keeps the most important ones that still let the groups cover every unit, the rest drawn: export with "
+        "--method ranked or adaptive_stats; needs correction mean and keep ratios summing to more than 1).",
         "independent",
     )
     local_steps: int = _doc("H: local steps between aggregations (the paper uses 15).", 15)

@@ -288,6 +288,13 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
             "first units, so the rest would never train; give one group the full width (e.g. --twist.groups 2 "
             "--twist.group_kappas 1.0,0.5), or set --twist.allow_uncovered true"
         )
+    if t.sampling == "rewired" and (t.correction != "mean" or sum(t.kappas) <= 1):
+        raise ConfigError(
+            f"--twist.sampling rewired with correction {t.correction!r} and keep ratios summing to "
+            f"{sum(t.kappas):.2f}: it ranks units by the statistics correction 'mean' keeps, and shares the top "
+            "ones among groups only where the groups hold more than every unit once; set --twist.correction mean "
+            "and keep ratios summing to more than 1 (e.g. --twist.groups 2 --twist.kappa 0.75, or group_kappas 1.0,0.5)"
+        )
     if t.bucket_mb <= 0:
         raise ConfigError(f"--twist.bucket_mb {t.bucket_mb} must be > 0")
     if t.wire_dtype != "fp32" and t.aggregation == "dense":

@@ -7,7 +7,7 @@ counts are local knowledge and no mask is ever communicated.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -62,32 +62,69 @@ def partitioned_blocks(unit_blocks: list[UnitBlock], shared_layers: Iterable[int
     return [g for g in unit_blocks if g.layer not in shared]
 
 
+def core_size(num_units: int, keeps: Sequence[int]) -> int:
+    """How many top-ranked units every group can keep while the groups still cover every unit: the rest,
+    n - c, must fit in what the groups have left, Σ(keep_g - c) >= n - c, so c <= (Σ keep - n) / (G - 1).
+    0 where the keeps leave no slack (Σκ = 1: a partition); the smallest keep where one group trains the full
+    width (a sandwich)."""
+    if len(keeps) == 1:
+        return keeps[0]
+    return max(0, min(min(keeps), (sum(keeps) - num_units) // (len(keeps) - 1)))
+
+
 @dataclass(frozen=True)
 class SubnetSampler:
-    """Draws every group's subnet; group g keeps a fraction kappas[g] of each partitioned block's units."""
+    """Draws every group's subnet; group g keeps a fraction kappas[g] of each partitioned block's units.
+
+    'independent': every round a fresh coverage draw. 'nested': group g always keeps the first ⌈κ_g·n⌉
+    units (unit_order sorted them). 'rewired': every group keeps the `core_size` most important units of
+    the round (`importance`, ranked from the central model's statistics), the rest are a coverage draw, so
+    the units that matter train in every group (DynaBERT's rewiring) and every unit still trains somewhere.
+    """
 
     unit_blocks: tuple[UnitBlock, ...]  # partitioned unit blocks only
     kappas: tuple[float, ...]  # one per group: equal for plain TwIST, unequal for mixed kappa or a sandwich
     seed: int
-    nested: bool = False  # every round, group g keeps the first ⌈κ_g·n⌉ units (unit_order sorted them)
+    sampling: str = "independent"  # config.TwistConfig.sampling
 
-    def specs(self, round_: int) -> list[SubnetSpec]:
-        """Every group's spec for this round; a pure function of (seed, round, layer, kind)."""
+    def specs(self, round_: int, importance: Mapping[tuple[int, str], torch.Tensor] | None = None) -> list[SubnetSpec]:
+        """Every group's spec for this round; a pure function of (seed, round, layer, kind) and, rewired, of
+        the units' `importance` (per block; absent or without spread: no unit is preferred)."""
         kept: list[dict[tuple[int, str], torch.Tensor]] = [{} for _ in self.kappas]
         drawn: dict[tuple[int, str], torch.Tensor] = {}
         for unit_block in self.unit_blocks:
             keeps = [units_to_keep(unit_block.num_units, kappa) for kappa in self.kappas]
-            if self.nested:
+            if self.sampling == "nested":
                 for g, keep in enumerate(keeps):
                     kept[g][unit_block.key] = torch.arange(keep)
                 continue
-            from twist_scale.coverage import coverage_draw, kept_ids  # numba: imported (1 s) only by runs that draw
+            from twist_scale.coverage import kept_ids  # numba: imported (1 s) only by runs that draw
 
             seed = f"twist:{self.seed}:{round_}:{unit_block.layer}:{unit_block.kind}"
-            held = drawn[unit_block.key] = coverage_draw(seed, unit_block.num_units, keeps)
+            scores = (importance or {}).get(unit_block.key)
+            ranked = self.sampling == "rewired" and scores is not None and bool(scores.std() > 0)
+            core = core_size(unit_block.num_units, keeps) if ranked else 0
+            held = drawn[unit_block.key] = _draw_around_core(seed, unit_block.num_units, keeps, scores, core)
             for g, ids in enumerate(kept_ids(held)):
                 kept[g][unit_block.key] = ids
         return [SubnetSpec(k, drawn or None) for k in kept]
+
+
+def _draw_around_core(
+    seed: str, num_units: int, keeps: list[int], scores: torch.Tensor | None, core: int
+) -> torch.Tensor:
+    """(G, n) bool: the `core` highest-scoring units (ties: lower id) in every group, the coverage draw over
+    the other units for the rest of each keep. Without a core, the coverage draw itself."""
+    from twist_scale.coverage import coverage_draw
+
+    if core == 0:
+        return coverage_draw(seed, num_units, keeps)
+    order = torch.sort(-scores.double(), stable=True).indices
+    rest = order[core:].sort().values
+    held = torch.zeros(len(keeps), num_units, dtype=torch.bool)
+    held[:, order[:core]] = True
+    held[:, rest] = coverage_draw(seed, len(rest), [keep - core for keep in keeps])
+    return held
 
 
 def slice_tensor(full: torch.Tensor, axis: AxisSlice, units: torch.Tensor) -> torch.Tensor:

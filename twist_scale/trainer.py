@@ -31,6 +31,7 @@ from twist_scale.logs import setup_logging
 from twist_scale.metrics import RunMetrics
 from twist_scale.phases import Phases
 from twist_scale.run_model import full_model_builder
+from twist_scale.subnet import SubnetSpec
 from twist_scale.summary import run_summary
 from twist_scale.sync import verify_same_masks
 from twist_scale.topology import Topology
@@ -92,7 +93,7 @@ class Trainer:
             self.resume()
         bar = tqdm(total=cfg.total_steps, initial=self.round * cfg.twist.local_steps, disable=self.topo.rank != 0)
         while self.round < cfg.twist.rounds:
-            specs = self.sampler.specs(self.round)
+            specs = self.specs()
             with phase("dispatch"):
                 self.sync.dispatch(specs)
                 if self.teacher is not None:
@@ -122,7 +123,7 @@ class Trainer:
                     self.save()
         bar.close()
         with phase("final evaluation and export"):
-            self.sync.dispatch(self.sampler.specs(self.round))
+            self.sync.dispatch(self.specs())
             metrics = self.metrics.evaluate(self.engine, self.data.valid, self.round)
             final, build = self.out_dir / "final", full_model_builder(cfg, len(self.data.tokenizer))
             export_central(
@@ -136,6 +137,11 @@ class Trainer:
             dist.barrier()
             self.tracker.log_artifact(final / TWIST_META, "final")
         log.info("%s", run_summary(cfg, final, metrics, self.full_parameters))
+
+    def specs(self) -> list[SubnetSpec]:
+        """This round's subnets; a rewired run first ranks the units of the central model (collective)."""
+        importance = self.sync.unit_importance() if self.cfg.twist.sampling == "rewired" else None
+        return self.sampler.specs(self.round, importance)
 
     def local_steps(self, bar: tqdm) -> list[float]:
         """H steps. Under `--on_nonfinite stop` a group stops at its first non-finite loss (never stepped
@@ -182,4 +188,4 @@ class Trainer:
             if elsewhere or self.engine_files is None:  # the engine starts fresh at the saved step; dispatch fills it
                 self.engine.resume_at(self.round * self.cfg.twist.local_steps, self.sync.moments)
             log.info("resumed from %s at round %d%s", path, self.round, " (resharded)" if elsewhere else "")
-        verify_same_masks(self.sampler.specs(self.round), self.topo)
+        verify_same_masks(self.specs(), self.topo)

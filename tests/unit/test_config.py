@@ -67,6 +67,23 @@ def test_yaml_file_and_launcher_local_rank(tmp_path):
             ["--twist.groups", "2", "--twist.kappa", "0.5", "--twist.sampling", "nested"],
             "the rest would never train; give one group the full width",
         ),
+        (
+            [
+                "--twist.groups",
+                "2",
+                "--twist.kappa",
+                "0.5",
+                "--twist.sampling",
+                "rewired",
+                "--twist.correction",
+                "mean",
+            ],
+            "keep ratios summing to 1.00: it ranks units",
+        ),
+        (
+            ["--twist.groups", "2", "--twist.kappa", "0.75", "--twist.sampling", "rewired"],
+            "set --twist.correction mean and keep ratios summing to more than 1",
+        ),
         (["--twist.correction", "magic"], "choose one of none, scale, mean"),
         (["--twist.rounds", "x"], "twist.rounds: expected int, got 'x'"),
         (["--twist.rounds", "0"], "--twist.rounds 0 must be >= 1"),

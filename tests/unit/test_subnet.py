@@ -105,7 +105,7 @@ def test_sandwich_sampler_keeps_group_zero_whole():
 def test_nested_sampler_keeps_the_same_prefix_of_every_block_in_every_round():
     model = build_model("llama", "tiny", 64)
     unit_blocks = tuple(partitioned_blocks(architecture_of(model).unit_blocks(model.config), []))
-    nested = SubnetSampler(unit_blocks, (1.0, 0.5, 0.25), seed=3, nested=True)
+    nested = SubnetSampler(unit_blocks, (1.0, 0.5, 0.25), seed=3, sampling="nested")
     for round_ in (0, 7):
         full, half, quarter = nested.specs(round_)
         for unit_block in unit_blocks:
@@ -114,6 +114,31 @@ def test_nested_sampler_keeps_the_same_prefix_of_every_block_in_every_round():
             assert quarter.ids()[unit_block.key] == tuple(range(units_to_keep(unit_block.num_units, 0.25)))
     independent = SubnetSampler(unit_blocks, (1.0, 0.5, 0.25), seed=3)
     assert independent.specs(0)[1] != independent.specs(1)[1] != nested.specs(0)[1]
+
+
+@pytest.mark.parametrize("kappas", [(0.75, 0.75), (0.5,) * 4, (1.0, 0.5), (0.75, 0.5), (0.5, 0.5)])
+def test_rewired_groups_share_the_most_important_units_and_still_cover_every_unit(kappas):
+    model = build_model("llama", "tiny", 64)
+    unit_blocks = tuple(partitioned_blocks(architecture_of(model).unit_blocks(model.config), []))
+    generator = torch.Generator().manual_seed(len(kappas))
+    importance = {block.key: torch.randn(block.num_units, generator=generator) for block in unit_blocks}
+    rewired = SubnetSampler(unit_blocks, kappas, seed=3, sampling="rewired")
+    independent = SubnetSampler(unit_blocks, kappas, seed=3)
+    for round_ in (0, 1):
+        specs = rewired.specs(round_, importance)
+        for block in unit_blocks:
+            n, keeps = block.num_units, [units_to_keep(block.num_units, k) for k in kappas]
+            kept = [set(spec.units(block).tolist()) for spec in specs]
+            assert [len(k) for k in kept] == keeps
+            assert set().union(*kept) == set(range(n)), (round_, block.key)  # every unit trains somewhere
+            core = (sum(keeps) - n) // (len(keeps) - 1)  # (Σ keep - n) / (G - 1), at most the smallest keep
+            top = set(torch.sort(-importance[block.key], stable=True).indices[: min(core, min(keeps))].tolist())
+            assert all(top <= k for k in kept), (kappas, block.key)  # ... and the top ones train everywhere
+        if sum(kappas) == 1:  # no slack: the coverage draw itself
+            assert specs == independent.specs(round_)
+    assert rewired.specs(0) == independent.specs(0)  # nothing ranked yet (no statistics): no unit preferred
+    flat = {key: torch.zeros_like(scores) for key, scores in importance.items()}
+    assert rewired.specs(0, flat) == independent.specs(0)
 
 
 def test_kappa_times_groups_one_is_a_partition():

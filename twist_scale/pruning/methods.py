@@ -8,7 +8,9 @@ own default (AL-AM): one global ranking over all layers and both kinds, so width
 at the same total weight count as the uniform methods; `flap_uniform` is FLAP's uniform variant.
 
 `prefix` keeps the first ⌈κ·n⌉ units: a run trained with `--twist.sampling nested` sorted its units
-by weight norm at the start and trained exactly that subnet at each of its groups' κ.
+by weight norm at the start and trained exactly that subnet at each of its groups' κ. `ranked` is the
+same for `--twist.sampling rewired`: the ⌈κ·n⌉ most important units by the ranking its groups shared
+(`twist_scale.importance`, from the statistics kept in training).
 
 Two zero-cost methods choose adaptive widths from the central model alone, under the same budget:
 `adaptive_magnitude` ranks standardised weight norms; `adaptive_stats` is FLAP AL-AM's ranking with
@@ -28,6 +30,7 @@ earlier layers are already pruned, and which units those lose depends on κ.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -36,6 +39,7 @@ from typing import TypeVar
 import torch
 from torch import nn
 
+from twist_scale.importance import fluctuation, standardized, unit_importance
 from twist_scale.models import UnitBlock, units_to_keep
 from twist_scale.pruning.calibration import ActivationStats, collect_activation_stats
 from twist_scale.pruning.scores import (
@@ -43,7 +47,6 @@ from twist_scale.pruning.scores import (
     output_weight_columns,
     owned_sum,
     per_unit,
-    standardized,
     top,
     top_units,
 )
@@ -195,10 +198,13 @@ def select_taylor(inputs: PruneInputs) -> SubnetSpec:
 def _fluctuation(inputs: PruneInputs, block: UnitBlock) -> torch.Tensor:
     """FLAP's WIFV per unit channel j of the output projection: Var(X_j) · ‖W_:,j‖² — how much the
     output moves when channel j is removed and its mean is compensated by a bias (export, 'mean')."""
+    stats = _needs(inputs.stats, "calibration statistics")
     w = output_weight_columns(inputs.model, block)
-    return (w**2).sum(0).double() * _needs(inputs.stats, "calibration statistics").variance(
-        block.output_module
-    ).double()
+    return fluctuation((w**2).sum(0), stats.mean[block.output_module], stats.sq_mean[block.output_module])
+
+
+def _importance(inputs: PruneInputs, block: UnitBlock) -> torch.Tensor:
+    return unit_importance(block, _fluctuation(inputs, block))
 
 
 def select_flap_uniform(inputs: PruneInputs) -> SubnetSpec:
@@ -210,21 +216,15 @@ def select_flap_uniform(inputs: PruneInputs) -> SubnetSpec:
     )
 
 
-def _standardized_unit_scores(inputs: PruneInputs, block: UnitBlock) -> torch.Tensor:
-    """FLAP AL-AM's comparable score: WIFV (squared for attention, as the reference does), standardised
-    over the unit block's channels so layers and kinds share one scale, then averaged over each unit's
-    channels (FLAP: per head). A unit block whose channels all score alike has no spread: all zeros."""
-    channels = _fluctuation(inputs, block)
-    if block.kind == "attn":
-        channels = channels**2
-    return per_unit(standardized(channels), block, f"{block.output_module}.weight") / block.output_axis.unit_width
-
-
 def select_flap(inputs: PruneInputs) -> SubnetSpec:
     """FLAP's default (AL-AM): the global ranking of standardised WIFV scores (`scores.global_ranking`)."""
-    return global_ranking(
-        inputs.model, inputs.unit_blocks, inputs.kappa, lambda block: _standardized_unit_scores(inputs, block)
-    )
+    return global_ranking(inputs.model, inputs.unit_blocks, inputs.kappa, functools.partial(_importance, inputs))
+
+
+def select_ranked(inputs: PruneInputs) -> SubnetSpec:
+    """The ⌈κ·n⌉ most important units of every block by the statistics kept in training (`importance`): under
+    rewired sampling, the units every group trained; `adaptive_stats` reads the same ranking at adaptive widths."""
+    return top_units(inputs.unit_blocks, inputs.kappa, functools.partial(_importance, inputs))
 
 
 def select_adaptive_magnitude(inputs: PruneInputs) -> SubnetSpec:
@@ -250,6 +250,12 @@ METHODS: dict[str, PruneMethod] = {
     ),
     "prefix": PruneMethod(select_prefix, "the first units: what a group at κ trained under nested sampling"),
     "magnitude": PruneMethod(select_magnitude, "unit weight norm, no data"),
+    "ranked": PruneMethod(
+        select_ranked,
+        "the most important units by the running Var(X)·‖W‖² kept in training (correction 'mean'), ⌈κ·n⌉ per layer: "
+        "what every group trained under rewired sampling",
+        needs_training_stats=True,
+    ),
     "wanda_sp": PruneMethod(
         select_wanda_sp,
         "|W|·‖X‖ on calibration text, layer by layer on the pruned prefix",

@@ -53,12 +53,6 @@ def output_weight_columns(model: nn.Module, unit_block: UnitBlock) -> torch.Tens
     return w if unit_block.output_input_axis == 1 else w.T
 
 
-def standardized(scores: torch.Tensor) -> torch.Tensor:
-    """z-scores over all entries (unbiased std, as torch.std in FLAP's code); no spread: all zeros."""
-    std = scores.std()
-    return (scores - scores.mean()) / std if std > 0 else torch.zeros_like(scores)
-
-
 def unit_weight(model: nn.Module, unit_block: UnitBlock) -> int:
     """Parameters one unit of the group owns: its share of every sliced parameter tensor."""
     params = dict(model.named_parameters())
