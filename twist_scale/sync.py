@@ -52,34 +52,6 @@ class DataParallelSync:
 
     def dispatch(self, specs: list[SubnetSpec]) -> None: ...
 
-    def unit_importance(self) -> dict[tuple[int, str], torch.Tensor]:
-        """Every partitioned unit's importance in the central model (`importance`), the same on every rank
-        (collective over the world): each owner adds its pieces' squared column norms of the output
-        projection and its pieces of E[x], E[x²] into one (3, channels) vector per block, and one all-reduce
-        sums them; 3 floats per channel whatever the world size (at Llama-70B, 80 layers: 8.9 M floats)."""
-        parts = []
-        for block, entry in self.outputs:
-            axis, central = block.output_input_axis, self.central
-            channels = torch.zeros(3, entry.shape[axis])
-            lo, hi = central.piece_range(entry.key)
-            flat = torch.arange(lo, hi)
-            channel = flat % entry.shape[1] if axis == 1 else torch.div(flat, entry.shape[1], rounding_mode="floor")
-            channels[0].index_add_(0, channel, central.shards[entry.key][: hi - lo] ** 2)
-            for row, stat in ((1, ACT_MEAN), (2, ACT_SQ_MEAN)):
-                name = f"{block.output_module}.{stat}"
-                lo, hi = central.piece_range(name)
-                channels[row, lo:hi] = central.shards[name][: hi - lo]
-            parts.append(channels)
-        summed = torch.cat([p.flatten() for p in parts]).to(self.topo.device)
-        dist.all_reduce(summed)
-        self.central.traffic.add(summed.numel() * summed.element_size())
-        out, at = {}, 0
-        for (block, _), channels in zip(self.outputs, parts, strict=True):
-            col_sq, mean, sq_mean = summed[at : at + channels.numel()].cpu().view_as(channels)
-            out[block.key] = unit_importance(block, fluctuation(col_sq, mean, sq_mean))
-            at += channels.numel()
-        return out
-
     def aggregate(self, specs: list[SubnetSpec]) -> None: ...
 
     def full_state(self) -> Iterator[tuple[str, torch.Tensor]]:
