@@ -5,6 +5,7 @@
     python bench/quality.py --protocol finetune [--quick]   # from one pretrained base: bench/quality_finetune.py
     python bench/quality.py --protocol ablation [--quick]   # one factor of the recipe at a time: quality_ablation.py
     python bench/quality.py --protocol spread [--quick]     # random draws of the ablation's runs: quality_spread.py
+    python bench/quality.py --protocol distill [--quick]    # distilled, rewired TwIST vs pruning + recovery, 3 seeds
 
 Trains on brown/train, one run after another under the real `deepspeed` launcher, every run on the
 same number of tokens and optimizer steps:
@@ -49,6 +50,7 @@ from quality_common import (
     tables,
     train,
 )
+from quality_distill import distill
 from quality_finetune import finetune
 from quality_spread import spread
 
@@ -58,7 +60,8 @@ PROTOCOLS = (
     "one dense base pretrained on brown/train, fine-tuned on wikitext-2/valid (bench/quality_finetune.py); ablation: "
     "the fine-tuning protocol's TwIST run with one factor of its recipe changed at a time (bench/quality_ablation.py); "
     "spread: how far apart random draws of the ablation's runs are, and what random_best picks "
-    "(bench/quality_spread.py)"
+    "(bench/quality_spread.py); distill: distilled and rewired TwIST against pruning with a recovery fine-tune, at "
+    "equal compute, over --seeds (bench/quality_distill.py)"
 )
 
 
@@ -127,7 +130,7 @@ def scratch(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    protocols = {"scratch": scratch, "finetune": finetune, "ablation": ablation, "spread": spread}
+    protocols = {"scratch": scratch, "finetune": finetune, "ablation": ablation, "spread": spread, "distill": distill}
     parser.add_argument("--protocol", choices=protocols, default="scratch", help=PROTOCOLS)
     parser.add_argument("--quick", action="store_true", help="tiny model, few rounds: minutes")
     parser.add_argument("--rounds", type=int, help="rounds of --local-steps steps, every run (scratch 16, finetune 6)")
@@ -153,6 +156,7 @@ def main() -> None:
         help="finetune, ablation: seed of every fine-tuning run (the base stays); not 0: runs and results *_seed<N> "
         "(spread: reads the ablation's runs at that seed and --lr)",
     )
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="distill: the fine-tuning seeds")
     args = parser.parse_args()
     if args.seed and args.protocol == "scratch":
         parser.error("--seed applies to the finetune, ablation and spread protocols, not scratch")

@@ -33,7 +33,8 @@ class Recipe(Run):
     export: tuple[str, ...] = ()  # the methods evaluated; () the Run's own
     group_kappas: tuple[float, ...] = ()  # one κ per group (sandwich, mixed κ); () every group at `kappa`
     kappas: tuple[float, ...] = (KAPPA,)  # the κ its exports are evaluated at
-    sampling: str = "independent"  # --twist.sampling: fresh draws, or nested prefixes
+    sampling: str = "independent"  # --twist.sampling: fresh draws, nested prefixes or rewired
+    distill: str = "none"  # --twist.distill
     origin: str = "reference"  # the recipe this one changes one factor of
 
     @property
@@ -54,6 +55,7 @@ class Recipe(Run):
             "twist.optimizer_state": self.optimizer_state,
             "twist.shared_layers": self.shared_layers,
             "twist.sampling": self.sampling,
+            "twist.distill": self.distill,
             **mixed,
         }
 
