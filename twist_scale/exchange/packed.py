@@ -277,7 +277,7 @@ class PackedExchange:
         sent = int(in_splits.sum() - in_splits[topo.rank])  # to the other owners
         received = self._all_to_all(payload, in_splits, out_splits, self.wire, sent)
         del payload, values  # sent: only what arrived is needed from here
-        recv_at = exclusive_cumsum(recv_lens)  # where each (source, entry) chunk starts in `received`
+        received, entry_at = self._by_entry(received, recv_lens)
         for run in alike(bucket):
             lo, hi = self._my_range(bucket[run[0]])
             rows = self._in_piece(bucket[run[0]], helds[run[0]])
@@ -289,7 +289,7 @@ class PackedExchange:
                 # arrive in the order of its run, group after group, as `PieceRows.select` lists them
                 a = bucket[i].part[0] if bucket[i].part else 0
                 piece = self._shard(bucket[i])[a : a + hi - lo]
-                arrived = take(received, recv_at[:, i], recv_lens[:, i])
+                arrived = received[entry_at[i] : entry_at[i + 1]]
                 if rows is None:  # every group sent the whole piece
                     kept = torch.zeros(hi - lo) if self.sends_changes else piece.zero_()
                     kept += arrived.view(topo.groups, hi - lo).sum(0)
@@ -304,6 +304,15 @@ class PackedExchange:
                     piece.add_(kept)
                 elif kept.data_ptr() != piece.data_ptr():  # the piece was padded to whole rows: a copy
                     piece.copy_(kept)
+
+    @staticmethod
+    def _by_entry(received: torch.Tensor, recv_lens: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """What an all-to-all delivered source after source, reordered entry after entry in one copy (a view
+        where a bucket holds one entry), and where each entry's chunks (sources 0, 1, ... in order) start
+        and end: (E + 1,) offsets."""
+        recv_at = exclusive_cumsum(recv_lens)  # (W, E): where each (source, entry) chunk starts in `received`
+        entry_at = torch.cat([torch.zeros(1, dtype=torch.long), recv_lens.sum(0).cumsum(0)]).tolist()
+        return take(received, recv_at.T, recv_lens.T), entry_at
 
     # -- dispatch -------------------------------------------------------------------------------------
 
@@ -355,11 +364,11 @@ class PackedExchange:
         # fp32 always: the engines' master weights start every round from these values exactly
         received = self._all_to_all(payload, in_splits, out_splits, torch.float32, incoming)
         del payload, values  # sent: only what arrived is needed from here
-        recv_at = exclusive_cumsum(recv_lens)
+        received, entry_at = self._by_entry(received, recv_lens)
         out = {}
         for i, entry in enumerate(bucket):
             s, t = targets[i]
-            arrived = take(received, recv_at[:, i], recv_lens[:, i])  # from owners 0, 1, ...: ascending places
+            arrived = received[entry_at[i] : entry_at[i + 1]]  # from owners 0, 1, ...: ascending places
             flat = self.assembling.pop(entry.key, None)
             if flat is None and entry.part is None:
                 flat = arrived  # the owners' runs tile the range this rank receives
