@@ -9,6 +9,7 @@ storage; the first dispatch fills the subnet's values.
 
 from __future__ import annotations
 
+import copy
 import functools
 from dataclasses import dataclass
 
@@ -79,9 +80,11 @@ def assemble(cfg: RunConfig, topo: Topology, vocab_size: int) -> Assembly:
     nested = functools.partial(sort_units_by_weight_norm, unit_blocks=blocks)
     arrange = nested if cfg.twist.sampling == "nested" else None
     central = central_from_model(model, topo, cfg.seed, cfg.model.pretrained, arrange)
+    t = cfg.twist
+    # full width, weights on the meta device, the buffers start-up computed (rotary frequencies) kept
+    teacher_model = copy.deepcopy(model) if t.distill == "central" else None
     apply_subnet_shapes(model, blocks, sampler.specs(0)[topo.group])
     engine = build_engine(model, cfg, topo)  # from the meta device: each engine allocates what it keeps
-    t = cfg.twist
     aggregate_moments = t.optimizer_state == "aggregate"
     moments = moment_keys(cfg.optim) if aggregate_moments else ()
     storage = engine.storage
@@ -89,7 +92,7 @@ def assemble(cfg: RunConfig, topo: Topology, vocab_size: int) -> Assembly:
     sync = SubnetSync(
         central, storage, blocks, topo, moments, run_model.correction, not aggregate_moments, exchange, t.bucket_mb
     )
-    teacher = CentralTeacher(cfg, topo, central, run_model, vocab_size) if t.distill == "central" else None
+    teacher = CentralTeacher(cfg, topo, central, run_model, teacher_model) if teacher_model is not None else None
     add_distiller(engine, cfg, teacher)
     return Assembly(run_model, sampler, engine, sync, full_parameters, teacher)
 
@@ -104,8 +107,10 @@ class CentralTeacher:
     round, a dispatch of the full width.
     """
 
-    def __init__(self, cfg: RunConfig, topo: Topology, central: CentralShards, run_model: RunModel, vocab: int) -> None:
-        model = build_run_model(cfg, vocab).model  # full width, on the meta device
+    def __init__(
+        self, cfg: RunConfig, topo: Topology, central: CentralShards, run_model: RunModel, model: nn.Module
+    ) -> None:
+        """`model`: the full-width run model after start-up (weights on the meta device, computed buffers kept)."""
         self.engine = build_engine(model, cfg, topo)
         blocks, storage = run_model.unit_blocks, self.engine.storage
         exchange = build_exchange(cfg.twist.aggregation, central, "fp32", storage.shard_range)

@@ -7,8 +7,11 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import history, mlflow_run, tiny_args
-from helpers.dist import train_on_ranks
+from helpers.dist import run_on_ranks, train_on_ranks
+
+from twist_scale.pruning.pruner import SavedCentral
 
 
 def _check_parts(out, rounds: int, steps: int, weight: float, temperature: float) -> list[float]:
@@ -70,3 +73,29 @@ def test_the_central_teacher_sharded_by_fsdp_teaches_as_under_zero1(tmp_path):
         assert len(values) == len(fsdp[key]) > 0
         assert fsdp[key] == pytest.approx(values, rel=1e-4, abs=1e-5), key
     assert min(zero1["train/distill_kl"]) > 0
+
+
+def _teacher_logits_after_training(rank: int, world: int, argv: list[str], found: str) -> None:
+    from twist_scale.commands import run_config
+    from twist_scale.trainer import Trainer
+
+    trainer = Trainer(run_config("twist-train", argv))
+    trainer.train()
+    trainer.teacher.dispatch()  # the central model as the run ends: what `final/` holds
+    batch = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
+    logits = trainer.teacher.engine.logits(batch)
+    if rank == 0:
+        torch.save({"batch": batch, "logits": logits.float().cpu()}, found)
+
+
+def test_the_central_teacher_is_the_central_model(tmp_path):
+    """The teacher's logits are the exported central model's: every tensor dispatched, and every buffer start-up
+    computes (rotary frequencies) as the model has it, not left as allocated."""
+    out, found = tmp_path / "run", tmp_path / "teacher.pt"
+    common = dict(twist__groups=2, twist__kappa=0.5, twist__rounds=2, twist__local_steps=2, twist__distill="central")
+    args = tiny_args(out, twist__correction="mean", checkpoint__every_rounds=0, **common)
+    run_on_ranks(_teacher_logits_after_training, 2, args, str(found), group=False)
+    taught = torch.load(found)
+    with torch.no_grad():
+        central = SavedCentral.load(out / "final").model(input_ids=taught["batch"]).logits
+    assert torch.allclose(taught["logits"], central, atol=1e-4), (taught["logits"] - central).abs().max()
