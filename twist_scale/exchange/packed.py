@@ -247,20 +247,13 @@ class PackedExchange:
         topo = self.topo
         W, E, me = topo.world_size, len(bucket), topo.group
         helds = {run[0]: self._holders(bucket[run[0]], specs, False) for run in alike(bucket)}
-        held_of = [helds[run[0]] for run in alike(bucket) for _ in run]
         send_from, send_lens = torch.zeros(W, E, dtype=torch.long), torch.zeros(W, E, dtype=torch.long)
         recv_lens = torch.zeros(W, E, dtype=torch.long)
         values = []
-        for i, (entry, held) in enumerate(zip(bucket, held_of, strict=True)):
-            # an engine on the accelerator reads there, statistics come from the host: one device to send from
-            start, value = source.read_shard(entry)
-            value = value.to(topo.device)
-            base = self.dispatched.get(entry.key)  # None: the change is the value (or the wire is fp32)
-            values.append(value if base is None else value - base.to(value.device))
+        for run in alike(bucket):  # a weight and its moments: the same held runs, the same ranges
+            entry, held = bucket[run[0]], helds[run[0]]
             lo, hi = self._ranges(entry)  # to every owner: my stored range's overlap with the group's run there
             mine = held.before(torch.stack([lo, hi]).flatten(), me).view(2, W)
-            a, b = mine[0].clamp(min=start), mine[1].clamp(max=start + len(value))
-            send_from[:, i], send_lens[:, i] = a - start, (b - a).clamp(min=0)
             # from every source rank: its stored range's overlap with its group's run in my piece
             my_lo, my_hi = self._my_range(entry)
             first, last = held.before(torch.tensor([my_lo, my_hi])).unbind(1)  # (G,) each
@@ -271,7 +264,16 @@ class PackedExchange:
                 raise RuntimeError(f"{entry.key}: group {g}'s ranks store {int(ends[g])} of {int(totals[g])}")
             a = torch.maximum(first[self.group_of], spans[:, 0])
             b = torch.minimum(last[self.group_of], spans[:, 1])
-            recv_lens[:, i] = (b - a).clamp(min=0)
+            arriving = (b - a).clamp(min=0)
+            for i in run:
+                # an engine on the accelerator reads there, statistics come from the host: one device to send from
+                start, value = source.read_shard(bucket[i])
+                value = value.to(topo.device)
+                base = self.dispatched.get(bucket[i].key)  # None: the change is the value (or the wire is fp32)
+                values.append(value if base is None else value - base.to(value.device))
+                a, b = mine[0].clamp(min=start), mine[1].clamp(max=start + len(value))
+                send_from[:, i], send_lens[:, i] = a - start, (b - a).clamp(min=0)
+                recv_lens[:, i] = arriving
         payload = gather_runs(values, send_from, send_lens) if values else torch.empty(0, device=topo.device)
         in_splits, out_splits = send_lens.sum(1), recv_lens.sum(1)
         sent = int(in_splits.sum() - in_splits[topo.rank])  # to the other owners
