@@ -15,7 +15,8 @@ pipeline  what a practitioner who can afford training does: dense fine-tune on T
           with the trainer's optimizer, schedule and batch.
 twist     G = 2 groups on 2 processes, correction `mean`, every recipe given the pipeline's compute: its
           rounds are the pipeline's FLOPs over its own FLOPs per round. Recipes: `independent` (fresh
-          draws), `independent_distill` (+ the central model as teacher), `rewired_distill` (κ = 0.75 per
+          draws), `independent_distill` (+ the central model as teacher), `independent_stored` (+ the
+          base's top-32 logits, stored once over the blocks each rank trains on), `rewired_distill` (κ = 0.75 per
           group, `--twist.sampling rewired`: the top half of units in both groups; + the central teacher),
           `sandwich_distill` (BigNAS's sandwich with in-place distillation: group 0 at full width, group 1
           the first half of every block's units sorted by weight norm, `--twist.sampling nested`; + the
@@ -61,6 +62,7 @@ def recipe(name: str, **changes: object) -> Recipe:
 RECIPES = (
     recipe("independent"),
     recipe("independent_distill", distill="central"),
+    recipe("independent_stored", distill="stored"),
     recipe("rewired_distill", kappa=0.75, sampling="rewired", distill="central", export=("ranked", "adaptive_stats")),
     recipe(
         "sandwich_distill",
@@ -91,10 +93,11 @@ def subnet_weights(model_dir: Path, kappa: float) -> int:
 
 
 def twist_flops_per_token(r: Recipe, weights: dict[float, int]) -> float:
-    """The mean over groups of 6 · their subnet's weights, + 2 · the full model's for the central teacher."""
+    """The mean over groups of 6 · their subnet's weights, + 2 · the full model's for a teacher's forward (the
+    central model's every step, or the stored base's once per token trained)."""
     kappas = r.group_kappas or (r.kappa,) * r.groups
     train_flops = statistics.fmean(6 * weights[k] for k in kappas)
-    return train_flops + (2 * weights[1.0] if r.distill == "central" else 0)
+    return train_flops + (2 * weights[1.0] if r.distill != "none" else 0)
 
 
 def recover(
