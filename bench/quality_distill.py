@@ -41,7 +41,7 @@ from pathlib import Path
 
 from measure import RESULTS
 from quality_ablation_recipes import Recipe
-from quality_common import TESTS, TRAIN_SECONDS, Budget, calibration_for, train
+from quality_common import TESTS, TRAIN_SECONDS, Budget, Run, calibration_for, train
 from quality_tuning import DENSE, TUNE_TEXT, Setting, budgets, setting, training_seconds, tune_overrides
 
 KAPPA = 0.5
@@ -148,11 +148,17 @@ def test_ppl(model: object, tokenizer: object, s: Setting) -> dict[str, float]:
     }
 
 
+def fit(run: Run, s: Setting, budget: Budget, overrides: dict[str, object], reuse: bool) -> None:
+    """Train one run, unless --reuse-runs finds it already trained (an interrupted protocol goes on)."""
+    if not (reuse and (s.out / run.name / TRAIN_SECONDS).is_file()):
+        train(run, s.out, budget, s.uri, EXPERIMENT, overrides)
+
+
 def pipeline(s: Setting, args: argparse.Namespace) -> dict:
     """Dense fine-tune, post-hoc baselines at κ, FLAP's two recoveries; the compute they took."""
     from twist_scale.pruning.pruner import SavedCentral, build_pruner
 
-    train(DENSE, s.out, s.budget, s.uri, EXPERIMENT, tune_overrides(s.base, s.seed))
+    fit(DENSE, s, s.budget, tune_overrides(s.base, s.seed), args.reuse_runs)
     dense = SavedCentral.load(s.out / DENSE.name / "final")
     post_hoc = Recipe(DENSE.name, DENSE.config, 1, 1.0, DENSE.procs, "none", export=BASELINES)
     evaluated = s.evaluate(post_hoc, [KAPPA], args.draws)
@@ -184,7 +190,7 @@ def pipeline(s: Setting, args: argparse.Namespace) -> dict:
 
 def twist_run(r: Recipe, rounds: int, s: Setting, args: argparse.Namespace, flops_per_token: float) -> dict:
     budget = dataclasses.replace(s.budget, rounds=rounds)
-    train(r, s.out, budget, s.uri, EXPERIMENT, r.overrides(s.base, s.seed))
+    fit(r, s, budget, r.overrides(s.base, s.seed), args.reuse_runs)
     evaluated = s.evaluate(r, [KAPPA], args.draws)
     return {
         "rounds": rounds,
