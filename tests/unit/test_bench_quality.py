@@ -123,3 +123,15 @@ def test_criterion_means_and_parameters_read_every_recipe() -> None:
         10: ["dense·flap", "dense·magnitude", "reference·random", "reference·magnitude"],
         11: ["h5·random"],
     }
+
+
+def test_distill_protocol_counts_each_groups_subnet_and_the_teachers_forward() -> None:
+    from quality_distill import RECIPES, twist_flops_per_token
+
+    weights = {1.0: 1000, 0.75: 800, 0.5: 600}
+    by_name = {r.name: r for r in RECIPES}
+    assert twist_flops_per_token(by_name["independent"], weights) == 6 * 600
+    assert twist_flops_per_token(by_name["independent_distill"], weights) == 6 * 600 + 2 * 1000
+    assert twist_flops_per_token(by_name["independent_stored"], weights) == 6 * 600 + 2 * 1000
+    assert twist_flops_per_token(by_name["rewired_distill"], weights) == 6 * 800 + 2 * 1000
+    assert twist_flops_per_token(by_name["sandwich_distill"], weights) == (6 * 1000 + 6 * 600) / 2 + 2 * 1000
