@@ -292,9 +292,9 @@ def markdown(report: dict) -> str:
         "TwIST (best zero-cost export at κ = 0.5 per test set; mean ± std of the ratio over seeds; below 1: TwIST "
         "wins; targets: ≤ 0.70 to FLAP, ≤ 1.00 to pruning + recovery, full width ≤ 1.02 to dense):",
         "",
-        "| recipe | rounds | tokens | test set | export / FLAP | export / FLAP + recovery | full width / dense "
-        "| best export (seed 0) |",
-        "| --- | ---: | ---: | --- | ---: | ---: | ---: | --- |",
+        "| recipe | rounds | tokens | compute / pipeline | test set | export / FLAP | export / FLAP + recovery "
+        "| full width / dense | best export (seed 0) |",
+        "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | --- |",
     ]
     for name, by_test in s.items():
         if name == "pipeline":
@@ -303,7 +303,7 @@ def markdown(report: dict) -> str:
         for t in TESTS:
             c = by_test[t]
             lines.append(
-                f"| {name} | {run['rounds']} | {run['tokens']:,} | {t} | "
+                f"| {name} | {run['rounds']} | {run['tokens']:,} | {run['flops'] / p['flops']:.2f} | {t} | "
                 + " | ".join(f"{c[k]['mean']:.3f} ± {c[k]['std']:.3f}" for k in RATIOS)
                 + f" | {first['ratios'][name][t]['best_export']} |"
             )
