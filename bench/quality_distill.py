@@ -138,7 +138,7 @@ def recover(
     return pruned.eval(), time.perf_counter() - start, steps
 
 
-def test_ppl(model: object, tokenizer: object, s: Setting) -> dict[str, float]:
+def held_out_ppl(model: object, tokenizer: object, s: Setting) -> dict[str, float]:
     from twist_scale.data import token_stream
     from twist_scale.evaluate import perplexity
 
@@ -172,7 +172,7 @@ def pipeline(s: Setting, args: argparse.Namespace) -> dict:
     for name, teacher, tokens in (("recovery", None, rec_tokens), ("recovery_distill", dense.model, distilled_tokens)):
         model, seconds, steps = recover(flap.subnet(KAPPA, 0)[0], dense.tokenizer, teacher, s.budget, tokens, s.seed)
         recovered[name] = {
-            "ppl": test_ppl(model, dense.tokenizer, s),
+            "ppl": held_out_ppl(model, dense.tokenizer, s),
             "tokens": steps * s.budget.tokens_per_step,
             "seconds": seconds,
         }
