@@ -15,10 +15,14 @@ import torch
 from twist_scale.models import UnitBlock
 
 
-def fluctuation(column_sq_norms: torch.Tensor, mean: torch.Tensor, sq_mean: torch.Tensor) -> torch.Tensor:
-    """WIFV per channel: Var(X_j) · ‖W_:,j‖², from E[x], E[x²] and the projection's squared column norms."""
-    variance = (sq_mean - mean**2).clamp_min(0.0)  # in the statistics' own precision, as FLAP computes it
-    return column_sq_norms.double() * variance.double()
+def variance(mean: torch.Tensor, sq_mean: torch.Tensor) -> torch.Tensor:
+    """Var(X_j) from E[x] and E[x²], in the statistics' own precision (as FLAP computes it), never negative."""
+    return (sq_mean - mean**2).clamp_min(0.0)
+
+
+def fluctuation(column_sq_norms: torch.Tensor, channel_variance: torch.Tensor) -> torch.Tensor:
+    """WIFV per channel: Var(X_j) · ‖W_:,j‖², from the projection's squared column norms."""
+    return column_sq_norms.double() * channel_variance.double()
 
 
 def standardized(scores: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,8 @@ from twist_scale.correction import ACT_MEAN, ACT_SQ_MEAN, Correction, is_statist
 from twist_scale.engines.base import even_range
 from twist_scale.engines.storage import EngineStorage
 from twist_scale.exchange import Entry, Exchange, PackedExchange
-from twist_scale.importance import fluctuation, unit_importance
+from twist_scale.exchange.held import input_channels
+from twist_scale.importance import fluctuation, unit_importance, variance
 from twist_scale.models import UnitBlock
 from twist_scale.subnet import SubnetSpec, axis_of, slice_tensor
 from twist_scale.topology import Topology
@@ -172,9 +173,8 @@ class SubnetSync:
             axis, central = block.output_input_axis, self.central
             channels = torch.zeros(3, entry.shape[axis])
             lo, hi = central.piece_range(entry.key)
-            flat = torch.arange(lo, hi)
-            channel = flat % entry.shape[1] if axis == 1 else torch.div(flat, entry.shape[1], rounding_mode="floor")
-            channels[0].index_add_(0, channel, central.shards[entry.key][: hi - lo] ** 2)
+            column_sq = central.shards[entry.key][: hi - lo] ** 2
+            channels[0].index_add_(0, input_channels(torch.arange(lo, hi), entry.shape, axis), column_sq)
             for row, stat in ((1, ACT_MEAN), (2, ACT_SQ_MEAN)):
                 name = f"{block.output_module}.{stat}"
                 lo, hi = central.piece_range(name)
@@ -186,7 +186,7 @@ class SubnetSync:
         out, at = {}, 0
         for (block, _), channels in zip(self.outputs, parts, strict=True):
             col_sq, mean, sq_mean = summed[at : at + channels.numel()].cpu().view_as(channels)
-            out[block.key] = unit_importance(block, fluctuation(col_sq, mean, sq_mean))
+            out[block.key] = unit_importance(block, fluctuation(col_sq, variance(mean, sq_mean)))
             at += channels.numel()
         return out
 

@@ -45,7 +45,7 @@ def test_a_rewired_run_shares_the_ranked_units_and_ranked_exports_them(tmp_path,
     for block in blocks:
         module = block.output_module
         column_sq = (output_weight_columns(central.model, block) ** 2).sum(0)
-        whole = unit_importance(block, fluctuation(column_sq, stats.mean[module], stats.sq_mean[module]))
+        whole = unit_importance(block, fluctuation(column_sq, stats.variance(module)))
         assert torch.allclose(ranks["importance"][block.key], whole, rtol=1e-4, atol=1e-6), block.key
         assert whole.std() > 0, block.key  # the statistics were trained: the ranking means something
         shared = units_to_keep(block.num_units, 0.5)  # core: (2 · 0.75n - n) / 1 units in both groups

@@ -26,6 +26,12 @@ def unit_masks(unit_block: UnitBlock, kept: list[torch.Tensor]) -> torch.Tensor:
     return masks
 
 
+def input_channels(flat: torch.Tensor, shape: torch.Size, axis: int) -> torch.Tensor:
+    """The input channel of an output projection that each flat index of its weight belongs to: the column of
+    an (outputs, channels) weight (`axis` 1), the row of a (channels, outputs) one (`axis` 0)."""
+    return flat % shape[1] if axis == 1 else torch.div(flat, shape[1], rounding_mode="floor")
+
+
 def exclusive_cumsum(lengths: torch.Tensor) -> torch.Tensor:
     """Where each of `lengths` (any shape, row-major) starts in their concatenation."""
     flat = lengths.flatten()

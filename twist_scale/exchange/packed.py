@@ -43,6 +43,7 @@ from twist_scale.exchange.held import (
     exclusive_cumsum,
     expand_ranges,
     gather_runs,
+    input_channels,
     take,
     unit_masks,
 )
@@ -400,7 +401,7 @@ class PackedExchange:
             flat = torch.arange(lo, hi)
             axis = unit_block.output_input_axis
             channels_in = entry.shape[axis]
-            channel = flat % channels_in if axis == 1 else torch.div(flat, out_dim, rounding_mode="floor")
+            channel = input_channels(flat, entry.shape, axis)
             row = torch.div(flat, channels_in, rounding_mode="floor") if axis == 1 else flat % out_dim
             weighted = self.central.shards[entry.key][: hi - lo] * means[unit_block.output_module][channel]
             mine_lo, mine_hi = int(rows_lo[topo.rank]), int(rows_hi[topo.rank])

@@ -20,6 +20,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from twist_scale.data import token_stream
+from twist_scale.importance import variance
 from twist_scale.models import UnitBlock
 
 
@@ -32,7 +33,7 @@ class ActivationStats:
     tokens: int
 
     def variance(self, module: str) -> torch.Tensor:
-        return (self.sq_mean[module] - self.mean[module] ** 2).clamp_min(0.0)
+        return variance(self.mean[module], self.sq_mean[module])
 
 
 @torch.no_grad()

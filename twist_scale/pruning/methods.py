@@ -200,7 +200,7 @@ def _fluctuation(inputs: PruneInputs, block: UnitBlock) -> torch.Tensor:
     output moves when channel j is removed and its mean is compensated by a bias (export, 'mean')."""
     stats = _needs(inputs.stats, "calibration statistics")
     w = output_weight_columns(inputs.model, block)
-    return fluctuation((w**2).sum(0), stats.mean[block.output_module], stats.sq_mean[block.output_module])
+    return fluctuation((w**2).sum(0), stats.variance(block.output_module))
 
 
 def _importance(inputs: PruneInputs, block: UnitBlock) -> torch.Tensor:
