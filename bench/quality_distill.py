@@ -82,14 +82,12 @@ def matmul_weights(model: object) -> int:
     return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
 
 
-def subnet_weights(model_dir: Path, kappa: float) -> int:
-    """matmul_weights of a κ-subnet (uniform widths, every layer partitioned) of the model in `model_dir`."""
+def subnet_weights(model_dir: Path, kappas: tuple[float, ...]) -> dict[float, int]:
+    """matmul_weights of each κ-subnet (uniform widths, every layer partitioned) of the model in `model_dir`."""
     from twist_scale.pruning.pruner import SavedCentral, build_pruner
 
-    if kappa == 1.0:
-        return matmul_weights(SavedCentral.load(model_dir).model)
     pruner = build_pruner(SavedCentral.load(model_dir), "random", shared_layers="none")
-    return matmul_weights(pruner.subnet(kappa, 0)[0])
+    return {k: matmul_weights(pruner.central.model if k == 1.0 else pruner.subnet(k, 0)[0]) for k in kappas}
 
 
 def twist_flops_per_token(r: Recipe, weights: dict[float, int]) -> float:
@@ -206,7 +204,7 @@ def twist_run(r: Recipe, rounds: int, s: Setting, args: argparse.Namespace, flop
 def one_seed(args: argparse.Namespace, seed: int) -> dict:
     s = setting(argparse.Namespace(**{**vars(args), "seed": seed}), "distill")
     report = {"seed": seed, "pipeline": pipeline(s, args), "twist": {}}
-    weights = {k: subnet_weights(s.out / DENSE.name / "final", k) for k in (1.0, 0.75, KAPPA)}
+    weights = subnet_weights(s.out / DENSE.name / "final", (1.0, 0.75, KAPPA))
     per_round = s.budget.local_steps * s.budget.tokens_per_step
     for r in (*RECIPES, EQUAL_TOKENS):
         flops = twist_flops_per_token(r, weights)
