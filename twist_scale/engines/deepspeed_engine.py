@@ -75,10 +75,12 @@ def render_ds_config(path: str, cfg: RunConfig, ranks_per_group: int) -> dict[st
 def allocate_partitioned(
     model: nn.Module, ds_config: dict[str, Any], topo: Topology, dtype: torch.dtype | None
 ) -> None:
-    """ZeRO-3 from the meta device: each decoder layer is allocated on the device and cut to this rank's
-    partitions (`deepspeed.zero.Init` on that layer) before the next, then the rest (embeddings, norms,
-    head), so a rank's peak is its partitions plus one layer, never the whole subnet. Tensors that
-    already hold values (dense runs) are partitioned as they are."""
+    """ZeRO-3 from the meta device: each block (a decoder layer, or one module's own tensors: the
+    embedding, a norm, the head) is allocated on the device and cut to this rank's partitions
+    (`deepspeed.zero.Init` on that block) before the next, so a rank holds its partitions plus one
+    block, never the whole subnet (at a 128k vocabulary the embedding and the head are the largest
+    blocks: one at a time). DeepSpeed's optimizer set-up later gathers each parameter once, one at a
+    time, no more. Tensors that already hold values (dense runs) are partitioned as they are."""
     device = get_accelerator().current_device_name()
     deepspeed.init_distributed(dist.get_backend())  # adopts the run's process group; zero.Init reads the world early
 
@@ -88,10 +90,9 @@ def allocate_partitioned(
             module=module, config_dict_or_path=ds_config, data_parallel_group=topo.intra_group, mpu=topo
         )
 
-    for _, block, whole in blocks(model):
-        if whole:
-            partition(block)
-    partition(model)
+    for _, block, _ in blocks(model):
+        partition(block)
+    partition(model)  # a tied head's embedding again, and anything no block holds
 
 
 class DeepSpeedEngine(StoringEngine):
