@@ -20,7 +20,7 @@ What each figure is, per rank, and the code it runs:
   - engine build: `build_engine` on the group's κ-subnet from the meta device, FSDP2 and ZeRO-3 (with
     ds_configs/zero3.json, whose DeepSpeed defaults include a 2 GB reduce bucket): peak tensor bytes;
   - checkpoint: this rank's central shards and two moments written with `torch.save` and hashed
-    (`checkpoint._sha256`), as each rank does: bytes, CPU s;
+    (`checkpoint_manifest._sha256`), as each rank does: bytes, CPU s;
   - elastic resume to half the world: `CentralShards.load_resharded` over the old ranks' pieces
     (stubbed): old rank files a new rank opens;
   - the exchange: one round of aggregation and dispatch (weights and Adam moments, correction `none`
@@ -44,12 +44,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 
 import exchange_at_scale
 import torch
 import torch.distributed as dist
+from at_scale_stubs import OldRanks, StubCheckpoint
 from measure import REPO, RESULTS
 
 sys.path.insert(0, str(REPO / "tests"))
@@ -58,7 +59,7 @@ from helpers.allocations import HostTensorBytes  # noqa: E402 - the tests' count
 from twist_scale import startup  # noqa: E402
 from twist_scale.assembly import central_from_model  # noqa: E402
 from twist_scale.central import CentralShards  # noqa: E402
-from twist_scale.checkpoint import _sha256  # noqa: E402
+from twist_scale.checkpoint_manifest import _sha256  # noqa: E402
 from twist_scale.config import RunConfig  # noqa: E402
 from twist_scale.engines import build_engine  # noqa: E402
 from twist_scale.run_model import build_run_model  # noqa: E402
@@ -67,61 +68,6 @@ from twist_scale.topology import Topology  # noqa: E402
 
 VOCAB = 128256  # Llama 3's
 CASES = [("70b", 4096, 64), ("70b", 512, 8), ("8b", 4096, 64), ("8b", 512, 8)]  # (shape, W, G)
-
-
-class StubCheckpoint:
-    """A safetensors handle of a bf16 checkpoint whose every tensor is zeros; counts the bytes read."""
-
-    def __init__(self, shapes: Mapping[str, torch.Size]) -> None:
-        self.shapes, self.bytes_read = shapes, 0
-
-    def get_slice(self, name: str):  # noqa: ANN201 - a safetensors slice
-        stub, shape = self, self.shapes[name]
-
-        class Slice:
-            def get_shape(self) -> list[int]:
-                return list(shape)
-
-            def __getitem__(self, rows: slice) -> torch.Tensor:
-                values = torch.zeros((len(range(*rows.indices(shape[0]))), *shape[1:]), dtype=torch.bfloat16)
-                stub.bytes_read += values.numel() * 2
-                return values
-
-        return Slice()
-
-    def get_tensor(self, name: str) -> torch.Tensor:
-        self.bytes_read += self.shapes[name].numel() * 2
-        return torch.zeros(self.shapes[name], dtype=torch.bfloat16)
-
-
-class StubPieces(Mapping):
-    """The central pieces an old rank saved: zeros of the old piece length, made when read."""
-
-    def __init__(self, shapes: Mapping[str, torch.Size], old_world: int) -> None:
-        self.shapes, self.old_world = shapes, old_world
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        return torch.zeros(-(-self.shapes[name].numel() // self.old_world))
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.shapes)
-
-    def __len__(self) -> int:
-        return len(self.shapes)
-
-
-class OldRanks:
-    """Every old rank's pieces, recording which ranks were read (as `checkpoint.OldRankStates` opens files)."""
-
-    def __init__(self, shapes: Mapping[str, torch.Size], old_world: int) -> None:
-        self.pieces, self.old_world, self.opened = StubPieces(shapes, old_world), old_world, {0}
-
-    def __len__(self) -> int:
-        return self.old_world
-
-    def __getitem__(self, rank: int) -> StubPieces:
-        self.opened.add(rank)
-        return self.pieces
 
 
 def cpu_seconds(since: float) -> float:

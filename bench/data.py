@@ -20,13 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
+
+import data_old_pipeline
+from data_probes import AnonPeak, cpu_s, status_mb
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -60,7 +61,7 @@ def build_corpus(mb: int) -> Path:
 
 
 def tokenizer_dir() -> Path:
-    from twist_scale.data import train_tokenizer
+    from twist_scale.tokenizer import train_tokenizer
 
     directory = WORK / "tokenizer"
     if not (directory / "tokenizer.model").exists():
@@ -68,94 +69,7 @@ def tokenizer_dir() -> Path:
     return directory
 
 
-# -- the pipeline before token files (twist_scale/data.py until issue 31), kept here for the comparison --
-
-
-def _old_load_texts(files: list[str], cache_dir: str) -> list[str]:
-    import datasets
-
-    ds = datasets.load_dataset("text", data_files=files, split="train", cache_dir=cache_dir)
-    return [t for t in ds["text"] if t and t.strip()]
-
-
-def _old_joined_ids(texts: list[str], tokenizer) -> list[int]:
-    eos = tokenizer.eos_token_id
-    ids: list[int] = []
-    for start in range(0, len(texts), 2000):
-        for doc in tokenizer(texts[start : start + 2000], add_special_tokens=False)["input_ids"]:
-            ids.extend(doc)
-            ids.append(eos)
-    return ids
-
-
-def _old_packed_blocks(files: list[str], tokenizer, block_size: int, cache: Path):
-    import numpy as np
-
-    from twist_scale.atomic import atomic_file
-
-    ids = _old_joined_ids(_old_load_texts(files, str(cache / "hf")), tokenizer)
-    n = len(ids) // block_size
-    blocks = np.asarray(ids[: n * block_size], dtype=np.int32).reshape(n, block_size)
-    with atomic_file(cache / "blocks.npy") as fh:
-        np.save(fh, blocks)
-    return blocks
-
-
 # -- one cell, in its own process --
-
-
-def _status_mb(field: str, pid: int | str = "self") -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {field} in /proc/{pid}/status")
-
-
-def _pss_anon_mb(pid: int) -> float:
-    """Anonymous memory in proportion: a page a forked worker still shares with its parent counts once."""
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss_Anon:"):
-                return int(line.split()[1]) / 1024
-    except OSError:  # a worker that has just exited
-        pass
-    return 0.0
-
-
-class AnonPeak:
-    """Peak of Pss_Anon summed over this process and its tokenising workers, and the workers' VmHWM, sampled."""
-
-    def __init__(self) -> None:
-        import psutil
-
-        self.me, self.peak, self.worker_hwm, self.stop = psutil.Process(), 0.0, 0.0, threading.Event()
-        self.thread = threading.Thread(target=self._sample, daemon=True)
-
-    def _sample(self) -> None:
-        while not self.stop.wait(0.1):
-            workers = self.me.children(recursive=True)
-            self.peak = max(self.peak, sum(_pss_anon_mb(p.pid) for p in [self.me, *workers]))
-            for worker in workers:
-                try:
-                    self.worker_hwm = max(self.worker_hwm, _status_mb("VmHWM", worker.pid))
-                except (OSError, RuntimeError):  # exited between the listing and the read
-                    pass
-
-    def __enter__(self) -> AnonPeak:
-        self.base = _pss_anon_mb(self.me.pid)
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join()
-
-
-def _cpu_s() -> float:
-    """User and system seconds of this process and its reaped children (the tokenising workers, Rust threads too)."""
-    return sum(
-        u.ru_utime + u.ru_stime for u in map(resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
-    )
 
 
 def child(way: str, corpus: str, procs: int, cache: str) -> None:
@@ -163,25 +77,26 @@ def child(way: str, corpus: str, procs: int, cache: str) -> None:
     import numpy  # noqa: F401
     import pyarrow  # noqa: F401
 
-    from twist_scale.data import load_tokenizer, packed_blocks
+    from twist_scale.data import packed_blocks
+    from twist_scale.tokenizer import load_tokenizer
 
     tokdir = tokenizer_dir()
     tok = load_tokenizer(tokdir, "hello")
-    base = _status_mb("VmRSS")  # what a forked worker starts with, too
-    cpu, start = _cpu_s(), time.perf_counter()
+    base = status_mb("VmRSS")  # what a forked worker starts with, too
+    cpu, start = cpu_s(), time.perf_counter()
     with AnonPeak() as anon:
         if way == "old":
-            blocks = _old_packed_blocks([corpus], tok, BLOCK, Path(cache))
+            blocks = data_old_pipeline.packed_blocks([corpus], tok, BLOCK, Path(cache))
         else:
             blocks = packed_blocks([corpus], tok, tokdir, BLOCK, Path(cache), num_proc=procs)
-    seconds, cpu = time.perf_counter() - start, _cpu_s() - cpu
+    seconds, cpu = time.perf_counter() - start, cpu_s() - cpu
     row = {
         "way": way,
         "procs": procs,
         "seconds": seconds,
         "cpu_s": cpu,
         "tokens": int(blocks.size),
-        "peak_mb": _status_mb("VmHWM") - base,
+        "peak_mb": status_mb("VmHWM") - base,
         "worker_peak_mb": anon.worker_hwm,  # whole: a forked worker shares, not counts, its parent's file pages
         "imports_mb": base,
         "load_avg": os.getloadavg()[0],  # the machine may be shared: a busy one slows the 2-process cells most

@@ -27,7 +27,7 @@ from twist_scale.central import CentralShards
 from twist_scale.correction import SHIFT, correction_of, is_statistic
 from twist_scale.engines.base import even_range
 from twist_scale.engines.storage import EngineStorage
-from twist_scale.exchange import PackedExchange, held, packed
+from twist_scale.exchange import PackedExchange, held, packed, packed_plan, runs
 from twist_scale.models import UnitBlock
 from twist_scale.subnet import SubnetSpec, axis_of
 from twist_scale.sync import SubnetSync
@@ -109,11 +109,11 @@ class Stopwatch:
     """CPU seconds inside chosen functions, by category, counting only the outermost timed call."""
 
     PLAN = {  # every split, offset and range of a bucket, for all W ranks and G groups
-        packed.PackedExchange: ("_holders", "_targets", "_ranges", "_my_range", "_output_rows", "_per_rank", "plan"),
+        packed_plan.PackedPlan: ("_holders", "_targets", "_ranges", "_my_range", "_output_rows", "_per_rank", "plan"),
         held.HeldGroups: ("before",),
     }
     OFFSETS = {held.HeldGroups: ("piece_rows",)}  # per row of a piece: where each held one lands
-    OFFSETS_FUNCTIONS = ((held, "expand_ranges"), (packed, "expand_ranges"))
+    OFFSETS_FUNCTIONS = ((runs, "expand_ranges"), (packed, "expand_ranges"))
 
     def __init__(self) -> None:
         self.seconds = {"plan": 0.0, "offsets": 0.0}

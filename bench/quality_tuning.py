@@ -108,8 +108,8 @@ def draw_spread(run_dir: Path, window: int, max_windows: int) -> dict:
     random_best (seed 0) exports when it picks on the fine-tuning text: it scores exactly those draws."""
     from twist_scale.data import token_stream
     from twist_scale.evaluate import perplexity
-    from twist_scale.pruning.methods import BEST_OF
     from twist_scale.pruning.pruner import SavedCentral, build_pruner
+    from twist_scale.pruning.selectors import BEST_OF
 
     central = SavedCentral.load(run_dir / "final")
     draws = build_pruner(central, "random", shared_layers="none")

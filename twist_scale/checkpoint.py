@@ -18,7 +18,6 @@ moments (they fit one layout anyway).
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import logging
 import random
@@ -33,19 +32,11 @@ import torch
 import torch.distributed as dist
 
 from twist_scale.atomic import atomic_directory, temp_sibling
-from twist_scale.config import CheckpointConfig, RunConfig, to_dict
+from twist_scale.checkpoint_manifest import MANIFEST, complete_checkpoints, file_digests, verify
+from twist_scale.config import CheckpointConfig
 from twist_scale.topology import Topology
 
 log = logging.getLogger(__name__)
-MANIFEST = "manifest.json"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def rng_state() -> dict[str, Any]:
@@ -56,28 +47,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
-
-
-def verify(directory: Path, share: tuple[int, int] = (0, 1)) -> str | None:
-    """None when the checkpoint is complete and intact, else what is wrong with it.
-
-    share (i, n): check only every n-th file of the manifest from the i-th, so n ranks split the work.
-    """
-    manifest = directory / MANIFEST
-    if not manifest.exists():
-        return "no manifest (partial write)"
-    try:
-        files = json.loads(manifest.read_text())["files"]
-    except (json.JSONDecodeError, KeyError) as err:
-        return f"unreadable manifest ({err})"
-    index, count = share
-    for rel, digest in sorted(files.items())[index::count]:
-        path = directory / rel
-        if not path.exists():
-            return f"missing file {rel}"
-        if _sha256(path) != digest:
-            return f"checksum mismatch in {rel}"
-    return None
 
 
 class Stateful(Protocol):
@@ -227,7 +196,7 @@ class Checkpointer:
             dist.barrier(group=self.io_group)
             write(tmp)
             dist.barrier(group=self.io_group)
-            digests = {str(p.relative_to(tmp)): _sha256(p) for p in self._own_files(tmp)}
+            digests = file_digests(tmp, self._own_files(tmp))
             world = dist.get_world_size(self.io_group)
             gathered: list[dict[str, str]] | None = [{} for _ in range(world)] if self.rank == 0 else None
             dist.gather_object(digests, gathered, dst=0, group=self.io_group)
@@ -268,42 +237,3 @@ class Checkpointer:
             if problem is not None and (self.rank == 0 or problem.startswith(("missing file", "checksum"))):
                 log.warning("skipping checkpoint %s: %s", candidate, problem)  # rank 0 says what all ranks see
         return None
-
-
-def complete_checkpoints(root: Path) -> list[Path]:
-    """The checkpoints under `root` whose manifest was written, oldest first."""
-    return sorted(p for p in root.glob("round_*") if (p / MANIFEST).exists())
-
-
-def resume_conflict(cfg: RunConfig) -> str | None:
-    """Why this run cannot resume the checkpoints in its out_dir (None: it can, or there are none).
-
-    Another engine cannot read the engine's files, another model cannot load the central shards, and a
-    dense run keeps its model where a TwIST run does not: refused before anything is written, from the
-    newest manifest alone (no process group needed). Another G x R is not a conflict (elastic resume).
-    """
-    manifests = sorted((Path(cfg.out_dir) / "checkpoints").glob(f"round_*/{MANIFEST}"))
-    if not cfg.checkpoint.resume or not manifests:
-        return None
-    saved, wanted = json.loads(manifests[-1].read_text())["config"], to_dict(cfg)
-
-    def kind(c: dict[str, Any]) -> str:
-        kappas = list(c["twist"]["group_kappas"] or [c["twist"]["kappa"]] * c["twist"]["groups"])
-        return "dense" if kappas == [1.0] else "TwIST"
-
-    differences = []
-    if saved["parallel"]["engine"] != wanted["parallel"]["engine"]:
-        differences.append(f"--parallel.engine {saved['parallel']['engine']}, not {wanted['parallel']['engine']}")
-    differences += [
-        f"--model.{key} {saved['model'][key]!r}, not {wanted['model'][key]!r}"
-        for key in saved["model"]
-        if saved["model"][key] != wanted["model"].get(key)
-    ]
-    if kind(saved) != kind(wanted):
-        differences.append(f"a {kind(saved)} run, not a {kind(wanted)} one")
-    if not differences:
-        return None
-    return (
-        f"--out_dir {cfg.out_dir} holds checkpoints of another run ({'; '.join(differences)}): resume it with "
-        "its own settings, give this run its own --out_dir, or pass --checkpoint.resume false to start afresh there"
-    )

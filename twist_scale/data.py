@@ -1,21 +1,21 @@
-"""Tokenizer, a run's prepared data (token files, `token_files.py`) and deterministic (group, rank) sharding."""
+"""A run's prepared data (token files, `token_files.py`): rank 0 makes it, the other ranks wait for its
+files, and every rank loads its shard; held-out text for evaluation is packed the same way."""
 
 from __future__ import annotations
 
-import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from transformers import AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
+from twist_scale.batches import ShardedBatches, eval_batches
 from twist_scale.config import DataConfig, RunConfig
-from twist_scale.distill import StoredTeacher, TeacherBatch
-from twist_scale.startup import local_directory
+from twist_scale.distill import StoredTeacher
 from twist_scale.token_files import (
     cache_key,
     encode,
@@ -25,100 +25,8 @@ from twist_scale.token_files import (
     token_blocks,
     wait_for,
 )
+from twist_scale.tokenizer import has_tokenizer, load_tokenizer, prepare_tokenizer, sample_text, tokenizer_directory
 from twist_scale.topology import Topology
-
-log = logging.getLogger(__name__)
-
-SPM_FILE = "tokenizer.model"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", SPM_FILE)  # any of them: a tokenizer is there
-
-
-def has_tokenizer(directory: Path) -> bool:
-    return any((directory / f).exists() for f in TOKENIZER_FILES)
-
-
-def train_tokenizer(files: list[str], directory: Path, vocab_size: int) -> None:
-    """Byte-fallback BPE with identity normalisation, so decode(encode(text)) == text."""
-    import sentencepiece as spm
-
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp_prefix = directory / "tokenizer.tmp"
-    spm.SentencePieceTrainer.train(
-        input=",".join(files),
-        model_prefix=str(tmp_prefix),
-        vocab_size=vocab_size,
-        model_type="bpe",
-        byte_fallback=True,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        input_sentence_size=200_000,
-        shuffle_input_sentence=True,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        num_threads=2,
-        minloglevel=2,
-    )
-    Path(f"{tmp_prefix}.vocab").unlink(missing_ok=True)  # first: waiting ranks hash the dir once the model is in
-    Path(f"{tmp_prefix}.model").replace(directory / SPM_FILE)  # atomic: readers never see half a model
-
-
-def load_tokenizer(directory: Path, sample_text: str) -> PreTrainedTokenizerBase:
-    """Load a tokenizer directory; a bare tokenizer.model goes through LlamaTokenizer.
-
-    AutoTokenizer on a directory holding only the .model file gives different ids.
-    """
-    if (directory / "tokenizer.json").exists() or (directory / "tokenizer_config.json").exists():
-        tok = AutoTokenizer.from_pretrained(directory)
-    elif (directory / SPM_FILE).exists():
-        tok = LlamaTokenizer.from_pretrained(directory, add_bos_token=False)
-    else:
-        raise FileNotFoundError(f"no tokenizer in {directory}: expected {SPM_FILE} or tokenizer.json")
-    ids = tok(sample_text, add_special_tokens=False)["input_ids"]
-    if not ids or tok.decode(ids) != sample_text:
-        raise RuntimeError(
-            f"tokenizer in {directory} fails an encode/decode round trip on the training text "
-            f"({len(ids)} ids); it would train on garbage. Retrain it (delete {directory}) or fix it."
-        )
-    return tok
-
-
-def pretrained_tokenizer(pretrained: str) -> Path | None:
-    """The tokenizer a pretrained checkpoint (directory or hub id) ships with, if it has one."""
-    directory = local_directory(pretrained, ["tokenizer*", SPM_FILE, "special_tokens_map.json"])
-    return directory if has_tokenizer(directory) else None
-
-
-def tokenizer_directory(run: RunConfig) -> Path:
-    """--data.tokenizer, else the pretrained checkpoint's own tokenizer, else `<out_dir>/tokenizer` (trained)."""
-    if run.data.tokenizer:
-        return Path(run.data.tokenizer)
-    own = pretrained_tokenizer(run.model.pretrained) if run.model.pretrained else None
-    return own or Path(run.out_dir) / "tokenizer"
-
-
-def prepare_tokenizer(cfg: DataConfig, directory: Path) -> Path:
-    """The tokenizer directory; trains one there when none exists (one process: rank 0 or twist-prepare-data)."""
-    if not has_tokenizer(directory):  # never into a checkpoint's directory: it has one
-        if not cfg.train_files:
-            raise ValueError("cannot train a tokenizer without --data.train_files; pass --data.tokenizer DIR")
-        log.info("training a %d-token BPE tokenizer on %s", cfg.vocab_size, cfg.train_files)
-        train_tokenizer(cfg.train_files, directory, cfg.vocab_size)
-    return directory
-
-
-def sample_text(cfg: DataConfig) -> str:
-    """What a tokenizer must round-trip: the first line of the training text."""
-    return sample_line(cfg.train_files) if cfg.train_files else "a b"
-
-
-def sample_line(files: list[str]) -> str:
-    with open(files[0], encoding="utf-8") as fh:
-        for line in fh:
-            if line.strip():
-                return line.strip()
-    raise ValueError(f"{files[0]} holds no text")
 
 
 def _has_text(path: Path) -> bool:
@@ -151,82 +59,6 @@ def packed_blocks(
     index = index_path(cache_dir, cache_key(files, "", "text", "train", tokenizer_dir))
     prepare_tokens(files, tokenizer, index, num_proc=num_proc)
     return token_blocks(index, block_size)
-
-
-class ShardedBatches:
-    """Endless shuffled batches from shard `index` of `count` (blocks index, index+count, ...).
-
-    Shards of different ranks are disjoint and together cover every block. The position
-    (epoch, batch) is all a resume needs to continue the exact same sequence.
-    """
-
-    def __init__(self, blocks: np.ndarray, index: int, count: int, batch_size: int, seed: int) -> None:
-        self.rows = np.arange(index, len(blocks), count)
-        if len(self.rows) < batch_size:
-            raise ValueError(
-                f"data shard {index}/{count} has {len(self.rows)} blocks, fewer than one batch of {batch_size}; "
-                "use more data, fewer ranks, or a smaller --data.micro_batch_size / --data.block_size"
-            )
-        self.blocks, self.batch_size, self.seed = blocks, batch_size, seed
-        self.teacher: StoredTeacher | None = None  # --twist.distill stored: batches carry its top-k
-        self.epoch, self.batch = 0, 0
-        self._epoch_order: tuple[int, np.ndarray] | None = None  # (epoch, its order): one shuffle per epoch
-
-    @property
-    def batches_per_epoch(self) -> int:
-        return len(self.rows) // self.batch_size
-
-    def _order(self) -> np.ndarray:
-        """The epoch's order, a function of (seed, epoch) alone: O(shard), so computed once per epoch."""
-        return np.random.default_rng([self.seed, self.epoch]).permutation(self.rows)
-
-    def _epoch_rows(self) -> np.ndarray:
-        if self._epoch_order is None or self._epoch_order[0] != self.epoch:
-            self._epoch_order = (self.epoch, self._order())
-        return self._epoch_order[1]
-
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        return self
-
-    def __next__(self) -> torch.Tensor | TeacherBatch:
-        if self.batch >= self.batches_per_epoch:
-            self.epoch, self.batch = self.epoch + 1, 0
-        rows = np.sort(self._epoch_rows()[self.batch * self.batch_size : (self.batch + 1) * self.batch_size])
-        self.batch += 1
-        input_ids = torch.from_numpy(np.asarray(self.blocks[rows], dtype=np.int64))
-        return input_ids if self.teacher is None else self.teacher.batch(rows, input_ids)
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batch": self.batch}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
-
-    def load_resharded(self, states: list[dict[str, int]], old_world: int) -> None:
-        """Continue at the fraction of an epoch the old world had reached (every rank steps in lockstep).
-
-        The shards differ in another world, so the exact sequence cannot continue; the number of
-        epochs seen, and so the data schedule, does.
-        """
-        old_batches = len(range(0, len(self.blocks), old_world)) // self.batch_size
-        seen = int(states[0]["epoch"]) + int(states[0]["batch"]) / max(old_batches, 1)
-        self.epoch = int(seen)
-        self.batch = min(round((seen - self.epoch) * self.batches_per_epoch), self.batches_per_epoch)
-
-
-def eval_batches(blocks: np.ndarray, index: int, count: int, batch_size: int, max_batches: int) -> list[torch.Tensor]:
-    """A fixed list of validation batches for shard `index` of `count` (no shuffling).
-
-    Every shard gets the same number of batches, as many as the shard with the fewest rows fills: under
-    ZeRO-3 and FSDP a forward all-gathers inside the group, so a rank with one batch more than its
-    peers would wait for them until the collective timeout.
-    """
-    rows = np.arange(index, len(blocks), count)
-    batches = min(max_batches, len(blocks) // count // batch_size)
-    return [
-        torch.from_numpy(np.asarray(blocks[rows[i * batch_size : (i + 1) * batch_size]], dtype=np.int64))
-        for i in range(batches)
-    ]
 
 
 @dataclass

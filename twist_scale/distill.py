@@ -95,7 +95,7 @@ def input_ids_of(batch: torch.Tensor | TeacherBatch) -> torch.Tensor:
 class StoredTeacher:
     """A teacher's top-k logits for the training blocks one rank trains on, computed once and memory-mapped.
 
-    Rank `index` of `count` trains on blocks index, index + count, ... (`data.ShardedBatches`), so each rank
+    Rank `index` of `count` trains on blocks index, index + count, ... (`batches.ShardedBatches`), so each rank
     computes exactly its own rows, with no collective and no waiting on another rank, and writes them
     atomically: `ids-<index>.npy` (the token file's dtype) and `logits-<index>.npy` (fp16), (rows, T, k).
     The directory is keyed by the teacher, k, the token file, the block size and the world: another world

@@ -13,9 +13,9 @@ from transformers import AutoConfig
 
 from twist_scale.config import ConfigError, RunConfig
 from twist_scale.correction import Correction, correction_of
-from twist_scale.data import has_tokenizer, load_tokenizer, sample_text, tokenizer_directory
 from twist_scale.models import UnitBlock, architecture_for, architecture_of, build_model
 from twist_scale.subnet import default_shared_layers, partitioned_blocks
+from twist_scale.tokenizer import has_tokenizer, load_tokenizer, sample_text, tokenizer_directory
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from twist_scale.assembly import assemble
 from twist_scale.central_io import TWIST_META, export_central, training_record
 from twist_scale.checkpoint import Checkpointer, RngState
 from twist_scale.config import RunConfig
-from twist_scale.config_load import validate
+from twist_scale.config_validate import validate
 from twist_scale.data import load_run_data
 from twist_scale.distributed import init_distributed
 from twist_scale.engines.base import Engine

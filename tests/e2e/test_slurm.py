@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from helpers import BIN, BROWN_VALID, REPO, SHAKESPEARE, free_port, launch_env
 
-from twist_scale.checkpoint import verify
+from twist_scale.checkpoint_manifest import verify
 from twist_scale.tracking import default_uri
 
 pytestmark = pytest.mark.slow

@@ -45,7 +45,7 @@ def _shared_tokenizer() -> Path:
     """The tiny runs' tokenizer, trained once per session and passed as --data.tokenizer, as a user passes
     one: the runs' token cache is then shared too (its key names the tokenizer), so no launch spends
     seconds re-tokenising Tiny Shakespeare. Tests of tokenizer training and caching use their own dirs."""
-    from twist_scale.data import train_tokenizer
+    from twist_scale.tokenizer import train_tokenizer
 
     directory = Path(tempfile.mkdtemp(prefix="twist-tokenizer-"))
     train_tokenizer([str(SHAKESPEARE)], directory, vocab_size=512)

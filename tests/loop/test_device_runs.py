@@ -15,7 +15,8 @@ import pytest
 from helpers import BROWN_VALID, SHAKESPEARE, history, mlflow_run, tiny_args
 from helpers.dist import train_on_ranks
 
-from twist_scale.data import load_tokenizer, packed_blocks, train_tokenizer
+from twist_scale.data import packed_blocks
+from twist_scale.tokenizer import load_tokenizer, train_tokenizer
 
 TWIST = dict(
     parallel__backend="strict",
@@ -77,7 +78,7 @@ def valid_file_of_blocks(count: int, directory: Path, tokenizer_dir: Path, block
 def test_sharded_evaluation_finishes_when_the_ranks_rows_differ(tmp_path):
     """15 validation blocks over 2 ranks of one FSDP2 group are 8 and 7 rows: with micro-batch 4, two
     batches against one, and the rank with two would wait in a forward's all-gather for a peer that has
-    finished. Every rank gets the same batch count (`data.eval_batches`), so evaluation ends."""
+    finished. Every rank gets the same batch count (`batches.eval_batches`), so evaluation ends."""
     tokenizer_dir = tmp_path / "tokenizer"
     train_tokenizer([str(SHAKESPEARE)], tokenizer_dir, vocab_size=512)
     valid = valid_file_of_blocks(15, tmp_path, tokenizer_dir, block_size=64)

@@ -80,6 +80,7 @@ def test_a_uniform_export_is_a_plain_checkpoint_of_its_architecture(model_type, 
         torch.testing.assert_close(loaded(input_ids=IDS).logits, sub(input_ids=IDS).logits, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow  # 7 s: eight exports loaded in a subprocess without twist_scale
 def test_adaptive_exports_load_with_transformers_alone(tmp_path):
     """Per-layer widths (layer 0 kept whole) and the 'mean' correction's folded biases, which only
     Llama's config can state: every architecture's export loads through its remote code."""

@@ -18,7 +18,7 @@ from transformers import OPTConfig, OPTForCausalLM
 
 from twist_scale.commands.train import main
 from twist_scale.config_load import load_config
-from twist_scale.data import tokenizer_directory
+from twist_scale.tokenizer import tokenizer_directory
 
 
 def train_args(out_dir, pretrained, *extra: str) -> list[str]:
@@ -87,6 +87,7 @@ def test_groups_not_dividing_the_launched_world_are_refused_before_any_process_g
     assert "--twist.groups 3 does not divide the world size 2" in message
 
 
+@pytest.mark.slow  # 8 s: a real deepspeed launcher on a taken port
 def test_a_taken_master_port_names_the_launcher_flag(tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

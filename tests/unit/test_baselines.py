@@ -18,8 +18,9 @@ from twist_scale.pruning.calibration import (
     collect_gradients,
     mean_token_nll,
 )
-from twist_scale.pruning.methods import BEST_OF, METHODS, PruneInputs, method
+from twist_scale.pruning.methods import METHODS, method
 from twist_scale.pruning.pruner import SavedCentral, build_pruner, export_subnet
+from twist_scale.pruning.selectors import BEST_OF, PruneInputs
 from twist_scale.subnet import partitioned_blocks
 
 

@@ -35,6 +35,7 @@ def has_color(pixels: np.ndarray, hex_color: str) -> bool:
     return bool((np.abs(pixels[..., :3] - rgb).max(-1) < 0.02).any())
 
 
+@pytest.mark.slow  # 3 s: matplotlib's first chart
 def test_compare_prints_table_and_logs_png(tmp_path, capsys):
     uri = default_uri(tmp_path)
     client = MlflowClient(uri)

@@ -6,7 +6,8 @@ import pytest
 from helpers import BROWN_VALID, REPO, SHAKESPEARE
 
 from twist_scale.config import ConfigError
-from twist_scale.config_load import load_config, validate
+from twist_scale.config_load import load_config
+from twist_scale.config_validate import validate
 
 BASE = [
     "--config",

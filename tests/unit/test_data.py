@@ -6,15 +6,9 @@ import numpy as np
 import pytest
 from helpers import BROWN_VALID, SHAKESPEARE
 
-from twist_scale.data import (
-    ShardedBatches,
-    eval_batches,
-    load_tokenizer,
-    packed_blocks,
-    sample_line,
-    token_stream,
-    train_tokenizer,
-)
+from twist_scale.batches import ShardedBatches, eval_batches
+from twist_scale.data import packed_blocks, token_stream
+from twist_scale.tokenizer import load_tokenizer, sample_line, train_tokenizer
 
 
 @pytest.fixture(scope="module")

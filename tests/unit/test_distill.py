@@ -11,7 +11,7 @@ import torch
 from helpers.models import random_model
 
 from twist_scale.config import ConfigError, RunConfig
-from twist_scale.config_load import _check_distillation
+from twist_scale.config_validate import _check_distillation
 from twist_scale.distill import Distiller, StoredTeacher, TeacherBatch, kl_to_teacher
 
 

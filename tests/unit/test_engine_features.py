@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from twist_scale.config import ConfigError, RunConfig
-from twist_scale.config_load import validate
+from twist_scale.config_validate import validate
 from twist_scale.engines import build_engine
 from twist_scale.engines.layers import decoder_layers
 from twist_scale.models import build_model
@@ -40,6 +40,7 @@ def test_a_kernel_that_is_not_installed_is_one_line():
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.slow  # 7 s: torch.compile's first compilation
 def test_compiled_layers_train_like_eager_ones(monkeypatch):
     """Every decoder layer compiled; the same losses as eager over steps that change the weights.
 

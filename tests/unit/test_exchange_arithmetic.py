@@ -7,7 +7,8 @@ import torch
 from helpers.models import random_model
 
 from twist_scale.exchange.entries import Entry, buckets, plan_buckets
-from twist_scale.exchange.held import SLICE_AT, HeldGroups, expand_ranges, gather_runs, take, unit_masks
+from twist_scale.exchange.held import HeldGroups, unit_masks
+from twist_scale.exchange.runs import SLICE_AT, expand_ranges, gather_runs, take
 from twist_scale.models import AxisSlice, UnitBlock, architecture_of
 from twist_scale.subnet import SubnetSampler, axis_of, partitioned_blocks, slice_tensor
 

@@ -18,8 +18,9 @@ from helpers.dist import run_on_ranks
 from twist_scale import token_files
 from twist_scale.commands import prepare_data as prepare_command
 from twist_scale.config import ConfigError
-from twist_scale.data import load_tokenizer, packed_blocks, token_stream, train_tokenizer
+from twist_scale.data import packed_blocks, token_stream
 from twist_scale.token_files import cache_key, index_path, prepare_tokens, read_index, token_dtype, wait_for
+from twist_scale.tokenizer import load_tokenizer, train_tokenizer
 
 COLLECTIVE_TIMEOUT_S = 5
 PREPARATION_S = 8  # rank 0's preparation outlasts the collective timeout

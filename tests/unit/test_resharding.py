@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from twist_scale.batches import ShardedBatches
 from twist_scale.central import CentralShards
-from twist_scale.checkpoint import MANIFEST, Checkpointer, RngState
-from twist_scale.data import ShardedBatches
+from twist_scale.checkpoint import Checkpointer, RngState
+from twist_scale.checkpoint_manifest import MANIFEST
 from twist_scale.sync import DataParallelSync
 from twist_scale.topology import Topology
 

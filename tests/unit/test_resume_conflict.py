@@ -7,7 +7,7 @@ import json
 import pytest
 from helpers import REPO
 
-from twist_scale.checkpoint import MANIFEST, resume_conflict
+from twist_scale.checkpoint_manifest import MANIFEST, resume_conflict
 from twist_scale.commands.train import main as train
 from twist_scale.config import CheckpointConfig, ModelConfig, ParallelConfig, RunConfig, TwistConfig, to_dict
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from helpers import REPO, free_port
 from mlflow.tracking import MlflowClient
 
@@ -14,6 +15,7 @@ from twist_scale import tracking
 from twist_scale.config import TrackingConfig
 
 
+@pytest.mark.slow  # 4 s: the replay command in a subprocess
 def test_server_down_from_start_then_replay_cli(tmp_path, monkeypatch):
     """No server ever answers: the run is created by the replay CLI, from the spill file alone."""
     for name, value in tracking.FAST_FAIL_ENV.items():  # restored after the test

@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from twist_scale.checkpoint import complete_checkpoints, resume_conflict
+from twist_scale.checkpoint_manifest import complete_checkpoints, resume_conflict
 from twist_scale.commands import run_config
 from twist_scale.config import ConfigError, RunConfig
 from twist_scale.interrupts import install as install_interrupts

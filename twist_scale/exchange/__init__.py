@@ -10,7 +10,8 @@ from twist_scale.central import CentralShards
 from twist_scale.exchange.base import Exchange, SubnetSource
 from twist_scale.exchange.entries import Entry
 from twist_scale.exchange.full_width import FullWidthExchange
-from twist_scale.exchange.packed import PackedExchange, ShardRange
+from twist_scale.exchange.packed import PackedExchange
+from twist_scale.exchange.packed_plan import ShardRange
 
 __all__ = ["Entry", "Exchange", "FullWidthExchange", "PackedExchange", "SubnetSource", "build_exchange"]
 

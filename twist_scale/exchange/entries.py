@@ -58,7 +58,7 @@ ALONE = 4  # an entry of at least 1/ALONE of a bucket travels alone: its runs ne
 def buckets(entries: list[Entry], bucket_bytes: int, elements: Callable[[Entry], float]) -> list[list[Entry]]:
     """Consecutive entries whose fp32 size (`elements` of each) adds up to about `bucket_bytes`; an entry of
     a quarter of a bucket or more gets a bucket of its own, where what arrives from the ranks is exactly
-    the tensor's runs in order (`held.take` copies nothing)."""
+    the tensor's runs in order (`runs.take` copies nothing)."""
     out: list[list[Entry]] = [[]]
     size = 0.0
     for entry in entries:

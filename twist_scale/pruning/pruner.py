@@ -25,7 +25,8 @@ from twist_scale.pruning.calibration import (
     mean_token_nll,
 )
 from twist_scale.pruning.format import save_exported
-from twist_scale.pruning.methods import PruneInputs, PruneMethod, check_kappa, method
+from twist_scale.pruning.methods import PruneMethod, check_kappa, method
+from twist_scale.pruning.selectors import PruneInputs
 from twist_scale.subnet import SubnetSpec, default_shared_layers, partitioned_blocks
 
 

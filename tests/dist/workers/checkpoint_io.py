@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from twist_scale import checkpoint
+from twist_scale import checkpoint_manifest
 from twist_scale.checkpoint import Checkpointer, RngState
 from twist_scale.config import CheckpointConfig
 from twist_scale.topology import Topology
@@ -21,10 +21,10 @@ def slow_hash_under_a_short_collective_timeout(rank: int, world: int, root: str)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=COLLECTIVE_S))
     topo = Topology.from_dist(groups=2, timeout_s=COLLECTIVE_S)
     checkpointer = Checkpointer.for_run(Path(root), topo, CheckpointConfig(timeout_s=60), last_round=1)
-    fast = checkpoint._sha256
-    checkpoint._sha256 = lambda path: (time.sleep(HASH_S), fast(path))[1]
+    fast = checkpoint_manifest._sha256
+    checkpoint_manifest._sha256 = lambda path: (time.sleep(HASH_S), fast(path))[1]
     path = checkpointer.save_run(1, {"rng": RngState()}, None, {"world_size": world, "groups": 2})
     assert checkpointer.latest_valid() == path  # each rank checks its share, as slowly
-    checkpoint._sha256 = fast
+    checkpoint_manifest._sha256 = fast
     dist.barrier()  # the default group still works after the long waits
-    assert checkpoint.verify(path) is None
+    assert checkpoint_manifest.verify(path) is None
