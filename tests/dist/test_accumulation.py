@@ -7,6 +7,6 @@ from helpers.dist import run_on_ranks
 from workers.accumulation import check_accumulation_and_checkpointing
 
 
-@pytest.mark.slow  # 18 s: twelve engines on two ranks
+@pytest.mark.slow  # 15-40 s: nine engines on two ranks
 def test_accumulated_micro_batches_and_checkpointed_layers_give_the_same_step():
     run_on_ranks(check_accumulation_and_checkpointing, 2, timeout=300)

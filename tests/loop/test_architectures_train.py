@@ -16,10 +16,10 @@ from twist_scale.commands.export import main as export_main
 from twist_scale.pruning.format import load_exported
 from twist_scale.pruning.pruner import SavedCentral, build_pruner
 
-DECODERS = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text"]
+MODEL_TYPES = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "gpt2"]
 
 
-@pytest.mark.parametrize("model_type", DECODERS)
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_a_pretrained_checkpoint_trains_and_exports(model_type, tmp_path):
     base = save_tiny_checkpoint(model_type, tmp_path / "base", vocab_size=512)  # the runs' tokenizer's size
     out = tmp_path / "run"

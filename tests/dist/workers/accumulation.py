@@ -45,7 +45,7 @@ def one_step(engine_name: str, accumulate: int, checkpointing: bool) -> tuple[fl
 def check_accumulation_and_checkpointing(rank: int, world: int) -> None:
     for engine_name in ENGINES:
         loss, weights = one_step(engine_name, 1, False)
-        for accumulate, checkpointing in ((4, False), (1, True), (4, True)):
+        for accumulate, checkpointing in ((4, False), (4, True)):  # checkpointing checked on every micro-batch
             where = f"{engine_name}: accumulate {accumulate}, checkpointing {checkpointing}"
             other_loss, other = one_step(engine_name, accumulate, checkpointing)
             assert abs(other_loss - loss) < 1e-5, f"{where}: loss {other_loss} vs {loss}"
