@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import ast
+import importlib.util
 from pathlib import Path
 
 from helpers import REPO
@@ -25,11 +26,7 @@ def imported(path: Path, modules: set[str]) -> set[str]:
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                base = ".".join(
-                    [*package.split(".")[: len(package.split(".")) - node.level + 1], *filter(None, [base])]
-                )
+            base = importlib.util.resolve_name("." * node.level + (node.module or ""), package)
             names = [base, *(f"{base}.{alias.name}" for alias in node.names)]
         else:
             continue
